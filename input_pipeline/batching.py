@@ -1,0 +1,46 @@
+"""Per-host batches: a resumable shuffled train stream and an exact, padded eval pass."""
+
+from typing import Iterator
+
+import numpy as np
+import tensorflow as tf
+
+from input_pipeline.sources import HostSplit
+
+# Multiplier that spreads consecutive epoch numbers over unrelated shuffle seeds.
+_EPOCH_SEED_STRIDE = 1_000_003
+
+
+def train_batches(split: HostSplit, host_batch_size: int, seed: int, shuffle_buffer: int,
+                  start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+  """Endless full batches; the order depends only on (seed, epoch), so a run resumed at
+  `start_step` sees exactly the batches an uninterrupted run would have seen."""
+  first_epoch, offset = divmod(start_step * host_batch_size, split.num_examples)
+  buffer = min(shuffle_buffer, split.num_examples)
+
+  def one_epoch(epoch):
+    epoch_seed = tf.constant(seed, tf.int64) * _EPOCH_SEED_STRIDE + epoch
+    return split.examples.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=False)
+
+  ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(one_epoch)
+  ds = ds.skip(offset).batch(host_batch_size, drop_remainder=True)
+  return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+
+
+def num_eval_batches(split: HostSplit, host_batch_size: int) -> int:
+  return -(-split.max_examples_per_host // host_batch_size)
+
+
+def eval_batches(split: HostSplit, host_batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+  """Every example of this host exactly once, with `mask` 1; padding examples carry mask 0.
+
+  All hosts yield the same number of batches (sized by the largest host), so that
+  collective eval steps line up across processes.
+  """
+  with_mask = split.examples.map(lambda ex: {**ex, 'mask': tf.constant(1.0, tf.float32)})
+  padding = tf.nest.map_structure(lambda spec: tf.zeros(spec.shape, spec.dtype),
+                                  with_mask.element_spec)
+  total = num_eval_batches(split, host_batch_size) * host_batch_size
+  ds = with_mask.concatenate(tf.data.Dataset.from_tensors(padding).repeat())
+  ds = ds.take(total).batch(host_batch_size, drop_remainder=True)
+  return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()

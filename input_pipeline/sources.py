@@ -1,0 +1,149 @@
+"""Where examples come from: bundled digits, local MNIST IDX files, or TFDS by name.
+
+Every source hands back, for this host only, a train and an eval `tf.data.Dataset`
+of fixed-shape examples, their counts, and what the task needs to size its model.
+"""
+
+import dataclasses
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from core.errors import KilnError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TFDS_PREFIX = 'tfds:'
+LOCAL_SOURCES = ('digits', 'mnist_idx')
+MNIST_IDX_FILES = ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz')
+
+
+@dataclasses.dataclass(frozen=True)
+class HostSplit:
+  """One split as this host sees it."""
+  examples: tf.data.Dataset  # Unshuffled, unbatched, preprocessed examples of this host.
+  num_examples: int  # Examples in `examples`.
+  max_examples_per_host: int  # The largest host's count, so all hosts run equal eval steps.
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  train: HostSplit
+  eval: HostSplit
+  num_classes: int
+  image_shape: tuple[int, int, int]
+
+
+def shared_datasets_dir() -> Path:
+  """The shared real datasets: $KILN_DATASETS, else ../shared/datasets beside the repo."""
+  return Path(os.environ.get('KILN_DATASETS', REPO_ROOT.parent / 'shared' / 'datasets'))
+
+
+def check_dataset_name(name: str) -> None:
+  if name in LOCAL_SOURCES or (name.startswith(TFDS_PREFIX) and len(name) > len(TFDS_PREFIX)):
+    return
+  raise KilnError(
+      f"unknown dataset '{name}': set config.dataset.name to one of "
+      f"{', '.join(LOCAL_SOURCES)} or 'tfds:<name>' (e.g. tfds:mnist)")
+
+
+def mnist_idx_dir(data_dir: str) -> Path:
+  """Resolves and checks the folder holding the MNIST IDX files."""
+  folder = Path(data_dir).expanduser() if data_dir else shared_datasets_dir() / 'mnist_t10k'
+  missing = [f for f in MNIST_IDX_FILES if not (folder / f).is_file()]
+  if missing:
+    raise KilnError(
+        f"MNIST IDX files {', '.join(missing)} not found in '{folder}': point "
+        f"config.dataset.data_dir (or $KILN_DATASETS) at a folder that has them")
+  return folder
+
+
+def load(config, process_index: int, process_count: int) -> Source:
+  """Builds this host's view of the dataset named by `config.name` (a dataset config)."""
+  check_dataset_name(config.name)
+  if config.name.startswith(TFDS_PREFIX):
+    return _tfds_source(config, process_index, process_count)
+  if config.name == 'digits':
+    images, labels = _sklearn_digits()
+  else:
+    images, labels = _read_mnist_idx(mnist_idx_dir(config.data_dir))
+  return _array_source(images, labels, config, process_index, process_count)
+
+
+def _sklearn_digits():
+  from sklearn.datasets import load_digits
+  digits = load_digits()
+  # Pixel values are counts 0..16 of an 8x8 grid.
+  images = (digits.images / 16.0).astype(np.float32)[..., None]
+  return images, digits.target.astype(np.int32)
+
+
+def _read_mnist_idx(folder: Path):
+  images_file, labels_file = (folder / f for f in MNIST_IDX_FILES)
+  with gzip.open(images_file) as f:
+    images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28, 1)
+  with gzip.open(labels_file) as f:
+    labels = np.frombuffer(f.read(), np.uint8, offset=8)
+  if len(images) != len(labels):
+    raise KilnError(f"'{folder}' holds {len(images)} images but {len(labels)} labels: "
+                    'replace the IDX files with a matching pair')
+  return (images / 255.0).astype(np.float32), labels.astype(np.int32)
+
+
+def holdout_split(num_examples: int, holdout_fraction: float, split_seed: int):
+  """Fixed train / held-out index sets, independent of the training seed."""
+  if not 0.0 < holdout_fraction < 1.0:
+    raise KilnError(f'config.dataset.holdout_fraction={holdout_fraction} must lie in (0, 1)')
+  order = np.random.default_rng(split_seed).permutation(num_examples)
+  num_holdout = max(1, int(round(num_examples * holdout_fraction)))
+  return np.sort(order[num_holdout:]), np.sort(order[:num_holdout])
+
+
+def _array_source(images, labels, config, process_index, process_count) -> Source:
+  train_idx, eval_idx = holdout_split(len(labels), config.holdout_fraction, config.split_seed)
+
+  def host_split(indices):
+    mine = indices[process_index::process_count]
+    examples = tf.data.Dataset.from_tensor_slices({'image': images[mine], 'label': labels[mine]})
+    return HostSplit(examples, len(mine), -(-len(indices) // process_count))
+
+  return Source(train=host_split(train_idx), eval=host_split(eval_idx),
+                num_classes=int(labels.max()) + 1, image_shape=tuple(images.shape[1:]))
+
+
+def _tfds_source(config, process_index, process_count) -> Source:
+  import tensorflow_datasets as tfds
+  name = config.name[len(TFDS_PREFIX):]
+  try:
+    builder = tfds.builder(name, data_dir=config.tfds_data_dir or None)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise KilnError(f"TFDS has no dataset '{name}': check config.dataset.name "
+                    '(tfds.list_builders() lists them)') from e
+  info = builder.info
+
+  def host_split(split):
+    if split not in info.splits:
+      raise KilnError(f"TFDS dataset '{name}' has no split '{split}': choose one of "
+                      f"{', '.join(info.splits.keys())}")
+    per_host = tfds.even_splits(split, n=process_count, drop_remainder=False)
+    counts = [info.splits[s].num_examples for s in per_host]
+    examples = builder.as_dataset(split=per_host[process_index], shuffle_files=False,
+                                  read_config=tfds.ReadConfig(shuffle_seed=0))
+    examples = examples.map(_tfds_image_example, num_parallel_calls=tf.data.AUTOTUNE)
+    return HostSplit(examples, counts[process_index], max(counts))
+
+  try:
+    train, eval_ = host_split(config.train_split), host_split(config.eval_split)
+  except AssertionError as e:  # TFDS asserts when the data was never prepared.
+    raise KilnError(f"TFDS dataset '{name}' is not prepared under "
+                    f"'{builder.data_dir}': run tfds.builder('{name}').download_and_prepare() "
+                    'with internet, or set config.dataset.tfds_data_dir') from e
+  return Source(train=train, eval=eval_, num_classes=info.features['label'].num_classes,
+                image_shape=tuple(info.features['image'].shape))
+
+
+def _tfds_image_example(example):
+  return {'image': tf.cast(example['image'], tf.float32) / 255.0,
+          'label': tf.cast(example['label'], tf.int32)}

@@ -1,0 +1,51 @@
+"""A small VGG-style CNN: stages of (conv-BN-ReLU) x2 and max-pooling, then an MLP head."""
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class ConvBlock(nnx.Module):
+  """3x3 conv, BatchNorm, ReLU."""
+
+  def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs):
+    # No conv bias: the BatchNorm shift that follows makes it redundant.
+    self.conv = nnx.Conv(in_features, out_features, (3, 3), use_bias=False, rngs=rngs)
+    self.norm = nnx.BatchNorm(out_features, momentum=0.9, rngs=rngs)
+
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    return jax.nn.relu(self.norm(self.conv(x), use_running_average=not train))
+
+
+class CNN(nnx.Module):
+  """Image classifier for small inputs (8x8 digits, 28x28 MNIST, 32x32 CIFAR)."""
+
+  def __init__(self, *, num_classes: int, input_shape: Sequence[int],
+               features: Sequence[int] = (32, 64), dense_features: int = 128,
+               dropout_rate: float = 0.2, rngs: nnx.Rngs):
+    height, width, channels = input_shape
+    stages = []
+    for out in features:
+      stages.append(nnx.List([ConvBlock(channels, out, rngs=rngs), ConvBlock(out, out, rngs=rngs)]))
+      channels = out
+      height, width = height // 2, width // 2
+    if height < 1 or width < 1:
+      raise ValueError(f'input {tuple(input_shape)} is too small for {len(features)} '
+                       'pooling stages: use fewer model.features')
+    self.stages = nnx.List(stages)
+    self.hidden = nnx.Linear(height * width * channels, dense_features, rngs=rngs)
+    self.dropout = nnx.Dropout(dropout_rate)
+    self.classifier = nnx.Linear(dense_features, num_classes, rngs=rngs)
+
+  def __call__(self, images: jax.Array, *, train: bool = False,
+               rngs: nnx.Rngs | None = None) -> jax.Array:
+    x = images
+    for stage in self.stages:
+      for block in stage:
+        x = block(x, train=train)
+      x = nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+    x = jax.nn.relu(self.hidden(x.reshape(x.shape[0], -1)))
+    x = self.dropout(x, deterministic=not train, rngs=rngs)
+    return self.classifier(x).astype(jnp.float32)

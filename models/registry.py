@@ -1,0 +1,29 @@
+"""Config picks a model by name; the model sees only the keys it is handed."""
+
+import inspect
+
+from flax import nnx
+
+from core.errors import KilnError
+from models.cnn import CNN
+
+MODELS = {
+    'cnn': CNN,
+}
+
+
+def create_model(model_config, rngs: nnx.Rngs, **task_args) -> nnx.Module:
+  """Builds `MODELS[model_config.name]` from the other keys of `model_config` plus
+  what the task derives from the data (e.g. num_classes, input_shape)."""
+  kwargs = dict(model_config)
+  name = kwargs.pop('name')
+  if name not in MODELS:
+    raise KilnError(f"unknown model '{name}': set config.model.name to one of "
+                    f"{', '.join(sorted(MODELS))}")
+  model_cls = MODELS[name]
+  accepted = inspect.signature(model_cls.__init__).parameters
+  unknown = sorted(set(kwargs) - set(accepted))
+  if unknown:
+    raise KilnError(f"config.model has keys {unknown} that model '{name}' does not take: "
+                    f"remove them (it takes {sorted(set(accepted) - {'self', 'rngs'})})")
+  return model_cls(**kwargs, **task_args, rngs=rngs)

@@ -1,0 +1,1 @@
+"""What a run reports: CLU writers, step timing, input wait."""

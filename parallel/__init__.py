@@ -1,0 +1,1 @@
+"""Devices: the mesh, shardings, and placing host batches onto the devices."""

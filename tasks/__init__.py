@@ -1,0 +1,16 @@
+"""Per problem: the model it builds, its loss, its eval metrics, its input pipeline."""
+
+from tasks.base import Task
+from tasks.classification import ImageClassification
+from core.errors import KilnError
+
+TASKS = {
+    'classification': ImageClassification,
+}
+
+
+def create_task(config) -> Task:
+  if config.task not in TASKS:
+    raise KilnError(f"unknown task '{config.task}': set config.task to one of "
+                    f"{', '.join(sorted(TASKS))}")
+  return TASKS[config.task](config)

@@ -1,0 +1,55 @@
+"""The seam that keeps the training loop generic."""
+
+import abc
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+from clu import metrics
+from flax import nnx
+
+Batch = dict[str, jax.Array]
+
+
+class Task(abc.ABC):
+  """A problem Kiln can train on. Never touches devices or the mesh."""
+
+  # Eval metric collection; its field names are the task's eval metric names.
+  metrics_class: type[metrics.Collection]
+
+  def __init__(self, config):
+    self.config = config
+
+  @property
+  def eval_metric_names(self) -> tuple[str, ...]:
+    return tuple(self.metrics_class.__annotations__)
+
+  @abc.abstractmethod
+  def load_data(self, process_index: int, process_count: int) -> None:
+    """Reads this host's data; must be called before the methods below."""
+
+  @property
+  @abc.abstractmethod
+  def num_train_examples(self) -> int:
+    """Training examples over all hosts (sets the epoch length)."""
+
+  @abc.abstractmethod
+  def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+    """The model, sized from the data this task loaded."""
+
+  @abc.abstractmethod
+  def train_batches(self, host_batch_size: int, start_step: int) -> Iterator[dict[str, np.ndarray]]:
+    """Endless training batches for this host, resumable at `start_step`."""
+
+  @abc.abstractmethod
+  def eval_batches(self, host_batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """One pass over this host's eval split; padded examples have batch['mask'] == 0."""
+
+  @abc.abstractmethod
+  def loss(self, model: nnx.Module, batch: Batch, rngs: nnx.Rngs
+           ) -> tuple[jax.Array, metrics.Collection]:
+    """Training loss (scalar) and training metrics for one batch, in train mode."""
+
+  @abc.abstractmethod
+  def evaluate(self, model: nnx.Module, batch: Batch) -> metrics.Collection:
+    """Eval metrics for one batch, in eval mode, ignoring examples with mask 0."""

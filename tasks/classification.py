@@ -1,0 +1,56 @@
+"""Image classification: softmax cross-entropy, accuracy."""
+
+import jax
+import jax.numpy as jnp
+import optax
+from clu import metrics
+from flax import nnx, struct
+
+from input_pipeline import batching, sources
+from models import create_model
+from tasks.base import Batch, Task
+
+
+@struct.dataclass
+class ClassificationMetrics(metrics.Collection):
+  loss: metrics.Average.from_output('loss')
+  accuracy: metrics.Average.from_output('accuracy')
+
+
+class ImageClassification(Task):
+  metrics_class = ClassificationMetrics
+
+  def load_data(self, process_index, process_count):
+    self.source = sources.load(self.config.dataset, process_index, process_count)
+    self._num_train_examples = self.source.train.num_examples * process_count
+
+  @property
+  def num_train_examples(self):
+    # Hosts may differ by one example; the epoch length only needs to be close.
+    return self._num_train_examples
+
+  def build_model(self, rngs):
+    return create_model(self.config.model, rngs, num_classes=self.source.num_classes,
+                        input_shape=self.source.image_shape)
+
+  def train_batches(self, host_batch_size, start_step):
+    return batching.train_batches(self.source.train, host_batch_size, self.config.seed,
+                                  self.config.dataset.shuffle_buffer, start_step)
+
+  def eval_batches(self, host_batch_size):
+    return batching.eval_batches(self.source.eval, host_batch_size)
+
+  def _outputs(self, logits: jax.Array, labels: jax.Array, mask=None):
+    per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    return per_example, ClassificationMetrics.single_from_model_output(
+        loss=per_example, accuracy=correct, mask=mask)
+
+  def loss(self, model: nnx.Module, batch: Batch, rngs: nnx.Rngs):
+    logits = model(batch['image'], train=True, rngs=rngs)
+    per_example, batch_metrics = self._outputs(logits, batch['label'])
+    return per_example.mean(), batch_metrics
+
+  def evaluate(self, model: nnx.Module, batch: Batch):
+    logits = model(batch['image'], train=False)
+    return self._outputs(logits, batch['label'], batch['mask'])[1]

@@ -1,0 +1,203 @@
+"""Kiln's entry point: the story of one training run.
+
+  python train.py --config=configs/default.py --workdir=runs/default \
+      [--config.optimizer.learning_rate=1e-3 ...]
+
+`train_and_evaluate(config, workdir)` is importable from tests and notebooks.
+"""
+
+import math
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+import jax
+from clu import metric_writers, periodic_actions
+
+from core import steps
+from core.checkpoint import Checkpointer
+from core.early_stopping import EarlyStopping
+from core.errors import KilnError
+from core.io import write_json_atomic
+from core.state import ModelTemplate, create_sharded_state
+from optim import build_optimizer, build_schedule
+from parallel import mesh as mesh_lib
+from parallel.placement import DevicePrefetcher
+from tasks import create_task
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py',
+                                          'Experiment config file.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, events and summary.')
+
+
+def initialize_distributed(distributed_config) -> None:
+  """Joins a multi-process job; JAX detects unset values on TPU pods and SLURM/GPU clusters."""
+  if not distributed_config.initialize:
+    return
+  kwargs = {}
+  if distributed_config.coordinator_address:
+    kwargs['coordinator_address'] = distributed_config.coordinator_address
+  if distributed_config.num_processes >= 0:
+    kwargs['num_processes'] = distributed_config.num_processes
+  if distributed_config.process_id >= 0:
+    kwargs['process_id'] = distributed_config.process_id
+  jax.distributed.initialize(**kwargs)
+
+
+def _global_batch_check(name: str, size: int, mesh) -> int:
+  """Returns this host's share of a global batch, or says how to fix the size."""
+  divisor = math.lcm(mesh_lib.batch_divisor(mesh), jax.process_count())
+  if size <= 0 or size % divisor:
+    raise KilnError(f'config.{name}={size} must be a positive multiple of {divisor} '
+                    '(batch shards on the mesh x processes)')
+  return size // jax.process_count()
+
+
+def _evaluate(eval_step, state, task, host_batch_size, sharding) -> dict[str, float]:
+  batches = DevicePrefetcher(task.eval_batches(host_batch_size), sharding)
+  total = None
+  for batch in batches:
+    batch_metrics = eval_step(state, batch)
+    total = batch_metrics if total is None else total.merge(batch_metrics)
+  return {k: float(v) for k, v in total.compute().items()}
+
+
+def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) -> dict:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
+
+  `stop_at_step` ends this call early (with a checkpoint) as a preemption would;
+  calling again continues exactly where it stopped. Returns the run summary.
+  """
+  started = time.perf_counter()
+  # Everything that can reject the config runs before anything is written.
+  task = create_task(config)
+  task.load_data(jax.process_index(), jax.process_count())
+  mesh = mesh_lib.make_mesh(config.mesh)
+  host_batch = _global_batch_check('batch_size', config.batch_size, mesh)
+  host_eval_batch = _global_batch_check('eval_batch_size', config.eval_batch_size, mesh)
+  num_steps = config.num_train_steps
+  if num_steps < 0:
+    num_steps = math.ceil(config.num_epochs * task.num_train_examples / config.batch_size)
+  schedule = build_schedule(config.schedule, config.optimizer.learning_rate, num_steps)
+  tx = build_optimizer(config.optimizer, schedule)
+  template = ModelTemplate(task.build_model)
+  early_stopping = EarlyStopping(config.early_stopping.metric, config.early_stopping.mode,
+                                 config.early_stopping.patience)
+  if config.early_stopping.metric not in task.eval_metric_names:
+    raise KilnError(f"config.early_stopping.metric='{config.early_stopping.metric}' is not an "
+                    f"eval metric of this task: choose one of {', '.join(task.eval_metric_names)}")
+
+  os.makedirs(workdir, exist_ok=True)
+  if config.compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.compilation_cache_dir))
+  is_chief = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+  writer.write_hparams(config.to_dict())
+
+  state, shardings = create_sharded_state(template, tx, config.seed, mesh)
+  checkpointer = Checkpointer(workdir, config.keep_checkpoints)
+  start_step, stopped_early = 0, False
+  if checkpointer.latest_step() is not None:
+    state, loop_state = checkpointer.restore(checkpointer.latest_step(), state, shardings)
+    early_stopping.load_json(loop_state['early_stopping'])
+    stopped_early = loop_state['stopped_early']
+    start_step = int(state.step)
+    logging.info('Resumed from step %d in %s', start_step, workdir)
+
+  train_step = steps.make_train_step(task, template, tx, mesh, shardings)
+  eval_step = steps.make_eval_step(task, template, mesh, shardings)
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+  report_progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
+
+  last_step = min(num_steps, stop_at_step) if stop_at_step is not None else num_steps
+  train_batches = DevicePrefetcher(task.train_batches(host_batch, start_step), batch_sharding,
+                                   config.dataset.prefetch_batches)
+  eval_metrics: dict[str, float] = {}
+  train_metrics, pending_log = None, None
+  eval_seconds, steps_run = 0.0, 0
+  loop_started = time.perf_counter()
+  step = start_step
+  while step < last_step and not stopped_early:
+    batch = next(train_batches)
+    state, batch_metrics = train_step(state, batch)
+    step += 1
+    steps_run += 1
+    train_metrics = batch_metrics if train_metrics is None else train_metrics.merge(batch_metrics)
+    # Written one step late, so fetching them never stalls the step just dispatched.
+    if pending_log is not None:
+      log_step, log_metrics = pending_log
+      scalars = {f'train_{k}': v for k, v in log_metrics.compute().items()}
+      scalars['learning_rate'] = schedule(log_step - 1)
+      writer.write_scalars(log_step, scalars)
+      pending_log = None
+    if step % config.log_every_steps == 0:
+      pending_log, train_metrics = (step, train_metrics), None
+    report_progress(step)
+
+    final = step == num_steps
+    if step % config.eval_every_steps == 0 or final:
+      eval_started = time.perf_counter()
+      eval_metrics = _evaluate(eval_step, state, task, host_eval_batch, batch_sharding)
+      eval_seconds += time.perf_counter() - eval_started
+      writer.write_scalars(step, {f'eval_{k}': v for k, v in eval_metrics.items()})
+      stopped_early = early_stopping.update(eval_metrics)
+      if stopped_early:
+        logging.info('Early stopping at step %d: %s has not improved for %d evals',
+                     step, config.early_stopping.metric, config.early_stopping.patience)
+    if step % config.checkpoint_every_steps == 0 or final or stopped_early or step == last_step:
+      checkpointer.save(step, state, {'early_stopping': early_stopping.to_json(),
+                                      'stopped_early': stopped_early})
+  train_seconds = time.perf_counter() - loop_started - eval_seconds
+  train_batches.close()
+  if pending_log is not None:
+    log_step, log_metrics = pending_log
+    writer.write_scalars(log_step, {f'train_{k}': v for k, v in log_metrics.compute().items()})
+
+  if not eval_metrics:  # Resumed a finished run, or stopped before any eval.
+    eval_metrics = _evaluate(eval_step, state, task, host_eval_batch, batch_sharding)
+  checkpointer.close()
+  writer.flush()
+  summary = {
+      'final_eval': eval_metrics,
+      'steps': int(state.step),
+      'num_train_steps': num_steps,
+      'stopped_early': bool(stopped_early),
+      'best_eval': {config.early_stopping.metric: early_stopping.best},
+      'wall_time_s': time.perf_counter() - started,
+      'train_time_s': train_seconds,
+      'examples_per_sec': steps_run * config.batch_size / train_seconds if steps_run else 0.0,
+      'num_devices': jax.device_count(),
+      'num_processes': jax.process_count(),
+  }
+  if is_chief:
+    write_json_atomic(os.path.join(workdir, 'summary.json'), summary)
+  logging.info('Final eval at step %d: %s', summary['steps'], eval_metrics)
+  return summary
+
+
+class _QuietLibraries:
+  """Drops INFO chatter of checkpointing internals so that the run's own log stays readable."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= logging.WARNING or '/orbax/' not in record.pathname
+
+
+def main(argv):
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}: pass settings as --config.KEY=VALUE')
+  if not _WORKDIR.value:
+    sys.exit('error: --workdir is required: pass the directory for this run')
+  config = _CONFIG.value
+  initialize_distributed(config.distributed)
+  try:
+    train_and_evaluate(config, _WORKDIR.value)
+  except KilnError as e:
+    sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+  app.run(main)
