@@ -6,6 +6,7 @@
 `train_and_evaluate(config, workdir)` is importable from tests and notebooks.
 """
 
+import functools
 import math
 import os
 import sys
@@ -27,11 +28,6 @@ from optim import build_optimizer, build_schedule
 from parallel import mesh as mesh_lib
 from parallel.placement import DevicePrefetcher
 from tasks import create_task
-
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py',
-                                          'Experiment config file.', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, events and summary.')
-
 
 def initialize_distributed(distributed_config) -> None:
   """Joins a multi-process job; JAX detects unset values on TPU pods and SLURM/GPU clusters."""
@@ -185,19 +181,49 @@ class _QuietLibraries:
     return record.levelno >= logging.WARNING or '/orbax/' not in record.pathname
 
 
-def main(argv):
+def main(argv, config_flag, workdir_flag):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {argv[1:]}: pass settings as --config.KEY=VALUE')
-  if not _WORKDIR.value:
+    sys.exit(f'error: unexpected arguments {argv[1:]}: pass settings as --config.KEY=VALUE')
+  if not workdir_flag.value:
     sys.exit('error: --workdir is required: pass the directory for this run')
-  config = _CONFIG.value
+  try:
+    config = config_flag.value
+    config.to_dict()  # A config file that failed to load raises only when first used.
+  except OSError as e:  # The config file itself could not be loaded.
+    sys.exit(f"error: {' '.join(str(e).split())}: pass an existing file to --config")
   initialize_distributed(config.distributed)
   try:
-    train_and_evaluate(config, _WORKDIR.value)
+    train_and_evaluate(config, workdir_flag.value)
   except KilnError as e:
     sys.exit(f'error: {e}')
 
 
+_FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError)
+
+
+def _bad_flag_exit(error: Exception, argv: list[str]):
+  """Reports a bad --config.KEY=VALUE as one line instead of a traceback."""
+  overrides = [a for a in argv[1:] if a.startswith('--config.')]
+  detail = ' '.join(str(error).replace('"', '').split())
+  culprit = next((a for a in overrides if a.split('=')[0].rsplit('.', 1)[-1] in detail), None)
+  where = f'{culprit}: ' if culprit else ''
+  sys.exit(f'error: {where}{detail}: use only keys and value types that the config file defines')
+
+
+def _parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except _FLAG_ERRORS as e:
+    _bad_flag_exit(e, argv)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  try:  # ml_collections applies --config.KEY overrides while defining the flag.
+    config_flag = config_flags.DEFINE_config_file(
+        'config', 'configs/default.py', 'Experiment config file.', lock_config=True)
+  except _FLAG_ERRORS as e:
+    _bad_flag_exit(e, sys.argv)
+  workdir_flag = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, events, summary.')
+  app.run(functools.partial(main, config_flag=config_flag, workdir_flag=workdir_flag),
+          flags_parser=_parse_flags)

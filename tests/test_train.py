@@ -1,0 +1,81 @@
+"""End-to-end behaviour of train_and_evaluate on real digits, 8 fake devices."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorboard.backend.event_processing import event_accumulator
+
+import train
+from tests.checkpoints import latest_params
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope='module')
+def full_run(tmp_path_factory, devices):
+  """One uninterrupted tiny run, shared by the tests below."""
+  workdir = str(tmp_path_factory.mktemp('full'))
+  summary = train.train_and_evaluate(tiny_config(), workdir)
+  return workdir, summary
+
+
+def _scalars(workdir: str, tag: str) -> list[float]:
+  acc = event_accumulator.EventAccumulator(workdir, size_guidance={'tensors': 0})
+  acc.Reload()
+  return [float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)]
+
+
+def test_loss_falls_and_model_learns(full_run):
+  workdir, summary = full_run
+  train_losses = _scalars(workdir, 'train_loss')
+  assert len(train_losses) == 4  # log_every_steps=10 over 40 steps.
+  assert train_losses[-1] < 0.5 * train_losses[0]
+  eval_loss = _scalars(workdir, 'eval_loss')
+  assert eval_loss[-1] < eval_loss[0]
+  assert summary['final_eval']['accuracy'] > 0.8  # Chance is 0.1.
+
+
+def test_summary_json_is_complete(full_run):
+  workdir, summary = full_run
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    on_disk = json.load(f)
+  assert on_disk['steps'] == 40
+  assert on_disk['num_devices'] == 8
+  assert on_disk['examples_per_sec'] > 0 and on_disk['wall_time_s'] > 0
+  assert set(on_disk['final_eval']) == {'accuracy', 'loss'}
+  assert on_disk['final_eval'] == pytest.approx(summary['final_eval'])
+  assert not [f for f in os.listdir(workdir) if f.startswith('.tmp-')]
+
+
+def test_resumed_run_matches_uninterrupted(full_run, tmp_path):
+  workdir, _ = full_run
+  config = tiny_config()
+  interrupted = str(tmp_path / 'resumed')
+  first = train.train_and_evaluate(config, interrupted, stop_at_step=25)
+  assert first['steps'] == 25
+  second = train.train_and_evaluate(config, interrupted)
+  assert second['steps'] == 40
+  expected, got = latest_params(workdir), latest_params(interrupted)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), expected, got)
+  assert second['final_eval'] == pytest.approx(full_run[1]['final_eval'], rel=1e-5)
+
+
+def test_finished_run_is_not_retrained(full_run):
+  workdir, summary = full_run
+  again = train.train_and_evaluate(tiny_config(), workdir)
+  assert again['steps'] == 40
+  assert again['final_eval'] == pytest.approx(summary['final_eval'], rel=1e-6)
+
+
+def test_early_stopping_stops_and_stays_stopped(tmp_path, devices):
+  config = tiny_config()
+  config.eval_every_steps = 5
+  config.early_stopping.metric = 'loss'
+  config.early_stopping.mode = 'max'  # Loss falls, so "max" never improves after the first eval.
+  config.early_stopping.patience = 2
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary['stopped_early'] and summary['steps'] == 15
+  assert train.train_and_evaluate(config, str(tmp_path))['steps'] == 15
