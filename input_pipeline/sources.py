@@ -106,7 +106,9 @@ def _array_source(images, labels, config, process_index, process_count) -> Sourc
 
   def host_split(indices):
     mine = indices[process_index::process_count]
-    examples = tf.data.Dataset.from_tensor_slices({'image': images[mine], 'label': labels[mine]})
+    # 'index' (position in the source) lets eval outputs be traced back to examples.
+    examples = tf.data.Dataset.from_tensor_slices(
+        {'image': images[mine], 'label': labels[mine], 'index': mine.astype(np.int32)})
     return HostSplit(examples, len(mine), -(-len(indices) // process_count))
 
   return Source(train=host_split(train_idx), eval=host_split(eval_idx),
@@ -124,14 +126,14 @@ def _tfds_source(config, process_index, process_count) -> Source:
   info = builder.info
 
   def host_split(split):
-    if split not in info.splits:
+    if info.splits and split not in info.splits:
       raise KilnError(f"TFDS dataset '{name}' has no split '{split}': choose one of "
                       f"{', '.join(info.splits.keys())}")
     per_host = tfds.even_splits(split, n=process_count, drop_remainder=False)
-    counts = [info.splits[s].num_examples for s in per_host]
-    examples = builder.as_dataset(split=per_host[process_index], shuffle_files=False,
-                                  read_config=tfds.ReadConfig(shuffle_seed=0))
-    examples = examples.map(_tfds_image_example, num_parallel_calls=tf.data.AUTOTUNE)
+    datasets = [builder.as_dataset(split=s, shuffle_files=False) for s in per_host]
+    counts = [_num_examples(info, s, ds) for s, ds in zip(per_host, datasets)]
+    examples = datasets[process_index].map(_tfds_image_example,
+                                           num_parallel_calls=tf.data.AUTOTUNE)
     return HostSplit(examples, counts[process_index], max(counts))
 
   try:
@@ -142,6 +144,14 @@ def _tfds_source(config, process_index, process_count) -> Source:
                     'with internet, or set config.dataset.tfds_data_dir') from e
   return Source(train=train, eval=eval_, num_classes=info.features['label'].num_classes,
                 image_shape=tuple(info.features['image'].shape))
+
+
+def _num_examples(info, split: str, dataset: tf.data.Dataset) -> int:
+  if info.splits:
+    return info.splits[split].num_examples
+  # No split metadata (e.g. under tfds.testing.mock_data): ask the dataset itself.
+  cardinality = int(dataset.cardinality())
+  return cardinality if cardinality >= 0 else int(dataset.reduce(0, lambda n, _: n + 1))
 
 
 def _tfds_image_example(example):

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_datasets as tfds
 from tensorboard.backend.event_processing import event_accumulator
 
 import train
@@ -79,3 +80,15 @@ def test_early_stopping_stops_and_stays_stopped(tmp_path, devices):
   summary = train.train_and_evaluate(config, str(tmp_path))
   assert summary['stopped_early'] and summary['steps'] == 15
   assert train.train_and_evaluate(config, str(tmp_path))['steps'] == 15
+
+
+def test_trains_from_tfds_under_mock_data(tmp_path, devices):
+  config = tiny_config()
+  config.dataset.name = 'tfds:mnist'
+  config.batch_size = 16
+  config.eval_batch_size = 16
+  config.num_train_steps = 3
+  with tfds.testing.mock_data(num_examples=40):
+    summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary['steps'] == 3
+  assert 0.0 <= summary['final_eval']['accuracy'] <= 1.0 and summary['final_eval']['loss'] > 0

@@ -1,0 +1,33 @@
+"""Bad input fails at start-up with one clear line and leaves nothing behind."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize('flags, expected', [
+    (['--config.no_such_key=1'], "--config.no_such_key=1: 'no_such_key'"),
+    (['--config.model.widht=3'], "--config.model.widht=3: 'widht'"),
+    (['--config.batch_size=many'], "--config.batch_size=many"),
+    (['--config.dataset.name=imagenette'], "unknown dataset 'imagenette'"),
+    (['--config.dataset.name=mnist_idx', '--config.dataset.data_dir=/no/such/dir'],
+     "not found in '/no/such/dir'"),
+    (['--config=configs/no_such_config.py'], 'configs/no_such_config.py'),
+    (['--config.batch_size=30'], 'config.batch_size=30 must be a positive multiple'),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, flags, expected):
+  workdir = tmp_path / 'run'
+  result = subprocess.run(
+      [sys.executable, 'train.py', f'--workdir={workdir}', *flags], cwd=REPO,
+      capture_output=True, text=True, timeout=300,
+      env={'PATH': '', 'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
+           'JAX_PLATFORMS': 'cpu'})
+  assert result.returncode != 0
+  last_line = result.stderr.strip().splitlines()[-1]
+  assert last_line.startswith('error: ') and expected in last_line, result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr
+  assert not workdir.exists()
