@@ -7,7 +7,6 @@
 """
 
 import functools
-import math
 import os
 import sys
 import time
@@ -18,16 +17,13 @@ from ml_collections import config_flags
 import jax
 from clu import metric_writers, periodic_actions
 
-from core import steps
+from core import experiment
 from core.checkpoint import Checkpointer
 from core.early_stopping import EarlyStopping
 from core.errors import KilnError
 from core.io import write_json_atomic
-from core.state import ModelTemplate, create_sharded_state
-from optim import build_optimizer, build_schedule
 from parallel import mesh as mesh_lib
 from parallel.placement import DevicePrefetcher
-from tasks import create_task
 
 def initialize_distributed(distributed_config) -> None:
   """Joins a multi-process job; JAX detects unset values on TPU pods and SLURM/GPU clusters."""
@@ -43,15 +39,6 @@ def initialize_distributed(distributed_config) -> None:
   jax.distributed.initialize(**kwargs)
 
 
-def _global_batch_check(name: str, size: int, mesh) -> int:
-  """Returns this host's share of a global batch, or says how to fix the size."""
-  divisor = math.lcm(mesh_lib.batch_divisor(mesh), jax.process_count())
-  if size <= 0 or size % divisor:
-    raise KilnError(f'config.{name}={size} must be a positive multiple of {divisor} '
-                    '(batch shards on the mesh x processes)')
-  return size // jax.process_count()
-
-
 def _evaluate(eval_step, state, task, host_batch_size, sharding) -> dict[str, float]:
   batches = DevicePrefetcher(task.eval_batches(host_batch_size), sharding)
   total = None
@@ -61,6 +48,14 @@ def _evaluate(eval_step, state, task, host_batch_size, sharding) -> dict[str, fl
   return {k: float(v) for k, v in total.compute().items()}
 
 
+def write_train_log(writer, schedule, step: int, train_metrics, optimizer_scalars) -> None:
+  """Train metrics averaged since the last log, plus the optimizer's view of step `step`."""
+  scalars = {f'train_{k}': v for k, v in train_metrics.compute().items()}
+  scalars.update({k: float(v) for k, v in optimizer_scalars.items()})
+  scalars['learning_rate'] = float(schedule(step - 1))  # The rate step `step` applied.
+  writer.write_scalars(step, scalars)
+
+
 def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
@@ -68,23 +63,10 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
   calling again continues exactly where it stopped. Returns the run summary.
   """
   started = time.perf_counter()
-  # Everything that can reject the config runs before anything is written.
-  task = create_task(config)
-  task.load_data(jax.process_index(), jax.process_count())
-  mesh = mesh_lib.make_mesh(config.mesh)
-  host_batch = _global_batch_check('batch_size', config.batch_size, mesh)
-  host_eval_batch = _global_batch_check('eval_batch_size', config.eval_batch_size, mesh)
-  num_steps = config.num_train_steps
-  if num_steps < 0:
-    num_steps = math.ceil(config.num_epochs * task.num_train_examples / config.batch_size)
-  schedule = build_schedule(config.schedule, config.optimizer.learning_rate, num_steps)
-  tx = build_optimizer(config.optimizer, schedule)
-  template = ModelTemplate(task.build_model)
+  exp = experiment.build_experiment(config)  # Rejects bad input before anything is written.
+  task, mesh, schedule, num_steps = exp.task, exp.mesh, exp.schedule, exp.num_steps
   early_stopping = EarlyStopping(config.early_stopping.metric, config.early_stopping.mode,
                                  config.early_stopping.patience)
-  if config.early_stopping.metric not in task.eval_metric_names:
-    raise KilnError(f"config.early_stopping.metric='{config.early_stopping.metric}' is not an "
-                    f"eval metric of this task: choose one of {', '.join(task.eval_metric_names)}")
 
   os.makedirs(workdir, exist_ok=True)
   if config.compilation_cache_dir:
@@ -93,7 +75,7 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
   writer.write_hparams(config.to_dict())
 
-  state, shardings = create_sharded_state(template, tx, config.seed, mesh)
+  state, shardings = exp.create_state()
   checkpointer = Checkpointer(workdir, config.keep_checkpoints)
   start_step, stopped_early = 0, False
   if checkpointer.latest_step() is not None:
@@ -103,13 +85,12 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
     start_step = int(state.step)
     logging.info('Resumed from step %d in %s', start_step, workdir)
 
-  train_step = steps.make_train_step(task, template, tx, mesh, shardings)
-  eval_step = steps.make_eval_step(task, template, mesh, shardings)
+  train_step, eval_step = exp.train_step(shardings), exp.eval_step(shardings)
   batch_sharding = mesh_lib.batch_sharding(mesh)
   report_progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
 
   last_step = min(num_steps, stop_at_step) if stop_at_step is not None else num_steps
-  train_batches = DevicePrefetcher(task.train_batches(host_batch, start_step), batch_sharding,
+  train_batches = DevicePrefetcher(task.train_batches(exp.host_batch, start_step), batch_sharding,
                                    config.dataset.prefetch_batches)
   eval_metrics: dict[str, float] = {}
   train_metrics, pending_log = None, None
@@ -118,25 +99,22 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
   step = start_step
   while step < last_step and not stopped_early:
     batch = next(train_batches)
-    state, batch_metrics = train_step(state, batch)
+    state, batch_metrics, optimizer_scalars = train_step(state, batch)
     step += 1
     steps_run += 1
     train_metrics = batch_metrics if train_metrics is None else train_metrics.merge(batch_metrics)
     # Written one step late, so fetching them never stalls the step just dispatched.
     if pending_log is not None:
-      log_step, log_metrics = pending_log
-      scalars = {f'train_{k}': v for k, v in log_metrics.compute().items()}
-      scalars['learning_rate'] = schedule(log_step - 1)
-      writer.write_scalars(log_step, scalars)
+      write_train_log(writer, schedule, *pending_log)
       pending_log = None
     if step % config.log_every_steps == 0:
-      pending_log, train_metrics = (step, train_metrics), None
+      pending_log, train_metrics = (step, train_metrics, optimizer_scalars), None
     report_progress(step)
 
     final = step == num_steps
     if step % config.eval_every_steps == 0 or final:
       eval_started = time.perf_counter()
-      eval_metrics = _evaluate(eval_step, state, task, host_eval_batch, batch_sharding)
+      eval_metrics = _evaluate(eval_step, state, task, exp.host_eval_batch, batch_sharding)
       eval_seconds += time.perf_counter() - eval_started
       writer.write_scalars(step, {f'eval_{k}': v for k, v in eval_metrics.items()})
       stopped_early = early_stopping.update(eval_metrics)
@@ -149,11 +127,10 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
   train_seconds = time.perf_counter() - loop_started - eval_seconds
   train_batches.close()
   if pending_log is not None:
-    log_step, log_metrics = pending_log
-    writer.write_scalars(log_step, {f'train_{k}': v for k, v in log_metrics.compute().items()})
+    write_train_log(writer, schedule, *pending_log)
 
   if not eval_metrics:  # Resumed a finished run, or stopped before any eval.
-    eval_metrics = _evaluate(eval_step, state, task, host_eval_batch, batch_sharding)
+    eval_metrics = _evaluate(eval_step, state, task, exp.host_eval_batch, batch_sharding)
   checkpointer.close()
   writer.flush()
   summary = {

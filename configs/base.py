@@ -41,6 +41,21 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.schedule.warmup_steps = 50  # Linear warmup from 0 to the peak learning rate.
   c.schedule.end_learning_rate_fraction = 0.0  # Cosine ends at this fraction of the peak.
 
+  c.regularization = ml_collections.ConfigDict()
+  c.regularization.l1 = 0.0  # Adds l1 * sum|w| over included parameters to the loss.
+  c.regularization.l2 = 0.0  # Adds l2 * sum w^2 over included parameters to the loss.
+  c.regularization.weight_decay = 0.0  # Decoupled decay, w -= lr * weight_decay * w (AdamW-style).
+  c.regularization.exclude = r'bias$|scale$|norm|embed'  # Regex on 'a/b/kernel' paths exempt from all three.
+
+  c.gradient = ml_collections.ConfigDict()
+  c.gradient.clip_global_norm = 0.0  # Rescale gradients whose global norm exceeds this; 0 disables.
+  c.gradient.clip_value = 0.0  # Clip each gradient value to [-v, v]; 0 disables.
+  c.gradient.accumulation_steps = 1  # Micro-batches per step; the batch is split k ways in the step.
+
+  c.ema = ml_collections.ConfigDict()
+  c.ema.decay = 0.0  # Keep an exponential moving average of parameters; 0 disables.
+  c.ema.use_for_eval = True  # Evaluate with the EMA parameters when the EMA is on.
+
   c.log_every_steps = 50  # Train metrics are written every this many steps.
   c.eval_every_steps = 200  # Eval (and early stopping) every this many steps, and at the end.
   c.checkpoint_every_steps = 500  # Orbax checkpoint every this many steps, and at the end.

@@ -23,6 +23,7 @@ class TrainState:
   model_state: dict  # Every other model variable (BatchNorm statistics, ...).
   opt_state: optax.OptState
   rng: jax.Array  # Raw uint32 key; per-step keys are folded in from `step`.
+  ema_params: dict | None = None  # Moving average of `params` when config.ema is on.
 
 
 class ModelTemplate:
@@ -46,12 +47,13 @@ class ModelTemplate:
     return nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
 
 
-def init_state(template: ModelTemplate, tx: optax.GradientTransformation,
-               seed: int) -> TrainState:
+def init_state(template: ModelTemplate, tx: optax.GradientTransformation, seed: int,
+               use_ema: bool = False) -> TrainState:
   init_key, train_key = jax.random.split(jax.random.key(seed))
   params, model_state = template.split(template.build_model(nnx.Rngs(params=init_key)))
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-                    opt_state=tx.init(params), rng=jax.random.key_data(train_key))
+                    opt_state=tx.init(params), rng=jax.random.key_data(train_key),
+                    ema_params=jax.tree.map(jnp.copy, params) if use_ema else None)
 
 
 def state_shardings(abstract_state: TrainState, mesh: Mesh):
@@ -60,9 +62,9 @@ def state_shardings(abstract_state: TrainState, mesh: Mesh):
 
 
 def create_sharded_state(template: ModelTemplate, tx: optax.GradientTransformation, seed: int,
-                         mesh: Mesh) -> tuple[TrainState, TrainState]:
+                         mesh: Mesh, use_ema: bool = False) -> tuple[TrainState, TrainState]:
   """Returns the state, built on the devices in its final layout, and its shardings."""
   def init():
-    return init_state(template, tx, seed)
+    return init_state(template, tx, seed, use_ema)
   shardings = state_shardings(jax.eval_shape(init), mesh)
   return jax.jit(init, out_shardings=shardings)(), shardings

@@ -1,40 +1,110 @@
 """The jitted train and eval steps: pure functions of (state, batch)."""
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from core.errors import KilnError
 from core.state import ModelTemplate, TrainState
+from optim import regularization
 from parallel import mesh as mesh_lib
 from tasks.base import Task
 
 
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+  """What the train step needs from the config besides the task and optimizer."""
+  l1: float = 0.0
+  l2: float = 0.0
+  exclude: str = ''  # Regex of parameter paths exempt from the L1/L2 penalty.
+  accumulation_steps: int = 1
+  ema_decay: float = 0.0
+
+  @classmethod
+  def from_config(cls, config) -> 'StepOptions':
+    if config.gradient.accumulation_steps < 1:
+      raise KilnError(f'config.gradient.accumulation_steps={config.gradient.accumulation_steps} '
+                      'must be >= 1')
+    if not 0.0 <= config.ema.decay < 1.0:
+      raise KilnError(f'config.ema.decay={config.ema.decay} must lie in [0, 1) (0 disables)')
+    return cls(l1=config.regularization.l1, l2=config.regularization.l2,
+               exclude=config.regularization.exclude,
+               accumulation_steps=config.gradient.accumulation_steps, ema_decay=config.ema.decay)
+
+
+def split_micro_batches(batch, k: int, mesh: Mesh):
+  """[B, ...] -> [k, B/k, ...], micro-batch j = rows j, j+k, ...: every device keeps its
+  own rows, so splitting moves no data between devices."""
+  spec = NamedSharding(mesh, P(None, mesh_lib.BATCH_AXES))
+
+  def split(x):
+    micro = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(micro, spec)
+  return jax.tree.map(split, batch)
+
+
 def make_train_step(task: Task, template: ModelTemplate, tx: optax.GradientTransformation,
-                    mesh: Mesh, shardings: TrainState):
+                    mesh: Mesh, shardings: TrainState, options: StepOptions = StepOptions()):
+  """Returns jitted `(state, batch) -> (state, task metrics, optimizer scalars)`."""
+  k = options.accumulation_steps
+
+  def loss_and_grads(params, model_state, batch, key):
+    def loss_fn(params):
+      model = template.merge(params, model_state)
+      rngs = nnx.Rngs(dropout=key)  # Made inside the trace that may advance it.
+      loss, batch_metrics = task.loss(model, batch, rngs)
+      if options.l1 or options.l2:
+        mask = regularization.included_mask(params, options.exclude)
+        loss = loss + regularization.penalty(params, mask, options.l1, options.l2)
+      return loss, (batch_metrics, template.split(model)[1])
+    return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
   def train_step(state: TrainState, batch):
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    if k == 1:
+      (_, (batch_metrics, model_state)), grads = loss_and_grads(
+          state.params, state.model_state, batch, step_key)
+    else:
+      def micro_step(carry, micro):
+        grads_sum, model_state = carry
+        index, micro_batch = micro
+        (_, (micro_metrics, model_state)), grads = loss_and_grads(
+            state.params, model_state, micro_batch, jax.random.fold_in(step_key, index))
+        return (jax.tree.map(jnp.add, grads_sum, grads), model_state), micro_metrics
 
-    def loss_fn(params):
-      model = template.merge(params, state.model_state)
-      rngs = nnx.Rngs(dropout=step_key)  # Made inside the trace that may advance it.
-      loss, batch_metrics = task.loss(model, batch, rngs)
-      return loss, (batch_metrics, template.split(model)[1])
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      (grads_sum, model_state), stacked_metrics = jax.lax.scan(
+          micro_step, (zeros, state.model_state),
+          (jnp.arange(k), split_micro_batches(batch, k, mesh)))
+      # Equal-sized micro-batches: the mean of their mean losses is the full-batch mean.
+      grads = jax.tree.map(lambda g: g / k, grads_sum)
+      batch_metrics = stacked_metrics.reduce()
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (_, (batch_metrics, model_state)), grads = grad_fn(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                              model_state=model_state, opt_state=opt_state)
-    return new_state, batch_metrics
+    params = optax.apply_updates(state.params, updates)
+    ema_params = state.ema_params
+    if ema_params is not None:
+      ema_params = regularization.ema_update(ema_params, params, options.ema_decay)
+    new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
+                              opt_state=opt_state, ema_params=ema_params)
+    optimizer_scalars = {'grad_norm': optax.global_norm(grads),
+                         'update_norm': optax.global_norm(updates)}
+    return new_state, batch_metrics, optimizer_scalars
 
+  replicated = mesh_lib.replicated(mesh)
   return jax.jit(train_step, in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
-                 out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
+                 out_shardings=(shardings, replicated, replicated), donate_argnums=0)
 
 
-def make_eval_step(task: Task, template: ModelTemplate, mesh: Mesh, shardings: TrainState):
+def make_eval_step(task: Task, template: ModelTemplate, mesh: Mesh, shardings: TrainState,
+                   use_ema: bool = False):
   def eval_step(state: TrainState, batch):
-    return task.evaluate(template.merge(state.params, state.model_state), batch)
+    params = state.ema_params if use_ema and state.ema_params is not None else state.params
+    return task.evaluate(template.merge(params, state.model_state), batch)
 
   return jax.jit(eval_step, in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
                  out_shardings=mesh_lib.replicated(mesh))

@@ -6,9 +6,11 @@ from flax import nnx
 
 from core.errors import KilnError
 from models.cnn import CNN
+from models.mlp import MLP
 
 MODELS = {
     'cnn': CNN,
+    'mlp': MLP,
 }
 
 

@@ -8,7 +8,8 @@ SCHEDULES = ('constant', 'warmup_cosine')
 OPTIMIZERS = ('sgd', 'adam')
 
 
-def build_schedule(schedule_config, learning_rate: float, total_steps: int) -> optax.Schedule:
+def build_schedule(schedule_config, learning_rate: float, total_steps: int,
+                   steps_per_epoch: int) -> optax.Schedule:
   name = schedule_config.name
   if name == 'constant':
     return optax.constant_schedule(learning_rate)
@@ -22,7 +23,8 @@ def build_schedule(schedule_config, learning_rate: float, total_steps: int) -> o
                   f"{', '.join(SCHEDULES)}")
 
 
-def build_optimizer(optimizer_config, schedule: optax.Schedule) -> optax.GradientTransformation:
+def build_optimizer(optimizer_config, schedule: optax.Schedule, weight_decay: float = 0.0,
+                    weight_decay_mask=None) -> optax.GradientTransformation:
   name = optimizer_config.name
   if name == 'sgd':
     return optax.sgd(schedule, momentum=optimizer_config.momentum or None,
