@@ -37,6 +37,10 @@ def test_loss_falls_and_model_learns(full_run):
   eval_loss = _scalars(workdir, 'eval_loss')
   assert eval_loss[-1] < eval_loss[0]
   assert summary['final_eval']['accuracy'] > 0.8  # Chance is 0.1.
+  learning_rates = _scalars(workdir, 'learning_rate')
+  assert learning_rates[0] > learning_rates[-1] > 0  # Warmup over at step 5, then cosine decay.
+  for tag in ('grad_norm', 'update_norm'):
+    assert len(_scalars(workdir, tag)) == 4 and all(v > 0 for v in _scalars(workdir, tag))
 
 
 def test_summary_json_is_complete(full_run):
