@@ -22,13 +22,14 @@ from core.checkpoint import Checkpointer
 from core.early_stopping import EarlyStopping
 from core.errors import KilnError
 from core.io import write_json_atomic
-from parallel import mesh as mesh_lib
 from parallel.placement import DevicePrefetcher
 
 def initialize_distributed(distributed_config) -> None:
   """Joins a multi-process job; JAX detects unset values on TPU pods and SLURM/GPU clusters."""
   if not distributed_config.initialize:
     return
+  # CPU processes need gloo for cross-process collectives; GPUs and TPUs ignore this.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   kwargs = {}
   if distributed_config.coordinator_address:
     kwargs['coordinator_address'] = distributed_config.coordinator_address
@@ -39,8 +40,8 @@ def initialize_distributed(distributed_config) -> None:
   jax.distributed.initialize(**kwargs)
 
 
-def _evaluate(eval_step, state, task, host_batch_size, sharding) -> dict[str, float]:
-  batches = DevicePrefetcher(task.eval_batches(host_batch_size), sharding)
+def _evaluate(eval_step, state, exp) -> dict[str, float]:
+  batches = DevicePrefetcher(exp.task.eval_batches(exp.host_eval_batch), exp.strategy.place)
   total = None
   for batch in batches:
     batch_metrics = eval_step(state, batch)
@@ -64,7 +65,7 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
   """
   started = time.perf_counter()
   exp = experiment.build_experiment(config)  # Rejects bad input before anything is written.
-  task, mesh, schedule, num_steps = exp.task, exp.mesh, exp.schedule, exp.num_steps
+  task, schedule, num_steps = exp.task, exp.schedule, exp.num_steps
   early_stopping = EarlyStopping(config.early_stopping.metric, config.early_stopping.mode,
                                  config.early_stopping.patience)
 
@@ -79,18 +80,20 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
   checkpointer = Checkpointer(workdir, config.keep_checkpoints)
   start_step, stopped_early = 0, False
   if checkpointer.latest_step() is not None:
-    state, loop_state = checkpointer.restore(checkpointer.latest_step(), state, shardings)
+    restored, loop_state = checkpointer.restore(
+        checkpointer.latest_step(), exp.strategy.checkpoint_view(state),
+        exp.strategy.restore_shardings(shardings))
+    state = exp.strategy.distribute(restored, shardings)
     early_stopping.load_json(loop_state['early_stopping'])
     stopped_early = loop_state['stopped_early']
-    start_step = int(state.step)
+    start_step = exp.strategy.step_of(state)
     logging.info('Resumed from step %d in %s', start_step, workdir)
 
   train_step, eval_step = exp.train_step(shardings), exp.eval_step(shardings)
-  batch_sharding = mesh_lib.batch_sharding(mesh)
   report_progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
 
   last_step = min(num_steps, stop_at_step) if stop_at_step is not None else num_steps
-  train_batches = DevicePrefetcher(task.train_batches(exp.host_batch, start_step), batch_sharding,
+  train_batches = DevicePrefetcher(task.train_batches(exp.host_batch, start_step), exp.strategy.place,
                                    config.dataset.prefetch_batches)
   eval_metrics: dict[str, float] = {}
   train_metrics, pending_log = None, None
@@ -114,7 +117,7 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
     final = step == num_steps
     if step % config.eval_every_steps == 0 or final:
       eval_started = time.perf_counter()
-      eval_metrics = _evaluate(eval_step, state, task, exp.host_eval_batch, batch_sharding)
+      eval_metrics = _evaluate(eval_step, state, exp)
       eval_seconds += time.perf_counter() - eval_started
       writer.write_scalars(step, {f'eval_{k}': v for k, v in eval_metrics.items()})
       stopped_early = early_stopping.update(eval_metrics)
@@ -122,7 +125,7 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
         logging.info('Early stopping at step %d: %s has not improved for %d evals',
                      step, config.early_stopping.metric, config.early_stopping.patience)
     if step % config.checkpoint_every_steps == 0 or final or stopped_early or step == last_step:
-      checkpointer.save(step, state, {'early_stopping': early_stopping.to_json(),
+      checkpointer.save(step, exp.strategy.checkpoint_view(state), {'early_stopping': early_stopping.to_json(),
                                       'stopped_early': stopped_early})
   train_seconds = time.perf_counter() - loop_started - eval_seconds
   train_batches.close()
@@ -130,12 +133,12 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
     write_train_log(writer, schedule, *pending_log)
 
   if not eval_metrics:  # Resumed a finished run, or stopped before any eval.
-    eval_metrics = _evaluate(eval_step, state, task, exp.host_eval_batch, batch_sharding)
+    eval_metrics = _evaluate(eval_step, state, exp)
   checkpointer.close()
   writer.flush()
   summary = {
       'final_eval': eval_metrics,
-      'steps': int(state.step),
+      'steps': exp.strategy.step_of(state),
       'num_train_steps': num_steps,
       'stopped_early': bool(stopped_early),
       'best_eval': {config.early_stopping.metric: early_stopping.best},

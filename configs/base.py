@@ -27,19 +27,41 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.num_epochs = 10.0  # Training length in epochs when num_train_steps is -1.
   c.num_train_steps = -1  # Training length in steps; -1 derives it from num_epochs.
 
+  # Each field maps to one argument of an Optax piece (after '->'); rules in optim/optimizers.py.
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = 'adam'  # 'sgd' or 'adam'.
-  c.optimizer.learning_rate = 1e-3  # Peak learning rate (reached after warmup).
-  c.optimizer.momentum = 0.9  # SGD momentum; 0 disables it.
-  c.optimizer.nesterov = False  # SGD: use Nesterov momentum.
-  c.optimizer.b1 = 0.9  # Adam: decay of the first-moment estimate.
-  c.optimizer.b2 = 0.999  # Adam: decay of the second-moment estimate.
-  c.optimizer.eps = 1e-8  # Adam: added to the denominator for stability.
+  c.optimizer.name = 'adam'  # sgd, adagrad, rmsprop, adam, adamw, lion or adafactor.
+  c.optimizer.learning_rate = 1e-3  # Peak learning rate (after warmup); adafactor: rho.
+  c.optimizer.momentum = 0.9  # sgd: momentum -> optax.trace(decay=); 0 disables it.
+  c.optimizer.nesterov = False  # sgd: Nesterov momentum -> optax.trace(nesterov=).
+  c.optimizer.b1 = 0.9  # adam/adamw: first-moment decay -> optax.scale_by_adam(b1=).
+  c.optimizer.b2 = 0.999  # adam/adamw: second-moment decay -> optax.scale_by_adam(b2=).
+  c.optimizer.eps = 1e-8  # adam/adamw/adagrad: added to the sqrt -> scale_by_adam(eps=), delta.
+  c.optimizer.rmsprop_decay = 0.9  # rmsprop: mean-square decay -> optax.scale_by_rms(decay=).
+  c.optimizer.rmsprop_eps = 1e-8  # rmsprop: added inside the sqrt -> scale_by_rms(eps=).
+  c.optimizer.rmsprop_centered = False  # rmsprop: divide by the std -> optax.scale_by_stddev.
+  c.optimizer.rmsprop_momentum = 0.0  # rmsprop: Graves's momentum -> optax.trace(decay=); 0 off.
+  c.optimizer.lion_b1 = 0.9  # lion: momentum/gradient mix inside sign() -> optax.lion(b1=).
+  c.optimizer.lion_b2 = 0.99  # lion: momentum decay -> optax.lion(b2=).
+  c.optimizer.adafactor_decay_rate = 0.8  # beta2_t = 1 - t^-this -> scale_by_factored_rms.
+  c.optimizer.adafactor_eps = 1e-30  # eps1, added to g^2 -> scale_by_factored_rms(epsilon=).
+  c.optimizer.adafactor_factored = True  # Factored 2nd moments -> scale_by_factored_rms.
+  c.optimizer.adafactor_min_dim_size_to_factor = 1  # 1 factors every matrix; Optax's is 128.
+  c.optimizer.adafactor_clipping_threshold = 1.0  # Update clipping d; 0 off -> clip_by_block_rms.
+  c.optimizer.adafactor_multiply_by_parameter_scale = True  # Step times max(eps2, RMS(w)).
+  c.optimizer.adafactor_min_parameter_scale = 1e-3  # eps2 -> scale_by_param_block_rms.
+  c.optimizer.adafactor_relative_step = True  # Step rho_t = min(schedule, 1/sqrt(t)).
 
   c.schedule = ml_collections.ConfigDict()
-  c.schedule.name = 'warmup_cosine'  # 'constant' or 'warmup_cosine'.
-  c.schedule.warmup_steps = 50  # Linear warmup from 0 to the peak learning rate.
-  c.schedule.end_learning_rate_fraction = 0.0  # Cosine ends at this fraction of the peak.
+  c.schedule.name = 'cosine'  # constant, cosine, linear, exponential, step, rsqrt or wsd.
+  c.schedule.warmup_steps = 50  # Linear warmup from 0 to the peak learning rate (every schedule).
+  c.schedule.warmup_epochs = -1.0  # Warmup in epochs if > 0 (overrides warmup_steps).
+  c.schedule.end_learning_rate_fraction = 0.0  # cosine/linear/exponential/wsd end at this * peak.
+  c.schedule.boundary_steps = ()  # step: steps at which the rate is multiplied by decay_factor.
+  c.schedule.boundary_epochs = ()  # step: boundaries in epochs; non-empty overrides boundary_steps.
+  c.schedule.decay_factor = 0.1  # step: factor applied at each boundary.
+  c.schedule.rsqrt_timescale_steps = 0  # rsqrt: peak*sqrt(T/(T+s)) after warmup; 0: T = warmup.
+  c.schedule.wsd_decay_fraction = 0.2  # wsd: final fraction of training spent decaying.
+  c.schedule.wsd_decay_shape = 'linear'  # wsd: decay shape, 'linear', 'cosine' or '1-sqrt'.
 
   c.regularization = ml_collections.ConfigDict()
   c.regularization.l1 = 0.0  # Adds l1 * sum|w| over included parameters to the loss.
@@ -70,6 +92,18 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1  # Devices on the data-parallel axis; -1 takes all that remain.
   c.mesh.fsdp = 1  # Devices over which batches (and, later, parameters) are sharded FSDP-style.
   c.mesh.tensor = 1  # Devices for tensor parallelism within layers.
+
+  c.parallel = ml_collections.ConfigDict()
+  c.parallel.strategy = 'jit'  # 'jit' (sharded over the mesh) or 'pmap' (pure data parallelism).
+  # Logical dimension name -> mesh axis (or tuple of axes, or None); unnamed dims are replicated.
+  c.parallel.rules = (
+      ('embed', 'fsdp'),  # Input features of dense layers: sharded FSDP-style.
+      ('mlp', 'tensor'),  # Hidden features of dense layers: tensor parallel.
+      ('heads', 'tensor'),  # Attention heads: tensor parallel.
+      ('vocab', 'tensor'),  # Vocabulary (embedding rows, output logits): tensor parallel.
+      ('conv_in', 'fsdp'),  # Input channels of convolutions: sharded FSDP-style.
+      ('conv_out', 'tensor'),  # Output channels of convolutions: tensor parallel.
+  )
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.initialize = False  # Call jax.distributed.initialize() (multi-host runs).

@@ -1,6 +1,7 @@
 """A run's ingredients, built and validated from the config before anything is written."""
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -14,6 +15,8 @@ from core.state import ModelTemplate, create_sharded_state
 from optim import build_schedule
 from optim.chain import build_transform
 from parallel import mesh as mesh_lib
+from parallel import sharding
+from parallel.strategy import JitStrategy, PmapStrategy, create_strategy
 from tasks import create_task
 from tasks.base import Task
 
@@ -40,6 +43,8 @@ class Experiment:
   num_steps: int
   host_batch: int
   host_eval_batch: int
+  rules: sharding.Rules  # Logical axis name -> mesh axes.
+  strategy: JitStrategy | PmapStrategy
 
   @property
   def use_ema(self) -> bool:
@@ -47,15 +52,22 @@ class Experiment:
 
   def create_state(self):
     """(state, shardings): the initial train state, built sharded on the mesh."""
-    return create_sharded_state(self.template, self.tx, self.config.seed, self.mesh, self.use_ema)
+    state, shardings = create_sharded_state(self.template, self.tx, self.config.seed, self.mesh,
+                                            self.rules, self.use_ema)
+    return self.strategy.distribute(state, shardings), shardings
 
   def train_step(self, shardings):
-    return steps.make_train_step(self.task, self.template, self.tx, self.mesh, shardings,
-                                 self.step_options)
+    """Compiled `(state, batch) -> (state, task metrics, optimizer scalars)`."""
+    return self.strategy.compile_train(steps.train_step_fn(
+        self.task, self.template, self.tx, self.step_options,
+        mesh=self.mesh if self.strategy.name == 'jit' else None,
+        axis_name=self.strategy.norm_axis_name), shardings)
 
   def eval_step(self, shardings):
-    return steps.make_eval_step(self.task, self.template, self.mesh, shardings,
-                                self.use_ema and self.config.ema.use_for_eval)
+    """Compiled `(state, batch) -> task metrics`."""
+    return self.strategy.compile_eval(steps.eval_step_fn(
+        self.task, self.template, self.use_ema and self.config.ema.use_for_eval,
+        axis_name=self.strategy.norm_axis_name), shardings)
 
 
 def build_experiment(config, devices=None) -> Experiment:
@@ -76,7 +88,11 @@ def build_experiment(config, devices=None) -> Experiment:
   if config.early_stopping.metric not in task.eval_metric_names:
     raise KilnError(f"config.early_stopping.metric='{config.early_stopping.metric}' is not an "
                     f"eval metric of this task: choose one of {', '.join(task.eval_metric_names)}")
-  return Experiment(config=config, task=task, mesh=mesh, template=ModelTemplate(task.build_model),
+  rules = sharding.parse_rules(config.parallel.rules, mesh)
+  strategy = create_strategy(config.parallel.strategy, mesh, rules)
+  template = ModelTemplate(
+      functools.partial(task.build_model, norm_axis_name=strategy.norm_axis_name))
+  return Experiment(config=config, task=task, mesh=mesh, template=template,
                     schedule=schedule, tx=build_transform(config, schedule),
                     step_options=step_options, num_steps=num_steps, host_batch=host_batch,
-                    host_eval_batch=host_eval_batch)
+                    host_eval_batch=host_eval_batch, rules=rules, strategy=strategy)

@@ -11,9 +11,10 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
-from jax.sharding import Mesh
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from parallel import mesh as mesh_lib
+from parallel import sharding
 
 
 @struct.dataclass
@@ -41,6 +42,10 @@ class ModelTemplate:
     nnx.replace_by_pure_dict(rest_state, model_state)
     return nnx.merge(self.graphdef, params_state, rest_state)
 
+  def logical_axes(self) -> tuple[dict, dict]:
+    """Logical axis names of (params, model_state) leaves; None where a variable has none."""
+    return sharding.variable_logical_axes(self._params), sharding.variable_logical_axes(self._rest)
+
   @staticmethod
   def split(model: nnx.Module) -> tuple[dict, dict]:
     _, params, rest = nnx.split(model, nnx.Param, ...)
@@ -56,15 +61,31 @@ def init_state(template: ModelTemplate, tx: optax.GradientTransformation, seed: 
                     ema_params=jax.tree.map(jnp.copy, params) if use_ema else None)
 
 
-def state_shardings(abstract_state: TrainState, mesh: Mesh):
-  """Every state leaf replicated (data parallelism); sharding rules come with FSDP/TP."""
-  return jax.tree.map(lambda _: mesh_lib.replicated(mesh), abstract_state)
+def state_specs(abstract_state: TrainState, template: ModelTemplate, mesh: Mesh,
+                rules: sharding.Rules) -> TrainState:
+  """PartitionSpecs for every state leaf: parameters (and their EMA and optimizer
+  moments) by their logical axes, everything else replicated."""
+  param_axes, state_axes = template.logical_axes()
+  param_specs = sharding.tree_specs(abstract_state.params, param_axes, mesh, rules)
+  return TrainState(
+      step=P(), rng=P(), params=param_specs,
+      model_state=sharding.tree_specs(abstract_state.model_state, state_axes, mesh, rules),
+      opt_state=sharding.match_by_path(abstract_state.opt_state, param_specs,
+                                       abstract_state.params),
+      ema_params=None if abstract_state.ema_params is None else param_specs)
 
 
 def create_sharded_state(template: ModelTemplate, tx: optax.GradientTransformation, seed: int,
-                         mesh: Mesh, use_ema: bool = False) -> tuple[TrainState, TrainState]:
+                         mesh: Mesh, rules: sharding.Rules, use_ema: bool = False
+                         ) -> tuple[TrainState, TrainState]:
   """Returns the state, built on the devices in its final layout, and its shardings."""
   def init():
     return init_state(template, tx, seed, use_ema)
-  shardings = state_shardings(jax.eval_shape(init), mesh)
+  abstract = jax.eval_shape(init)
+  specs = state_specs(abstract, template, mesh, rules)
+  shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
+                           is_leaf=lambda x: isinstance(x, P))
+  fraction = sharding.replicated_fraction(abstract.params, specs.params)
+  logging.info('Parameters: %.1f%% of bytes replicated on every device (mesh %s)',
+               100 * fraction, dict(mesh.shape))
   return jax.jit(init, out_shardings=shardings)(), shardings

@@ -36,20 +36,24 @@ class StepOptions:
                accumulation_steps=config.gradient.accumulation_steps, ema_decay=config.ema.decay)
 
 
-def split_micro_batches(batch, k: int, mesh: Mesh):
+def split_micro_batches(batch, k: int, mesh: Mesh | None):
   """[B, ...] -> [k, B/k, ...], micro-batch j = rows j, j+k, ...: every device keeps its
   own rows, so splitting moves no data between devices."""
-  spec = NamedSharding(mesh, P(None, mesh_lib.BATCH_AXES))
+  spec = None if mesh is None else NamedSharding(mesh, P(None, mesh_lib.BATCH_AXES))
 
   def split(x):
     micro = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
-    return jax.lax.with_sharding_constraint(micro, spec)
+    return micro if spec is None else jax.lax.with_sharding_constraint(micro, spec)
   return jax.tree.map(split, batch)
 
 
-def make_train_step(task: Task, template: ModelTemplate, tx: optax.GradientTransformation,
-                    mesh: Mesh, shardings: TrainState, options: StepOptions = StepOptions()):
-  """Returns jitted `(state, batch) -> (state, task metrics, optimizer scalars)`."""
+def train_step_fn(task: Task, template: ModelTemplate, tx: optax.GradientTransformation,
+                  options: StepOptions, mesh: Mesh | None = None, axis_name: str | None = None):
+  """`(state, batch) -> (state, task metrics, optimizer scalars)` as a function to compile.
+
+  Under jit, `mesh` is the global mesh and XLA inserts the collectives. Under pmap,
+  `axis_name` names the mapped device axis and gradients/metrics are reduced over it.
+  """
   k = options.accumulation_steps
 
   def loss_and_grads(params, model_state, batch, key):
@@ -65,6 +69,8 @@ def make_train_step(task: Task, template: ModelTemplate, tx: optax.GradientTrans
 
   def train_step(state: TrainState, batch):
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    if axis_name is not None:  # Each device draws its own dropout masks.
+      step_key = jax.random.fold_in(step_key, jax.lax.axis_index(axis_name))
     if k == 1:
       (_, (batch_metrics, model_state)), grads = loss_and_grads(
           state.params, state.model_state, batch, step_key)
@@ -83,6 +89,9 @@ def make_train_step(task: Task, template: ModelTemplate, tx: optax.GradientTrans
       # Equal-sized micro-batches: the mean of their mean losses is the full-batch mean.
       grads = jax.tree.map(lambda g: g / k, grads_sum)
       batch_metrics = stacked_metrics.reduce()
+    if axis_name is not None:
+      grads = jax.lax.pmean(grads, axis_name)
+      batch_metrics = sum_over_devices(batch_metrics, axis_name)
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -95,16 +104,18 @@ def make_train_step(task: Task, template: ModelTemplate, tx: optax.GradientTrans
                          'update_norm': optax.global_norm(updates)}
     return new_state, batch_metrics, optimizer_scalars
 
-  replicated = mesh_lib.replicated(mesh)
-  return jax.jit(train_step, in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
-                 out_shardings=(shardings, replicated, replicated), donate_argnums=0)
+  return train_step
 
 
-def make_eval_step(task: Task, template: ModelTemplate, mesh: Mesh, shardings: TrainState,
-                   use_ema: bool = False):
+def eval_step_fn(task: Task, template: ModelTemplate, use_ema: bool = False,
+                 axis_name: str | None = None):
   def eval_step(state: TrainState, batch):
     params = state.ema_params if use_ema and state.ema_params is not None else state.params
-    return task.evaluate(template.merge(params, state.model_state), batch)
+    batch_metrics = task.evaluate(template.merge(params, state.model_state), batch)
+    return batch_metrics if axis_name is None else sum_over_devices(batch_metrics, axis_name)
+  return eval_step
 
-  return jax.jit(eval_step, in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
-                 out_shardings=mesh_lib.replicated(mesh))
+
+def sum_over_devices(batch_metrics, axis_name: str):
+  """Task metrics are sums (CLU Average keeps total and count), so psum merges them."""
+  return jax.tree.map(lambda x: jax.lax.psum(x, axis_name), batch_metrics)

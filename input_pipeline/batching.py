@@ -11,11 +11,24 @@ from input_pipeline.sources import HostSplit
 _EPOCH_SEED_STRIDE = 1_000_003
 
 
+def _rows_per_batch(split: HostSplit, host_batch_size: int) -> int:
+  return host_batch_size * (split.process_count if split.sliced else 1)
+
+
+def _this_host_rows(split: HostSplit, ds: tf.data.Dataset, host_batch_size: int):
+  if not split.sliced or split.process_count == 1:
+    return ds
+  start = split.process_index * host_batch_size
+  return ds.map(lambda batch: tf.nest.map_structure(
+      lambda x: x[start:start + host_batch_size], batch))
+
+
 def train_batches(split: HostSplit, host_batch_size: int, seed: int, shuffle_buffer: int,
                   start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
   """Endless full batches; the order depends only on (seed, epoch), so a run resumed at
   `start_step` sees exactly the batches an uninterrupted run would have seen."""
-  first_epoch, offset = divmod(start_step * host_batch_size, split.num_examples)
+  rows = _rows_per_batch(split, host_batch_size)
+  first_epoch, offset = divmod(start_step * rows, split.num_examples)
   buffer = min(shuffle_buffer, split.num_examples)
 
   def one_epoch(epoch):
@@ -23,24 +36,24 @@ def train_batches(split: HostSplit, host_batch_size: int, seed: int, shuffle_buf
     return split.examples.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=False)
 
   ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(one_epoch)
-  ds = ds.skip(offset).batch(host_batch_size, drop_remainder=True)
-  return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+  ds = ds.skip(offset).batch(rows, drop_remainder=True)
+  return _this_host_rows(split, ds, host_batch_size).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
 
 
 def num_eval_batches(split: HostSplit, host_batch_size: int) -> int:
-  return -(-split.max_examples_per_host // host_batch_size)
+  return -(-split.max_examples_per_host // _rows_per_batch(split, host_batch_size))
 
 
 def eval_batches(split: HostSplit, host_batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-  """Every example of this host exactly once, with `mask` 1; padding examples carry mask 0.
-
-  All hosts yield the same number of batches (sized by the largest host), so that
-  collective eval steps line up across processes.
+  """Every example of the split exactly once over all hosts, with `mask` 1; padding
+  examples carry mask 0. All hosts yield the same number of batches, so that collective
+  eval steps line up across processes.
   """
+  rows = _rows_per_batch(split, host_batch_size)
   with_mask = split.examples.map(lambda ex: {**ex, 'mask': tf.constant(1.0, tf.float32)})
   padding = tf.nest.map_structure(lambda spec: tf.zeros(spec.shape, spec.dtype),
                                   with_mask.element_spec)
-  total = num_eval_batches(split, host_batch_size) * host_batch_size
+  total = num_eval_batches(split, host_batch_size) * rows
   ds = with_mask.concatenate(tf.data.Dataset.from_tensors(padding).repeat())
-  ds = ds.take(total).batch(host_batch_size, drop_remainder=True)
-  return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+  ds = ds.take(total).batch(rows, drop_remainder=True)
+  return _this_host_rows(split, ds, host_batch_size).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()

@@ -22,10 +22,19 @@ MNIST_IDX_FILES = ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz')
 
 @dataclasses.dataclass(frozen=True)
 class HostSplit:
-  """One split as this host sees it."""
-  examples: tf.data.Dataset  # Unshuffled, unbatched, preprocessed examples of this host.
+  """One split as this host reads it, in one of two ways.
+
+  Sliced (small in-memory sources): `examples` is the whole split and every host forms
+  the same global batches, keeping only its own rows, so a run's batches do not depend
+  on the number of processes. Sharded (TFDS): `examples` is this host's share of the
+  files and hosts batch independently.
+  """
+  examples: tf.data.Dataset  # Unshuffled, unbatched, preprocessed examples.
   num_examples: int  # Examples in `examples`.
-  max_examples_per_host: int  # The largest host's count, so all hosts run equal eval steps.
+  max_examples_per_host: int  # Sharded: the largest host's count, so eval steps line up.
+  process_index: int = 0
+  process_count: int = 1
+  sliced: bool = False  # True: take this host's rows of each global batch.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,11 +114,11 @@ def _array_source(images, labels, config, process_index, process_count) -> Sourc
   train_idx, eval_idx = holdout_split(len(labels), config.holdout_fraction, config.split_seed)
 
   def host_split(indices):
-    mine = indices[process_index::process_count]
     # 'index' (position in the source) lets eval outputs be traced back to examples.
     examples = tf.data.Dataset.from_tensor_slices(
-        {'image': images[mine], 'label': labels[mine], 'index': mine.astype(np.int32)})
-    return HostSplit(examples, len(mine), -(-len(indices) // process_count))
+        {'image': images[indices], 'label': labels[indices], 'index': indices.astype(np.int32)})
+    return HostSplit(examples, len(indices), len(indices), process_index, process_count,
+                     sliced=True)
 
   return Source(train=host_split(train_idx), eval=host_split(eval_idx),
                 num_classes=int(labels.max()) + 1, image_shape=tuple(images.shape[1:]))

@@ -7,19 +7,26 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from parallel.sharding import constrain
+
 
 class MLP(nnx.Module):
   def __init__(self, *, num_classes: int, input_shape: Sequence[int],
                hidden_features: Sequence[int] = (128,), dropout_rate: float = 0.0,
                rngs: nnx.Rngs):
     sizes = [math.prod(input_shape), *hidden_features]
-    self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
+    self.hidden = nnx.List([
+        nnx.Linear(a, b, rngs=rngs, kernel_metadata={'logical_axes': ('embed', 'mlp')},
+                   bias_metadata={'logical_axes': ('mlp',)})
+        for a, b in zip(sizes[:-1], sizes[1:])])
     self.dropout = nnx.Dropout(dropout_rate)
-    self.classifier = nnx.Linear(sizes[-1], num_classes, rngs=rngs)
+    self.classifier = nnx.Linear(sizes[-1], num_classes, rngs=rngs,
+                                 kernel_metadata={'logical_axes': ('mlp', 'classes')})
 
   def __call__(self, inputs: jax.Array, *, train: bool = False,
                rngs: nnx.Rngs | None = None) -> jax.Array:
     x = inputs.reshape(inputs.shape[0], -1)
     for layer in self.hidden:
-      x = self.dropout(jax.nn.relu(layer(x)), deterministic=not train, rngs=rngs)
+      x = constrain(jax.nn.relu(layer(x)), ('batch', 'mlp'))
+      x = self.dropout(x, deterministic=not train, rngs=rngs)
     return self.classifier(x).astype(jnp.float32)

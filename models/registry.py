@@ -28,4 +28,6 @@ def create_model(model_config, rngs: nnx.Rngs, **task_args) -> nnx.Module:
   if unknown:
     raise KilnError(f"config.model has keys {unknown} that model '{name}' does not take: "
                     f"remove them (it takes {sorted(set(accepted) - {'self', 'rngs'})})")
+  # Context from the task (e.g. norm_axis_name) goes only to models that take it.
+  task_args = {k: v for k, v in task_args.items() if k in accepted}
   return model_cls(**kwargs, **task_args, rngs=rngs)

@@ -3,7 +3,7 @@
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import numpy as np
@@ -24,17 +24,17 @@ class DevicePrefetcher:
   is the input-wait that the loop reports.
   """
 
-  def __init__(self, host_batches: Iterator, sharding: NamedSharding, size: int = 2):
+  def __init__(self, host_batches: Iterator, place: Callable[[dict], dict], size: int = 2):
     self._queue: queue.Queue = queue.Queue(maxsize=max(size, 1))
     self._stop = threading.Event()
     self.wait_seconds = 0.0
-    self._thread = threading.Thread(target=self._fill, args=(host_batches, sharding), daemon=True)
+    self._thread = threading.Thread(target=self._fill, args=(host_batches, place), daemon=True)
     self._thread.start()
 
-  def _fill(self, host_batches, sharding):
+  def _fill(self, host_batches, place):
     try:
       for batch in host_batches:
-        item = to_global(batch, sharding)
+        item = place(batch)
         while not self._stop.is_set():
           try:
             self._queue.put(item, timeout=0.1)

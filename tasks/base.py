@@ -34,8 +34,9 @@ class Task(abc.ABC):
     """Training examples over all hosts (sets the epoch length)."""
 
   @abc.abstractmethod
-  def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
-    """The model, sized from the data this task loaded."""
+  def build_model(self, rngs: nnx.Rngs, norm_axis_name: str | None = None) -> nnx.Module:
+    """The model, sized from the data this task loaded; `norm_axis_name` is the mapped
+    device axis over which normalization statistics are averaged (pmap), if any."""
 
   @abc.abstractmethod
   def train_batches(self, host_batch_size: int, start_step: int) -> Iterator[dict[str, np.ndarray]]:

@@ -22,16 +22,17 @@ class ImageClassification(Task):
 
   def load_data(self, process_index, process_count):
     self.source = sources.load(self.config.dataset, process_index, process_count)
-    self._num_train_examples = self.source.train.num_examples * process_count
+    train = self.source.train
+    # Sharded hosts may differ by one example; the epoch length only needs to be close.
+    self._num_train_examples = train.num_examples * (1 if train.sliced else process_count)
 
   @property
   def num_train_examples(self):
-    # Hosts may differ by one example; the epoch length only needs to be close.
     return self._num_train_examples
 
-  def build_model(self, rngs):
+  def build_model(self, rngs, norm_axis_name=None):
     return create_model(self.config.model, rngs, num_classes=self.source.num_classes,
-                        input_shape=self.source.image_shape)
+                        input_shape=self.source.image_shape, norm_axis_name=norm_axis_name)
 
   def train_batches(self, host_batch_size, start_step):
     return batching.train_batches(self.source.train, host_batch_size, self.config.seed,

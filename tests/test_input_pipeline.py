@@ -6,7 +6,7 @@ import tensorflow_datasets as tfds
 
 from core.errors import KilnError
 from input_pipeline import batching, sources
-from tests.conftest import tiny_config
+from tests.tiny import tiny_config
 
 
 def _indices(split: sources.HostSplit) -> list[int]:
@@ -53,15 +53,22 @@ def test_epochs_are_reshuffled_and_complete():
   assert list(first) != list(second)
 
 
-def test_hosts_read_disjoint_slices_and_holdout_is_separate():
+def test_hosts_read_disjoint_rows_of_the_same_global_batches():
   dataset_config = tiny_config().dataset
-  slices = []
-  for process_index in range(2):
-    slices.append(set(_indices(sources.load(dataset_config, process_index, 2).train)))
-  assert not slices[0] & slices[1]
-  held_out = set(_indices(sources.load(dataset_config, 0, 1).eval))
-  assert not (slices[0] | slices[1]) & held_out
-  assert len(slices[0] | slices[1] | held_out) == 1797
+  single = batching.train_batches(sources.load(dataset_config, 0, 1).train, 64, seed=3,
+                                  shuffle_buffer=10_000)
+  hosts = [batching.train_batches(sources.load(dataset_config, i, 2).train, 32, seed=3,
+                                  shuffle_buffer=10_000) for i in range(2)]
+  for _ in range(25):  # Crosses an epoch boundary.
+    rows = [next(host)['index'] for host in hosts]
+    assert not set(rows[0]) & set(rows[1])
+    np.testing.assert_array_equal(np.concatenate(rows), next(single)['index'])
+
+
+def test_holdout_is_separate_from_training():
+  source = sources.load(tiny_config().dataset, 0, 1)
+  train, held_out = set(_indices(source.train)), set(_indices(source.eval))
+  assert not train & held_out and len(train | held_out) == 1797
 
 
 def test_mnist_idx_split_is_deterministic_and_disjoint():

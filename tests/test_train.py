@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 import train
 from tests.checkpoints import latest_params
-from tests.conftest import tiny_config
+from tests.tiny import tiny_config
 
 
 @pytest.fixture(scope='module')

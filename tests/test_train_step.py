@@ -8,26 +8,8 @@ import pytest
 
 from core.experiment import build_experiment
 from optim import regularization
-from parallel.placement import to_global
-from tests.conftest import tiny_config
-
-
-def _host_batches(exp, count):
-  batches = exp.task.train_batches(exp.host_batch, start_step=0)
-  return [next(batches) for _ in range(count)]
-
-
-def _run_steps(config, devices, num_steps=3):
-  """Params and step outputs after `num_steps` train steps on `devices`."""
-  exp = build_experiment(config, devices)
-  state, shardings = exp.create_state()
-  train_step = exp.train_step(shardings)
-  outputs = []
-  for host_batch in _host_batches(exp, num_steps):
-    state, batch_metrics, optimizer_scalars = train_step(
-        state, to_global(host_batch, jax.sharding.NamedSharding(exp.mesh, jax.P(('data', 'fsdp')))))
-    outputs.append((jax.device_get(batch_metrics.compute()), jax.device_get(optimizer_scalars)))
-  return exp, state, outputs
+from tests.tiny import tiny_config
+from tests.stepping import host_batches, run_steps
 
 
 def _mlp_config():
@@ -37,6 +19,7 @@ def _mlp_config():
   config.optimizer.name = 'sgd'
   config.optimizer.learning_rate = 0.1
   config.schedule.name = 'constant'
+  config.schedule.warmup_steps = 0
   return config
 
 
@@ -52,8 +35,8 @@ def _assert_trees_close(a, b, **tol):
 def test_accumulating_four_micro_batches_equals_the_full_batch(devices):
   full_config, micro_config = _mlp_config(), _mlp_config()
   micro_config.gradient.accumulation_steps = 4
-  _, full, full_out = _run_steps(full_config, devices)
-  _, micro, micro_out = _run_steps(micro_config, devices)
+  _, full, full_out = run_steps(full_config, devices)
+  _, micro, micro_out = run_steps(micro_config, devices)
   _assert_trees_close(full.params, micro.params, rtol=1e-5, atol=1e-6)
   for (full_metrics, full_scalars), (micro_metrics, micro_scalars) in zip(full_out, micro_out):
     assert micro_metrics['loss'] == pytest.approx(full_metrics['loss'], rel=1e-5)
@@ -63,8 +46,8 @@ def test_accumulating_four_micro_batches_equals_the_full_batch(devices):
 def test_batchnorm_statistics_are_global_and_identical_on_every_device(devices):
   config = tiny_config()
   config.model.dropout_rate = 0.0
-  _, one_device, _ = _run_steps(config, devices[:1], num_steps=1)
-  _, eight_devices, _ = _run_steps(config, devices, num_steps=1)
+  _, one_device, _ = run_steps(config, devices[:1], num_steps=1)
+  _, eight_devices, _ = run_steps(config, devices, num_steps=1)
   for leaf in jax.tree.leaves(eight_devices.model_state):
     shards = [np.asarray(s.data) for s in leaf.addressable_shards]
     assert len(shards) == 8
@@ -77,7 +60,7 @@ def test_batchnorm_statistics_are_global_and_identical_on_every_device(devices):
 
 def test_eval_uses_running_averages(devices):
   config = tiny_config()
-  exp, state, _ = _run_steps(config, devices, num_steps=2)
+  exp, state, _ = run_steps(config, devices, num_steps=2)
   running_mean = jax.tree.leaves(state.model_state)[0]
   assert np.abs(np.asarray(running_mean)).sum() > 0  # Training moved them away from init.
   model = exp.template.merge(state.params, state.model_state)
@@ -106,8 +89,8 @@ def test_penalty_gradients_follow_the_mask(devices):
 def test_penalty_enters_the_training_loss(devices):
   plain, penalized = _mlp_config(), _mlp_config()
   penalized.regularization.l2 = 0.5
-  _, plain_state, _ = _run_steps(plain, devices, num_steps=1)
-  _, penalized_state, _ = _run_steps(penalized, devices, num_steps=1)
+  _, plain_state, _ = run_steps(plain, devices, num_steps=1)
+  _, penalized_state, _ = run_steps(penalized, devices, num_steps=1)
   # SGD: the extra step is -lr * 2 * l2 * w on kernels; biases are excluded.
   init, _ = build_experiment(plain, devices).create_state()
   lr, l2 = plain.optimizer.learning_rate, penalized.regularization.l2
@@ -122,7 +105,7 @@ def test_global_norm_clipping_bounds_the_update(devices):
   config = _mlp_config()
   config.optimizer.momentum = 0.0
   config.gradient.clip_global_norm = 0.01
-  _, _, outputs = _run_steps(config, devices, num_steps=2)
+  _, _, outputs = run_steps(config, devices, num_steps=2)
   for _, scalars in outputs:
     assert scalars['grad_norm'] > 0.01  # Raw gradients are larger than the bound...
     assert scalars['update_norm'] == pytest.approx(0.1 * 0.01, rel=1e-4)  # ...updates are not.
@@ -135,7 +118,6 @@ def test_ema_tracks_parameters(devices):
   state, shardings = exp.create_state()
   before = jax.device_get(state.params)
   train_step = exp.train_step(shardings)
-  sharding = jax.sharding.NamedSharding(exp.mesh, jax.P(('data', 'fsdp')))
-  state, _, _ = train_step(state, to_global(_host_batches(exp, 1)[0], sharding))
+  state, _, _ = train_step(state, exp.strategy.place(host_batches(exp, 1)[0]))
   expected = jax.tree.map(lambda b, a: 0.9 * b + 0.1 * np.asarray(a), before, state.params)
   _assert_trees_close(expected, state.ema_params, rtol=1e-6, atol=1e-7)

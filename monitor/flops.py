@@ -1,0 +1,196 @@
+"""Model FLOPs counted analytically per model family, and the MFU arithmetic built on them.
+
+The MFU numerator is the model's own arithmetic, counted from its layers: each
+matmul or convolution is 2 FLOPs per multiply-add (2*m*n*k). A training step
+is 3x the forward pass (the backward pass costs about twice the forward), so
+rematerialisation or XLA's own rewrites never inflate the reported MFU.
+XLA's cost analysis (`xla_flops`) is the cross-check, not the numerator.
+
+Elementwise work (activations, bias adds, BatchNorm, dropout), pooling and the
+loss are ignored: they are a few FLOPs per activation against hundreds per
+output of a conv or dense layer, and rarely what bounds the step.
+
+Each family registers a counter in `FLOP_COUNTERS`; a new family (Transformers
+with causal attention counted half, LSTMs per time step, ResNets) adds one.
+"""
+
+from collections.abc import Callable, Sequence
+
+import jax
+from flax import nnx
+
+from core.errors import KilnError
+from models.cnn import CNN
+from models.mlp import MLP
+
+
+def linear_flops(layer: nnx.Linear) -> float:
+  """One example's forward FLOPs through a dense layer (bias adds ignored)."""
+  return 2.0 * layer.in_features * layer.out_features
+
+
+def _per_dim(value, rank: int) -> tuple[int, ...]:
+  if value is None:
+    return (1,) * rank
+  if isinstance(value, int):
+    return (value,) * rank
+  return tuple(value)
+
+
+def _paddings(padding, sizes, kernel_sizes, strides) -> tuple[list[tuple[int, int]], bool]:
+  """Per spatial dim (low, high) padding as nnx.Conv applies it, and whether the padded
+  values are copies of the input (circular/reflect) rather than zeros."""
+  rank = len(sizes)
+  if isinstance(padding, str):
+    mode = padding.upper()
+    if mode in ('CIRCULAR', 'REFLECT'):
+      return [((k - 1) // 2, k // 2) for k in kernel_sizes], True
+    if mode == 'CAUSAL':
+      return [(k - 1, 0) for k in kernel_sizes], False
+    return list(jax.lax.padtype_to_pads(sizes, kernel_sizes, strides, mode)), False
+  if isinstance(padding, int):
+    return [(padding, padding)] * rank, False
+  return [(p, p) if isinstance(p, int) else tuple(p) for p in padding], False
+
+
+def _taps_on_input(size: int, kernel: int, dilation: int, stride: int, low: int, high: int,
+                   padded_is_input: bool) -> tuple[int, int]:
+  """(output positions, kernel taps summed over them that land on input rather than zero
+  padding) along one spatial dim."""
+  span = (kernel - 1) * dilation + 1
+  outputs = (size + low + high - span) // stride + 1
+  if padded_is_input:
+    return outputs, outputs * kernel
+  taps = sum(1 for o in range(outputs) for k in range(kernel)
+             if 0 <= o * stride - low + k * dilation < size)
+  return outputs, taps
+
+
+def conv_flops(conv: nnx.Conv, spatial_shape: Sequence[int]) -> tuple[float, tuple[int, ...]]:
+  """One example's forward FLOPs through `conv` on an input of `spatial_shape` (no channel
+  dim), and the output's spatial shape.
+
+  Only multiply-adds whose input is real data count, not those against zero padding:
+  that is the model's arithmetic (and XLA's convention). On small images the
+  difference is large: 'SAME' 3x3 padding is 16% of an 8x8 map's taps, 31% of a 4x4's.
+  """
+  kernel_sizes = tuple(conv.kernel_size)
+  rank = len(kernel_sizes)
+  if len(spatial_shape) != rank:
+    raise KilnError(f'input spatial shape {tuple(spatial_shape)} has {len(spatial_shape)} dims '
+                    f'but the conv kernel {kernel_sizes} has {rank}: pass (H, W, ...) without '
+                    'batch and channel dims')
+  if any(d != 1 for d in _per_dim(conv.input_dilation, rank)):
+    raise KilnError('conv FLOPs with input_dilation > 1 (transposed convs) are not counted '
+                    'yet: extend monitor.flops.conv_flops before using them')
+  strides = _per_dim(conv.strides, rank)
+  dilations = _per_dim(conv.kernel_dilation, rank)
+  spans = [(k - 1) * d + 1 for k, d in zip(kernel_sizes, dilations)]
+  pads, padded_is_input = _paddings(conv.padding, tuple(spatial_shape), spans, strides)
+  out_shape, taps = [], 1
+  for size, k, d, s, (low, high) in zip(spatial_shape, kernel_sizes, dilations, strides, pads):
+    outputs, dim_taps = _taps_on_input(size, k, d, s, low, high, padded_is_input)
+    out_shape.append(outputs)
+    taps *= dim_taps
+  in_per_group = conv.in_features // conv.feature_group_count
+  return 2.0 * taps * in_per_group * conv.out_features, tuple(out_shape)
+
+
+def _cnn_forward_flops(model: CNN, input_shape: Sequence[int]) -> float:
+  """Mirrors models.cnn.CNN.__call__: conv blocks per stage, a 2x2/2 max-pool after each."""
+  if len(input_shape) != 3:
+    raise KilnError(f'CNN input_shape {tuple(input_shape)} must be one example\'s (H, W, C)')
+  *spatial, channels = input_shape
+  total = 0.0
+  for stage in model.stages:
+    for block in stage:
+      if block.conv.in_features != channels:
+        raise KilnError(f'input_shape {tuple(input_shape)} has {channels} channels where the '
+                        f'CNN expects {block.conv.in_features}: pass the shape it was built for')
+      flops, spatial = conv_flops(block.conv, spatial)
+      total += flops
+      channels = block.conv.out_features
+    spatial = [size // 2 for size in spatial]  # VALID 2x2 windows, stride 2.
+  flattened = channels
+  for size in spatial:
+    flattened *= size
+  if flattened != model.hidden.in_features:
+    raise KilnError(f'input_shape {tuple(input_shape)} flattens to {flattened} features where '
+                    f'the CNN expects {model.hidden.in_features}: pass the shape it was built for')
+  return total + linear_flops(model.hidden) + linear_flops(model.classifier)
+
+
+def _mlp_forward_flops(model: MLP, input_shape: Sequence[int]) -> float:
+  layers = [*model.hidden, model.classifier]
+  flattened = 1
+  for size in input_shape:
+    flattened *= size
+  if flattened != layers[0].in_features:
+    raise KilnError(f'input_shape {tuple(input_shape)} flattens to {flattened} features where '
+                    f'the MLP expects {layers[0].in_features}: pass the shape it was built for')
+  return sum(linear_flops(layer) for layer in layers)
+
+
+# Model class -> counter of one example's forward FLOPs, `(model, input_shape) -> float`.
+FLOP_COUNTERS: dict[type, Callable[[nnx.Module, Sequence[int]], float]] = {
+    CNN: _cnn_forward_flops,
+    MLP: _mlp_forward_flops,
+}
+
+
+def forward_flops(model: nnx.Module, input_shape: Sequence[int]) -> float:
+  """FLOPs of one example's forward pass; `input_shape` excludes the batch dim.
+
+  Works on concrete or abstract (`nnx.eval_shape`) models: only layer shapes are read.
+  """
+  for cls in type(model).__mro__:
+    if cls in FLOP_COUNTERS:
+      return float(FLOP_COUNTERS[cls](model, tuple(input_shape)))
+  raise KilnError(f'no FLOP counter for model {type(model).__name__}: register one in '
+                  'monitor.flops.FLOP_COUNTERS')
+
+
+def train_step_flops(model: nnx.Module, input_shape: Sequence[int], batch_size: int) -> float:
+  """Model FLOPs of one optimizer step over a global batch: forward + backward (2x forward)."""
+  if batch_size <= 0:
+    raise KilnError(f'batch_size={batch_size} must be positive')
+  return 3.0 * forward_flops(model, input_shape) * batch_size
+
+
+def xla_flops(jitted_fn, *args, **kwargs) -> float | None:
+  """FLOPs XLA counts in the compiled `jitted_fn(*args, **kwargs)`; None if the backend
+  gives no cost analysis. A sharded program reports one device's share.
+
+  XLA counts elementwise ops too and skips work it removed (e.g. the input gradient
+  of a first layer), so expect it near, not equal to, the analytic count.
+  """
+  analysis = jitted_fn.lower(*args, **kwargs).compile().cost_analysis()
+  if analysis is None:
+    return None
+  # Older JAX returns one dict per HLO module, newer a single dict.
+  modules = analysis if isinstance(analysis, (list, tuple)) else [analysis]
+  counts = [module['flops'] for module in modules if module and 'flops' in module]
+  return float(sum(counts)) if counts else None
+
+
+def _positive(name: str, value: float) -> None:
+  if not value > 0:
+    raise KilnError(f'{name}={value} must be positive')
+
+
+def tflops_per_device(flops_per_step: float, step_seconds: float, num_devices: int) -> float:
+  """Achieved model TFLOP/s per device."""
+  _positive('step_seconds', step_seconds)
+  _positive('num_devices', num_devices)
+  return flops_per_step / step_seconds / num_devices / 1e12
+
+
+def mfu(flops_per_step: float, step_seconds: float, num_devices: int,
+        peak_flops_per_device: float | None) -> float | None:
+  """Model FLOPs utilisation: achieved FLOP/s per device over the device's peak FLOP/s
+  (see monitor.hardware.peak_flops_per_device); None when the peak is unknown."""
+  if peak_flops_per_device is None:
+    return None
+  _positive('peak_flops_per_device', peak_flops_per_device)
+  achieved = tflops_per_device(flops_per_step, step_seconds, num_devices) * 1e12
+  return achieved / peak_flops_per_device
