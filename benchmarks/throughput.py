@@ -12,7 +12,6 @@ FLOPs against the peak of monitor.hardware (a measured matmul peak on CPU).
 
 import argparse
 import importlib.util
-import itertools
 import os
 import statistics
 import sys
@@ -22,7 +21,6 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 import jax  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from core import experiment  # noqa: E402
 from core.errors import KilnError  # noqa: E402
@@ -44,14 +42,6 @@ def load_config(path: str):
   return module.get_config()
 
 
-def model_input_shape(host_batch) -> tuple[int, ...]:
-  """One example's model input shape, read from a host batch."""
-  if 'image' not in host_batch:
-    raise KilnError(f"batch has keys {sorted(host_batch)}, no 'image': this benchmark counts "
-                    'FLOPs of image models only; add the input key of the new task here')
-  return tuple(host_batch['image'].shape[1:])
-
-
 def benchmark(config_path: str, steps: int, warmup: int, peak_per_device: float | None) -> dict:
   """One config's row: medians over `steps` timed train steps after `warmup` untimed ones."""
   config = load_config(config_path)
@@ -59,9 +49,7 @@ def benchmark(config_path: str, steps: int, warmup: int, peak_per_device: float 
   state, shardings = exp.create_state()
   train_step = exp.train_step(shardings)
   host_batches = exp.task.train_batches(exp.host_batch, 0)
-  first = next(host_batches)
-  input_shape = model_input_shape(first)
-  batches = DevicePrefetcher(itertools.chain([first], host_batches), exp.strategy.place,
+  batches = DevicePrefetcher(host_batches, exp.strategy.place,
                              config.dataset.prefetch_batches)
   try:
     batch = next(batches)
@@ -90,8 +78,7 @@ def benchmark(config_path: str, steps: int, warmup: int, peak_per_device: float 
   finally:
     batches.close()
 
-  model = nnx.eval_shape(lambda: exp.template.build_model(nnx.Rngs(0)))
-  step_flops = flops.train_step_flops(model, input_shape, config.batch_size)
+  step_flops = exp.train_step_flops()
   median = statistics.median(step_seconds)
   num_devices = jax.device_count()
   return {

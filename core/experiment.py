@@ -7,11 +7,13 @@ import math
 import jax
 import ml_collections
 import optax
+from flax import nnx
 from jax.sharding import Mesh
 
 from core import steps
 from core.errors import KilnError
 from core.state import ModelTemplate, create_sharded_state
+from monitor import flops
 from optim import build_schedule
 from optim.chain import build_transform
 from parallel import mesh as mesh_lib
@@ -55,6 +57,11 @@ class Experiment:
     state, shardings = create_sharded_state(self.template, self.tx, self.config.seed, self.mesh,
                                             self.rules, self.use_ema)
     return self.strategy.distribute(state, shardings), shardings
+
+  def train_step_flops(self) -> float:
+    """Analytic model FLOPs of one optimizer step over the global batch."""
+    model = nnx.eval_shape(lambda: self.template.build_model(nnx.Rngs(0)))
+    return flops.train_step_flops(model, self.task.model_input_shape, self.config.batch_size)
 
   def train_step(self, shardings):
     """Compiled `(state, batch) -> (state, task metrics, optimizer scalars)`."""

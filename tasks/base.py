@@ -33,6 +33,11 @@ class Task(abc.ABC):
   def num_train_examples(self) -> int:
     """Training examples over all hosts (sets the epoch length)."""
 
+  @property
+  @abc.abstractmethod
+  def model_input_shape(self) -> tuple[int, ...]:
+    """Shape of one example's model input (no batch dim), for analytic FLOP counts."""
+
   @abc.abstractmethod
   def build_model(self, rngs: nnx.Rngs, norm_axis_name: str | None = None) -> nnx.Module:
     """The model, sized from the data this task loaded; `norm_axis_name` is the mapped

@@ -30,6 +30,10 @@ class ImageClassification(Task):
   def num_train_examples(self):
     return self._num_train_examples
 
+  @property
+  def model_input_shape(self):
+    return self.source.image_shape
+
   def build_model(self, rngs, norm_axis_name=None):
     return create_model(self.config.model, rngs, num_classes=self.source.num_classes,
                         input_shape=self.source.image_shape, norm_axis_name=norm_axis_name)

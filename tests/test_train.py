@@ -1,6 +1,7 @@
 """End-to-end behaviour of train_and_evaluate on real digits, 8 fake devices."""
 
 import json
+import time
 import os
 
 import jax
@@ -11,6 +12,7 @@ import tensorflow_datasets as tfds
 from tensorboard.backend.event_processing import event_accumulator
 
 import train
+from tasks.classification import ImageClassification
 from tests.checkpoints import latest_params
 from tests.tiny import tiny_config
 
@@ -53,6 +55,11 @@ def test_summary_json_is_complete(full_run):
   assert set(on_disk['final_eval']) == {'accuracy', 'loss'}
   assert on_disk['final_eval'] == pytest.approx(summary['final_eval'])
   assert not [f for f in os.listdir(workdir) if f.startswith('.tmp-')]
+  for key in ('mfu', 'tflops_per_device', 'input_wait_fraction', 'peak_memory_bytes',
+              'compile_time_s', 'step_time_s'):
+    assert on_disk[key] is not None and on_disk[key] >= 0, key
+  assert 0 < on_disk['mfu'] < 1 and on_disk['compile_time_s'] > 0
+  assert on_disk['peak_memory_bytes'] > 1000 and on_disk['train_step_flops'] > 1e6
 
 
 def test_resumed_run_matches_uninterrupted(full_run, tmp_path):
@@ -96,3 +103,32 @@ def test_trains_from_tfds_under_mock_data(tmp_path, devices):
     summary = train.train_and_evaluate(config, str(tmp_path))
   assert summary['steps'] == 3
   assert 0.0 <= summary['final_eval']['accuracy'] <= 1.0 and summary['final_eval']['loss'] > 0
+
+
+def test_input_wait_is_measured(full_run, tmp_path, monkeypatch):
+  _, prefetched = full_run
+  assert prefetched['input_wait_fraction'] < 0.10
+
+  original = ImageClassification.train_batches
+
+  def slow_batches(self, host_batch_size, start_step):
+    for batch in original(self, host_batch_size, start_step):
+      time.sleep(0.1)  # A host pipeline far slower than the step.
+      yield batch
+
+  monkeypatch.setattr(ImageClassification, 'train_batches', slow_batches)
+  config = tiny_config()
+  config.num_train_steps = 25
+  config.log_every_steps = 5
+  slow = train.train_and_evaluate(config, str(tmp_path))
+  assert slow['input_wait_fraction'] > 0.5
+
+
+def test_profiler_traces_the_requested_steps(tmp_path, devices):
+  config = tiny_config()
+  config.num_train_steps = 8
+  config.profile.first_step = 2
+  config.profile.num_steps = 3
+  train.train_and_evaluate(config, str(tmp_path))
+  traces = list((tmp_path / 'plugins' / 'profile').glob('*/*.xplane.pb'))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0
