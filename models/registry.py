@@ -7,10 +7,13 @@ from flax import nnx
 from core.errors import KilnError
 from models.cnn import CNN
 from models.mlp import MLP
+from models.transformer import BERT, GPT
 
 MODELS = {
     'cnn': CNN,
     'mlp': MLP,
+    'gpt': GPT,
+    'bert': BERT,
 }
 
 

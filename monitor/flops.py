@@ -22,6 +22,7 @@ from flax import nnx
 from core.errors import KilnError
 from models.cnn import CNN
 from models.mlp import MLP
+from models.transformer import BERT, GPT, Transformer
 
 
 def linear_flops(layer: nnx.Linear) -> float:
@@ -131,10 +132,41 @@ def _mlp_forward_flops(model: MLP, input_shape: Sequence[int]) -> float:
   return sum(linear_flops(layer) for layer in layers)
 
 
+def _transformer_flops(stack: Transformer, length: int, causal: bool) -> float:
+  """One sequence through the blocks: per token and layer, the QKV, output and MLP
+  projections (2 FLOPs per weight) plus attention scores and the weighted sum over
+  `length` keys (2 * length * embed each), halved when causal because half the
+  score matrix is masked. XLA computes the masked half anyway, so its count runs a
+  few percent higher (attention is ~10% of a 6x384 layer at length 256)."""
+  blocks = stack.blocks if stack.scan_layers else stack.blocks[0]
+  embed_dim, _, heads, head_dim = blocks.attn.qkv.shape[-4:]
+  mlp_dim = blocks.mlp.fc1.out_features
+  projections = 2.0 * (3 * embed_dim * heads * head_dim + heads * head_dim * embed_dim
+                       + 2 * embed_dim * mlp_dim)
+  attention = 2.0 * 2 * length * heads * head_dim * (0.5 if causal else 1.0)
+  return stack.num_layers * length * (projections + attention)
+
+
+def _gpt_forward_flops(model: GPT, input_shape: Sequence[int]) -> float:
+  (length,) = input_shape
+  vocab, embed = model.transformer.token_embed.shape
+  return _transformer_flops(model.transformer, length, causal=True) + 2.0 * length * embed * vocab
+
+
+def _bert_forward_flops(model: BERT, input_shape: Sequence[int]) -> float:
+  """Encoder plus the MLM head (dense + tied vocabulary projection) at every position."""
+  (length,) = input_shape
+  vocab, embed = model.encoder.token_embed.shape
+  head = 2.0 * length * (embed * embed + embed * vocab)
+  return _transformer_flops(model.encoder, length, causal=False) + head
+
+
 # Model class -> counter of one example's forward FLOPs, `(model, input_shape) -> float`.
 FLOP_COUNTERS: dict[type, Callable[[nnx.Module, Sequence[int]], float]] = {
     CNN: _cnn_forward_flops,
     MLP: _mlp_forward_flops,
+    GPT: _gpt_forward_flops,
+    BERT: _bert_forward_flops,
 }
 
 

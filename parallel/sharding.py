@@ -49,6 +49,8 @@ def logical_to_spec(logical_axes: Sequence[str | None] | None, shape: Sequence[i
   or whose mesh axes an earlier dimension already uses, stays unsharded."""
   if logical_axes is None:
     return P()
+  # Leading dims a transform added (e.g. the layer axis of scanned blocks) stay unsharded.
+  logical_axes = (None,) * (len(shape) - len(logical_axes)) + tuple(logical_axes)
   used, spec = set(), []
   for name, size in zip(logical_axes, shape):
     axes = tuple(a for a in rules.get(name, ()) if mesh.shape[a] > 1) if name else ()

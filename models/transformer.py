@@ -1,0 +1,294 @@
+"""One Transformer block library for a GPT decoder and a BERT encoder.
+
+Pre-LayerNorm blocks; attention through `jax.nn.dot_product_attention`; learned or
+rotary positions; optional weight tying; layers either unrolled or stacked and run
+with `lax.scan` (with a remat policy); float32 parameters with an optional bfloat16
+compute dtype. Parameter dimensions carry logical names for the sharding rules.
+"""
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from parallel.sharding import constrain
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# Names of jax.checkpoint_policies offered for scanned layers ('none' keeps everything).
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+_INIT = nnx.initializers.normal(0.02)  # GPT-2 / BERT initializer range.
+
+
+def _param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], init=_INIT):
+  return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32), logical_axes=tuple(axes))
+
+
+def rotary(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> jax.Array:
+  """Rotary position embedding (Su et al. 2021) on [B, T, N, H] with positions [B, T]."""
+  half = x.shape[-1] // 2
+  frequencies = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions[..., None, None].astype(jnp.float32) * frequencies  # [B, T, 1, half]
+  sin, cos = jnp.sin(angles).astype(x.dtype), jnp.cos(angles).astype(x.dtype)
+  x1, x2 = x[..., :half], x[..., half:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention with a fused QKV projection and an optional KV cache."""
+
+  def __init__(self, embed_dim: int, num_heads: int, *, use_bias: bool, rotary_positions: bool,
+               dtype, rngs: nnx.Rngs):
+    if embed_dim % num_heads:
+      raise ValueError(f'embed_dim={embed_dim} must be a multiple of num_heads={num_heads}')
+    head_dim = embed_dim // num_heads
+    self.num_heads, self.rotary_positions, self.dtype = num_heads, rotary_positions, dtype
+    self.qkv = _param(rngs, (embed_dim, 3, num_heads, head_dim), ('embed', None, 'heads', None))
+    self.out = _param(rngs, (num_heads, head_dim, embed_dim), ('heads', None, 'embed'))
+    zeros = nnx.initializers.zeros
+    self.qkv_bias = _param(rngs, (3, num_heads, head_dim), (None, 'heads', None),
+                           zeros) if use_bias else None
+    self.out_bias = _param(rngs, (embed_dim,), ('embed',), zeros) if use_bias else None
+
+  def __call__(self, x, *, positions, causal: bool, key_mask=None, cache=None):
+    """x [B, T, E]; positions [B, T]; key_mask [B, S] (True = attend); cache (k, v, index)
+    holds [B, S, N, H] keys/values of earlier positions. Returns (y, new cache or None)."""
+    qkv = jnp.einsum('bte,eknh->kbtnh', x, self.qkv[...].astype(self.dtype))
+    if self.qkv_bias is not None:
+      qkv = qkv + self.qkv_bias[...].astype(self.dtype)[:, None, None]
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    if self.rotary_positions:
+      q, k = rotary(q, positions), rotary(k, positions)
+    q = constrain(q, ('batch', None, 'heads', None))
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    new_cache = None
+    if cache is not None:
+      k_cache, v_cache, index = cache
+      k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
+      new_cache = (k, v, index + x.shape[1])
+      # Query t (at index + t) sees cached keys up to its own position.
+      query_pos = index + jnp.arange(x.shape[1])
+      visible = jnp.arange(k.shape[1])[None, :] <= query_pos[:, None]
+      mask = visible[None, None] if mask is None else mask & visible[None, None]
+      causal = False
+    y = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
+                                     is_causal=causal)
+    y = jnp.einsum('btnh,nhe->bte', y, self.out[...].astype(self.dtype))
+    if self.out_bias is not None:
+      y = y + self.out_bias[...].astype(self.dtype)
+    return y, new_cache
+
+
+class MLP(nnx.Module):
+  def __init__(self, embed_dim: int, hidden_dim: int, *, use_bias: bool, dtype, rngs: nnx.Rngs):
+    self.dtype = dtype
+    self.fc1 = nnx.Linear(embed_dim, hidden_dim, use_bias=use_bias, dtype=dtype, rngs=rngs,
+                          kernel_init=_INIT, kernel_metadata={'logical_axes': ('embed', 'mlp')},
+                          bias_metadata={'logical_axes': ('mlp',)})
+    self.fc2 = nnx.Linear(hidden_dim, embed_dim, use_bias=use_bias, dtype=dtype, rngs=rngs,
+                          kernel_init=_INIT, kernel_metadata={'logical_axes': ('mlp', 'embed')},
+                          bias_metadata={'logical_axes': ('embed',)})
+
+  def __call__(self, x):
+    h = constrain(jax.nn.gelu(self.fc1(x)), ('batch', None, 'mlp'))
+    return self.fc2(h)
+
+
+class Block(nnx.Module):
+  """Pre-LayerNorm residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+  def __init__(self, embed_dim: int, num_heads: int, mlp_ratio: int, dropout_rate: float, *,
+               use_bias: bool, rotary_positions: bool, dtype, rngs: nnx.Rngs):
+    norm = {'logical_axes': ('embed',)}
+    self.ln1 = nnx.LayerNorm(embed_dim, dtype=dtype, scale_metadata=norm, bias_metadata=norm,
+                             rngs=rngs)
+    self.attn = Attention(embed_dim, num_heads, use_bias=use_bias,
+                          rotary_positions=rotary_positions, dtype=dtype, rngs=rngs)
+    self.ln2 = nnx.LayerNorm(embed_dim, dtype=dtype, scale_metadata=norm, bias_metadata=norm,
+                             rngs=rngs)
+    self.mlp = MLP(embed_dim, mlp_ratio * embed_dim, use_bias=use_bias, dtype=dtype, rngs=rngs)
+    self.dropout = nnx.Dropout(dropout_rate)
+
+  def __call__(self, x, *, positions, causal, key_mask=None, cache=None, train=False, rngs=None):
+    y, cache = self.attn(self.ln1(x), positions=positions, causal=causal, key_mask=key_mask,
+                         cache=cache)
+    x = x + self.dropout(y, deterministic=not train, rngs=rngs)
+    x = x + self.dropout(self.mlp(self.ln2(x)), deterministic=not train, rngs=rngs)
+    return constrain(x, ('batch', None, 'embed')), cache
+
+
+class Transformer(nnx.Module):
+  """Token (and learned position) embeddings, a stack of blocks, a final LayerNorm."""
+
+  def __init__(self, *, vocab_size: int, max_len: int, num_layers: int, num_heads: int,
+               embed_dim: int, mlp_ratio: int = 4, dropout_rate: float = 0.0,
+               positions: str = 'learned', use_bias: bool = True, scan_layers: bool = False,
+               remat_policy: str = 'none', dtype: str = 'float32', rngs: nnx.Rngs):
+    if positions not in ('learned', 'rotary'):
+      raise ValueError(f"positions='{positions}' must be 'learned' or 'rotary'")
+    if remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy='{remat_policy}' must be one of {sorted(REMAT_POLICIES)}")
+    if dtype not in DTYPES:
+      raise ValueError(f"dtype='{dtype}' must be one of {sorted(DTYPES)}")
+    self.dtype = DTYPES[dtype]
+    self.max_len, self.scan_layers, self.num_layers = max_len, scan_layers, num_layers
+    self.remat_policy = remat_policy
+    self.token_embed = _param(rngs, (vocab_size, embed_dim), ('vocab', 'embed'))
+    self.position_embed = (_param(rngs, (max_len, embed_dim), (None, 'embed'))
+                           if positions == 'learned' else None)
+    self.dropout = nnx.Dropout(dropout_rate)
+
+    def make_block(block_rngs):
+      return Block(embed_dim, num_heads, mlp_ratio, dropout_rate, use_bias=use_bias,
+                   rotary_positions=positions == 'rotary', dtype=self.dtype, rngs=block_rngs)
+
+    if scan_layers:  # One stacked block: parameters gain a leading (unsharded) layer axis.
+      keys = jax.random.split(rngs.params(), num_layers)
+      self.blocks = nnx.vmap(lambda key: make_block(nnx.Rngs(params=key)))(keys)
+    else:
+      self.blocks = nnx.List([make_block(rngs) for _ in range(num_layers)])
+    norm = {'logical_axes': ('embed',)}
+    self.ln_f = nnx.LayerNorm(embed_dim, dtype=self.dtype, scale_metadata=norm,
+                              bias_metadata=norm, rngs=rngs)
+
+  def embed(self, tokens, positions, *, train, rngs):
+    x = self.token_embed[...][tokens]
+    if self.position_embed is not None:
+      x = x + self.position_embed[...][positions]
+    x = self.dropout(x.astype(self.dtype), deterministic=not train, rngs=rngs)
+    return constrain(x, ('batch', None, 'embed'))
+
+  def __call__(self, tokens, *, causal: bool, positions=None, key_mask=None, cache=None,
+               train: bool = False, rngs: nnx.Rngs | None = None):
+    """Hidden states [B, T, E] (and the updated cache when `cache` is given)."""
+    batch, length = tokens.shape
+    if positions is None:
+      start = 0 if cache is None else self._cache_index(cache)
+      positions = jnp.broadcast_to(start + jnp.arange(length), (batch, length))
+    x = self.embed(tokens, positions, train=train, rngs=rngs)
+    kwargs = dict(positions=positions, causal=causal, key_mask=key_mask, train=train)
+    if self.scan_layers:
+      x, cache = self._scanned(x, cache, rngs, kwargs)
+    else:
+      new_cache = [] if cache is not None else None
+      for i, block in enumerate(self.blocks):
+        x, layer_cache = block(x, cache=None if cache is None else cache[i], rngs=rngs, **kwargs)
+        if new_cache is not None:
+          new_cache.append(layer_cache)
+      cache = new_cache
+    return self.ln_f(x), cache
+
+  def _cache_index(self, cache):
+    """Tokens already in the cache (every layer holds the same count)."""
+    return cache[2][0] if self.scan_layers else cache[0][2]
+
+  def _scanned(self, x, cache, rngs, kwargs):
+    graphdef, stacked = nnx.split(self.blocks)
+    keys = (jax.random.split(rngs.dropout(), self.num_layers) if rngs is not None and
+            kwargs['train'] else None)
+
+    def layer(x, per_layer):
+      state, key, layer_cache = per_layer
+      layer_rngs = None if key is None else nnx.Rngs(dropout=key)
+      x, layer_cache = nnx.merge(graphdef, state)(x, cache=layer_cache, rngs=layer_rngs, **kwargs)
+      return x, layer_cache
+
+    policy = REMAT_POLICIES[self.remat_policy]
+    if self.remat_policy != 'none':
+      layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
+    return jax.lax.scan(layer, x, (stacked, keys, cache))
+
+  def init_cache(self, batch_size: int, max_len: int | None = None):
+    """Empty per-layer (keys, values, index) caches for `decode`."""
+    attn = self.blocks.attn if self.scan_layers else self.blocks[0].attn
+    heads, head_dim = attn.qkv.shape[-2:]
+    shape = (batch_size, max_len or self.max_len, heads, head_dim)
+
+    def empty():
+      return (jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype), jnp.zeros((), jnp.int32))
+    if self.scan_layers:
+      return jax.tree.map(lambda x: jnp.broadcast_to(x, (self.num_layers, *x.shape)), empty())
+    return [empty() for _ in range(self.num_layers)]
+
+
+class GPT(nnx.Module):
+  """Decoder-only language model (causal attention), logits over the vocabulary."""
+
+  def __init__(self, *, vocab_size: int, max_len: int, num_layers: int = 6, num_heads: int = 6,
+               embed_dim: int = 384, mlp_ratio: int = 4, dropout_rate: float = 0.0,
+               positions: str = 'learned', use_bias: bool = True, tie_embeddings: bool = True,
+               scan_layers: bool = False, remat_policy: str = 'none', dtype: str = 'float32',
+               rngs: nnx.Rngs):
+    self.transformer = Transformer(
+        vocab_size=vocab_size, max_len=max_len, num_layers=num_layers, num_heads=num_heads,
+        embed_dim=embed_dim, mlp_ratio=mlp_ratio, dropout_rate=dropout_rate, positions=positions,
+        use_bias=use_bias, scan_layers=scan_layers, remat_policy=remat_policy, dtype=dtype,
+        rngs=rngs)
+    self.lm_head = None if tie_embeddings else _param(rngs, (embed_dim, vocab_size),
+                                                      ('embed', 'vocab'))
+
+  def logits(self, hidden):
+    t = self.transformer
+    if self.lm_head is None:
+      return jnp.einsum('bte,ve->btv', hidden, t.token_embed[...].astype(t.dtype))
+    return jnp.einsum('bte,ev->btv', hidden, self.lm_head[...].astype(t.dtype))
+
+  def __call__(self, tokens, *, train: bool = False, rngs: nnx.Rngs | None = None):
+    hidden, _ = self.transformer(tokens, causal=True, train=train, rngs=rngs)
+    return self.logits(hidden).astype(jnp.float32)
+
+  def init_cache(self, batch_size: int, max_len: int | None = None):
+    return self.transformer.init_cache(batch_size, max_len)
+
+  def decode(self, tokens, cache):
+    """Logits for `tokens` [B, T] that continue the sequence held in `cache`."""
+    hidden, cache = self.transformer(tokens, causal=True, cache=cache)
+    return self.logits(hidden).astype(jnp.float32), cache
+
+
+class BERT(nnx.Module):
+  """Bidirectional encoder with a masked-LM head and an optional classification head."""
+
+  def __init__(self, *, vocab_size: int, max_len: int, num_layers: int = 4, num_heads: int = 4,
+               embed_dim: int = 256, mlp_ratio: int = 4, dropout_rate: float = 0.1,
+               positions: str = 'learned', use_bias: bool = True, num_classes: int = 0,
+               scan_layers: bool = False, remat_policy: str = 'none', dtype: str = 'float32',
+               rngs: nnx.Rngs):
+    self.encoder = Transformer(
+        vocab_size=vocab_size, max_len=max_len, num_layers=num_layers, num_heads=num_heads,
+        embed_dim=embed_dim, mlp_ratio=mlp_ratio, dropout_rate=dropout_rate, positions=positions,
+        use_bias=use_bias, scan_layers=scan_layers, remat_policy=remat_policy, dtype=dtype,
+        rngs=rngs)
+    dt = self.encoder.dtype
+    # MLM head as in BERT: dense + GELU + LayerNorm, then the tied embedding and a bias.
+    self.mlm_dense = nnx.Linear(embed_dim, embed_dim, dtype=dt, kernel_init=_INIT, rngs=rngs,
+                                kernel_metadata={'logical_axes': ('embed', 'mlp')})
+    self.mlm_norm = nnx.LayerNorm(embed_dim, dtype=dt, rngs=rngs)
+    self.mlm_bias = _param(rngs, (vocab_size,), ('vocab',), nnx.initializers.zeros)
+    self.classifier = (nnx.Linear(embed_dim, num_classes, kernel_init=_INIT, rngs=rngs)
+                       if num_classes else None)
+
+  def encode(self, tokens, key_mask=None, *, train=False, rngs=None):
+    hidden, _ = self.encoder(tokens, causal=False, key_mask=key_mask, train=train, rngs=rngs)
+    return hidden
+
+  def mlm_logits(self, hidden):
+    h = self.mlm_norm(jax.nn.gelu(self.mlm_dense(hidden)))
+    embed = self.encoder.token_embed[...].astype(h.dtype)
+    return (jnp.einsum('bte,ve->btv', h, embed) + self.mlm_bias[...]).astype(jnp.float32)
+
+  def __call__(self, tokens, *, key_mask=None, train: bool = False, rngs=None):
+    """Masked-LM logits [B, T, V]."""
+    return self.mlm_logits(self.encode(tokens, key_mask, train=train, rngs=rngs))
+
+  def classify(self, tokens, *, key_mask=None, train: bool = False, rngs=None):
+    """Class logits from the first position's hidden state."""
+    if self.classifier is None:
+      raise ValueError('this BERT has no classification head: build it with num_classes > 0')
+    hidden = self.encode(tokens, key_mask, train=train, rngs=rngs)
+    return self.classifier(hidden[:, 0]).astype(jnp.float32)
