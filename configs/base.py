@@ -18,6 +18,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.dataset.split_seed = 1234  # Local sources: seed of the fixed train/held-out split (not c.seed).
   c.dataset.shuffle_buffer = 16_384  # Examples in the training shuffle buffer (per host).
   c.dataset.prefetch_batches = 2  # Batches placed on the devices ahead of the step that needs them.
+  c.dataset.text_file = ''  # Text: UTF-8 file to read; '' = tiny_shakespeare's shared copy.
+  c.dataset.tokenizer = 'char'  # Text: 'char', 'byte' (UTF-8) or 'sentencepiece'.
+  c.dataset.vocab_size = 8192  # Text, sentencepiece only: pieces incl. the 5 special tokens.
+  c.dataset.seq_len = 256  # Text: tokens per window the model sees (windows hold seq_len + 1).
+  c.dataset.window_stride = 0  # Text: tokens between training windows' starts; 0 = seq_len.
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'cnn'  # A name in models.MODELS; the other keys here go to its constructor.

@@ -56,15 +56,32 @@ def _sample(graphdef, state, prompt, key, num_tokens, temperature, top_k, top_p)
 def sample(model: nnx.Module, prompt: jax.Array, num_tokens: int, key: jax.Array,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
   """Continues `prompt` [B, P] by `num_tokens` tokens. Returns (tokens [B, num_tokens],
-  logits [B, num_tokens, V] each token was drawn from). One compiled program: a prefill
-  of the prompt, then one cached decode step per token."""
-  max_len = model.transformer.max_len
-  if prompt.shape[1] + num_tokens > max_len:
-    raise KilnError(f'prompt ({prompt.shape[1]} tokens) + {num_tokens} new tokens exceeds the '
-                    f"model's context of {max_len}: ask for fewer tokens or a shorter prompt")
+  logits [B, num_tokens, V] each token was drawn from).
+
+  Within the model's context this is one compiled program: a prefill of the prompt,
+  then one cached decode step per token. Past the context, the last half-context of
+  tokens is prefilled again and decoding continues, so every token still sees at
+  least half a context of history.
+  """
   if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
     raise KilnError(f'temperature={temperature} must be >= 0 (0 = greedy), top_k={top_k} >= 0 '
                     f'(0 = off) and top_p={top_p} in (0, 1]')
+  if num_tokens < 1 or prompt.ndim != 2 or prompt.shape[1] < 1:
+    raise KilnError(f'need num_tokens >= 1 (got {num_tokens}) and a [batch, length>=1] prompt '
+                    f'(got shape {tuple(prompt.shape)})')
+  max_len = model.transformer.max_len
+  keep = max(max_len // 2, 1)
   graphdef, state = nnx.split(model)
-  return _sample(graphdef, state, jnp.asarray(prompt, jnp.int32), key, num_tokens,
-                 float(temperature), int(top_k), float(top_p))
+  context = jnp.asarray(prompt, jnp.int32)
+  if context.shape[1] >= max_len:
+    context = context[:, -keep:]
+  tokens, logits = [], []
+  while num_tokens:
+    count = min(num_tokens, max_len - context.shape[1])
+    new_tokens, new_logits = _sample(graphdef, state, context, jax.random.fold_in(key, len(tokens)),
+                                     count, float(temperature), int(top_k), float(top_p))
+    tokens.append(new_tokens)
+    logits.append(new_logits)
+    num_tokens -= count
+    context = jnp.concatenate([context, new_tokens], axis=1)[:, -keep:]
+  return jnp.concatenate(tokens, axis=1), jnp.concatenate(logits, axis=1)

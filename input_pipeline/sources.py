@@ -4,6 +4,7 @@ Every source hands back, for this host only, a train and an eval `tf.data.Datase
 of fixed-shape examples, their counts, and what the task needs to size its model.
 """
 
+import contextlib
 import dataclasses
 import gzip
 import os
@@ -124,20 +125,42 @@ def _array_source(images, labels, config, process_index, process_count) -> Sourc
                 num_classes=int(labels.max()) + 1, image_shape=tuple(images.shape[1:]))
 
 
-def _tfds_source(config, process_index, process_count) -> Source:
+def tfds_builder(config):
+  """The TFDS builder that config.name ('tfds:<name>') names, or a one-line KilnError."""
   import tensorflow_datasets as tfds
   name = config.name[len(TFDS_PREFIX):]
   try:
-    builder = tfds.builder(name, data_dir=config.tfds_data_dir or None)
+    return tfds.builder(name, data_dir=config.tfds_data_dir or None)
   except tfds.core.registered.DatasetNotFoundError as e:
     raise KilnError(f"TFDS has no dataset '{name}': check config.dataset.name "
                     '(tfds.list_builders() lists them)') from e
+
+
+def check_tfds_split(builder, split: str) -> None:
+  if builder.info.splits and split not in builder.info.splits:
+    raise KilnError(f"TFDS dataset '{builder.name}' has no split '{split}': set config.dataset."
+                    f"train_split / eval_split to one of {', '.join(builder.info.splits.keys())}")
+
+
+@contextlib.contextmanager
+def tfds_prepared(builder):
+  """Turns the assertion TFDS raises for data that was never prepared into a KilnError."""
+  try:
+    yield
+  except AssertionError as e:
+    raise KilnError(f"TFDS dataset '{builder.name}' is not prepared under "
+                    f"'{builder.data_dir}': run tfds.builder('{builder.name}')"
+                    '.download_and_prepare() with internet, or set config.dataset.tfds_data_dir'
+                    ) from e
+
+
+def _tfds_source(config, process_index, process_count) -> Source:
+  import tensorflow_datasets as tfds
+  builder = tfds_builder(config)
   info = builder.info
 
   def host_split(split):
-    if info.splits and split not in info.splits:
-      raise KilnError(f"TFDS dataset '{name}' has no split '{split}': choose one of "
-                      f"{', '.join(info.splits.keys())}")
+    check_tfds_split(builder, split)
     per_host = tfds.even_splits(split, n=process_count, drop_remainder=False)
     datasets = [builder.as_dataset(split=s, shuffle_files=False) for s in per_host]
     counts = [_num_examples(info, s, ds) for s, ds in zip(per_host, datasets)]
@@ -145,12 +168,8 @@ def _tfds_source(config, process_index, process_count) -> Source:
                                            num_parallel_calls=tf.data.AUTOTUNE)
     return HostSplit(examples, counts[process_index], max(counts))
 
-  try:
+  with tfds_prepared(builder):
     train, eval_ = host_split(config.train_split), host_split(config.eval_split)
-  except AssertionError as e:  # TFDS asserts when the data was never prepared.
-    raise KilnError(f"TFDS dataset '{name}' is not prepared under "
-                    f"'{builder.data_dir}': run tfds.builder('{name}').download_and_prepare() "
-                    'with internet, or set config.dataset.tfds_data_dir') from e
   return Source(train=train, eval=eval_, num_classes=info.features['label'].num_classes,
                 image_shape=tuple(info.features['image'].shape))
 

@@ -38,6 +38,71 @@ def rotary(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> jax.Ar
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+_VARIANT = {'attn': 'autodiff', 'mask': 'bias', 'ln': 'nnx', 'gelu': 'tanh'}
+
+
+def _attend_fwd(q, k, v, bias):
+  scores = jnp.einsum('bnth,bnsh->bnts', q, k, preferred_element_type=jnp.float32)
+  if bias is not None:
+    if _VARIANT['mask'] == 'where' and bias.dtype == jnp.bool_:
+      scores = jnp.where(bias, scores, _MASKED)
+    else:
+      scores = scores + bias
+  weights = jnp.exp(scores - scores.max(-1, keepdims=True))
+  total = weights.sum(-1, keepdims=True)
+  y = jnp.einsum('bnts,bnsh->bnth', weights.astype(v.dtype), v,
+                 preferred_element_type=jnp.float32) / total
+  return y.astype(q.dtype), (q, k, v, weights, y, total)
+
+
+def _attend_bwd(res, dy):
+  q, k, v, weights, y, total = res
+  dy = dy.astype(jnp.float32) / total
+  dp = jnp.einsum('bnth,bnsh->bnts', dy.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  ds = weights * (dp - (dy * y).sum(-1, keepdims=True))
+  dq = jnp.einsum('bnts,bnsh->bnth', ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+  if _VARIANT['attn'] == 'custom_small_t':
+    dv = jnp.einsum('bnht,bnts->bnsh', dy.swapaxes(-1, -2).astype(v.dtype), weights.astype(v.dtype), preferred_element_type=jnp.float32)
+    dk = jnp.einsum('bnht,bnts->bnsh', q.swapaxes(-1, -2), ds.astype(q.dtype), preferred_element_type=jnp.float32)
+  else:
+    dv = jnp.einsum('bnts,bnth->bnsh', weights.astype(v.dtype), dy.astype(v.dtype), preferred_element_type=jnp.float32)
+    dk = jnp.einsum('bnts,bnth->bnsh', ds.astype(q.dtype), q, preferred_element_type=jnp.float32)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+@jax.custom_vjp
+def _attend_custom(q, k, v, bias):
+  return _attend_fwd(q, k, v, bias)[0]
+
+
+_attend_custom.defvjp(_attend_fwd, _attend_bwd)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None) -> jax.Array:
+  """softmax(q k^T + bias) v over heads-major [B, N, T, H] queries and [B, N, S, H] keys and
+  values; `q` already carries the 1/sqrt(H) scale and `bias` is additive (0 or -1e30),
+  broadcastable to [B, N, T, S]. Scores and softmax are float32."""
+  if _VARIANT['attn'] == 'none':
+    return v
+  if _VARIANT['attn'] != 'autodiff':
+    return _attend_custom(q, k, v, bias)
+  scores = jnp.einsum('bnth,bnsh->bnts', q, k, preferred_element_type=jnp.float32)
+  if bias is not None:
+    if _VARIANT['mask'] == 'where' and bias.dtype == jnp.bool_:
+      scores = jnp.where(bias, scores, _MASKED)
+    else:
+      scores = scores + bias
+  # Unnormalised exp, then divide the [.., T, H] output rather than the [.., T, S] weights.
+  weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
+  total = weights.sum(-1, keepdims=True)
+  y = jnp.einsum('bnts,bnsh->bnth', weights.astype(v.dtype), v,
+                 preferred_element_type=jnp.float32)
+  return (y / total).astype(q.dtype)
+
+
+_MASKED = -1e30  # Additive bias of a masked score: exp() underflows to exactly 0.
+
+
 class Attention(nnx.Module):
   """Multi-head self-attention with a fused QKV projection and an optional KV cache."""
 
@@ -56,32 +121,47 @@ class Attention(nnx.Module):
 
   def __call__(self, x, *, positions, causal: bool, key_mask=None, cache=None):
     """x [B, T, E]; positions [B, T]; key_mask [B, S] (True = attend); cache (k, v, index)
-    holds [B, S, N, H] keys/values of earlier positions. Returns (y, new cache or None)."""
-    qkv = jnp.einsum('bte,eknh->kbtnh', x, self.qkv[...].astype(self.dtype))
+    holds [B, N, S, H] keys/values of earlier positions. Returns (y, new cache or None)."""
+    batch, length, embed = x.shape
+    _, _, heads, head_dim = self.qkv.shape
+    # One [B*T, E] x [E, 3E] matmul (the parameter's [E, 3, N, H] layout flattens for free).
+    qkv = x.reshape(batch * length, embed) @ self.qkv[...].astype(self.dtype).reshape(embed, -1)
     if self.qkv_bias is not None:
-      qkv = qkv + self.qkv_bias[...].astype(self.dtype)[:, None, None]
-    q, k, v = qkv[0], qkv[1], qkv[2]
+      qkv = qkv + self.qkv_bias[...].astype(self.dtype).reshape(-1)
+    qkv = qkv.reshape(batch, length, 3, heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if self.rotary_positions:
       q, k = rotary(q, positions), rotary(k, positions)
-    q = constrain(q, ('batch', None, 'heads', None))
-    mask = None if key_mask is None else key_mask[:, None, None, :]
+    # Heads-major [B, N, T, H]: attention's dots then batch over the leading (b, n) dims.
+    q, k, v = (t.transpose(0, 2, 1, 3) for t in (q * head_dim ** -0.5, k, v))
+    q = constrain(q, ('batch', 'heads', None, None))
+    bias = None
+    if key_mask is not None:
+      bias = jnp.where(key_mask, 0.0, _MASKED).astype(jnp.float32)[:, None, None, :]
     new_cache = None
     if cache is not None:
       k_cache, v_cache, index = cache
-      k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
-      new_cache = (k, v, index + x.shape[1])
+      k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=2)
+      v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=2)
+      new_cache = (k, v, index + length)
       # Query t (at index + t) sees cached keys up to its own position.
-      query_pos = index + jnp.arange(x.shape[1])
-      visible = jnp.arange(k.shape[1])[None, :] <= query_pos[:, None]
-      mask = visible[None, None] if mask is None else mask & visible[None, None]
-      causal = False
-    y = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
-                                     is_causal=causal)
-    y = jnp.einsum('btnh,nhe->bte', y, self.out[...].astype(self.dtype))
+      query_pos = index + jnp.arange(length)
+      visible = jnp.arange(k.shape[2])[None, :] <= query_pos[:, None]
+      causal_bias = jnp.where(visible, 0.0, _MASKED)
+      bias = causal_bias if bias is None else bias + causal_bias
+    elif causal:
+      if _VARIANT['mask'] == 'where' and bias is None:
+        bias = jnp.tril(jnp.ones((length, length), bool))
+      else:
+        causal_bias = jnp.where(jnp.tril(jnp.ones((length, length), bool)), 0.0, _MASKED)
+        bias = causal_bias if bias is None else bias + causal_bias
+    y = attend(q, k.astype(q.dtype), v.astype(q.dtype), bias)
+    # Back to token-major [B*T, N*H] for one [B*T, E] x [E, E] output matmul.
+    y = y.transpose(0, 2, 1, 3).reshape(batch * length, heads * head_dim)
+    y = y @ self.out[...].astype(self.dtype).reshape(heads * head_dim, embed)
     if self.out_bias is not None:
       y = y + self.out_bias[...].astype(self.dtype)
-    return y, new_cache
+    return y.reshape(batch, length, embed), new_cache
 
 
 class MLP(nnx.Module):
@@ -95,7 +175,10 @@ class MLP(nnx.Module):
                           bias_metadata={'logical_axes': ('embed',)})
 
   def __call__(self, x):
-    h = constrain(jax.nn.gelu(self.fc1(x)), ('batch', None, 'mlp'))
+    h = self.fc1(x)
+    if _VARIANT['gelu'] != 'none':
+      h = jax.nn.gelu(h, approximate=_VARIANT['gelu'] == 'tanh')
+    h = constrain(h, ('batch', None, 'mlp'))
     return self.fc2(h)
 
 
@@ -115,10 +198,11 @@ class Block(nnx.Module):
     self.dropout = nnx.Dropout(dropout_rate)
 
   def __call__(self, x, *, positions, causal, key_mask=None, cache=None, train=False, rngs=None):
-    y, cache = self.attn(self.ln1(x), positions=positions, causal=causal, key_mask=key_mask,
+    ln1, ln2 = (self.ln1, self.ln2) if _VARIANT['ln'] != 'none' else (lambda x: x, lambda x: x)
+    y, cache = self.attn(ln1(x), positions=positions, causal=causal, key_mask=key_mask,
                          cache=cache)
     x = x + self.dropout(y, deterministic=not train, rngs=rngs)
-    x = x + self.dropout(self.mlp(self.ln2(x)), deterministic=not train, rngs=rngs)
+    x = x + self.dropout(self.mlp(ln2(x)), deterministic=not train, rngs=rngs)
     return constrain(x, ('batch', None, 'embed')), cache
 
 
@@ -207,7 +291,7 @@ class Transformer(nnx.Module):
     """Empty per-layer (keys, values, index) caches for `decode`."""
     attn = self.blocks.attn if self.scan_layers else self.blocks[0].attn
     heads, head_dim = attn.qkv.shape[-2:]
-    shape = (batch_size, max_len or self.max_len, heads, head_dim)
+    shape = (batch_size, heads, max_len or self.max_len, head_dim)  # Heads-major, as `attend`.
 
     def empty():
       return (jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype), jnp.zeros((), jnp.int32))

@@ -2,10 +2,13 @@
 
 from tasks.base import Task
 from tasks.classification import ImageClassification
+from tasks.language import CausalLanguageModeling, MaskedLanguageModeling
 from core.errors import KilnError
 
 TASKS = {
     'classification': ImageClassification,
+    'causal_lm': CausalLanguageModeling,
+    'masked_lm': MaskedLanguageModeling,
 }
 
 

@@ -9,7 +9,7 @@ from core.errors import KilnError
 from core.experiment import build_experiment
 from parallel import sharding
 from parallel.mesh import make_mesh
-from tests.tiny import tiny_config
+from tests.tiny import tiny_config, tiny_gpt_config
 from tests.stepping import run_steps
 
 LAYOUTS = {  # name: (strategy, data, fsdp, tensor)
@@ -20,8 +20,11 @@ LAYOUTS = {  # name: (strategy, data, fsdp, tensor)
 }
 
 
-def _config(strategy='jit', data=-1, fsdp=1, tensor=1, dropout=0.0):
-  config = tiny_config()
+FAMILIES = {'cnn': tiny_config, 'gpt': tiny_gpt_config}
+
+
+def _config(strategy='jit', data=-1, fsdp=1, tensor=1, dropout=0.0, family='cnn'):
+  config = FAMILIES[family]()
   config.model.dropout_rate = dropout  # pmap draws masks per device; jit for the global batch.
   config.parallel.strategy = strategy
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = data, fsdp, tensor
@@ -36,16 +39,17 @@ def _params(state):
   return params
 
 
-@pytest.fixture(scope='module')
-def single_device(devices):
-  _, state, outputs = run_steps(_config(), devices[:1], num_steps=5)
-  return _params(state), [metrics['loss'] for metrics, _ in outputs]
+@pytest.fixture(scope='module', params=list(FAMILIES))
+def single_device(request, devices):
+  family = request.param
+  _, state, outputs = run_steps(_config(family=family), devices[:1], num_steps=5)
+  return family, _params(state), [metrics['loss'] for metrics, _ in outputs]
 
 
 @pytest.mark.parametrize('layout', LAYOUTS)
 def test_layout_matches_single_device(layout, single_device, devices):
-  expected_params, expected_losses = single_device
-  exp, state, outputs = run_steps(_config(*LAYOUTS[layout]), devices, num_steps=5)
+  family, expected_params, expected_losses = single_device
+  exp, state, outputs = run_steps(_config(*LAYOUTS[layout], family=family), devices, num_steps=5)
   np.testing.assert_allclose([m['loss'] for m, _ in outputs], expected_losses, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                _params(state), expected_params)

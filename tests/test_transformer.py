@@ -51,9 +51,17 @@ def test_filter_logits_by_hand():
   assert kept(sampling.filter_logits(logits, top_p=0.81)) == [True, True, True, False]
 
 
-def test_generation_past_the_context_is_a_clear_error():
-  with pytest.raises(KilnError, match='exceeds the model'):
-    sampling.sample(_gpt(), jnp.zeros((1, 60), jnp.int32), 8, jax.random.key(0))
+def test_generation_past_the_context_slides_the_window():
+  model = _gpt()  # Context 64.
+  prompt = jax.random.randint(jax.random.key(1), (1, 10), 0, 65)
+  tokens, step_logits = sampling.sample(model, prompt, 100, jax.random.key(3))
+  assert tokens.shape == (1, 100) and step_logits.shape == (1, 100, 65)
+  # The first 54 tokens fill the context; the next ones see the last 32 tokens again.
+  sequence = jnp.concatenate([prompt, tokens], axis=1)
+  window = sequence[:, 64 - 32:64]
+  np.testing.assert_allclose(step_logits[:, 54], model(window)[:, -1], rtol=1e-4, atol=1e-4)
+  with pytest.raises(KilnError, match='temperature'):
+    sampling.sample(model, prompt, 4, jax.random.key(0), temperature=-1.0)
 
 
 @pytest.mark.parametrize('cls', [GPT, BERT])

@@ -28,3 +28,45 @@ def multihost_config():
   c.eval_every_steps = 6
   c.checkpoint_every_steps = 3
   return c
+
+
+def tiny_gpt_config():
+  """A 2-layer character GPT on tiny Shakespeare, 1% held out to keep eval short."""
+  from configs import gpt_shakespeare_char_cpu
+  c = gpt_shakespeare_char_cpu.get_config()
+  c.dataset.seq_len = 32
+  c.dataset.window_stride = 32
+  c.dataset.holdout_fraction = 0.01
+  c.model.num_layers = 2
+  c.model.num_heads = 4
+  c.model.embed_dim = 64
+  c.batch_size = 16
+  c.eval_batch_size = 64
+  c.num_train_steps = 100
+  c.schedule.warmup_steps = 5
+  c.optimizer.learning_rate = 3e-3
+  c.log_every_steps = 10
+  c.eval_every_steps = 50
+  c.checkpoint_every_steps = 50
+  return c
+
+
+def tiny_bert_config():
+  """A 2-layer character BERT; 200 steps take it past always guessing ' '."""
+  from configs import bert_mlm_shakespeare
+  c = bert_mlm_shakespeare.get_config()
+  c.dataset.seq_len = 64
+  c.dataset.window_stride = 64
+  c.dataset.holdout_fraction = 0.01
+  c.model.num_layers = 2
+  c.model.num_heads = 4
+  c.model.embed_dim = 64
+  c.batch_size = 32
+  c.eval_batch_size = 64
+  c.num_train_steps = 200
+  c.schedule.warmup_steps = 5
+  c.optimizer.learning_rate = 3e-3
+  c.log_every_steps = 50
+  c.eval_every_steps = 100
+  c.checkpoint_every_steps = 100
+  return c

@@ -1,0 +1,85 @@
+"""Language-modelling tasks on real tiny Shakespeare: GPT and BERT through the loop."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import train
+from core.experiment import build_experiment
+from input_pipeline import text
+from tasks.language import MASK_FRACTION
+from tests.tiny import tiny_bert_config, tiny_gpt_config
+
+
+@pytest.fixture(scope='module')
+def gpt_run(tmp_path_factory, devices):
+  workdir = str(tmp_path_factory.mktemp('gpt'))
+  return train.train_and_evaluate(tiny_gpt_config(), workdir)
+
+
+def test_gpt_learns_shakespeare(gpt_run):
+  final = gpt_run['final_eval']
+  assert final['loss'] < 3.05  # Guessing from character frequencies costs 3.31 nats.
+  assert final['perplexity'] == pytest.approx(math.exp(final['loss']), rel=1e-5)
+  # Char tokens: bits per character is nats per token in base 2.
+  assert final['bits_per_char'] == pytest.approx(final['loss'] / math.log(2), rel=1e-5)
+  assert gpt_run['mfu'] > 0 and gpt_run['train_step_flops'] > 0
+
+
+def test_eval_counts_every_held_out_target_once(devices):
+  exp = build_experiment(tiny_gpt_config(), devices)
+  state, shardings = exp.create_state()
+  eval_step = exp.eval_step(shardings)
+  total = None
+  for batch in exp.task.eval_batches(exp.host_eval_batch):
+    batch_metrics = eval_step(state, exp.strategy.place(batch))
+    total = batch_metrics if total is None else total.merge(batch_metrics)
+  _, held_out = text.read_text(exp.config.dataset)
+  assert int(total.loss.count) == len(held_out) - 1  # Every character after the first.
+
+
+def test_bert_masking_follows_80_10_10(devices):
+  exp = build_experiment(tiny_bert_config(), devices)
+  task = exp.task
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 65, (64, 512)), jnp.int32)
+  weights = jnp.ones(tokens.shape).at[:, 400:].set(0.0)  # Padding is never chosen.
+  keys = jax.random.split(jax.random.key(0), 64)
+  corrupted, chosen = jax.vmap(task.corrupt)(tokens, weights, keys)
+  chosen = np.asarray(chosen) > 0
+  assert not chosen[:, 400:].any()
+  assert chosen[:, :400].mean() == pytest.approx(MASK_FRACTION, abs=0.01)
+  corrupted, tokens = np.asarray(corrupted)[chosen], np.asarray(tokens)[chosen]
+  masked = corrupted == task.tokenizer.mask_id
+  kept = corrupted == tokens
+  assert masked.mean() == pytest.approx(0.8, abs=0.02)
+  # Random replacements sometimes draw the original token (1 in 65).
+  assert kept.mean() == pytest.approx(0.1 + 0.1 / 65, abs=0.02)
+  assert (~masked & ~kept).mean() == pytest.approx(0.1 * 64 / 65, abs=0.02)
+  assert (np.asarray(corrupted)[~masked] < 65).all()
+
+
+def test_bert_learns_above_the_unigram_baseline(tmp_path, devices):
+  summary = train.train_and_evaluate(tiny_bert_config(), str(tmp_path))
+  final = summary['final_eval']
+  assert 0.05 < final['unigram_accuracy'] < 0.25  # ' ' is the most frequent character.
+  assert final['accuracy'] > final['unigram_accuracy'] + 0.02
+
+
+def test_bert_eval_masks_do_not_depend_on_batching(devices):
+  config = tiny_bert_config()
+  results = []
+  for eval_batch_size in (64, 128):
+    config.eval_batch_size = eval_batch_size
+    exp = build_experiment(config, devices)
+    state, shardings = exp.create_state()
+    eval_step = exp.eval_step(shardings)
+    total = None
+    for batch in exp.task.eval_batches(exp.host_eval_batch):
+      batch_metrics = eval_step(state, exp.strategy.place(batch))
+      total = batch_metrics if total is None else total.merge(batch_metrics)
+    results.append((float(total.loss.count), float(total.compute()['loss'])))
+  assert results[0][0] == results[1][0]
+  assert results[0][1] == pytest.approx(results[1][1], rel=1e-5)
