@@ -1,6 +1,6 @@
 """One Transformer block library for a GPT decoder and a BERT encoder.
 
-Pre-LayerNorm blocks; attention through `jax.nn.dot_product_attention`; learned or
+Pre-LayerNorm blocks; heads-major softmax attention written out (`attend`); learned or
 rotary positions; optional weight tying; layers either unrolled or stacked and run
 with `lax.scan` (with a remat policy); float32 parameters with an optional bfloat16
 compute dtype. Parameter dimensions carry logical names for the sharding rules.
@@ -38,60 +38,16 @@ def rotary(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> jax.Ar
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-_VARIANT = {'attn': 'autodiff', 'mask': 'bias', 'ln': 'nnx', 'gelu': 'tanh'}
-
-
-def _attend_fwd(q, k, v, bias):
-  scores = jnp.einsum('bnth,bnsh->bnts', q, k, preferred_element_type=jnp.float32)
-  if bias is not None:
-    if _VARIANT['mask'] == 'where' and bias.dtype == jnp.bool_:
-      scores = jnp.where(bias, scores, _MASKED)
-    else:
-      scores = scores + bias
-  weights = jnp.exp(scores - scores.max(-1, keepdims=True))
-  total = weights.sum(-1, keepdims=True)
-  y = jnp.einsum('bnts,bnsh->bnth', weights.astype(v.dtype), v,
-                 preferred_element_type=jnp.float32) / total
-  return y.astype(q.dtype), (q, k, v, weights, y, total)
-
-
-def _attend_bwd(res, dy):
-  q, k, v, weights, y, total = res
-  dy = dy.astype(jnp.float32) / total
-  dp = jnp.einsum('bnth,bnsh->bnts', dy.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  ds = weights * (dp - (dy * y).sum(-1, keepdims=True))
-  dq = jnp.einsum('bnts,bnsh->bnth', ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
-  if _VARIANT['attn'] == 'custom_small_t':
-    dv = jnp.einsum('bnht,bnts->bnsh', dy.swapaxes(-1, -2).astype(v.dtype), weights.astype(v.dtype), preferred_element_type=jnp.float32)
-    dk = jnp.einsum('bnht,bnts->bnsh', q.swapaxes(-1, -2), ds.astype(q.dtype), preferred_element_type=jnp.float32)
-  else:
-    dv = jnp.einsum('bnts,bnth->bnsh', weights.astype(v.dtype), dy.astype(v.dtype), preferred_element_type=jnp.float32)
-    dk = jnp.einsum('bnts,bnth->bnsh', ds.astype(q.dtype), q, preferred_element_type=jnp.float32)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
-
-
-@jax.custom_vjp
-def _attend_custom(q, k, v, bias):
-  return _attend_fwd(q, k, v, bias)[0]
-
-
-_attend_custom.defvjp(_attend_fwd, _attend_bwd)
-
-
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None) -> jax.Array:
   """softmax(q k^T + bias) v over heads-major [B, N, T, H] queries and [B, N, S, H] keys and
   values; `q` already carries the 1/sqrt(H) scale and `bias` is additive (0 or -1e30),
-  broadcastable to [B, N, T, S]. Scores and softmax are float32."""
-  if _VARIANT['attn'] == 'none':
-    return v
-  if _VARIANT['attn'] != 'autodiff':
-    return _attend_custom(q, k, v, bias)
+  broadcastable to [B, N, T, S]. Scores and softmax are float32.
+
+  Written out rather than jax.nn.dot_product_attention on [B, T, N, H]: on CPU its
+  fwd+bwd took 109 ms against 88 ms for this at the baby GPT shape (one layer, B16 T256)."""
   scores = jnp.einsum('bnth,bnsh->bnts', q, k, preferred_element_type=jnp.float32)
   if bias is not None:
-    if _VARIANT['mask'] == 'where' and bias.dtype == jnp.bool_:
-      scores = jnp.where(bias, scores, _MASKED)
-    else:
-      scores = scores + bias
+    scores = scores + bias
   # Unnormalised exp, then divide the [.., T, H] output rather than the [.., T, S] weights.
   weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
   total = weights.sum(-1, keepdims=True)
@@ -124,12 +80,15 @@ class Attention(nnx.Module):
     holds [B, N, S, H] keys/values of earlier positions. Returns (y, new cache or None)."""
     batch, length, embed = x.shape
     _, _, heads, head_dim = self.qkv.shape
-    # One [B*T, E] x [E, 3E] matmul (the parameter's [E, 3, N, H] layout flattens for free).
+    # One 2D [B*T, E] x [E, 3E] matmul (the parameter's [E, 3, N, H] layout flattens for
+    # free); with heads-major attention and the 2D output matmul below, 1.17x faster baby GPT
+    # step than the 'bte,eknh->kbtnh' / 'btnh,nhe->bte' einsums (2709 vs 3166 ms, same run).
     qkv = x.reshape(batch * length, embed) @ self.qkv[...].astype(self.dtype).reshape(embed, -1)
     if self.qkv_bias is not None:
       qkv = qkv + self.qkv_bias[...].astype(self.dtype).reshape(-1)
-    qkv = qkv.reshape(batch, length, 3, heads, head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    # Split along the matmul's columns, so the backward pass concatenates the three gradients
+    # (no pad + add); measured neutral on CPU (84.6 vs 87.9 ms CPU-config step, noise level).
+    q, k, v = (t.reshape(batch, length, heads, head_dim) for t in jnp.split(qkv, 3, axis=1))
     if self.rotary_positions:
       q, k = rotary(q, positions), rotary(k, positions)
     # Heads-major [B, N, T, H]: attention's dots then batch over the leading (b, n) dims.
@@ -150,11 +109,8 @@ class Attention(nnx.Module):
       causal_bias = jnp.where(visible, 0.0, _MASKED)
       bias = causal_bias if bias is None else bias + causal_bias
     elif causal:
-      if _VARIANT['mask'] == 'where' and bias is None:
-        bias = jnp.tril(jnp.ones((length, length), bool))
-      else:
-        causal_bias = jnp.where(jnp.tril(jnp.ones((length, length), bool)), 0.0, _MASKED)
-        bias = causal_bias if bias is None else bias + causal_bias
+      causal_bias = jnp.where(jnp.tril(jnp.ones((length, length), bool)), 0.0, _MASKED)
+      bias = causal_bias if bias is None else bias + causal_bias
     y = attend(q, k.astype(q.dtype), v.astype(q.dtype), bias)
     # Back to token-major [B*T, N*H] for one [B*T, E] x [E, E] output matmul.
     y = y.transpose(0, 2, 1, 3).reshape(batch * length, heads * head_dim)
@@ -162,6 +118,13 @@ class Attention(nnx.Module):
     if self.out_bias is not None:
       y = y + self.out_bias[...].astype(self.dtype)
     return y.reshape(batch, length, embed), new_cache
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact (erf) GELU, x * Phi(x), as published (nanoGPT's nn.GELU()). Through lax.erf rather
+  than jax.nn.gelu(approximate=False), whose erfc expansion XLA fuses into a transposing
+  copy in the backward pass: 1.37x faster train step at the CPU config (62.8 vs 86.3 ms)."""
+  return 0.5 * x * (1 + jax.lax.erf(x * 0.7071067811865476))
 
 
 class MLP(nnx.Module):
@@ -175,10 +138,7 @@ class MLP(nnx.Module):
                           bias_metadata={'logical_axes': ('embed',)})
 
   def __call__(self, x):
-    h = self.fc1(x)
-    if _VARIANT['gelu'] != 'none':
-      h = jax.nn.gelu(h, approximate=_VARIANT['gelu'] == 'tanh')
-    h = constrain(h, ('batch', None, 'mlp'))
+    h = constrain(gelu(self.fc1(x)), ('batch', None, 'mlp'))
     return self.fc2(h)
 
 
@@ -198,11 +158,10 @@ class Block(nnx.Module):
     self.dropout = nnx.Dropout(dropout_rate)
 
   def __call__(self, x, *, positions, causal, key_mask=None, cache=None, train=False, rngs=None):
-    ln1, ln2 = (self.ln1, self.ln2) if _VARIANT['ln'] != 'none' else (lambda x: x, lambda x: x)
-    y, cache = self.attn(ln1(x), positions=positions, causal=causal, key_mask=key_mask,
+    y, cache = self.attn(self.ln1(x), positions=positions, causal=causal, key_mask=key_mask,
                          cache=cache)
     x = x + self.dropout(y, deterministic=not train, rngs=rngs)
-    x = x + self.dropout(self.mlp(ln2(x)), deterministic=not train, rngs=rngs)
+    x = x + self.dropout(self.mlp(self.ln2(x)), deterministic=not train, rngs=rngs)
     return constrain(x, ('batch', None, 'embed')), cache
 
 

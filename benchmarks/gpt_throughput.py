@@ -1,0 +1,142 @@
+"""GPT training-step throughput on this machine, against the nanoGPT (eager PyTorch) figures.
+
+  .venv/bin/python benchmarks/gpt_throughput.py [--steps 10] [--warmup 2]
+      [--shape baby] [--shape cpu] [--positions learned|rotary] [--dropout RATE]
+
+Shapes are the project's configs: 'baby' is configs/gpt_shakespeare_char.py (6 layers,
+6 heads, width 384, context 256) at batch 16; 'cpu' is configs/gpt_shakespeare_char_cpu.py
+(4 layers, 4 heads, width 128, context 64, batch 12, no dropout). Vocabulary 65
+(Shakespeare characters). The step is the real one: core.steps.train_step_fn with the
+config's update rule (clipping + AdamW with decoupled decay, schedule) and the causal LM
+task's loss, jitted with the state donated. Only the data is a stand-in: a fixed batch of
+random tokens, already on the device, so input time is excluded.
+
+The CPU matmul peak is measured in this run (monitor.hardware.measure_cpu_matmul_flops,
+not the cached figure), interleaved with the timed steps: other load on the machine slows
+both alike. MFU = analytic model FLOPs (monitor.flops) per second / that peak.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import types
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from configs import gpt_shakespeare_char, gpt_shakespeare_char_cpu  # noqa: E402
+from core import steps  # noqa: E402
+from core.state import ModelTemplate, init_state  # noqa: E402
+from models.registry import create_model  # noqa: E402
+from monitor import flops, hardware  # noqa: E402
+from optim.chain import build_transform  # noqa: E402
+from optim.factory import build_schedule  # noqa: E402
+from tasks.language import CausalLanguageModeling  # noqa: E402
+
+VOCAB_SIZE = 65  # Characters of tiny Shakespeare.
+# Eager PyTorch nanoGPT on this 2-core CPU, fp32 (tokens/s), for the ratio column.
+PYTORCH_TOKENS_PER_S = {'baby': 1_280, 'cpu': 13_000}
+SHAPES = {
+    'baby': (gpt_shakespeare_char.get_config, 16),
+    'cpu': (gpt_shakespeare_char_cpu.get_config, None),  # The config's own batch (12).
+}
+
+
+def _config(shape: str, positions: str | None, dropout: float | None):
+  get_config, batch_size = SHAPES[shape]
+  config = get_config()
+  if batch_size is not None:
+    config.batch_size = batch_size
+  if positions is not None:
+    config.model.positions = positions
+  if dropout is not None:
+    config.model.dropout_rate = dropout
+  return config
+
+
+def _task(config) -> CausalLanguageModeling:
+  """The causal LM task with a stand-in source: only what its loss reads."""
+  task = CausalLanguageModeling(config)
+  task.source = types.SimpleNamespace(seq_len=config.dataset.seq_len, eval_chars_per_token=1.0)
+  return task
+
+
+def benchmark(shape: str, args) -> dict:
+  config = _config(shape, args.positions, args.dropout)
+  length, batch_size = config.dataset.seq_len, config.batch_size
+  task = _task(config)
+  template = ModelTemplate(lambda rngs: create_model(
+      config.model, rngs, vocab_size=VOCAB_SIZE, max_len=length))
+  schedule = build_schedule(config.schedule, config.optimizer.learning_rate,
+                            config.num_train_steps, 1000)
+  tx = build_transform(config, schedule)
+  train_step = jax.jit(
+      steps.train_step_fn(task, template, tx, steps.StepOptions.from_config(config)),
+      donate_argnums=0)
+  state = init_state(template, tx, config.seed)
+  tokens = jax.random.randint(jax.random.key(0), (batch_size, length + 1), 0, VOCAB_SIZE)
+  batch = {'tokens': tokens, 'token_mask': jnp.ones((batch_size, length), jnp.float32)}
+
+  for _ in range(1 + args.warmup):  # Compile, then warm up.
+    state, *outputs = train_step(state, batch)
+  jax.block_until_ready((state, outputs))
+  seconds, peaks = [], []
+  for _ in range(args.steps):
+    peaks.append(hardware.measure_cpu_matmul_flops(repeats=2))
+    started = time.perf_counter()
+    state, *outputs = train_step(state, batch)
+    jax.block_until_ready((state, outputs))
+    seconds.append(time.perf_counter() - started)
+
+  model = nnx.eval_shape(lambda: template.build_model(nnx.Rngs(0)))
+  step_flops = flops.train_step_flops(model, (length,), batch_size)
+  median, peak = statistics.median(seconds), max(peaks)
+  tokens_per_s = batch_size * length / median
+  return {'shape': shape, 'config': config, 'batch': batch_size, 'ms': 1e3 * median,
+          'tokens_per_s': tokens_per_s, 'gflops': step_flops / median / 1e9,
+          'peak_gflops': peak / 1e9, 'mfu': step_flops / median / peak,
+          'vs_pytorch': tokens_per_s / PYTORCH_TOKENS_PER_S[shape]}
+
+
+def markdown_table(rows: list[dict]) -> str:
+  header = ('shape', 'batch', 'ms/step (median)', 'tokens/s', 'GFLOP/s', 'matmul peak GFLOP/s',
+            'MFU', 'vs PyTorch')
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header)]
+  for row in rows:
+    m = row['config'].model
+    shape = (f"{row['shape']}: {m.num_layers}L {m.num_heads}H {m.embed_dim}E "
+             f"T{row['config'].dataset.seq_len} {m.positions}, dropout {m.dropout_rate}")
+    cells = (shape, row['batch'], f"{row['ms']:.1f}", f"{row['tokens_per_s']:,.0f}",
+             f"{row['gflops']:.1f}", f"{row['peak_gflops']:.0f}", f"{100 * row['mfu']:.1f}%",
+             f"{row['vs_pytorch']:.2f}x ({PYTORCH_TOKENS_PER_S[row['shape']]:,})")
+    lines.append('| ' + ' | '.join(str(c) for c in cells) + ' |')
+  return '\n'.join(lines)
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--shape', action='append', choices=sorted(SHAPES),
+                      help='shapes to time (default: all)')
+  parser.add_argument('--steps', type=int, default=10, help='timed steps per shape')
+  parser.add_argument('--warmup', type=int, default=2, help='untimed steps after compiling')
+  parser.add_argument('--positions', choices=('learned', 'rotary'),
+                      help="override the configs' position encoding")
+  parser.add_argument('--dropout', type=float, help="override the configs' dropout rate")
+  args = parser.parse_args(argv)
+  if args.steps < 1 or args.warmup < 0:
+    sys.exit(f'error: --steps={args.steps} must be >= 1 and --warmup={args.warmup} >= 0')
+  rows = [benchmark(shape, args) for shape in args.shape or sorted(SHAPES)]
+  print(f'{jax.device_count()} {jax.devices()[0].device_kind} device(s), '
+        f'{os.cpu_count()} cores; JAX {jax.__version__}; fp32; {args.warmup} warm-up + '
+        f'{args.steps} timed steps; peak = best 2048^3 fp32 matmul measured between steps\n')
+  print(markdown_table(rows))
+
+
+if __name__ == '__main__':
+  main()
