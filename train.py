@@ -18,7 +18,7 @@ from ml_collections import config_flags
 import jax
 from clu import metric_writers, periodic_actions
 
-from core import experiment
+from core import experiment, pretrained
 from core.checkpoint import Checkpointer
 from core.early_stopping import EarlyStopping
 from core.errors import KilnError
@@ -60,6 +60,17 @@ def write_train_log(writer, schedule, step: int, train_metrics, optimizer_scalar
   writer.write_scalars(step, scalars)
 
 
+def _start_from_pretrained(exp, state, shardings, checkpoint_dir: str):
+  """The fresh state with every parameter another run's checkpoint has (e.g. a pre-trained
+  encoder) copied in; the rest (e.g. a new head) keeps its initialization."""
+  host = exp.strategy.checkpoint_view(state)
+  params = pretrained.load_pretrained(jax.device_get(host.params), checkpoint_dir)
+  host = host.replace(params=params, ema_params=None if host.ema_params is None else params)
+  if exp.strategy.name == 'pmap':
+    return exp.strategy.distribute(host, shardings)
+  return pretrained.place(host, shardings)
+
+
 def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
@@ -91,6 +102,8 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
     stopped_early = loop_state['stopped_early']
     start_step = exp.strategy.step_of(state)
     logging.info('Resumed from step %d in %s', start_step, workdir)
+  elif config.init.checkpoint_dir:
+    state = _start_from_pretrained(exp, state, shardings, config.init.checkpoint_dir)
 
   train_step, eval_step = exp.train_step(shardings), exp.eval_step(shardings)
   report_progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)

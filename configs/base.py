@@ -116,6 +116,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.distributed.num_processes = -1  # Processes in the job; -1 lets JAX detect it.
   c.distributed.process_id = -1  # This process's index; -1 lets JAX detect it.
 
+  c.init = ml_collections.ConfigDict()
+  c.init.checkpoint_dir = ''  # Copy matching parameters from this run's newest checkpoint; '' = random.
+
   c.profile = ml_collections.ConfigDict()
   c.profile.first_step = 10  # First step of the profiler trace (TensorBoard's profile tab).
   c.profile.num_steps = 0  # Steps traced from first_step; 0 disables profiling.

@@ -3,12 +3,14 @@
 from tasks.base import Task
 from tasks.classification import ImageClassification
 from tasks.language import CausalLanguageModeling, MaskedLanguageModeling
+from tasks.text_classification import SequenceClassification
 from core.errors import KilnError
 
 TASKS = {
     'classification': ImageClassification,
     'causal_lm': CausalLanguageModeling,
     'masked_lm': MaskedLanguageModeling,
+    'sequence_classification': SequenceClassification,
 }
 
 

@@ -70,3 +70,24 @@ def tiny_bert_config():
   c.eval_every_steps = 100
   c.checkpoint_every_steps = 100
   return c
+
+
+def tiny_bert_classify_config():
+  """tiny_bert_config's BERT naming the speaker (of the 4 most frequent) of a speech."""
+  from configs import bert_classify_shakespeare
+  c = bert_classify_shakespeare.get_config()
+  c.dataset.num_speakers = 4
+  c.dataset.seq_len = 64
+  c.dataset.pretrain_holdout_fraction = 0.01  # tiny_bert_config's, so its checkpoints load.
+  c.model.num_layers = 2
+  c.model.num_heads = 4
+  c.model.embed_dim = 64
+  c.batch_size = 32
+  c.eval_batch_size = 64
+  c.num_train_steps = 100
+  c.schedule.warmup_steps = 5
+  c.optimizer.learning_rate = 3e-3
+  c.log_every_steps = 20
+  c.eval_every_steps = 50
+  c.checkpoint_every_steps = 50
+  return c

@@ -1,0 +1,83 @@
+"""Sequence classification with BERT: class logits from the [CLS] position."""
+
+import jax
+import jax.numpy as jnp
+import optax
+from clu import metrics
+from flax import nnx, struct
+
+from core.errors import KilnError
+from input_pipeline import batching, labeled_text
+from models import MODELS, create_model
+from tasks.base import Batch, Task
+
+
+@struct.dataclass
+class SequenceClassificationMetrics(metrics.Collection):
+  loss: metrics.Average.from_output('loss')  # Nats per example.
+  accuracy: metrics.Average.from_output('accuracy')
+  # Accuracy of always answering the most frequent training label: the bar to clear.
+  majority_accuracy: metrics.Average.from_output('majority_accuracy')
+
+
+class SequenceClassification(Task):
+  """Softmax cross-entropy on `model.classify` logits; padding never takes part in attention."""
+  metrics_class = SequenceClassificationMetrics
+
+  def load_data(self, process_index, process_count):
+    model_name = self.config.model.name
+    if not hasattr(MODELS.get(model_name), 'classify'):
+      raise KilnError(f"config.model.name='{model_name}' has no classification head: use "
+                      f"one of {', '.join(n for n, m in MODELS.items() if hasattr(m, 'classify'))}")
+    self.source = labeled_text.load_labeled_text(self.config.dataset, process_index,
+                                                 process_count)
+    configured = self.config.model.get('num_classes', 0)
+    if configured and configured != self.source.num_classes:
+      raise KilnError(f'config.model.num_classes={configured} but the data has '
+                      f'{self.source.num_classes} classes: set it to {self.source.num_classes} '
+                      'or to 0 (take it from the data)')
+    self.majority_label = int(self.source.train_label_counts.argmax())
+
+  @property
+  def num_train_examples(self):
+    return self.source.train.num_examples
+
+  @property
+  def model_input_shape(self):
+    return (self.source.seq_len,)
+
+  @property
+  def tokenizer(self):
+    return self.source.tokenizer
+
+  def build_model(self, rngs, norm_axis_name=None):
+    # The head's size always comes from the data (load_data checked any configured value).
+    model_config = {k: v for k, v in self.config.model.items() if k != 'num_classes'}
+    return create_model(model_config, rngs, vocab_size=self.tokenizer.vocab_size,
+                        max_len=self.source.seq_len, num_classes=self.source.num_classes,
+                        norm_axis_name=norm_axis_name)
+
+  def train_batches(self, host_batch_size, start_step):
+    return batching.train_batches(self.source.train, host_batch_size, self.config.seed,
+                                  self.config.dataset.shuffle_buffer, start_step)
+
+  def eval_batches(self, host_batch_size):
+    return batching.eval_batches(self.source.eval, host_batch_size)
+
+  def _outputs(self, model, batch, train, rngs=None, mask=None):
+    key_mask = batch['token_mask'] > 0
+    logits = model.classify(batch['tokens'], key_mask=key_mask, train=train, rngs=rngs)
+    labels = batch['label']
+    per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    majority = (labels == self.majority_label).astype(jnp.float32)
+    return per_example, SequenceClassificationMetrics.single_from_model_output(
+        loss=per_example, accuracy=correct, majority_accuracy=majority, mask=mask)
+
+  def loss(self, model: nnx.Module, batch: Batch, rngs: nnx.Rngs
+           ) -> tuple[jax.Array, metrics.Collection]:
+    per_example, batch_metrics = self._outputs(model, batch, train=True, rngs=rngs)
+    return per_example.mean(), batch_metrics
+
+  def evaluate(self, model: nnx.Module, batch: Batch) -> metrics.Collection:
+    return self._outputs(model, batch, train=False, mask=batch['mask'])[1]
