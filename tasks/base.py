@@ -8,6 +8,8 @@ import numpy as np
 from clu import metrics
 from flax import nnx
 
+from input_pipeline import batching
+
 Batch = dict[str, jax.Array]
 
 
@@ -43,13 +45,15 @@ class Task(abc.ABC):
     """The model, sized from the data this task loaded; `norm_axis_name` is the mapped
     device axis over which normalization statistics are averaged (pmap), if any."""
 
-  @abc.abstractmethod
   def train_batches(self, host_batch_size: int, start_step: int) -> Iterator[dict[str, np.ndarray]]:
-    """Endless training batches for this host, resumable at `start_step`."""
+    """Endless training batches for this host, resumable at `start_step`, from
+    `self.source.train` (a HostSplit that load_data set up)."""
+    return batching.train_batches(self.source.train, host_batch_size, self.config.seed,
+                                  self.config.dataset.shuffle_buffer, start_step)
 
-  @abc.abstractmethod
   def eval_batches(self, host_batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """One pass over this host's eval split; padded examples have batch['mask'] == 0."""
+    return batching.eval_batches(self.source.eval, host_batch_size)
 
   @abc.abstractmethod
   def loss(self, model: nnx.Module, batch: Batch, rngs: nnx.Rngs

@@ -6,7 +6,7 @@ import optax
 from clu import metrics
 from flax import nnx, struct
 
-from input_pipeline import batching, sources
+from input_pipeline import sources
 from models import create_model
 from tasks.base import Batch, Task
 
@@ -37,13 +37,6 @@ class ImageClassification(Task):
   def build_model(self, rngs, norm_axis_name=None):
     return create_model(self.config.model, rngs, num_classes=self.source.num_classes,
                         input_shape=self.source.image_shape, norm_axis_name=norm_axis_name)
-
-  def train_batches(self, host_batch_size, start_step):
-    return batching.train_batches(self.source.train, host_batch_size, self.config.seed,
-                                  self.config.dataset.shuffle_buffer, start_step)
-
-  def eval_batches(self, host_batch_size):
-    return batching.eval_batches(self.source.eval, host_batch_size)
 
   def _outputs(self, logits: jax.Array, labels: jax.Array, mask=None):
     per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)

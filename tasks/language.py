@@ -9,7 +9,7 @@ import optax
 from clu import metrics
 from flax import nnx, struct
 
-from input_pipeline import batching, text
+from input_pipeline import text
 from models import create_model
 from tasks.base import Batch, Task
 
@@ -41,7 +41,9 @@ class MaskedLMMetrics(metrics.Collection):
   unigram_accuracy: metrics.Average.from_output('unigram_accuracy')  # Most frequent token.
 
 
-class _TextTask(Task):
+class TextTask(Task):
+  """A task over token windows of a text source (sized by seq_len and the tokenizer)."""
+
   def load_data(self, process_index, process_count):
     self.source = text.load_text(self.config.dataset, process_index, process_count)
 
@@ -61,13 +63,6 @@ class _TextTask(Task):
     return create_model(self.config.model, rngs, vocab_size=self.tokenizer.vocab_size,
                         max_len=self.source.seq_len, norm_axis_name=norm_axis_name)
 
-  def train_batches(self, host_batch_size, start_step):
-    return batching.train_batches(self.source.train, host_batch_size, self.config.seed,
-                                  self.config.dataset.shuffle_buffer, start_step)
-
-  def eval_batches(self, host_batch_size):
-    return batching.eval_batches(self.source.eval, host_batch_size)
-
   @staticmethod
   def _token_weights(batch):
     """1 for every target that counts: real tokens of real (unpadded) examples."""
@@ -75,7 +70,7 @@ class _TextTask(Task):
     return weights * batch['mask'][:, None] if 'mask' in batch else weights
 
 
-class CausalLanguageModeling(_TextTask):
+class CausalLanguageModeling(TextTask):
   """Next-token cross-entropy; perplexity and bits per character."""
   metrics_class = CausalLMMetrics
 
@@ -96,7 +91,7 @@ class CausalLanguageModeling(_TextTask):
     return self._outputs(model(batch['tokens'][:, :-1], train=False), batch)[1]
 
 
-class MaskedLanguageModeling(_TextTask):
+class MaskedLanguageModeling(TextTask):
   """BERT's masked-token prediction with 80/10/10 corruption."""
   metrics_class = MaskedLMMetrics
 

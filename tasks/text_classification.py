@@ -7,9 +7,10 @@ from clu import metrics
 from flax import nnx, struct
 
 from core.errors import KilnError
-from input_pipeline import batching, labeled_text
+from input_pipeline import labeled_text
 from models import MODELS, create_model
-from tasks.base import Batch, Task
+from tasks.base import Batch
+from tasks.language import TextTask
 
 
 @struct.dataclass
@@ -20,7 +21,7 @@ class SequenceClassificationMetrics(metrics.Collection):
   majority_accuracy: metrics.Average.from_output('majority_accuracy')
 
 
-class SequenceClassification(Task):
+class SequenceClassification(TextTask):
   """Softmax cross-entropy on `model.classify` logits; padding never takes part in attention."""
   metrics_class = SequenceClassificationMetrics
 
@@ -38,31 +39,12 @@ class SequenceClassification(Task):
                       'or to 0 (take it from the data)')
     self.majority_label = int(self.source.train_label_counts.argmax())
 
-  @property
-  def num_train_examples(self):
-    return self.source.train.num_examples
-
-  @property
-  def model_input_shape(self):
-    return (self.source.seq_len,)
-
-  @property
-  def tokenizer(self):
-    return self.source.tokenizer
-
   def build_model(self, rngs, norm_axis_name=None):
     # The head's size always comes from the data (load_data checked any configured value).
     model_config = {k: v for k, v in self.config.model.items() if k != 'num_classes'}
     return create_model(model_config, rngs, vocab_size=self.tokenizer.vocab_size,
                         max_len=self.source.seq_len, num_classes=self.source.num_classes,
                         norm_axis_name=norm_axis_name)
-
-  def train_batches(self, host_batch_size, start_step):
-    return batching.train_batches(self.source.train, host_batch_size, self.config.seed,
-                                  self.config.dataset.shuffle_buffer, start_step)
-
-  def eval_batches(self, host_batch_size):
-    return batching.eval_batches(self.source.eval, host_batch_size)
 
   def _outputs(self, model, batch, train, rngs=None, mask=None):
     key_mask = batch['token_mask'] > 0
