@@ -64,8 +64,12 @@ def _start_from_pretrained(exp, state, shardings, checkpoint_dir: str):
   """The fresh state with every parameter another run's checkpoint has (e.g. a pre-trained
   encoder) copied in; the rest (e.g. a new head) keeps its initialization."""
   host = exp.strategy.checkpoint_view(state)
-  params = pretrained.load_pretrained(jax.device_get(host.params), checkpoint_dir)
-  host = host.replace(params=params, ema_params=None if host.ema_params is None else params)
+  # Only replaced leaves are read from disk; kept ones stay as they are (on every host).
+  # The EMA gets its own copy so that no two state leaves share a donated buffer.
+  host = host.replace(
+      params=pretrained.load_pretrained(host.params, checkpoint_dir),
+      ema_params=None if host.ema_params is None else pretrained.load_pretrained(
+          host.ema_params, checkpoint_dir))
   if exp.strategy.name == 'pmap':
     return exp.strategy.distribute(host, shardings)
   return pretrained.place(host, shardings)
@@ -79,6 +83,8 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
   """
   started = time.perf_counter()
   exp = experiment.build_experiment(config)  # Rejects bad input before anything is written.
+  if config.init.checkpoint_dir:
+    pretrained.newest_step(config.init.checkpoint_dir)  # A bad path fails before any write.
   task, schedule, num_steps = exp.task, exp.schedule, exp.num_steps
   early_stopping = EarlyStopping(config.early_stopping.metric, config.early_stopping.mode,
                                  config.early_stopping.patience)

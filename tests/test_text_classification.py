@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+import train
 from configs import bert_mlm_shakespeare
 from core import pretrained
 from core.checkpoint import Checkpointer
@@ -190,17 +191,6 @@ def _by_path(tree):
   return {path_string(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def start_from_checkpoint(exp, state, shardings, checkpoint_dir):
-  """What train.py does with config.init.checkpoint_dir on a fresh run, for any strategy."""
-  view = exp.strategy.checkpoint_view(state)
-  targets = exp.strategy.restore_shardings(shardings)
-  params = pretrained.place(pretrained.load_pretrained(view.params, checkpoint_dir),
-                            targets.params)
-  ema = None if view.ema_params is None else pretrained.place(
-      pretrained.load_pretrained(view.ema_params, checkpoint_dir), targets.ema_params)
-  return exp.strategy.distribute(view.replace(params=params, ema_params=ema), shardings)
-
-
 def test_merge_takes_matching_leaves_and_keeps_the_head(mlm_workdir, classifier, tmp_path):
   step, source = pretrained.read_params(mlm_workdir)
   assert step == 5 and all(isinstance(x, np.ndarray) for x in jax.tree.leaves(source))
@@ -235,7 +225,7 @@ def test_pmap_and_ema_start_from_the_checkpoint(mlm_workdir, devices):
   exp = build_experiment(config, devices)
   state, shardings = exp.create_state()
   head = np.asarray(state.params['classifier']['kernel'])
-  state = start_from_checkpoint(exp, state, shardings, mlm_workdir)
+  state = train._start_from_pretrained(exp, state, shardings, mlm_workdir)
   qkv = pretrained.read_params(mlm_workdir)[1]['encoder']['blocks']['1']['attn']['qkv']
   for params in (state.params, state.ema_params):  # One copy per device.
     np.testing.assert_array_equal(np.asarray(params['encoder']['blocks'][1]['attn']['qkv']),
@@ -247,7 +237,7 @@ def test_fine_tuned_classifier_learns_the_speakers(mlm_workdir, classifier):
   exp, state, shardings, init = classifier
   source = pretrained.read_params(mlm_workdir)[1]
   assert not np.array_equal(init['encoder']['token_embed'], source['encoder']['token_embed'])
-  state = start_from_checkpoint(exp, state, shardings, mlm_workdir)
+  state = train._start_from_pretrained(exp, state, shardings, mlm_workdir)
   tuned, source, init = (_by_path(tree) for tree in (jax.device_get(state.params), source, init))
   assert sorted(source) == sorted(k for k in tuned if not k.startswith('classifier/'))
   for path, value in tuned.items():
