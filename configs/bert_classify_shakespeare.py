@@ -21,6 +21,8 @@ def get_config():
   c.dataset.shuffle_buffer = 16_384  # More than the training speeches: a full shuffle.
 
   c.model.num_classes = 0  # Classifier outputs; 0 takes them from the data (num_speakers).
+  # Mean over the speech, not [CLS]: masked-LM pre-training never trains the [CLS] position.
+  c.model.pooling = 'mean'
 
   c.init.checkpoint_dir = ''  # Point at a bert_mlm_shakespeare run's workdir to fine-tune it.
 

@@ -300,8 +300,13 @@ class BERT(nnx.Module):
   def __init__(self, *, vocab_size: int, max_len: int, num_layers: int = 4, num_heads: int = 4,
                embed_dim: int = 256, mlp_ratio: int = 4, dropout_rate: float = 0.1,
                positions: str = 'learned', use_bias: bool = True, num_classes: int = 0,
-               scan_layers: bool = False, remat_policy: str = 'none', dtype: str = 'float32',
-               rngs: nnx.Rngs):
+               pooling: str = 'cls', scan_layers: bool = False, remat_policy: str = 'none',
+               dtype: str = 'float32', rngs: nnx.Rngs):
+    """`pooling`: what the classifier reads, the first ([CLS]) position's hidden state
+    ('cls', as in BERT) or the mean over unpadded positions ('mean')."""
+    if pooling not in ('cls', 'mean'):
+      raise ValueError(f"pooling='{pooling}' must be 'cls' or 'mean'")
+    self.pooling = pooling
     self.encoder = Transformer(
         vocab_size=vocab_size, max_len=max_len, num_layers=num_layers, num_heads=num_heads,
         embed_dim=embed_dim, mlp_ratio=mlp_ratio, dropout_rate=dropout_rate, positions=positions,
@@ -330,8 +335,14 @@ class BERT(nnx.Module):
     return self.mlm_logits(self.encode(tokens, key_mask, train=train, rngs=rngs))
 
   def classify(self, tokens, *, key_mask=None, train: bool = False, rngs=None):
-    """Class logits from the first position's hidden state."""
+    """Class logits from the pooled hidden states (see `pooling`)."""
     if self.classifier is None:
       raise ValueError('this BERT has no classification head: build it with num_classes > 0')
     hidden = self.encode(tokens, key_mask, train=train, rngs=rngs)
-    return self.classifier(hidden[:, 0]).astype(jnp.float32)
+    if self.pooling == 'cls':
+      pooled = hidden[:, 0]
+    else:
+      weights = (jnp.ones(tokens.shape, hidden.dtype) if key_mask is None
+                 else key_mask.astype(hidden.dtype))[..., None]
+      pooled = (hidden * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
+    return self.classifier(pooled).astype(jnp.float32)

@@ -87,3 +87,18 @@ def test_scanned_and_unrolled_layers_compute_the_same_function():
   nnx.update(scanned.transformer.ln_f, nnx.state(unrolled.transformer.ln_f))
   tokens = jax.random.randint(jax.random.key(5), (2, 20), 0, 65)
   np.testing.assert_allclose(scanned(tokens), unrolled(tokens), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('pooling', ['cls', 'mean'])
+def test_bert_classification_ignores_padding(pooling):
+  model = BERT(vocab_size=70, max_len=32, num_layers=2, num_heads=4, embed_dim=32, num_classes=3,
+               pooling=pooling, rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(0), (2, 32), 0, 65)
+  key_mask = jnp.arange(32)[None, :] < jnp.array([[20], [32]])
+  other_padding = jnp.where(key_mask, tokens, 7)
+  np.testing.assert_allclose(model.classify(tokens, key_mask=key_mask),
+                             model.classify(other_padding, key_mask=key_mask), rtol=1e-5, atol=1e-6)
+  if pooling == 'mean':  # Mean pooling sees every real token, not only the first.
+    changed = tokens.at[0, 10].set((tokens[0, 10] + 1) % 65)
+    assert not np.allclose(model.classify(changed, key_mask=key_mask)[0],
+                           model.classify(tokens, key_mask=key_mask)[0])
