@@ -44,12 +44,7 @@ def initialize_distributed(distributed_config) -> None:
 
 
 def _evaluate(eval_step, state, exp) -> dict[str, float]:
-  batches = DevicePrefetcher(exp.task.eval_batches(exp.host_eval_batch), exp.strategy.place)
-  total = None
-  for batch in batches:
-    batch_metrics = eval_step(state, batch)
-    total = batch_metrics if total is None else total.merge(batch_metrics)
-  return {k: float(v) for k, v in total.compute().items()}
+  return {k: float(v) for k, v in exp.evaluate(eval_step, state).compute().items()}
 
 
 def write_train_log(writer, schedule, step: int, train_metrics, optimizer_scalars) -> None:

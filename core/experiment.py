@@ -18,6 +18,7 @@ from optim import build_schedule
 from optim.chain import build_transform
 from parallel import mesh as mesh_lib
 from parallel import sharding
+from parallel.placement import DevicePrefetcher
 from parallel.strategy import JitStrategy, PmapStrategy, create_strategy
 from tasks import create_task
 from tasks.base import Task
@@ -62,6 +63,15 @@ class Experiment:
     """Analytic model FLOPs of one optimizer step over the global batch."""
     model = nnx.eval_shape(lambda: self.template.build_model(nnx.Rngs(0)))
     return flops.train_step_flops(model, self.task.model_input_shape, self.config.batch_size)
+
+  def evaluate(self, eval_step, state):
+    """The task's eval metrics merged over one pass of the eval split (not yet computed)."""
+    total = None
+    for batch in DevicePrefetcher(self.task.eval_batches(self.host_eval_batch),
+                                  self.strategy.place):
+      batch_metrics = eval_step(state, batch)
+      total = batch_metrics if total is None else total.merge(batch_metrics)
+    return total
 
   def train_step(self, shardings):
     """Compiled `(state, batch) -> (state, task metrics, optimizer scalars)`."""

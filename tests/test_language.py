@@ -33,10 +33,7 @@ def test_eval_counts_every_held_out_target_once(devices):
   exp = build_experiment(tiny_gpt_config(), devices)
   state, shardings = exp.create_state()
   eval_step = exp.eval_step(shardings)
-  total = None
-  for batch in exp.task.eval_batches(exp.host_eval_batch):
-    batch_metrics = eval_step(state, exp.strategy.place(batch))
-    total = batch_metrics if total is None else total.merge(batch_metrics)
+  total = exp.evaluate(eval_step, state)
   _, held_out = text.read_text(exp.config.dataset)
   assert int(total.loss.count) == len(held_out) - 1  # Every character after the first.
 
@@ -76,10 +73,7 @@ def test_bert_eval_masks_do_not_depend_on_batching(devices):
     exp = build_experiment(config, devices)
     state, shardings = exp.create_state()
     eval_step = exp.eval_step(shardings)
-    total = None
-    for batch in exp.task.eval_batches(exp.host_eval_batch):
-      batch_metrics = eval_step(state, exp.strategy.place(batch))
-      total = batch_metrics if total is None else total.merge(batch_metrics)
+    total = exp.evaluate(eval_step, state)
     results.append((float(total.loss.count), float(total.compute()['loss'])))
   assert results[0][0] == results[1][0]
   assert results[0][1] == pytest.approx(results[1][1], rel=1e-5)

@@ -258,10 +258,7 @@ def test_fine_tuned_classifier_learns_the_speakers(mlm_workdir, classifier):
                  for part in (step_metrics[:20], step_metrics[-20:]))
   assert last['loss'] < first['loss'] - 0.1
   assert last['accuracy'] > first['majority_accuracy'] + 0.1  # Learns the training speeches.
-  total = None
-  for batch in exp.task.eval_batches(exp.host_eval_batch):
-    batch_metrics = eval_step(state, exp.strategy.place(batch))
-    total = batch_metrics if total is None else total.merge(batch_metrics)
+  total = exp.evaluate(eval_step, state)
   assert int(total.accuracy.count) == exp.task.source.eval.num_examples == 80
   # GLOUCESTER's share of the held-out speeches, counted with the padded batch masked out.
   assert float(total.compute()['majority_accuracy']) == pytest.approx(42 / 80)
