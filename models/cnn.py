@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.conv import Conv
 from parallel.sharding import constrain
 
 
@@ -15,7 +16,7 @@ class ConvBlock(nnx.Module):
   def __init__(self, in_features: int, out_features: int, *, norm_axis_name: str | None,
                rngs: nnx.Rngs):
     # No conv bias: the BatchNorm shift that follows makes it redundant.
-    self.conv = nnx.Conv(in_features, out_features, (3, 3), use_bias=False, rngs=rngs,
+    self.conv = Conv(in_features, out_features, (3, 3), use_bias=False, rngs=rngs,
                          kernel_metadata={'logical_axes': (None, None, 'conv_in', 'conv_out')})
     channels = {'logical_axes': ('conv_out',)}
     self.norm = nnx.BatchNorm(out_features, momentum=0.9, axis_name=norm_axis_name,
