@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.dropout import Dropout
 from parallel.sharding import constrain
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -155,7 +156,7 @@ class Block(nnx.Module):
     self.ln2 = nnx.LayerNorm(embed_dim, dtype=dtype, scale_metadata=norm, bias_metadata=norm,
                              rngs=rngs)
     self.mlp = MLP(embed_dim, mlp_ratio * embed_dim, use_bias=use_bias, dtype=dtype, rngs=rngs)
-    self.dropout = nnx.Dropout(dropout_rate)
+    self.dropout = Dropout(dropout_rate)
 
   def __call__(self, x, *, positions, causal, key_mask=None, cache=None, train=False, rngs=None):
     y, cache = self.attn(self.ln1(x), positions=positions, causal=causal, key_mask=key_mask,
@@ -184,7 +185,7 @@ class Transformer(nnx.Module):
     self.token_embed = _param(rngs, (vocab_size, embed_dim), ('vocab', 'embed'))
     self.position_embed = (_param(rngs, (max_len, embed_dim), (None, 'embed'))
                            if positions == 'learned' else None)
-    self.dropout = nnx.Dropout(dropout_rate)
+    self.dropout = Dropout(dropout_rate)
 
     def make_block(block_rngs):
       return Block(embed_dim, num_heads, mlp_ratio, dropout_rate, use_bias=use_bias,

@@ -102,3 +102,18 @@ def test_bert_classification_ignores_padding(pooling):
     changed = tokens.at[0, 10].set((tokens[0, 10] + 1) % 65)
     assert not np.allclose(model.classify(changed, key_mask=key_mask)[0],
                            model.classify(tokens, key_mask=key_mask)[0])
+
+
+@pytest.mark.parametrize('shape', [(64, 1000, 16), (999, 1001)])  # Even and odd last dims.
+def test_dropout_drops_at_its_rate_and_stays_unbiased(shape):
+  from models.dropout import Dropout
+  x = jnp.ones(shape)
+  y = Dropout(0.2)(x, deterministic=False, rngs=nnx.Rngs(dropout=3))
+  dropped = float((y == 0).mean())
+  assert abs(dropped - 0.2) < 3e-3, dropped
+  assert abs(float(y.mean()) - 1.0) < 5e-3  # Kept values carry 1 / keep probability.
+  again = Dropout(0.2)(x, deterministic=False, rngs=nnx.Rngs(dropout=3))
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(again))
+  other = Dropout(0.2)(x, deterministic=False, rngs=nnx.Rngs(dropout=4))
+  assert float((other != y).mean()) > 0.2  # A different key gives a different mask.
+  np.testing.assert_array_equal(np.asarray(Dropout(0.2)(x, deterministic=True)), np.asarray(x))
