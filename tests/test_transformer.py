@@ -117,3 +117,22 @@ def test_dropout_drops_at_its_rate_and_stays_unbiased(shape):
   other = Dropout(0.2)(x, deterministic=False, rngs=nnx.Rngs(dropout=4))
   assert float((other != y).mean()) > 0.2  # A different key gives a different mask.
   np.testing.assert_array_equal(np.asarray(Dropout(0.2)(x, deterministic=True)), np.asarray(x))
+
+
+def test_blocked_causal_attention_equals_masked_attention():
+  from models.transformer import attend, causal_attend, causal_bias
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 3, 12, 8)) for i in range(3))
+  key_bias = jnp.where(jnp.arange(12) < 10, 0.0, -1e30)[None, None, None, :]  # Padded keys.
+  for bias in (None, key_bias):
+    full_bias = causal_bias(12) if bias is None else bias + causal_bias(12)
+
+    def reference(q, k, v):
+      return (attend(q, k, v, full_bias) ** 2).sum()
+
+    def blocked(q, k, v):
+      return (causal_attend(q, k, v, bias, block=4) ** 2).sum()
+    np.testing.assert_allclose(causal_attend(q, k, v, bias, block=4), attend(q, k, v, full_bias),
+                               rtol=1e-5, atol=1e-6)
+    for g_blocked, g_ref in zip(jax.grad(blocked, (0, 1, 2))(q, k, v),
+                                jax.grad(reference, (0, 1, 2))(q, k, v)):
+      np.testing.assert_allclose(g_blocked, g_ref, rtol=1e-4, atol=1e-5)
