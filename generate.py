@@ -11,14 +11,13 @@ greedily; --top_k and --top_p (nucleus) filter the distribution before sampling.
 import functools
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 import jax
 import numpy as np
 
-from core import experiment, sampling
-from core.checkpoint import Checkpointer
+from core import experiment, sampling, trained
 from core.errors import KilnError
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory holding checkpoints/.')
@@ -31,27 +30,13 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed: the same seed gives the 
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 1, 'Independent continuations to print.')
 
 
-def load_model(config, workdir: str):
-  """(model with the latest checkpoint's parameters, tokenizer) of a language-model run."""
+def generate(config, workdir: str, prompt: str, num_tokens: int, temperature: float,
+             top_k: int, top_p: float, seed: int, num_samples: int = 1) -> list[str]:
   exp = experiment.build_experiment(config)
   if not hasattr(exp.task, 'tokenizer'):
     raise KilnError(f"config.task='{config.task}' does not model text: use a causal_lm config")
-  checkpointer = Checkpointer(workdir, keep=1)
-  step = checkpointer.latest_step()
-  if step is None:
-    raise KilnError(f"no checkpoint in '{workdir}/checkpoints': train there first with train.py")
-  state, shardings = exp.create_state()
-  state, _ = checkpointer.restore(step, exp.strategy.checkpoint_view(state),
-                                  exp.strategy.restore_shardings(shardings))
-  checkpointer.close()
-  params = state.ema_params if state.ema_params is not None else state.params
-  logging.info('Loaded step %d from %s', step, workdir)
-  return exp.template.merge(params, state.model_state), exp.task.tokenizer
-
-
-def generate(config, workdir: str, prompt: str, num_tokens: int, temperature: float,
-             top_k: int, top_p: float, seed: int, num_samples: int = 1) -> list[str]:
-  model, tokenizer = load_model(config, workdir)
+  model, _, _ = trained.load_model(config, workdir, exp)
+  tokenizer = exp.task.tokenizer
   ids = np.tile(tokenizer.encode(prompt)[None], (num_samples, 1))
   if ids.shape[1] == 0:
     raise KilnError('the prompt encodes to no tokens: pass a non-empty --prompt')

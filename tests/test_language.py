@@ -7,17 +7,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import generate
 import train
+from core.errors import KilnError
 from core.experiment import build_experiment
 from input_pipeline import text
 from tasks.language import MASK_FRACTION
-from tests.tiny import tiny_bert_config, tiny_gpt_config
+from tests.tiny import tiny_bert_config, tiny_config, tiny_gpt_config
 
 
 @pytest.fixture(scope='module')
-def gpt_run(tmp_path_factory, devices):
-  workdir = str(tmp_path_factory.mktemp('gpt'))
-  return train.train_and_evaluate(tiny_gpt_config(), workdir)
+def gpt_workdir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('gpt'))
+
+
+@pytest.fixture(scope='module')
+def gpt_run(gpt_workdir, devices):
+  return train.train_and_evaluate(tiny_gpt_config(), gpt_workdir)
 
 
 def test_gpt_learns_shakespeare(gpt_run):
@@ -27,6 +33,21 @@ def test_gpt_learns_shakespeare(gpt_run):
   # Char tokens: bits per character is nats per token in base 2.
   assert final['bits_per_char'] == pytest.approx(final['loss'] / math.log(2), rel=1e-5)
   assert gpt_run['mfu'] > 0 and gpt_run['train_step_flops'] > 0
+
+
+def test_generate_continues_the_prompt_from_the_checkpoint(gpt_run, gpt_workdir):
+  def run(**kwargs):
+    args = dict(prompt='ROMEO:', num_tokens=24, temperature=0.8, top_k=10, top_p=1.0, seed=0,
+                num_samples=2)
+    return generate.generate(tiny_gpt_config(), gpt_workdir, **{**args, **kwargs})
+  samples = run()
+  assert all(s.startswith('ROMEO:') and len(s) == len('ROMEO:') + 24 for s in samples)
+  assert samples == run()  # Same seed, same text.
+  assert run(seed=1) != samples
+  greedy = run(temperature=0.0)
+  assert greedy[0] == greedy[1]
+  with pytest.raises(KilnError, match='does not model text'):
+    generate.generate(tiny_config(), gpt_workdir, 'x', 1, 0.0, 0, 1.0, 0)
 
 
 def test_eval_counts_every_held_out_target_once(devices):
