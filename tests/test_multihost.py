@@ -11,10 +11,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-import tensorflow as tf
-from tensorboard.backend.event_processing import event_accumulator
 
 import train
+from monitor import run_log
 from tests.checkpoints import latest_params
 from tests.tiny import multihost_config
 
@@ -39,10 +38,7 @@ def _run_two_processes(workdir: str, stop_at_step: int | None = None) -> None:
 
 
 def _losses(workdir: str) -> list[float]:
-  acc = event_accumulator.EventAccumulator(workdir, size_guidance={'tensors': 0})
-  acc.Reload()
-  by_step = {e.step: float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors('train_loss')}
-  return [by_step[s] for s in sorted(by_step)]
+  return list(run_log.read_scalars(workdir)['train_loss'][1])
 
 
 def test_two_processes_match_one_process_step_for_step(tmp_path, devices):

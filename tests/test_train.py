@@ -7,11 +7,10 @@ import os
 import jax
 import numpy as np
 import pytest
-import tensorflow as tf
 import tensorflow_datasets as tfds
-from tensorboard.backend.event_processing import event_accumulator
 
 import train
+from monitor import run_log
 from tasks.classification import ImageClassification
 from tests.checkpoints import latest_params
 from tests.tiny import tiny_config
@@ -26,9 +25,7 @@ def full_run(tmp_path_factory, devices):
 
 
 def _scalars(workdir: str, tag: str) -> list[float]:
-  acc = event_accumulator.EventAccumulator(workdir, size_guidance={'tensors': 0})
-  acc.Reload()
-  return [float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)]
+  return list(run_log.read_scalars(workdir)[tag][1])
 
 
 def test_loss_falls_and_model_learns(full_run):
