@@ -2,7 +2,7 @@
 
   .venv/bin/python benchmarks/throughput.py [CONFIG.py ...] [--steps 30] [--warmup 5]
 
-With no config files it benchmarks configs/default.py and configs/mnist_cnn.py.
+With no config files it benchmarks DEFAULT_CONFIGS (the configs that run offline).
 Each config's first train step is timed as its compile time (the persistent
 compilation cache is left off so that it is honest), then `--warmup` untimed
 steps run, then `--steps` timed ones, each blocked on so that it is timed
@@ -27,7 +27,9 @@ from core.errors import KilnError  # noqa: E402
 from monitor import flops, hardware  # noqa: E402
 from parallel.placement import DevicePrefetcher  # noqa: E402
 
-DEFAULT_CONFIGS = ('configs/default.py', 'configs/mnist_cnn.py')
+DEFAULT_CONFIGS = ('configs/default.py', 'configs/mnist_cnn.py',
+                   # Vision configs that run on the shared data (the TFDS ones need downloads).
+                   'configs/resnet18_mnist.py', 'configs/yolo_mnist_canvas.py')
 
 
 def load_config(path: str):

@@ -24,6 +24,28 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.dataset.seq_len = 256  # Text: tokens per window the model sees (windows hold seq_len + 1).
   c.dataset.window_stride = 0  # Text: tokens between training windows' starts; 0 = seq_len.
 
+  # --- Speech (tasks speech_classification / speech_ctc / speech_rnnt; input_pipeline/audio.py).
+  c.audio = ml_collections.ConfigDict()
+  c.audio.num_mels = 40  # Mel filter-bank channels of the log-mel features.
+  c.audio.window_ms = 25.0  # Analysis window (Hann) per frame, in milliseconds.
+  c.audio.hop_ms = 10.0  # Step between frames, in milliseconds.
+  c.audio.max_frames = 160  # Frames per padded utterance (static shape); longer ones are cut.
+  c.audio.max_label_len = 32  # Transcripts: characters per padded label sequence; longer are cut.
+  c.audio.max_digits = 5  # fsdd_connected: an utterance joins 1..max_digits recordings.
+  c.audio.min_silence_ms = 50.0  # fsdd_connected: shortest silence between two digits.
+  c.audio.max_silence_ms = 250.0  # fsdd_connected: longest silence between two digits.
+  c.audio.num_train_utterances = 4000  # fsdd_connected: utterances built from train recordings.
+  c.audio.num_eval_utterances = 600  # fsdd_connected: utterances built from test recordings.
+  c.audio.freq_masks = 2  # SpecAugment: frequency masks per training utterance; 0 disables.
+  c.audio.freq_width = 8  # SpecAugment: widest frequency mask, in mel channels (F).
+  c.audio.time_masks = 2  # SpecAugment: time masks per training utterance; 0 disables.
+  c.audio.time_width = 20  # SpecAugment: widest time mask, in frames (T).
+  c.audio.time_width_fraction = 0.2  # SpecAugment: a time mask covers at most this share (p).
+  c.decoding = ml_collections.ConfigDict()
+  c.decoding.beam_size = 4  # Transcription eval: beam width of the beam-search figures; 0 = greedy only.
+  c.decoding.max_symbols_per_frame = 3  # RNN-T greedy decoding: most labels emitted per frame.
+  # --- End of speech.
+
   c.model = ml_collections.ConfigDict()
   c.model.name = 'cnn'  # A name in models.MODELS; the other keys here go to its constructor.
 
@@ -122,6 +144,36 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.profile = ml_collections.ConfigDict()
   c.profile.first_step = 10  # First step of the profiler trace (TensorBoard's profile tab).
   c.profile.num_steps = 0  # Steps traced from first_step; 0 disables profiling.
+
+  # ---- Vision: host-side augmentation (classification) and detection (issue 7) ----
+  c.augment = ml_collections.ConfigDict()
+  c.augment.image_size = 0  # Resize/crop images to this square side; 0 keeps the source's size.
+  c.augment.crop = 'none'  # Train crop: 'none', 'pad_and_crop' or 'random_resized_crop'.
+  c.augment.pad = 4  # pad_and_crop: zero pixels added on each side before the random crop.
+  c.augment.crop_scale = (0.08, 1.0)  # random_resized_crop: range of the crop's area fraction.
+  c.augment.crop_ratio = (3 / 4, 4 / 3)  # random_resized_crop: range of width / height.
+  c.augment.eval_crop_fraction = 0.875  # With image_size: eval resizes to size / this, centre-crops.
+  c.augment.flip = False  # Mirror train images left-right with probability 1/2.
+  c.augment.mean = ()  # Per-channel mean subtracted from every image (train and eval); () none.
+  c.augment.std = ()  # Per-channel std every image is divided by; () none.
+  c.augment.mixup_alpha = 0.0  # Mixup's Beta(alpha, alpha) mixing weight; 0 disables mixup.
+  c.augment.cutmix_alpha = 0.0  # CutMix's Beta(alpha, alpha) kept area; 0 disables (both on: 50/50).
+
+  c.detection = ml_collections.ConfigDict()
+  c.detection.canvas_size = 96  # MNIST canvases: side of each square canvas in pixels.
+  c.detection.min_objects = 1  # MNIST canvases: fewest digits on a canvas.
+  c.detection.max_objects = 5  # MNIST canvases: most digits on a canvas (boxes are padded to this).
+  c.detection.digit_size = (20, 44)  # MNIST canvases: side range (px) of a pasted 28x28 digit.
+  c.detection.num_train_canvases = 8000  # MNIST canvases built from the train part's digits.
+  c.detection.num_eval_canvases = 1000  # MNIST canvases built from the held-out digits only.
+  c.detection.canvas_seed = 0  # Seed of canvas layouts (not c.seed: the data stays fixed).
+  c.detection.box_weight = 5.0  # Loss weight of the box term, 1 - GIoU over assigned anchors.
+  c.detection.objectness_weight = 1.0  # Loss weight of objectness BCE over every anchor.
+  c.detection.class_weight = 1.0  # Loss weight of class cross-entropy over assigned anchors.
+  c.detection.ignore_iou = 0.5  # Unassigned anchors overlapping an object above this: no objectness loss.
+  c.detection.score_threshold = 0.01  # Decoding: detections scoring below this are dropped.
+  c.detection.nms_iou = 0.5  # Decoding: per-class NMS drops boxes overlapping a better one above this.
+  c.detection.max_detections = 20  # Decoding: detections kept per image after NMS.
 
   c.compilation_cache_dir = '~/.cache/kiln/jax'  # Persistent XLA compilation cache; '' disables it.
   return c

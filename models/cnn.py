@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models import layers
 from models.conv import Conv
 from parallel.sharding import constrain
 
@@ -58,7 +59,7 @@ class CNN(nnx.Module):
     for stage in self.stages:
       for block in stage:
         x = block(x, train=train)
-      x = nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+      x = layers.max_pool(x, window_shape=(2, 2), strides=(2, 2))
     x = constrain(jax.nn.relu(self.hidden(x.reshape(x.shape[0], -1))), ('batch', 'mlp'))
     x = self.dropout(x, deterministic=not train, rngs=rngs)
     return self.classifier(x).astype(jnp.float32)

@@ -6,7 +6,12 @@ from flax import nnx
 
 from core.errors import KilnError
 from models.cnn import CNN
+from models.conformer import ConformerEncoder
+from models.detector import YOLO
 from models.mlp import MLP
+from models.recurrent import LSTMEncoder
+from models.resnet import ResNet, ResNet18, ResNet34, ResNet50
+from models.rnnt import Transducer
 from models.transformer import BERT, GPT
 
 MODELS = {
@@ -14,6 +19,14 @@ MODELS = {
     'mlp': MLP,
     'gpt': GPT,
     'bert': BERT,
+    'lstm': LSTMEncoder,  # Speech: (bi)LSTM encoder with a frame-wise head.
+    'conformer': ConformerEncoder,  # Speech: Conformer encoder with a frame-wise head.
+    'transducer': Transducer,  # Speech: RNN-T encoder + prediction + joint networks.
+    'resnet': ResNet,
+    'resnet18': ResNet18,
+    'resnet34': ResNet34,
+    'resnet50': ResNet50,
+    'yolo': YOLO,  # Detection: grid detector (objectness, box, class per anchor).
 }
 
 

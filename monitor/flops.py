@@ -21,7 +21,12 @@ from flax import nnx
 
 from core.errors import KilnError
 from models.cnn import CNN
+from models.conformer import ConformerEncoder
+from models.detector import YOLO
 from models.mlp import MLP
+from models.recurrent import LSTMEncoder, LSTMLayer
+from models.resnet import ResNet
+from models.rnnt import Transducer
 from models.transformer import BERT, GPT, Transformer
 
 
@@ -161,12 +166,109 @@ def _bert_forward_flops(model: BERT, input_shape: Sequence[int]) -> float:
   return _transformer_flops(model.encoder, length, causal=False) + head
 
 
+def resnet_features_flops(model: ResNet, input_shape: Sequence[int]
+                          ) -> tuple[float, tuple[int, ...]]:
+  """Mirrors models.resnet.ResNet.features: forward FLOPs up to the last stage and that
+  map's spatial shape. Convs only; the max-pool and residual adds are elementwise."""
+  if len(input_shape) != 3 or input_shape[-1] != model.stem_conv.in_features:
+    raise KilnError(f'input_shape {tuple(input_shape)} is not the (H, W, '
+                    f'{model.stem_conv.in_features}) image the ResNet was built for')
+  total, spatial = conv_flops(model.stem_conv, input_shape[:2])
+  if model.stem == 'imagenet':  # 3x3/2 max-pool padded by 1.
+    spatial = tuple((size + 2 - 3) // 2 + 1 for size in spatial)
+  flops, spatial = _residual_blocks_flops(model.blocks, spatial)
+  return total + flops, spatial
+
+
+def _residual_blocks_flops(blocks, spatial) -> tuple[float, tuple[int, ...]]:
+  """models.resnet.Block's in sequence: their convs and projection shortcuts."""
+  total = 0.0
+  for block in blocks:
+    block_input = spatial
+    for conv in block.convs:
+      flops, spatial = conv_flops(conv, spatial)
+      total += flops
+    if block.projection is not None:
+      total += conv_flops(block.projection, block_input)[0]
+  return total, spatial
+
+
+def _resnet_forward_flops(model: ResNet, input_shape: Sequence[int]) -> float:
+  return resnet_features_flops(model, input_shape)[0] + linear_flops(model.classifier)
+
+
+def _yolo_forward_flops(model: YOLO, input_shape: Sequence[int]) -> float:
+  """Mirrors models.detector.YOLO.__call__: stem, residual blocks, head convs."""
+  if len(input_shape) != 3 or input_shape[-1] != model.stem_conv.in_features:
+    raise KilnError(f'input_shape {tuple(input_shape)} is not the (H, W, '
+                    f'{model.stem_conv.in_features}) image the detector was built for')
+  total, spatial = conv_flops(model.stem_conv, input_shape[:2])
+  flops, spatial = _residual_blocks_flops(model.blocks, spatial)
+  head, spatial = conv_flops(model.head_conv, spatial)
+  return total + flops + head + conv_flops(model.predict, spatial)[0]
+
+
+
+# --- Speech encoders (issue 6): input_shape is (max_frames, num_mels); padded frames count,
+# since the step computes them.
+def _lstm_layer_flops(layer: LSTMLayer, steps: int) -> float:
+  """Per time step: the input and hidden projections into the 4 gates (the input one is
+  hoisted out of the recurrence, but it is the same arithmetic)."""
+  return steps * (linear_flops(layer.input_proj) + linear_flops(layer.hidden_proj))
+
+
+def _lstm_forward_flops(model: LSTMEncoder, input_shape: Sequence[int]) -> float:
+  frames, _ = input_shape
+  steps = -(-frames // model.frame_stack)
+  layers = [*model.forward_layers, *model.backward_layers]
+  head = steps * linear_flops(model.head) if model.head is not None else 0.0
+  return sum(_lstm_layer_flops(layer, steps) for layer in layers) + head
+
+
+def _conformer_forward_flops(model: ConformerEncoder, input_shape: Sequence[int]) -> float:
+  """Subsampling convs, then per block and frame the two feed-forwards, the attention
+  projections plus scores and weighted sum over all frames (bidirectional), and the
+  convolution module (pointwise, depthwise, pointwise)."""
+  sub = model.subsample
+  total, spatial = conv_flops(sub.conv1, input_shape)
+  flops, spatial = conv_flops(sub.conv2, spatial)
+  frames = spatial[0]
+  total += flops + frames * linear_flops(sub.proj)
+  for block in model.blocks:
+    dim = block.attn_norm.num_features
+    ffn = 2 * (linear_flops(block.ff1.fc1) + linear_flops(block.ff1.fc2))
+    attention = 2.0 * 4 * dim * dim + 2.0 * 2 * frames * dim
+    total += frames * (ffn + attention)
+    for conv in (block.conv.pointwise1, block.conv.depthwise, block.conv.pointwise2):
+      total += conv_flops(conv, (frames,))[0]
+  if model.head is not None:
+    total += frames * linear_flops(model.head)
+  return total
+
+
+def _transducer_forward_flops(model: Transducer, input_shape: Sequence[int]) -> float:
+  """Encoder, the prediction network over U+1 labels, and the joint network at every
+  (frame, label position) of the T' x (U+1) lattice, U = model.max_label_len."""
+  encoder = forward_flops(model.encoder, input_shape)
+  frames = -(-input_shape[0] // model.encoder.frame_stack) if isinstance(
+      model.encoder, LSTMEncoder) else -(-(-(-input_shape[0] // 2)) // 2)  # Conformer: 4x.
+  labels = model.max_label_len + 1
+  prediction = labels * (_lstm_layer_flops(model.predictor, 1) + linear_flops(model.pred_proj))
+  joint = frames * linear_flops(model.enc_proj) + frames * labels * linear_flops(model.joint_out)
+  return encoder + prediction + joint
+# --- End of speech.
+
 # Model class -> counter of one example's forward FLOPs, `(model, input_shape) -> float`.
 FLOP_COUNTERS: dict[type, Callable[[nnx.Module, Sequence[int]], float]] = {
     CNN: _cnn_forward_flops,
     MLP: _mlp_forward_flops,
     GPT: _gpt_forward_flops,
     BERT: _bert_forward_flops,
+    ResNet: _resnet_forward_flops,
+    YOLO: _yolo_forward_flops,
+    LSTMEncoder: _lstm_forward_flops,
+    ConformerEncoder: _conformer_forward_flops,
+    Transducer: _transducer_forward_flops,
 }
 
 

@@ -2,7 +2,9 @@
 
 from tasks.base import Task
 from tasks.classification import ImageClassification
+from tasks.detection import Detection
 from tasks.language import CausalLanguageModeling, MaskedLanguageModeling
+from tasks.speech import SpeechClassification, SpeechCTC, SpeechRNNT
 from tasks.text_classification import SequenceClassification
 from core.errors import KilnError
 
@@ -11,6 +13,10 @@ TASKS = {
     'causal_lm': CausalLanguageModeling,
     'masked_lm': MaskedLanguageModeling,
     'sequence_classification': SequenceClassification,
+    'speech_classification': SpeechClassification,
+    'speech_ctc': SpeechCTC,
+    'speech_rnnt': SpeechRNNT,
+    'detection': Detection,
 }
 
 

@@ -6,7 +6,7 @@ import optax
 from clu import metrics
 from flax import nnx, struct
 
-from input_pipeline import sources
+from input_pipeline import augment, sources
 from models import create_model
 from tasks.base import Batch, Task
 
@@ -21,10 +21,15 @@ class ImageClassification(Task):
   metrics_class = ClassificationMetrics
 
   def load_data(self, process_index, process_count):
-    self.source = sources.load(self.config.dataset, process_index, process_count)
+    self.source = augment.prepare_source(
+        sources.load(self.config.dataset, process_index, process_count), self.config.augment)
     train = self.source.train
     # Sharded hosts may differ by one example; the epoch length only needs to be close.
     self._num_train_examples = train.num_examples * (1 if train.sliced else process_count)
+
+  def train_batches(self, host_batch_size, start_step):
+    return augment.augment_batches(super().train_batches(host_batch_size, start_step),
+                                   self.config.augment, self.config.seed, start_step)
 
   @property
   def num_train_examples(self):
@@ -47,6 +52,10 @@ class ImageClassification(Task):
   def loss(self, model: nnx.Module, batch: Batch, rngs: nnx.Rngs):
     logits = model(batch['image'], train=True, rngs=rngs)
     per_example, batch_metrics = self._outputs(logits, batch['label'])
+    if 'mix_label' in batch:  # Mixup/CutMix: cross-entropy is linear in the target.
+      weight = batch['mix_weight']
+      per_example = weight * per_example + (1 - weight) * (
+          optax.softmax_cross_entropy_with_integer_labels(logits, batch['mix_label']))
     return per_example.mean(), batch_metrics
 
   def evaluate(self, model: nnx.Module, batch: Batch):

@@ -1,0 +1,188 @@
+"""CPU convolution speed: per ResNet-18 conv shape, native vs the chosen lowering, and the
+whole ResNet-18 training step with native convs vs the chosen lowerings.
+
+  nice -n 15 .venv/bin/python benchmarks/conv_throughput.py [--batch 128] [--image 32]
+      [--reps 7] [--steps 20] [--warmup 3] [--skip-step | --skip-shapes]
+
+Per shape: GFLOP/s of one forward + backward (input and kernel gradients; the first
+conv's input gradient, which training never takes, left out), each pass the best of
+`--reps` interleaved runs (as the matmul peak it is compared with is a best run),
+counting the model's analytic FLOPs (monitor.flops.conv_flops: taps on real input, not
+padding; one pass = 1x forward), and that rate as a share of the fp32 matmul peak
+measured at the start of this same run (so that a busy machine lowers both). The plan
+shown is the one the model uses; 'measure' plans come from their first (cached) timing,
+so on a busy machine they may lose to native in this run's timings.
+Whole step: ResNet-18 with the ImageNet stem on `--image`-square RGB images (CIFAR-10's
+shape, served by tfds.testing.mock_data) built through core.experiment like any run,
+timed as `--steps` train steps on device-resident batches after `--warmup`, median.
+The 'native' row is every conv on lax.conv_general_dilated (KILN_CONV_LOWERING=native);
+the 'chosen' row is what a user gets (the rule table by default, or KILN_CONV_LOWERING's
+mode); the 'timed per pass' row the plans that timing each pass picks (=measure).
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import tensorflow_datasets as tfds  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from configs import base  # noqa: E402
+from core import experiment  # noqa: E402
+from core.errors import KilnError  # noqa: E402
+from models import conv_lowering  # noqa: E402
+from models.resnet import ResNet18  # noqa: E402
+from monitor import flops, hardware  # noqa: E402
+
+
+def resnet_convs(model, image_shape):
+  """(conv, input spatial shape) for every conv of `model` in forward order; mirrors
+  monitor.flops.resnet_features_flops."""
+  convs = [(model.stem_conv, tuple(image_shape[:2]))]
+  spatial = flops.conv_flops(model.stem_conv, image_shape[:2])[1]
+  if model.stem == 'imagenet':  # 3x3/2 max-pool padded by 1.
+    spatial = tuple((size + 2 - 3) // 2 + 1 for size in spatial)
+  for block in model.blocks:
+    block_input = spatial
+    for conv in block.convs:
+      convs.append((conv, spatial))
+      spatial = flops.conv_flops(conv, spatial)[1]
+    if block.projection is not None:
+      convs.append((block.projection, block_input))
+  return convs
+
+
+def conv_spec(conv, spatial, batch: int) -> conv_lowering.ConvSpec:
+  x = jax.ShapeDtypeStruct((batch,) + tuple(spatial) + (conv.in_features,), jnp.float32)
+  k = jax.ShapeDtypeStruct(tuple(conv.kernel_shape), jnp.float32)
+  rank = len(spatial)
+  padding = nnx.nn.linear.canonicalize_padding(conv.padding, rank)
+  return conv_lowering.channels_last_spec(
+      x, k, flops._per_dim(conv.strides, rank), padding,
+      rhs_dilation=flops._per_dim(conv.kernel_dilation, rank),
+      dimension_numbers=nnx.nn.linear._conv_dimension_numbers(x.shape),
+      feature_group_count=conv.feature_group_count)
+
+
+def shape_table(batch: int, image: int, reps: int, peak: float) -> list[str]:
+  model = nnx.eval_shape(lambda: ResNet18(num_classes=10, input_shape=(image, image, 3),
+                                          rngs=nnx.Rngs(0)))
+  rows, seen = [], {}
+  for index, (conv, spatial) in enumerate(resnet_convs(model, (image, image, 3))):
+    spec = conv_spec(conv, spatial, batch)
+    if spec in seen:
+      seen[spec] += 1
+      continue
+    seen[spec] = 1
+    # Training never takes the image's gradient, so the first conv's input grad is not
+    # timed (XLA drops it from the step); every other conv runs all three passes.
+    passes = conv_lowering.PASSES if index else ('forward', 'kernel_grad')
+    train_flops = len(passes) * batch * flops.conv_flops(conv, spatial)[0]
+    plan = conv_lowering.choose(spec, 'cpu')
+    seconds = conv_lowering.measure(spec, repeats=reps)
+    native = sum(seconds[p]['native'] for p in passes)
+    chosen = sum(seconds[p][getattr(plan, p)] for p in passes)
+    rows.append((spec, passes, train_flops, plan, native, chosen))
+  header = ('input (H, W, C)', 'kernel/stride', 'C out', 'in model', 'passes', 'MFLOP',
+            'native GFLOP/s', 'chosen (fwd/dx/dk)', 'chosen GFLOP/s', 'chosen % of peak',
+            'speed-up')
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header)]
+  for spec, passes, train_flops, plan, native, chosen in rows:
+    cells = (spec.input_shape[1:], f'{spec.kernel_shape[0]}x{spec.kernel_shape[1]}/'
+             f'{spec.strides[0]}', spec.kernel_shape[-1], seen[spec],
+             'fwd+dx+dk' if len(passes) == 3 else 'fwd+dk', f'{train_flops / 1e6:.0f}',
+             f'{train_flops / native / 1e9:.0f}', plan, f'{train_flops / chosen / 1e9:.0f}',
+             f'{100 * train_flops / chosen / peak:.0f}%', f'{native / chosen:.1f}x')
+    lines.append('| ' + ' | '.join(str(c) for c in cells) + ' |')
+  return lines
+
+
+def step_config(batch: int):
+  c = base.get_base_config()
+  c.dataset.name = 'tfds:cifar10'
+  c.model.name = 'resnet18'
+  c.model.stem = 'imagenet'
+  c.batch_size = batch
+  c.eval_batch_size = batch
+  c.num_train_steps = 100
+  c.optimizer.name = 'sgd'
+  c.optimizer.learning_rate = 0.1
+  return c
+
+
+def step_images_per_s(batch: int, image: int, steps: int, warmup: int) -> tuple[float, float]:
+  """(median images/s, compile s) of the ResNet-18 train step built like any Kiln run."""
+  config = step_config(batch)
+  with tfds.testing.mock_data(num_examples=4 * batch):
+    exp = experiment.build_experiment(config)
+    if exp.task.model_input_shape != (image, image, 3):
+      raise KilnError(f'mock CIFAR-10 gave images {exp.task.model_input_shape}, not '
+                      f'{(image, image, 3)}: pass --image 32')
+    state, shardings = exp.create_state()
+    train_step = exp.train_step(shardings)
+    host_batches = exp.task.train_batches(exp.host_batch, 0)
+    batches = [exp.strategy.place(next(host_batches)) for _ in range(2)]
+  started = time.perf_counter()
+  state, *outputs = train_step(state, batches[0])
+  jax.block_until_ready((state, outputs))
+  compile_seconds = time.perf_counter() - started
+  for i in range(warmup):
+    state, *outputs = train_step(state, batches[i % 2])
+  jax.block_until_ready((state, outputs))
+  seconds = []
+  for i in range(steps):
+    started = time.perf_counter()
+    state, *outputs = train_step(state, batches[i % 2])
+    jax.block_until_ready((state, outputs))
+    seconds.append(time.perf_counter() - started)
+  return batch / statistics.median(seconds), compile_seconds
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--batch', type=int, default=128, help='images per step / per conv call')
+  parser.add_argument('--image', type=int, default=32, help='square RGB image side (32: CIFAR)')
+  parser.add_argument('--reps', type=int, default=7, help='timed runs per conv and lowering')
+  parser.add_argument('--steps', type=int, default=20, help='timed train steps per row')
+  parser.add_argument('--warmup', type=int, default=3, help='untimed steps after compiling')
+  parser.add_argument('--skip-step', action='store_true', help='only the per-shape table')
+  parser.add_argument('--skip-shapes', action='store_true', help='only the training step')
+  args = parser.parse_args(argv)
+  if jax.default_backend() != 'cpu':
+    print(f'note: backend is {jax.default_backend()}: every conv takes the native lowering')
+  try:
+    if min(args.batch, args.image, args.reps, args.steps) < 1 or args.warmup < 0:
+      raise KilnError('--batch, --image, --reps and --steps must be >= 1, --warmup >= 0')
+    mode = conv_lowering.mode()
+    peak = hardware.measure_cpu_matmul_flops()  # Now, under this run's load: not the cache.
+    print(f'fp32 matmul peak measured now: {peak / 1e9:.0f} GFLOP/s; {jax.device_count()} '
+          f'{jax.devices()[0].device_kind} device(s); JAX {jax.__version__}; '
+          f'{conv_lowering.MODE_ENV}={mode}\n')
+    if not args.skip_shapes:
+      print(f'ResNet-18 conv shapes, batch {args.batch}, forward + backward, fp32:\n')
+      print('\n'.join(shape_table(args.batch, args.image, args.reps, peak)))
+    if args.skip_step:
+      return
+    print(f'\nResNet-18 training step, {args.image}x{args.image}x3, batch {args.batch}, '
+          f'{args.warmup} warm-up + {args.steps} timed steps (median):\n')
+    print('| convs | images/s | compile s |\n| --- | --- | --- |')
+    rows = [('native', 'native'), (f'chosen ({mode})', mode)]
+    if mode != 'measure':
+      rows.append(('timed per pass (measure)', 'measure'))
+    for label, forced in rows:
+      os.environ[conv_lowering.MODE_ENV] = forced
+      rate, compile_seconds = step_images_per_s(args.batch, args.image, args.steps, args.warmup)
+      print(f'| {label} | {rate:.0f} | {compile_seconds:.1f} |', flush=True)
+  except KilnError as e:
+    sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,146 @@
+"""LSTM and bidirectional LSTM speech encoders.
+
+The LSTM is Hochreiter & Schmidhuber's cell with a forget gate (Gers et al. 2000), gates
+ordered (input, forget, cell, output), the forget bias starting at 1 (Jozefowicz et al.
+2015). The input projection of every time step is one matmul outside the recurrence;
+only the [B, H] x [H, 4H] hidden matmul runs inside the `lax.scan`.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def stack_frames(features: jax.Array, frames: jax.Array, factor: int):
+  """[B, T, F] -> [B, ceil(T/k), k*F]: k consecutive frames side by side (a lower frame
+  rate, as in Sak et al. 2015); valid frames become ceil(frames / k)."""
+  if factor == 1:
+    return features, frames
+  batch, length, bins = features.shape
+  pad = -length % factor
+  features = jnp.pad(features, ((0, 0), (0, pad), (0, 0)))
+  return (features.reshape(batch, (length + pad) // factor, factor * bins),
+          -(-frames // factor))
+
+
+def time_mask(frames: jax.Array, length: int) -> jax.Array:
+  """[B] valid lengths -> [B, length] bool."""
+  return jnp.arange(length)[None, :] < frames[:, None]
+
+
+class LSTMLayer(nnx.Module):
+  """One direction of one layer; padded steps leave the state unchanged and output 0."""
+
+  def __init__(self, in_features: int, hidden_dim: int, *, rngs: nnx.Rngs):
+    self.hidden_dim = hidden_dim
+    self.input_proj = nnx.Linear(in_features, 4 * hidden_dim, rngs=rngs,
+                                 kernel_metadata={'logical_axes': ('embed', 'mlp')},
+                                 bias_metadata={'logical_axes': ('mlp',)})
+    self.input_proj.bias[...] = self.input_proj.bias[...].at[hidden_dim:2 * hidden_dim].set(1.0)
+    self.hidden_proj = nnx.Linear(hidden_dim, 4 * hidden_dim, use_bias=False, rngs=rngs,
+                                  kernel_init=nnx.initializers.orthogonal(),
+                                  kernel_metadata={'logical_axes': (None, 'mlp')})
+
+  def cell(self, carry, gates_x: jax.Array):
+    """One step from the projected input [B, 4H]: (h, c) -> (h', c')."""
+    h, c = carry
+    i, f, g, o = jnp.split(gates_x + h @ self.hidden_proj.kernel[...], 4, axis=-1)
+    c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+    return jax.nn.sigmoid(o) * jnp.tanh(c), c
+
+  def initial_state(self, batch: int, dtype=jnp.float32):
+    zeros = jnp.zeros((batch, self.hidden_dim), dtype)
+    return zeros, zeros
+
+  def __call__(self, x: jax.Array, mask: jax.Array, *, reverse: bool = False) -> jax.Array:
+    """x [B, T, F], mask [B, T] -> hidden states [B, T, H]. Reversed, the scan runs from the
+    last frame, and padding at the end is skipped, so it starts at each utterance's end."""
+    gates_x = self.input_proj(x).swapaxes(0, 1)  # [T, B, 4H], time-major for the scan.
+
+    def step(carry, inputs):
+      gx, m = inputs
+      h_new, c_new = self.cell(carry, gx)
+      m = m[:, None]
+      return ((jnp.where(m, h_new, carry[0]), jnp.where(m, c_new, carry[1])),
+              jnp.where(m, h_new, 0.0))
+
+    _, hs = jax.lax.scan(step, self.initial_state(x.shape[0], gates_x.dtype),
+                         (gates_x, mask.swapaxes(0, 1)), reverse=reverse)
+    return hs.swapaxes(0, 1)
+
+
+def bidirectional_lstm(forward: LSTMLayer, backward: LSTMLayer, x: jax.Array, mask: jax.Array
+                       ) -> jax.Array:
+  """Both directions of a layer in one `lax.scan`: step s advances the forward LSTM at
+  frame s and the backward one at frame T-1-s with one batched [2, B, H] x [2, H, 4H]
+  matmul, so the recurrence has T sequential steps instead of 2T. Same result as
+  running `forward(x, mask)` and `backward(x, mask, reverse=True)`."""
+  batch = x.shape[0]
+  gates = jnp.stack([forward.input_proj(x), backward.input_proj(x)[:, ::-1]])  # [2, B, T, 4H]
+  masks = jnp.stack([mask, mask[:, ::-1]])
+  kernels = jnp.stack([forward.hidden_proj.kernel[...], backward.hidden_proj.kernel[...]])
+
+  def step(carry, inputs):
+    h, c = carry
+    gx, m = inputs  # [2, B, 4H], [2, B]
+    i, f, g, o = jnp.split(gx + jnp.einsum('dbh,dhk->dbk', h, kernels), 4, axis=-1)
+    c_new = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+    h_new = jax.nn.sigmoid(o) * jnp.tanh(c_new)
+    m = m[..., None]
+    return (jnp.where(m, h_new, h), jnp.where(m, c_new, c)), jnp.where(m, h_new, 0.0)
+
+  zeros = jnp.zeros((2, batch, forward.hidden_dim), gates.dtype)
+  _, hs = jax.lax.scan(step, (zeros, zeros),
+                       (gates.transpose(2, 0, 1, 3), masks.transpose(2, 0, 1)))
+  # hs [T, 2, B, H]; the backward direction's outputs run from the last frame: flip back.
+  return jnp.concatenate([hs[:, 0], hs[::-1, 1]], -1).swapaxes(0, 1)
+
+
+class LSTMEncoder(nnx.Module):
+  """Stacked (bi)LSTM over log-mel frames, with an optional output projection.
+
+  `__call__(features [B, T, F], frames [B]) -> (outputs [B, T', D], frames' [B])` where
+  T' = ceil(T / frame_stack) and D is num_outputs (or the encoder width if 0).
+  """
+
+  def __init__(self, *, input_dim: int, num_outputs: int = 0, hidden_dim: int = 256,
+               num_layers: int = 2, bidirectional: bool = True, frame_stack: int = 3,
+               dropout_rate: float = 0.1, rngs: nnx.Rngs):
+    if num_layers < 1 or hidden_dim < 1 or frame_stack < 1:
+      raise ValueError(f'num_layers={num_layers}, hidden_dim={hidden_dim} and frame_stack='
+                       f'{frame_stack} must be >= 1')
+    self.frame_stack, self.bidirectional = frame_stack, bidirectional
+    directions = 2 if bidirectional else 1
+    width = input_dim * frame_stack
+    forward, backward = [], []
+    for _ in range(num_layers):
+      forward.append(LSTMLayer(width, hidden_dim, rngs=rngs))
+      if bidirectional:
+        backward.append(LSTMLayer(width, hidden_dim, rngs=rngs))
+      width = directions * hidden_dim
+    self.forward_layers, self.backward_layers = nnx.List(forward), nnx.List(backward)
+    self.output_dim = width
+    self.dropout = nnx.Dropout(dropout_rate)
+    self.head = nnx.Linear(width, num_outputs, rngs=rngs,
+                           kernel_metadata={'logical_axes': ('embed', 'vocab')}
+                           ) if num_outputs else None
+    if num_outputs:
+      self.output_dim = num_outputs
+
+  def output_frames(self, frames):
+    return -(-frames // self.frame_stack)
+
+  def __call__(self, features: jax.Array, frames: jax.Array, *, train: bool = False,
+               rngs: nnx.Rngs | None = None):
+    x, frames = stack_frames(features, frames, self.frame_stack)
+    mask = time_mask(frames, x.shape[1])
+    for i, layer in enumerate(self.forward_layers):
+      if i:
+        x = self.dropout(x, deterministic=not train, rngs=rngs)
+      if self.bidirectional:
+        x = bidirectional_lstm(layer, self.backward_layers[i], x, mask)
+      else:
+        x = layer(x, mask)
+    if self.head is not None:
+      x = self.head(self.dropout(x, deterministic=not train, rngs=rngs))
+    return x.astype(jnp.float32), frames

@@ -1,0 +1,73 @@
+"""RNN-T (Graves 2012): an acoustic encoder, a prediction network over the labels emitted
+so far, and a joint network combining them at every (frame, label position).
+
+The prediction network is an embedding and one LSTM layer fed [blank, y_1, ..., y_U]
+(blank doubles as the start symbol); the joint network is tanh(W_e enc + W_p pred) followed
+by a projection to blank + vocabulary (He et al. 2019, "Streaming end-to-end speech
+recognition for mobile devices"). The encoder is any Kiln speech encoder, named by
+`encoder['name']` with its own constructor keys.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.conformer import ConformerEncoder
+from models.recurrent import LSTMEncoder, LSTMLayer
+
+ENCODERS = {'lstm': LSTMEncoder, 'conformer': ConformerEncoder}
+
+
+class Transducer(nnx.Module):
+
+  def __init__(self, *, input_dim: int, vocab_size: int, encoder, max_label_len: int = 0,
+               embed_dim: int = 128, pred_hidden_dim: int = 256, joint_dim: int = 256,
+               rngs: nnx.Rngs):
+    """`max_label_len`: label positions per lattice, kept for FLOP counting only."""
+    encoder = dict(encoder)
+    name = encoder.pop('name', None)
+    if name not in ENCODERS:
+      raise ValueError(f"model.encoder.name={name!r} must be one of {sorted(ENCODERS)}")
+    self.encoder = ENCODERS[name](input_dim=input_dim, num_outputs=0, **encoder, rngs=rngs)
+    self.max_label_len = max_label_len
+    self.embed = nnx.Embed(vocab_size, embed_dim, rngs=rngs,
+                           embedding_metadata={'logical_axes': ('vocab', 'embed')})
+    self.predictor = LSTMLayer(embed_dim, pred_hidden_dim, rngs=rngs)
+    self.enc_proj = nnx.Linear(self.encoder.output_dim, joint_dim, rngs=rngs,
+                               kernel_metadata={'logical_axes': ('embed', 'mlp')})
+    self.pred_proj = nnx.Linear(pred_hidden_dim, joint_dim, use_bias=False, rngs=rngs,
+                                kernel_metadata={'logical_axes': ('embed', 'mlp')})
+    self.joint_out = nnx.Linear(joint_dim, vocab_size, rngs=rngs,
+                                kernel_metadata={'logical_axes': ('mlp', 'vocab')})
+
+  def encode(self, features, frames, *, train: bool = False, rngs=None):
+    """-> (encoder outputs [B, T', D], valid frames [B])."""
+    return self.encoder(features, frames, train=train, rngs=rngs)
+
+  def project_encoder(self, encoded: jax.Array) -> jax.Array:
+    return self.enc_proj(encoded)
+
+  def joint(self, enc_projected: jax.Array, pred_projected: jax.Array) -> jax.Array:
+    return self.joint_out(jnp.tanh(enc_projected + pred_projected)).astype(jnp.float32)
+
+  def joint_lattice(self, encoded, labels, *, train: bool = False, rngs=None) -> jax.Array:
+    """Logits [B, T', U+1, V] for every frame and every label prefix y_1..y_u."""
+    del train, rngs  # No dropout in the prediction and joint networks.
+    tokens = jnp.pad(labels, ((0, 0), (1, 0)))  # Blank first: the start symbol.
+    hidden = self.predictor(self.embed(tokens), jnp.ones(tokens.shape, bool))
+    return self.joint(self.project_encoder(encoded)[:, :, None, :],
+                      self.pred_proj(hidden)[:, None, :, :])
+
+  def predict_step(self, state, tokens: jax.Array):
+    """Feeds one label per utterance: -> (new LSTM state, projected prediction [B, J])."""
+    state = self.predictor.cell(state, self.predictor.input_proj(self.embed(tokens)))
+    return state, self.pred_proj(state[0])
+
+  def initial_prediction(self, batch: int):
+    """(state, projected prediction) after the start symbol."""
+    return self.predict_step(self.predictor.initial_state(batch),
+                             jnp.zeros((batch,), jnp.int32))
+
+  def joint_step(self, enc_projected: jax.Array, pred_projected: jax.Array) -> jax.Array:
+    """Logits [B, V] for one frame and the current prediction."""
+    return self.joint(enc_projected, pred_projected)

@@ -1,0 +1,240 @@
+"""Speech tasks: utterance classification, CTC and RNN-T transcription.
+
+All three read the same batches (input_pipeline.audio): normalized log-mel 'features'
+with their valid 'frames', SpecAugment applied on the device during training. Eval
+reports the task's rate over every eval utterance once (padding masked), overall and,
+where the data names speakers (FSDD's speakers.json), per speaker and per accent, as
+`<metric>_speaker_<name>` and `<metric>_accent_<group>`.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import optax
+from clu import metrics
+from flax import nnx, struct
+
+from core.errors import KilnError
+from input_pipeline import audio
+from models import create_model
+from tasks import decoding
+from tasks.base import Batch, Task
+from tasks.ctc import ctc_loss, frame_mask
+from tasks.rnnt_loss import rnnt_loss
+
+SPACE_ID = audio.CHARS.index(' ') + 1
+
+
+@struct.dataclass
+class Rate(metrics.Metric):
+  """sum(numerator) / sum(denominator) over examples: accuracy (correct / examples) or an
+  error rate (edit errors / reference words), not a mean of per-utterance rates."""
+  numerator: jax.Array
+  denominator: jax.Array
+
+  def merge(self, other: 'Rate') -> 'Rate':
+    return type(self)(self.numerator + other.numerator, self.denominator + other.denominator)
+
+  def compute(self) -> jax.Array:
+    return jnp.where(self.denominator > 0, self.numerator / jnp.maximum(self.denominator, 1e-9),
+                     jnp.nan)
+
+  @classmethod
+  def empty(cls) -> 'Rate':
+    return cls(jnp.array(0.0), jnp.array(0.0))
+
+
+def rate(numerator: str, denominator: str | None = None, speakers: tuple[int, ...] | None = None
+         ) -> type[Rate]:
+  """A Rate over model outputs `numerator` / `denominator` (1 per example if None),
+  restricted to examples whose 'speaker' is in `speakers` when given."""
+
+  @struct.dataclass
+  class _Rate(Rate):
+    @classmethod
+    def from_model_output(cls, mask=None, **outputs) -> Rate:
+      num = outputs[numerator].astype(jnp.float32)
+      den = jnp.ones_like(num) if denominator is None else outputs[denominator].astype(jnp.float32)
+      weight = jnp.ones_like(num) if mask is None else mask.astype(jnp.float32)
+      if speakers is not None:
+        weight = weight * jnp.isin(outputs['speaker'], jnp.array(speakers)).astype(jnp.float32)
+      return cls(jnp.sum(num * weight), jnp.sum(den * weight))
+  return _Rate
+
+
+def _slug(name: str) -> str:
+  return re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_')
+
+
+def metrics_collection(name: str, fields: dict[str, type[metrics.Metric]]):
+  return struct.dataclass(type(name, (metrics.Collection,), {'__annotations__': fields}))
+
+
+class SpeechTask(Task):
+  """Shared data loading, model input and SpecAugment; subclasses add the head's loss."""
+
+  # Overall rate metrics: name -> (numerator output, denominator output or None).
+  rates: dict[str, tuple[str, str | None]]
+  group_rate: str  # The rate reported per speaker and per accent.
+
+  def load_data(self, process_index, process_count):
+    self.source = audio.load(self.config, process_index, process_count)
+    if self.source.transcribed != self.transcribes:
+      kind = 'transcripts' if self.transcribes else 'class labels'
+      raise KilnError(f"config.task='{self.config.task}' needs {kind} but dataset "
+                      f"'{self.config.dataset.name}' has none: pick a "
+                      f"{'transcribed' if self.transcribes else 'labelled'} dataset")
+    self.metrics_class = self._eval_metrics()
+    self.train_metrics_class = metrics_collection(
+        'SpeechTrainMetrics', {'loss': metrics.Average.from_output('loss')})
+
+  transcribes = False
+
+  def _eval_metrics(self):
+    fields = {'loss': metrics.Average.from_output('loss')}
+    fields.update({name: rate(*args) for name, args in self.rates.items()})
+    src = self.source
+    num, den = self.rates[self.group_rate]
+    for i, speaker in enumerate(src.speakers):
+      fields[f'{self.group_rate}_speaker_{_slug(speaker)}'] = rate(num, den, (i,))
+    for a, accent in enumerate(src.accents):
+      members = tuple(i for i, s in enumerate(src.speaker_accent) if s == a)
+      fields[f'{self.group_rate}_accent_{_slug(accent)}'] = rate(num, den, members)
+    return metrics_collection(f'{type(self).__name__}Metrics', fields)
+
+  @property
+  def num_train_examples(self):
+    train = self.source.train
+    return train.num_examples * (1 if train.sliced else train.process_count)
+
+  @property
+  def model_input_shape(self):
+    return (self.source.max_frames, self.source.num_mels)
+
+  def build_model(self, rngs, norm_axis_name=None):
+    return create_model(self.config.model, rngs, input_dim=self.source.num_mels,
+                        num_outputs=self.source.num_classes, vocab_size=self.source.num_classes,
+                        max_label_len=self.source.max_label_len, norm_axis_name=norm_axis_name)
+
+  def augment(self, batch: Batch, rngs: nnx.Rngs) -> jax.Array:
+    a = self.config.audio
+    if not (a.freq_masks or a.time_masks):
+      return batch['features']
+    return audio.spec_augment(rngs.dropout(), batch['features'], batch['frames'],
+                              freq_masks=a.freq_masks, freq_width=a.freq_width,
+                              time_masks=a.time_masks, time_width=a.time_width,
+                              time_width_fraction=a.time_width_fraction)
+
+  def _speaker(self, batch):
+    return batch.get('speaker', jnp.full(batch['frames'].shape, -1, jnp.int32))
+
+
+class SpeechClassification(SpeechTask):
+  """One label per utterance: frame logits averaged over the valid frames (the same as
+  classifying the mean-pooled encoder output, since the head is linear)."""
+  rates = {'accuracy': ('correct', None)}
+  group_rate = 'accuracy'
+
+  def _logits(self, model, features, batch, train, rngs=None):
+    frame_logits, frames = model(features, batch['frames'], train=train, rngs=rngs)
+    weights = frame_mask(frames, frame_logits.shape[1])[..., None]
+    return (frame_logits * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
+
+  def loss(self, model, batch, rngs):
+    logits = self._logits(model, self.augment(batch, rngs), batch, True, rngs)
+    per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
+    return per_example.mean(), self.train_metrics_class.single_from_model_output(loss=per_example)
+
+  def evaluate(self, model, batch):
+    logits = self._logits(model, batch['features'], batch, False)
+    per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
+    correct = jnp.argmax(logits, -1) == batch['label']
+    return self.metrics_class.single_from_model_output(
+        loss=per_example, correct=correct, speaker=self._speaker(batch), mask=batch['mask'])
+
+
+class _Transcription(SpeechTask):
+  transcribes = True
+  group_rate = 'wer'
+
+  @property
+  def rates(self):
+    rates = {'wer': ('word_errors', 'words'), 'cer': ('char_errors', 'chars')}
+    if self.config.decoding.beam_size > 0:
+      rates.update({'beam_wer': ('beam_word_errors', 'words'),
+                    'beam_cer': ('beam_char_errors', 'chars')})
+    return rates
+
+  def load_data(self, process_index, process_count):
+    if self.config.decoding.beam_size < 0:
+      raise KilnError(f'config.decoding.beam_size={self.config.decoding.beam_size} must be >= 0 '
+                      '(0: greedy decoding only)')
+    super().load_data(process_index, process_count)
+
+  def _scores(self, hyp, hyp_len, batch, prefix=''):
+    word_errors, words, char_errors, chars = decoding.error_counts(
+        hyp, hyp_len, batch['labels'], batch['label_len'], SPACE_ID)
+    return {f'{prefix}word_errors': word_errors, 'words': words,
+            f'{prefix}char_errors': char_errors, 'chars': chars}
+
+  def _eval_outputs(self, per_utterance, greedy, beam, batch):
+    outputs = {'loss': per_utterance, 'speaker': self._speaker(batch), 'mask': batch['mask']}
+    outputs.update(self._scores(*greedy, batch))
+    if beam is not None:
+      outputs.update(self._scores(*beam, batch, prefix='beam_'))
+    return self.metrics_class.single_from_model_output(**outputs)
+
+
+class SpeechCTC(_Transcription):
+  """Encoder frame logits over blank + characters, trained with CTC; impossible
+  utterance/transcript pairs (too few frames) are left out of the loss."""
+
+  def _loss(self, model, features, batch, train, rngs=None):
+    logits, frames = model(features, batch['frames'], train=train, rngs=rngs)
+    per_utterance, feasible = ctc_loss(logits, frames, batch['labels'], batch['label_len'])
+    return logits, frames, jnp.where(feasible, per_utterance, 0.0), feasible
+
+  def loss(self, model, batch, rngs):
+    _, _, per_utterance, feasible = self._loss(model, self.augment(batch, rngs), batch, True, rngs)
+    loss = per_utterance.sum() / jnp.maximum(feasible.sum(), 1)
+    return loss, self.train_metrics_class.single_from_model_output(
+        loss=per_utterance, mask=feasible)
+
+  def evaluate(self, model, batch):
+    logits, frames, per_utterance, _ = self._loss(model, batch['features'], batch, False)
+    log_probs = jax.nn.log_softmax(logits, -1)
+    greedy = decoding.ctc_greedy(log_probs, frames)
+    beam = None
+    if self.config.decoding.beam_size > 0:
+      beam = decoding.ctc_beam_search(log_probs, frames, self.config.decoding.beam_size,
+                                      self.source.max_label_len)
+    return self._eval_outputs(per_utterance, greedy, beam, batch)
+
+
+class SpeechRNNT(_Transcription):
+  """Transducer: encoder, prediction network and joint network, with the RNN-T loss of
+  tasks/rnnt_loss.py; greedy and beam decoding from tasks/decoding.py."""
+
+  def _loss(self, model, features, batch, train, rngs=None):
+    encoded, frames = model.encode(features, batch['frames'], train=train, rngs=rngs)
+    logits = model.joint_lattice(encoded, batch['labels'], train=train, rngs=rngs)
+    return encoded, frames, rnnt_loss(logits, jnp.maximum(frames, 1), batch['labels'],
+                                      batch['label_len'])
+
+  def loss(self, model, batch, rngs):
+    _, _, per_utterance = self._loss(model, self.augment(batch, rngs), batch, True, rngs)
+    return per_utterance.mean(), self.train_metrics_class.single_from_model_output(
+        loss=per_utterance)
+
+  def evaluate(self, model, batch):
+    encoded, frames, per_utterance = self._loss(model, batch['features'], batch, False)
+    per_utterance = jnp.where(batch['mask'] > 0, per_utterance, 0.0)
+    projected = model.project_encoder(encoded)
+    args = (model.joint_step, model.predict_step, model.initial_prediction(encoded.shape[0]),
+            projected, frames, self.source.max_label_len)
+    greedy = decoding.rnnt_greedy(*args, self.config.decoding.max_symbols_per_frame)
+    beam = None
+    if self.config.decoding.beam_size > 0:
+      beam = decoding.rnnt_beam_search(*args, self.config.decoding.beam_size)
+    return self._eval_outputs(per_utterance, greedy, beam, batch)

@@ -1,0 +1,276 @@
+"""Speech: FSDD reading and its official split, log-mel features against a NumPy
+reference, normalization, SpecAugment, the connected-digit set, the three speech tasks
+training on real recordings, the TFDS code paths under mock data, and bad input."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from configs import speech_ctc_lstm, speech_digits, speech_rnnt_conformer
+from core.errors import KilnError
+from input_pipeline import audio
+from train import train_and_evaluate
+
+
+@pytest.fixture(scope='module')
+def recordings():
+  return audio.list_recordings(audio.fsdd_dir(''))
+
+
+def test_official_split_keeps_test_recordings_out_of_training(recordings):
+  train, test = audio.official_split(recordings)
+  assert len(train) == 2700 and len(test) == 300
+  assert {r.index for r in test} == set(range(5))
+  assert min(r.index for r in train) == 5
+  assert not {r.path for r in train} & {r.path for r in test}
+
+
+def test_connected_digits_use_one_speaker_and_only_their_split(recordings):
+  train, test = audio.official_split(recordings)
+  a = ml_collections.ConfigDict({'max_digits': 5, 'min_silence_ms': 50.0, 'max_silence_ms': 250.0})
+  spec = audio.FeatureSpec(8000, 40, 25.0, 10.0, 280)
+  for recs, is_test in ((train, False), (test, True)):
+    waves, texts, speakers, used = audio.connected_utterances(
+        recs, 40, np.random.default_rng(0), a, spec)
+    for wave, text, speaker, parts in zip(waves, texts, speakers, used):
+      assert {r.speaker for r in parts} == {speaker}
+      assert all(r.is_test == is_test for r in parts)
+      assert text == ' '.join(audio.DIGIT_WORDS[r.digit] for r in parts)
+      assert 1 <= len(parts) <= 5 and audio.num_frames(len(wave), spec) <= 280
+      silence = len(wave) - sum(len(audio.read_wav(r.path)) for r in parts)
+      assert 400 * (len(parts) - 1) <= silence <= 2000 * (len(parts) - 1)
+
+
+def numpy_log_mel(wave, spec):
+  """Independent reference: framing, periodic Hann window, |rfft|^2, HTK-mel triangles
+  (the mel-spaced filter bank tf.signal documents), log."""
+  n = 1 + (len(wave) - spec.window) // spec.hop
+  frames = np.stack([wave[i * spec.hop:i * spec.hop + spec.window] for i in range(n)])
+  window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(spec.window) / spec.window)
+  power = np.abs(np.fft.rfft(frames * window, spec.fft_length)) ** 2
+  mel = lambda f: 1127.0 * np.log1p(f / 700.0)
+  bins = mel(np.linspace(0, spec.sample_rate / 2, spec.fft_length // 2 + 1))[1:]
+  edges = np.linspace(mel(20.0), mel(spec.sample_rate / 2), spec.num_mels + 2)
+  lower, center, upper = edges[:-2], edges[1:-1], edges[2:]
+  up = (bins[:, None] - lower) / (center - lower)
+  down = (upper - bins[:, None]) / (upper - center)
+  weights = np.vstack([np.zeros((1, spec.num_mels)), np.maximum(0, np.minimum(up, down))])
+  return np.log(power @ weights + 1e-6)
+
+
+def test_log_mel_matches_numpy_reference_and_is_normalized(recordings):
+  spec = audio.FeatureSpec(8000, 40, 25.0, 10.0, 160)
+  wave = audio.read_wav(recordings[7].path)
+  ours = audio.log_mel(tf.constant(wave), spec).numpy()
+  reference = numpy_log_mel(wave.astype(np.float64), spec)
+  assert ours.shape == reference.shape
+  np.testing.assert_allclose(ours, reference, atol=2e-3)
+  feats, frames = audio.batch_features([wave, wave[:3000]], spec)
+  assert list(frames) == [min(len(reference), 160), audio.num_frames(3000, spec)]
+  for f, n in zip(feats, frames):
+    np.testing.assert_allclose(f[:n].mean(0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(f[:n].std(0), 1.0, atol=1e-2)
+    assert not f[n:].any()
+
+
+def test_spec_augment_masks_within_bounds():
+  features = jnp.ones((64, 100, 40))
+  frames = jnp.arange(64) + 30
+  out = np.asarray(audio.spec_augment(jax.random.key(0), features, frames, freq_masks=2,
+                                      freq_width=8, time_masks=2, time_width=20,
+                                      time_width_fraction=0.2))
+  assert set(np.unique(out)) <= {0.0, 1.0}
+  masked_bins = (out == 0).all(1).sum(1)  # Bins zero at every frame.
+  assert masked_bins.max() <= 16 and masked_bins.max() > 0
+  bin_alive = ~(out == 0).all(1)
+  for b in range(64):
+    rows = out[b][:, bin_alive[b]]
+    masked_frames = np.flatnonzero((rows == 0).all(1))
+    assert len(masked_frames) <= min(40, 2 * 0.2 * int(frames[b]))
+    assert (masked_frames < int(frames[b])).all()  # Never masks padding only.
+  again = audio.spec_augment(jax.random.key(0), features, frames, freq_masks=2, freq_width=8,
+                             time_masks=2, time_width=20, time_width_fraction=0.2)
+  np.testing.assert_array_equal(out, again)
+
+
+def _short(c, steps):
+  c.num_train_steps = steps
+  c.schedule.warmup_steps = 5
+  c.log_every_steps = steps
+  c.eval_every_steps = steps
+  c.checkpoint_every_steps = steps
+  c.compilation_cache_dir = ''
+  return c
+
+
+def test_digit_classifier_learns_and_reports_groups(tmp_path):
+  c = _short(speech_digits.get_config(), 60)
+  c.model.model_dim = 32
+  c.model.num_layers = 1
+  c.model.num_heads = 2
+  c.model.subsample_channels = 8
+  c.batch_size = 64
+  c.eval_batch_size = 64
+  c.optimizer.learning_rate = 5e-3
+  summary = train_and_evaluate(c, str(tmp_path))
+  final = summary['final_eval']
+  assert final['accuracy'] > 0.4  # Chance is 0.1.
+  speakers = [k for k in final if k.startswith('accuracy_speaker_')]
+  assert len(speakers) == 6
+  assert {'accuracy_accent_USA_neutral', 'accuracy_accent_DEU_German'} <= set(final)
+  # 300 test utterances, 50 per speaker: the overall rate is the mean of the speakers'.
+  np.testing.assert_allclose(np.mean([final[k] for k in speakers]), final['accuracy'], atol=1e-6)
+
+
+@pytest.fixture(scope='module')
+def connected_config():
+  def make(c):
+    c.audio.num_train_utterances = 256
+    c.audio.num_eval_utterances = 40
+    c.audio.max_digits = 2
+    c.audio.max_frames = 120
+    c.audio.max_label_len = 12
+    c.batch_size = 32
+    c.eval_batch_size = 32  # 40 test utterances: the second batch is padded.
+    c.decoding.beam_size = 2
+    c.optimizer.learning_rate = 5e-3
+    return c
+  return make
+
+
+def test_ctc_lstm_loss_falls_and_wer_is_counted(tmp_path, connected_config):
+  c = connected_config(_short(speech_ctc_lstm.get_config(), 40))
+  c.model.hidden_dim = 32
+  c.model.num_layers = 1
+  c.decoding.beam_size = 0  # Beam search is exercised by the RNN-T run and unit tests.
+  summary = train_and_evaluate(c, str(tmp_path))
+  final = summary['final_eval']
+  assert np.isfinite(final['loss']) and final['loss'] < 40  # Untrained: 60 nats.
+  assert 'beam_wer' not in final
+  for key in ('wer', 'cer', 'wer_speaker_theo', 'wer_accent_GRC_Greek'):
+    assert 0.0 <= final[key] <= 2.0, key
+
+
+def test_rnnt_conformer_loss_falls(tmp_path, connected_config):
+  c = connected_config(_short(speech_rnnt_conformer.get_config(), 40))
+  c.model.encoder.model_dim = 32
+  c.model.encoder.num_layers = 1
+  c.model.encoder.num_heads = 2
+  c.model.encoder.subsample_channels = 8
+  c.model.pred_hidden_dim = 32
+  c.model.embed_dim = 16
+  c.model.joint_dim = 32
+  summary = train_and_evaluate(c, str(tmp_path))
+  final = summary['final_eval']
+  assert np.isfinite(final['loss']) and final['loss'] < 40  # Untrained: 76 nats.
+  for key in ('wer', 'cer', 'beam_wer', 'beam_cer'):
+    assert 0.0 <= final[key] <= 2.0, key
+
+
+def test_bad_speech_input_gives_one_line_errors(tmp_path):
+  from core import experiment
+  c = speech_digits.get_config()
+  c.dataset.data_dir = str(tmp_path)
+  with pytest.raises(KilnError, match='no FSDD recordings'):
+    experiment.build_experiment(c)
+  c = speech_digits.get_config()
+  c.task = 'speech_ctc'
+  with pytest.raises(KilnError, match='needs transcripts'):
+    experiment.build_experiment(c)
+  c = speech_digits.get_config()
+  c.dataset.name = 'tfds:mnist'
+  with pytest.raises(KilnError, match="'mnist' is not supported"):
+    experiment.build_experiment(c)
+
+
+def _tfds_config(name, task, train_split, eval_split):
+  c = speech_ctc_lstm.get_config() if task == 'speech_ctc' else speech_digits.get_config()
+  c.dataset.name = f'tfds:{name}'
+  c.dataset.train_split, c.dataset.eval_split = train_split, eval_split
+  c.audio.max_frames = 50
+  return c
+
+
+@pytest.mark.parametrize('name,task,train_split,eval_split', [
+    ('speech_commands', 'speech_classification', 'train', 'test'),
+    ('librispeech', 'speech_ctc', 'train_clean100', 'test_clean'),
+])
+def test_tfds_speech_sources_under_mock_data(name, task, train_split, eval_split):
+  import tensorflow_datasets as tfds
+  from input_pipeline import batching
+  c = _tfds_config(name, task, train_split, eval_split)
+  with tfds.testing.mock_data(num_examples=6):
+    source = audio.load(c, 0, 1)
+    batch = next(batching.train_batches(source.train, 4, 0, 16))
+    eval_batches = list(batching.eval_batches(source.eval, 4))
+  assert batch['features'].shape == (4, 50, 40) and batch['features'].dtype == np.float32
+  assert ((batch['frames'] >= 1) & (batch['frames'] <= 50)).all()
+  assert sum(int(b['mask'].sum()) for b in eval_batches) == 6
+  if source.transcribed:
+    assert batch['labels'].shape == (4, 32)
+    assert (batch['label_len'] <= 32).all()
+  else:
+    assert source.num_classes == 12 and (batch['label'] < 12).all()
+
+
+def test_tfds_spoken_digit_is_cut_by_the_official_index_rule():
+  import tensorflow_datasets as tfds
+  names = [f'{d}_jackson_{i}.wav' for d in range(2) for i in (0, 3, 4, 5, 9, 30)]
+
+  def as_dataset(self, split, **kwargs):
+    del self, split, kwargs
+    rng = np.random.default_rng(0)
+    return tf.data.Dataset.from_tensor_slices({
+        'audio': rng.integers(-3000, 3000, (len(names), 2400)),
+        'audio/filename': names, 'label': [int(n[0]) for n in names]})
+
+  c = _tfds_config('spoken_digit', 'speech_classification', 'train', 'train')
+  with tfds.testing.mock_data(as_dataset_fn=as_dataset):
+    source = audio.load(c, 0, 1)
+  # Index 0-4 test (0, 3, 4 per digit), 5-49 train (5, 9, 30).
+  assert source.train.num_examples == 6 and source.eval.num_examples == 6
+  eval_labels = sorted(int(ex['label']) for ex in source.eval.examples.as_numpy_iterator())
+  assert eval_labels == [0, 0, 0, 1, 1, 1]
+
+
+@pytest.mark.parametrize('module', ['speech_commands', 'librispeech'])
+def test_tfds_configs_build_their_models(module):
+  """The TFDS configs' keys fit their models and FLOP counters (shapes only, no data)."""
+  import importlib
+  from flax import nnx
+  from models import create_model
+  from monitor import flops
+  c = importlib.import_module(f'configs.{module}').get_config()
+  model = nnx.eval_shape(lambda: create_model(
+      c.model, nnx.Rngs(0), input_dim=c.audio.num_mels, num_outputs=12,
+      vocab_size=audio.VOCAB_SIZE, max_label_len=c.audio.max_label_len))
+  assert flops.train_step_flops(model, (c.audio.max_frames, c.audio.num_mels), c.batch_size) > 0
+
+
+def test_speech_flop_counters_agree_with_xla():
+  """Conformer: XLA's count is the analytic one plus elementwise work. LSTM: XLA counts a
+  while loop's body once, so it sees the hoisted input projections in full but the hidden
+  matmul for one step only: analytic minus the other steps' hidden matmuls."""
+  from flax import nnx
+  from models.conformer import ConformerEncoder
+  from models.recurrent import LSTMEncoder
+  from monitor import flops
+  x = jnp.zeros((1, 60, 16))
+  conformer = ConformerEncoder(input_dim=16, num_outputs=10, model_dim=32, num_layers=2,
+                               num_heads=2, subsample_channels=8, rngs=nnx.Rngs(0))
+  lstm = LSTMEncoder(input_dim=16, num_outputs=10, hidden_dim=24, num_layers=2, frame_stack=3,
+                     rngs=nnx.Rngs(0))
+  counted = {}
+  for name, model in (('conformer', conformer), ('lstm', lstm)):
+    graph, params = nnx.split(model)
+    forward = jax.jit(lambda p, x, graph=graph: nnx.merge(graph, p)(x, jnp.full((1,), 60))[0])
+    counted[name] = (flops.forward_flops(model, (60, 16)), flops.xla_flops(forward, params, x))
+  analytic, xla = counted['conformer']
+  assert analytic <= xla <= 1.12 * analytic
+  analytic, xla = counted['lstm']
+  hidden_per_step = 2.0 * 24 * 4 * 24
+  once = analytic - 4 * (20 - 1) * hidden_per_step  # 2 layers x 2 directions, 20 steps.
+  assert abs(xla - once) <= 0.03 * once
