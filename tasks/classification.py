@@ -17,7 +17,20 @@ class ClassificationMetrics(metrics.Collection):
   accuracy: metrics.Average.from_output('accuracy')
 
 
-class ImageClassification(Task):
+class ImageTask(Task):
+  """A task over `self.source`'s images (image_shape, num_classes); the model is sized
+  from them. Shared by classification and detection."""
+
+  @property
+  def model_input_shape(self):
+    return self.source.image_shape
+
+  def build_model(self, rngs, norm_axis_name=None):
+    return create_model(self.config.model, rngs, num_classes=self.source.num_classes,
+                        input_shape=self.source.image_shape, norm_axis_name=norm_axis_name)
+
+
+class ImageClassification(ImageTask):
   metrics_class = ClassificationMetrics
 
   def load_data(self, process_index, process_count):
@@ -34,14 +47,6 @@ class ImageClassification(Task):
   @property
   def num_train_examples(self):
     return self._num_train_examples
-
-  @property
-  def model_input_shape(self):
-    return self.source.image_shape
-
-  def build_model(self, rngs, norm_axis_name=None):
-    return create_model(self.config.model, rngs, num_classes=self.source.num_classes,
-                        input_shape=self.source.image_shape, norm_axis_name=norm_axis_name)
 
   def _outputs(self, logits: jax.Array, labels: jax.Array, mask=None):
     per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)

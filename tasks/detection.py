@@ -33,8 +33,8 @@ from flax import nnx, struct
 
 from core.errors import KilnError
 from input_pipeline import augment, canvas
-from models import create_model
-from tasks.base import Batch, Task
+from tasks.base import Batch
+from tasks.classification import ImageTask
 
 COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 COCO_RECALL_POINTS = np.linspace(0.0, 1.0, 101)
@@ -250,7 +250,7 @@ class DetectionMetrics(metrics.Collection):
   map: MAP
 
 
-class Detection(Task):
+class Detection(ImageTask):
   """Detection on MNIST canvases (input_pipeline/canvas.py) with a grid detector."""
   metrics_class = DetectionMetrics
 
@@ -267,14 +267,6 @@ class Detection(Task):
   @property
   def num_train_examples(self):
     return self.source.train.num_examples
-
-  @property
-  def model_input_shape(self):
-    return self.source.image_shape
-
-  def build_model(self, rngs, norm_axis_name=None):
-    return create_model(self.config.model, rngs, num_classes=self.source.num_classes,
-                        input_shape=self.source.image_shape, norm_axis_name=norm_axis_name)
 
   def _weighted(self, model, raw, batch):
     c = self.config.detection
