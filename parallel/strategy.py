@@ -17,6 +17,37 @@ STRATEGIES = ('jit', 'pmap')
 PMAP_AXIS = 'batch'
 
 
+class _WaitForResults:
+  """A compiled step that returns only once its results exist; `.lower` etc. pass through.
+
+  Why: XLA:CPU launches each fake device's share of a multi-device program on one
+  shared thread pool. With two programs in flight (the next step, or a metrics merge,
+  dispatched while a step with an all-reduce still runs), the per-device launches can
+  take the devices in different orders, the in-process all-reduce never gathers all its
+  participants, and XLA aborts the process after its rendezvous timeout (seen in CI on
+  the 8-device RNN-T eval loop). Accelerators and single-device CPU keep async dispatch.
+  """
+
+  def __init__(self, step):
+    self._step = step
+
+  def __call__(self, *args):
+    return jax.block_until_ready(self._step(*args))
+
+  def __getattr__(self, name):
+    return getattr(self._step, name)
+
+
+def _in_process_collectives(devices) -> bool:
+  """True where several local devices of one process are the CPU's fake devices."""
+  local = [d for d in devices if d.process_index == jax.process_index()]
+  return len(local) > 1 and local[0].platform == 'cpu'
+
+
+def _dispatch_safely(step, devices):
+  return _WaitForResults(step) if _in_process_collectives(devices) else step
+
+
 class JitStrategy:
   """One program over the global mesh; parameters and batches sharded by NamedSharding."""
   name = 'jit'
@@ -28,13 +59,16 @@ class JitStrategy:
 
   def compile_train(self, step_fn, state_shardings):
     replicated = mesh_lib.replicated(self.mesh)
-    return jax.jit(self._with_rules(step_fn),
-                   in_shardings=(state_shardings, self.batch_sharding),
-                   out_shardings=(state_shardings, replicated, replicated), donate_argnums=0)
+    return _dispatch_safely(
+        jax.jit(self._with_rules(step_fn), in_shardings=(state_shardings, self.batch_sharding),
+                out_shardings=(state_shardings, replicated, replicated), donate_argnums=0),
+        self.mesh.devices.flat)
 
   def compile_eval(self, step_fn, state_shardings):
-    return jax.jit(self._with_rules(step_fn), in_shardings=(state_shardings, self.batch_sharding),
-                   out_shardings=mesh_lib.replicated(self.mesh))
+    return _dispatch_safely(
+        jax.jit(self._with_rules(step_fn), in_shardings=(state_shardings, self.batch_sharding),
+                out_shardings=mesh_lib.replicated(self.mesh)),
+        self.mesh.devices.flat)
 
   def _with_rules(self, step_fn):
     def traced(*args):
@@ -73,7 +107,9 @@ class PmapStrategy:
     self.stacked = NamedSharding(self.local_mesh, P(PMAP_AXIS))
 
   def compile_train(self, step_fn, state_shardings):
-    mapped = jax.pmap(step_fn, axis_name=PMAP_AXIS, donate_argnums=0)
+    # Waits before the replica-0 slices below are dispatched: they are programs too.
+    mapped = _dispatch_safely(jax.pmap(step_fn, axis_name=PMAP_AXIS, donate_argnums=0),
+                              self.devices)
 
     def train_step(state, batch):
       state, batch_metrics, scalars = mapped(state, batch)
@@ -81,7 +117,7 @@ class PmapStrategy:
     return train_step
 
   def compile_eval(self, step_fn, state_shardings):
-    mapped = jax.pmap(step_fn, axis_name=PMAP_AXIS)
+    mapped = _dispatch_safely(jax.pmap(step_fn, axis_name=PMAP_AXIS), self.devices)
     return lambda state, batch: jax.tree.map(lambda x: x[0], mapped(state, batch))
 
   def place(self, host_batch):
