@@ -17,22 +17,29 @@ STRATEGIES = ('jit', 'pmap')
 PMAP_AXIS = 'batch'
 
 
-class _WaitForResults:
-  """A compiled step that returns only once its results exist; `.lower` etc. pass through.
+class _MetricsToHost:
+  """A compiled step whose outputs after the first `keep_on_device` (the train state) come
+  back as host arrays, so that merging and reading metrics runs no device programs;
+  `.lower` etc. pass through.
 
-  Why: XLA:CPU launches each fake device's share of a multi-device program on one
-  shared thread pool. With two programs in flight (the next step, or a metrics merge,
-  dispatched while a step with an all-reduce still runs), the per-device launches can
-  take the devices in different orders, the in-process all-reduce never gathers all its
-  participants, and XLA aborts the process after its rendezvous timeout (seen in CI on
-  the 8-device RNN-T eval loop). Accelerators and single-device CPU keep async dispatch.
+  Why: on XLA:CPU every program over several in-process devices is a "collective launch":
+  each device admits at most 32 queued programs, and launches are admitted per device in
+  no fixed order. Merging a metrics collection on the devices queues one 8-device program
+  per field per step (dozens for the per-speaker rates); past 32, a later program can take
+  a device's last slot before an earlier one, whose all-reduce then waits forever and XLA
+  aborts the process after its 40 s rendezvous timeout (seen in CI in the 8-fake-device
+  RNN-T eval loop). Fetching the metrics also waits for the step, so at most one step is
+  in flight. Accelerators and single-device CPU keep metrics on the device.
   """
 
-  def __init__(self, step):
-    self._step = step
+  def __init__(self, step, keep_on_device: int):
+    self._step, self._keep = step, keep_on_device
 
   def __call__(self, *args):
-    return jax.block_until_ready(self._step(*args))
+    outputs = self._step(*args)
+    if not self._keep:
+      return jax.device_get(outputs)
+    return (*outputs[:self._keep], *jax.device_get(tuple(outputs[self._keep:])))
 
   def __getattr__(self, name):
     return getattr(self._step, name)
@@ -44,8 +51,8 @@ def _in_process_collectives(devices) -> bool:
   return len(local) > 1 and local[0].platform == 'cpu'
 
 
-def _dispatch_safely(step, devices):
-  return _WaitForResults(step) if _in_process_collectives(devices) else step
+def _dispatch_safely(step, devices, keep_on_device: int):
+  return _MetricsToHost(step, keep_on_device) if _in_process_collectives(devices) else step
 
 
 class JitStrategy:
@@ -62,13 +69,13 @@ class JitStrategy:
     return _dispatch_safely(
         jax.jit(self._with_rules(step_fn), in_shardings=(state_shardings, self.batch_sharding),
                 out_shardings=(state_shardings, replicated, replicated), donate_argnums=0),
-        self.mesh.devices.flat)
+        self.mesh.devices.flat, keep_on_device=1)
 
   def compile_eval(self, step_fn, state_shardings):
     return _dispatch_safely(
         jax.jit(self._with_rules(step_fn), in_shardings=(state_shardings, self.batch_sharding),
                 out_shardings=mesh_lib.replicated(self.mesh)),
-        self.mesh.devices.flat)
+        self.mesh.devices.flat, keep_on_device=0)
 
   def _with_rules(self, step_fn):
     def traced(*args):
@@ -107,9 +114,8 @@ class PmapStrategy:
     self.stacked = NamedSharding(self.local_mesh, P(PMAP_AXIS))
 
   def compile_train(self, step_fn, state_shardings):
-    # Waits before the replica-0 slices below are dispatched: they are programs too.
     mapped = _dispatch_safely(jax.pmap(step_fn, axis_name=PMAP_AXIS, donate_argnums=0),
-                              self.devices)
+                              self.devices, keep_on_device=1)
 
     def train_step(state, batch):
       state, batch_metrics, scalars = mapped(state, batch)
@@ -117,7 +123,8 @@ class PmapStrategy:
     return train_step
 
   def compile_eval(self, step_fn, state_shardings):
-    mapped = _dispatch_safely(jax.pmap(step_fn, axis_name=PMAP_AXIS), self.devices)
+    mapped = _dispatch_safely(jax.pmap(step_fn, axis_name=PMAP_AXIS), self.devices,
+                              keep_on_device=0)
     return lambda state, batch: jax.tree.map(lambda x: x[0], mapped(state, batch))
 
   def place(self, host_batch):
