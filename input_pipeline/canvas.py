@@ -36,11 +36,8 @@ class Canvases:
 
 
 @dataclasses.dataclass(frozen=True)
-class CanvasSource:
-  train: HostSplit
-  eval: HostSplit
-  num_classes: int
-  image_shape: tuple[int, int, int]
+class CanvasSource(sources.Source):
+  """An image Source whose examples also carry up to `max_objects` boxes and labels."""
   max_objects: int
 
 
