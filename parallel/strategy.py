@@ -18,25 +18,27 @@ PMAP_AXIS = 'batch'
 
 
 class _MetricsToHost:
-  """A compiled step whose outputs after the first `keep_on_device` (the train state) come
-  back as host arrays, so that merging and reading metrics runs no device programs;
-  `.lower` etc. pass through.
+  """A compiled step that returns once every device has finished it, with its outputs after
+  the first `keep_on_device` (the train state) as host arrays, so that merging and reading
+  metrics runs no device programs; `.lower` etc. pass through.
 
   Why: on XLA:CPU every program over several in-process devices is a "collective launch":
-  each device admits at most 32 queued programs, and launches are admitted per device in
-  no fixed order. Merging a metrics collection on the devices queues one 8-device program
-  per field per step (dozens for the per-speaker rates); past 32, a later program can take
-  a device's last slot before an earlier one, whose all-reduce then waits forever and XLA
+  each device admits a bounded number of queued programs (32 in XLA's source), and
+  launches are admitted per device in no fixed order. When a later program takes a
+  device's slot before an earlier one, the earlier one's all-reduce waits forever and XLA
   aborts the process after its 40 s rendezvous timeout (seen in CI in the 8-fake-device
-  RNN-T eval loop). Fetching the metrics also waits for the step, so at most one step is
-  in flight. Accelerators and single-device CPU keep metrics on the device.
+  RNN-T eval loop, whose per-field metric merges queued dozens of tiny 8-device programs).
+  A replicated metric is fetched from one device while the step may still run on the
+  others, so the call also waits for every device: at most one step is ever in flight.
+  Accelerators and single-device CPU keep metrics on the device and async dispatch.
   """
 
   def __init__(self, step, keep_on_device: int):
     self._step, self._keep = step, keep_on_device
 
   def __call__(self, *args):
-    outputs = self._step(*args)
+    # Every device's share, state included: fetching a replicated metric reads one device.
+    outputs = jax.block_until_ready(self._step(*args))
     if not self._keep:
       return jax.device_get(outputs)
     return (*outputs[:self._keep], *jax.device_get(tuple(outputs[self._keep:])))
