@@ -191,11 +191,19 @@ def rnnt_beam_search(joint_fn, predict_fn, init_state, encoded: jax.Array, frame
     index = jnp.arange(k * vocab)
     first = ~jnp.any(same & (index[None, None, :] < index[None, :, None]), -1)
     score = jnp.where(first & alive, merged, 2 * NEG)
-    best, chosen = jax.lax.top_k(score, k)  # [B, K]
+    # A stable sort along each utterance's row, not lax.top_k (same picks, ties to the lower
+    # index): XLA's SPMD partitioner all-gathers TopK's operand over a sharded batch, and
+    # XLA:CPU's in-process all-gathers inside this loop hung the 8-fake-device eval.
+    chosen = jnp.argsort(-score, axis=-1, stable=True)[:, :k]  # [B, K]
+    best = jnp.take_along_axis(score, chosen, 1)
     beam, token = chosen // vocab, (chosen % vocab).astype(jnp.int32)
-    flat_beam = (beam + jnp.arange(batch)[:, None] * k).ravel()
-    old_state = jax.tree.map(lambda x: x[flat_beam], state)
-    old_out = pred_out[flat_beam]
+
+    def pick(x):  # [B*K, ...] -> the chosen beams' rows, gathered within each utterance.
+      x = x.reshape((batch, k) + x.shape[1:])
+      rows = jnp.take_along_axis(x, beam.reshape(beam.shape + (1,) * (x.ndim - 2)), 1)
+      return rows.reshape((batch * k,) + x.shape[2:])
+    old_state = jax.tree.map(pick, state)
+    old_out = pick(pred_out)
     new_state, new_out = predict_fn(old_state, token.ravel())
     emit = (token > 0).ravel()
     state_next = jax.tree.map(
