@@ -11,6 +11,14 @@ config's update rule (clipping + AdamW with decoupled decay, schedule) and the c
 task's loss, jitted with the state donated. Only the data is a stand-in: a fixed batch of
 random tokens, already on the device, so input time is excluded.
 
+Each shape runs twice, timed step by step in turn: as one batch, and as the same batch in
+micro-batches whose gradients are summed before the one optimizer update
+(config.gradient.accumulation_steps; the same update, up to float summation order and
+dropout draws). On a CPU the micro-batches are faster because each one's activations stay
+in the caches between the matmuls that produce and consume them: baby GPT's [4096, 1536]
+MLP activation is 25 MB, a micro-batch of 4 sequences' 6 MB. `--accumulation` sets
+other counts.
+
 The CPU matmul peak is measured in this run (monitor.hardware.measure_cpu_matmul_flops,
 not the cached figure), interleaved with the timed steps: other load on the machine slows
 both alike. MFU = analytic model FLOPs (monitor.flops) per second / that peak.
@@ -42,14 +50,16 @@ from tasks.language import CausalLanguageModeling  # noqa: E402
 VOCAB_SIZE = 65  # Characters of tiny Shakespeare.
 # Eager PyTorch nanoGPT on this 2-core CPU, fp32 (tokens/s), for the ratio column.
 PYTORCH_TOKENS_PER_S = {'baby': 1_280, 'cpu': 13_000}
+# (config, batch, micro-batches timed beside one batch): the fastest counts measured here,
+# baby 4 (1,005 vs 1,343 ms/step) and cpu 2 (24.5 vs 32.9 ms; 3 gave 27.2).
 SHAPES = {
-    'baby': (gpt_shakespeare_char.get_config, 16),
-    'cpu': (gpt_shakespeare_char_cpu.get_config, None),  # The config's own batch (12).
+    'baby': (gpt_shakespeare_char.get_config, 16, 4),
+    'cpu': (gpt_shakespeare_char_cpu.get_config, None, 2),  # The config's own batch (12).
 }
 
 
-def _config(shape: str, positions: str | None, dropout: float | None):
-  get_config, batch_size = SHAPES[shape]
+def _config(shape: str, positions: str | None, dropout: float | None, accumulation: int):
+  get_config, batch_size, _ = SHAPES[shape]
   config = get_config()
   if batch_size is not None:
     config.batch_size = batch_size
@@ -57,6 +67,7 @@ def _config(shape: str, positions: str | None, dropout: float | None):
     config.model.positions = positions
   if dropout is not None:
     config.model.dropout_rate = dropout
+  config.gradient.accumulation_steps = accumulation
   return config
 
 
@@ -67,9 +78,13 @@ def _task(config) -> CausalLanguageModeling:
   return task
 
 
-def benchmark(shape: str, args) -> dict:
-  config = _config(shape, args.positions, args.dropout)
+def _compiled_step(shape: str, accumulation: int, args):
+  """(config, jitted train step, initial state, batch, model FLOPs per step)."""
+  config = _config(shape, args.positions, args.dropout, accumulation)
   length, batch_size = config.dataset.seq_len, config.batch_size
+  if batch_size % accumulation:
+    sys.exit(f'error: --accumulation={accumulation} must divide the {shape} batch '
+             f'({batch_size})')
   task = _task(config)
   template = ModelTemplate(lambda rngs: create_model(
       config.model, rngs, vocab_size=VOCAB_SIZE, max_len=length))
@@ -82,37 +97,51 @@ def benchmark(shape: str, args) -> dict:
   state = init_state(template, tx, config.seed)
   tokens = jax.random.randint(jax.random.key(0), (batch_size, length + 1), 0, VOCAB_SIZE)
   batch = {'tokens': tokens, 'token_mask': jnp.ones((batch_size, length), jnp.float32)}
+  model = nnx.eval_shape(lambda: template.build_model(nnx.Rngs(0)))
+  return config, train_step, state, batch, flops.train_step_flops(model, (length,), batch_size)
 
-  for _ in range(1 + args.warmup):  # Compile, then warm up.
-    state, *outputs = train_step(state, batch)
-  jax.block_until_ready((state, outputs))
-  seconds, peaks = [], []
+
+def benchmark(shape: str, args) -> list[dict]:
+  """One row per micro-batch count, their steps timed in turn after every peak probe."""
+  counts = args.accumulation or sorted({1, SHAPES[shape][2]})
+  runs = [list(_compiled_step(shape, count, args)) for count in counts]
+  for run in runs:
+    _, train_step, state, batch, _ = run
+    for _ in range(1 + args.warmup):  # Compile, then warm up.
+      state, *outputs = train_step(state, batch)
+    jax.block_until_ready((state, outputs))
+    run[2] = state
+  seconds, peaks = [[] for _ in runs], []
   for _ in range(args.steps):
     peaks.append(hardware.measure_cpu_matmul_flops(repeats=2))
-    started = time.perf_counter()
-    state, *outputs = train_step(state, batch)
-    jax.block_until_ready((state, outputs))
-    seconds.append(time.perf_counter() - started)
-
-  model = nnx.eval_shape(lambda: template.build_model(nnx.Rngs(0)))
-  step_flops = flops.train_step_flops(model, (length,), batch_size)
-  median, peak = statistics.median(seconds), max(peaks)
-  tokens_per_s = batch_size * length / median
-  return {'shape': shape, 'config': config, 'batch': batch_size, 'ms': 1e3 * median,
-          'tokens_per_s': tokens_per_s, 'gflops': step_flops / median / 1e9,
-          'peak_gflops': peak / 1e9, 'mfu': step_flops / median / peak,
-          'vs_pytorch': tokens_per_s / PYTORCH_TOKENS_PER_S[shape]}
+    for run, run_seconds in zip(runs, seconds):
+      _, train_step, state, batch, _ = run
+      started = time.perf_counter()
+      state, *outputs = train_step(state, batch)
+      jax.block_until_ready((state, outputs))
+      run_seconds.append(time.perf_counter() - started)
+      run[2] = state
+  peak, rows = max(peaks), []
+  for (config, _, _, _, step_flops), run_seconds in zip(runs, seconds):
+    median = statistics.median(run_seconds)
+    tokens_per_s = config.batch_size * config.dataset.seq_len / median
+    rows.append({'shape': shape, 'config': config, 'batch': config.batch_size,
+                 'micro_batches': config.gradient.accumulation_steps, 'ms': 1e3 * median,
+                 'tokens_per_s': tokens_per_s, 'gflops': step_flops / median / 1e9,
+                 'peak_gflops': peak / 1e9, 'mfu': step_flops / median / peak,
+                 'vs_pytorch': tokens_per_s / PYTORCH_TOKENS_PER_S[shape]})
+  return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
-  header = ('shape', 'batch', 'ms/step (median)', 'tokens/s', 'GFLOP/s', 'matmul peak GFLOP/s',
+  header = ('shape', 'batch', 'micro-batches', 'ms/step (median)', 'tokens/s', 'GFLOP/s', 'matmul peak GFLOP/s',
             'MFU', 'vs PyTorch')
   lines = ['| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header)]
   for row in rows:
     m = row['config'].model
     shape = (f"{row['shape']}: {m.num_layers}L {m.num_heads}H {m.embed_dim}E "
              f"T{row['config'].dataset.seq_len} {m.positions}, dropout {m.dropout_rate}")
-    cells = (shape, row['batch'], f"{row['ms']:.1f}", f"{row['tokens_per_s']:,.0f}",
+    cells = (shape, row['batch'], row['micro_batches'], f"{row['ms']:.1f}", f"{row['tokens_per_s']:,.0f}",
              f"{row['gflops']:.1f}", f"{row['peak_gflops']:.0f}", f"{100 * row['mfu']:.1f}%",
              f"{row['vs_pytorch']:.2f}x ({PYTORCH_TOKENS_PER_S[row['shape']]:,})")
     lines.append('| ' + ' | '.join(str(c) for c in cells) + ' |')
@@ -128,10 +157,14 @@ def main(argv=None) -> None:
   parser.add_argument('--positions', choices=('learned', 'rotary'),
                       help="override the configs' position encoding")
   parser.add_argument('--dropout', type=float, help="override the configs' dropout rate")
+  parser.add_argument('--accumulation', type=int, action='append',
+                      help='micro-batches per step to time (repeatable; default: 1 and the '
+                           "shape's fastest measured count)")
   args = parser.parse_args(argv)
-  if args.steps < 1 or args.warmup < 0:
-    sys.exit(f'error: --steps={args.steps} must be >= 1 and --warmup={args.warmup} >= 0')
-  rows = [benchmark(shape, args) for shape in args.shape or sorted(SHAPES)]
+  if args.steps < 1 or args.warmup < 0 or any(a < 1 for a in args.accumulation or ()):
+    sys.exit(f'error: --steps={args.steps} and --accumulation must be >= 1, '
+             f'--warmup={args.warmup} >= 0')
+  rows = [row for shape in args.shape or sorted(SHAPES) for row in benchmark(shape, args)]
   print(f'{jax.device_count()} {jax.devices()[0].device_kind} device(s), '
         f'{os.cpu_count()} cores; JAX {jax.__version__}; fp32; {args.warmup} warm-up + '
         f'{args.steps} timed steps; peak = best 2048^3 fp32 matmul measured between steps\n')

@@ -17,7 +17,7 @@ def get_config():
   c.model.num_layers = 4  # Transformer blocks.
   c.model.num_heads = 4  # Attention heads per block.
   c.model.embed_dim = 192  # Residual stream width.
-  c.model.dropout_rate = 0.1  # On embeddings and residual branches during training.
+  c.model.dropout_rate = 0.1  # On embeddings, attention weights and residual branches (training).
   c.model.positions = 'rotary'  # 'rotary' (RoPE) learns to use context sooner than 'learned' here.
   c.model.num_classes = 0  # Classification head size; 0 for pre-training only.
 

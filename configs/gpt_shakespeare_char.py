@@ -20,7 +20,7 @@ def get_config():
   c.model.num_layers = 6  # Transformer blocks.
   c.model.num_heads = 6  # Attention heads per block.
   c.model.embed_dim = 384  # Residual stream width.
-  c.model.dropout_rate = 0.2  # On embeddings and residual branches during training.
+  c.model.dropout_rate = 0.2  # On embeddings, attention weights and residual branches (training).
   c.model.use_bias = False  # No biases in projections (nanoGPT's default).
   c.model.positions = 'rotary'  # 'rotary' (RoPE) or a 'learned' table; see the README figures.
   c.model.tie_embeddings = True  # The output projection reuses the token embedding.

@@ -14,6 +14,9 @@ def get_config():
   c.model.embed_dim = 128
   c.model.dropout_rate = 0.0
   c.batch_size = 12
+  # Two micro-batches of 6 per step (one update, same gradient): activations stay in the
+  # caches, 1.3x the tokens/s on 2 CPU cores (benchmarks/gpt_throughput.py --shape cpu).
+  c.gradient.accumulation_steps = 2
   c.eval_batch_size = 240
   c.num_train_steps = 2000
   c.log_every_steps = 50

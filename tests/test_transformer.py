@@ -136,3 +136,41 @@ def test_blocked_causal_attention_equals_masked_attention():
     for g_blocked, g_ref in zip(jax.grad(blocked, (0, 1, 2))(q, k, v),
                                 jax.grad(reference, (0, 1, 2))(q, k, v)):
       np.testing.assert_allclose(g_blocked, g_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_dropout_is_dropout_on_the_softmax_probabilities():
+  from models.transformer import attend, causal_attend, causal_bias
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 3, 12, 8)) for i in range(3))
+  keep = jax.random.bernoulli(jax.random.key(7), 0.75, (2, 3, 12, 12))
+  mask_block = lambda w: jnp.where(keep[..., :w.shape[-2], :w.shape[-1]], w / 0.75, 0.0)
+  probabilities = jax.nn.softmax(jnp.einsum('bnth,bnsh->bnts', q, k) + causal_bias(12), axis=-1)
+  expected = jnp.einsum('bnts,bnsh->bnth', mask_block(probabilities), v)
+  np.testing.assert_allclose(attend(q, k, v, causal_bias(12), mask_block), expected,
+                             rtol=1e-5, atol=1e-6)
+
+  def blocked_mask(w):  # Each query block sees its own rows of the same mask.
+    rows = w.shape[-2]
+    start = 0 if w.shape[-1] == rows else w.shape[-1] - rows
+    return jnp.where(keep[..., start:start + rows, :w.shape[-1]], w / 0.75, 0.0)
+  np.testing.assert_allclose(causal_attend(q, k, v, block=4, drop=blocked_mask), expected,
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_training_block_drops_attention_weights_then_residual_branches():
+  """A training block equals its parts replayed with the same dropout stream: attention
+  weights dropped first, then the two residual branches, as in GPT-2/nanoGPT and BERT."""
+  model = _gpt(num_layers=1, dropout_rate=0.5)
+  block, tokens = model.transformer.blocks[0], jax.random.randint(jax.random.key(0), (2, 16), 0, 65)
+  x = model.transformer.token_embed[...][tokens]
+  positions = jnp.broadcast_to(jnp.arange(16), (2, 16))
+  trained, _ = block(x, positions=positions, causal=True, train=True, rngs=nnx.Rngs(dropout=1))
+
+  def replay(attention_dropout: bool):
+    rngs = nnx.Rngs(dropout=1)
+    drop = lambda w: block.dropout(w, deterministic=False, rngs=rngs)
+    y, _ = block.attn(block.ln1(x), positions=positions, causal=True,
+                      drop=drop if attention_dropout else None)
+    h = x + block.dropout(y, deterministic=False, rngs=rngs)
+    return h + block.dropout(block.mlp(block.ln2(h)), deterministic=False, rngs=rngs)
+  np.testing.assert_allclose(trained, replay(True), rtol=1e-6, atol=1e-6)
+  assert not np.allclose(trained, replay(False), atol=1e-3)

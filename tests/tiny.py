@@ -41,6 +41,7 @@ def tiny_gpt_config():
   c.model.num_heads = 4
   c.model.embed_dim = 64
   c.batch_size = 16
+  c.gradient.accumulation_steps = 1  # One compiled micro-step: faster to compile.
   c.eval_batch_size = 64
   c.num_train_steps = 100
   c.schedule.warmup_steps = 5
