@@ -21,7 +21,7 @@ def get_config():
   c.model.num_heads = 6  # Attention heads per block.
   c.model.embed_dim = 384  # Residual stream width.
   c.model.dropout_rate = 0.2  # On embeddings, attention weights and residual branches (training).
-  c.model.use_bias = False  # No biases in projections (nanoGPT's default).
+  c.model.use_bias = False  # No biases in projections or LayerNorms (nanoGPT's default).
   c.model.positions = 'rotary'  # 'rotary' (RoPE) or a 'learned' table; see the README figures.
   c.model.tie_embeddings = True  # The output projection reuses the token embedding.
   c.model.scan_layers = False  # Stack blocks under lax.scan (faster compiles for deep models).

@@ -7,6 +7,7 @@ compute dtype. Parameter dimensions carry logical names for the sharding rules.
 """
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -97,13 +98,13 @@ class Attention(nnx.Module):
   """Multi-head self-attention with a fused QKV projection and an optional KV cache."""
 
   def __init__(self, embed_dim: int, num_heads: int, *, use_bias: bool, rotary_positions: bool,
-               dtype, rngs: nnx.Rngs):
+               dtype, rngs: nnx.Rngs, out_init=_INIT):
     if embed_dim % num_heads:
       raise ValueError(f'embed_dim={embed_dim} must be a multiple of num_heads={num_heads}')
     head_dim = embed_dim // num_heads
     self.num_heads, self.rotary_positions, self.dtype = num_heads, rotary_positions, dtype
     self.qkv = _param(rngs, (embed_dim, 3, num_heads, head_dim), ('embed', None, 'heads', None))
-    self.out = _param(rngs, (num_heads, head_dim, embed_dim), ('heads', None, 'embed'))
+    self.out = _param(rngs, (num_heads, head_dim, embed_dim), ('heads', None, 'embed'), out_init)
     zeros = nnx.initializers.zeros
     self.qkv_bias = _param(rngs, (3, num_heads, head_dim), (None, 'heads', None),
                            zeros) if use_bias else None
@@ -161,13 +162,14 @@ def gelu(x: jax.Array) -> jax.Array:
 
 
 class MLP(nnx.Module):
-  def __init__(self, embed_dim: int, hidden_dim: int, *, use_bias: bool, dtype, rngs: nnx.Rngs):
+  def __init__(self, embed_dim: int, hidden_dim: int, *, use_bias: bool, dtype, rngs: nnx.Rngs,
+               out_init=_INIT):
     self.dtype = dtype
     self.fc1 = nnx.Linear(embed_dim, hidden_dim, use_bias=use_bias, dtype=dtype, rngs=rngs,
                           kernel_init=_INIT, kernel_metadata={'logical_axes': ('embed', 'mlp')},
                           bias_metadata={'logical_axes': ('mlp',)})
     self.fc2 = nnx.Linear(hidden_dim, embed_dim, use_bias=use_bias, dtype=dtype, rngs=rngs,
-                          kernel_init=_INIT, kernel_metadata={'logical_axes': ('mlp', 'embed')},
+                          kernel_init=out_init, kernel_metadata={'logical_axes': ('mlp', 'embed')},
                           bias_metadata={'logical_axes': ('embed',)})
 
   def __call__(self, x):
@@ -175,19 +177,25 @@ class MLP(nnx.Module):
     return self.fc2(h)
 
 
+def _layer_norm(embed_dim: int, use_bias: bool, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  """LayerNorm whose bias follows the projections' (nanoGPT's LayerNorm(bias=...))."""
+  norm = {'logical_axes': ('embed',)}
+  return nnx.LayerNorm(embed_dim, dtype=dtype, use_bias=use_bias, scale_metadata=norm,
+                       bias_metadata=norm, rngs=rngs)
+
+
 class Block(nnx.Module):
   """Pre-LayerNorm residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
   def __init__(self, embed_dim: int, num_heads: int, mlp_ratio: int, dropout_rate: float, *,
-               use_bias: bool, rotary_positions: bool, dtype, rngs: nnx.Rngs):
-    norm = {'logical_axes': ('embed',)}
-    self.ln1 = nnx.LayerNorm(embed_dim, dtype=dtype, scale_metadata=norm, bias_metadata=norm,
-                             rngs=rngs)
+               use_bias: bool, rotary_positions: bool, dtype, rngs: nnx.Rngs, out_init=_INIT):
+    self.ln1 = _layer_norm(embed_dim, use_bias, dtype, rngs)
     self.attn = Attention(embed_dim, num_heads, use_bias=use_bias,
-                          rotary_positions=rotary_positions, dtype=dtype, rngs=rngs)
-    self.ln2 = nnx.LayerNorm(embed_dim, dtype=dtype, scale_metadata=norm, bias_metadata=norm,
-                             rngs=rngs)
-    self.mlp = MLP(embed_dim, mlp_ratio * embed_dim, use_bias=use_bias, dtype=dtype, rngs=rngs)
+                          rotary_positions=rotary_positions, dtype=dtype, rngs=rngs,
+                          out_init=out_init)
+    self.ln2 = _layer_norm(embed_dim, use_bias, dtype, rngs)
+    self.mlp = MLP(embed_dim, mlp_ratio * embed_dim, use_bias=use_bias, dtype=dtype, rngs=rngs,
+                   out_init=out_init)
     self.dropout = Dropout(dropout_rate)
 
   def __call__(self, x, *, positions, causal, key_mask=None, cache=None, train=False, rngs=None):
@@ -207,7 +215,10 @@ class Transformer(nnx.Module):
   def __init__(self, *, vocab_size: int, max_len: int, num_layers: int, num_heads: int,
                embed_dim: int, mlp_ratio: int = 4, dropout_rate: float = 0.0,
                positions: str = 'learned', use_bias: bool = True, scan_layers: bool = False,
-               remat_policy: str = 'none', dtype: str = 'float32', rngs: nnx.Rngs):
+               remat_policy: str = 'none', dtype: str = 'float32',
+               scaled_residual_init: bool = False, rngs: nnx.Rngs):
+    """`scaled_residual_init`: GPT-2's initialisation, the projections that end each
+    residual branch drawn with std 0.02 / sqrt(2 * num_layers) instead of 0.02."""
     if positions not in ('learned', 'rotary'):
       raise ValueError(f"positions='{positions}' must be 'learned' or 'rotary'")
     if remat_policy not in REMAT_POLICIES:
@@ -222,18 +233,20 @@ class Transformer(nnx.Module):
                            if positions == 'learned' else None)
     self.dropout = Dropout(dropout_rate)
 
+    out_init = (nnx.initializers.normal(0.02 / math.sqrt(2 * num_layers))
+                if scaled_residual_init else _INIT)
+
     def make_block(block_rngs):
       return Block(embed_dim, num_heads, mlp_ratio, dropout_rate, use_bias=use_bias,
-                   rotary_positions=positions == 'rotary', dtype=self.dtype, rngs=block_rngs)
+                   rotary_positions=positions == 'rotary', dtype=self.dtype, rngs=block_rngs,
+                   out_init=out_init)
 
     if scan_layers:  # One stacked block: parameters gain a leading (unsharded) layer axis.
       keys = jax.random.split(rngs.params(), num_layers)
       self.blocks = nnx.vmap(lambda key: make_block(nnx.Rngs(params=key)))(keys)
     else:
       self.blocks = nnx.List([make_block(rngs) for _ in range(num_layers)])
-    norm = {'logical_axes': ('embed',)}
-    self.ln_f = nnx.LayerNorm(embed_dim, dtype=self.dtype, scale_metadata=norm,
-                              bias_metadata=norm, rngs=rngs)
+    self.ln_f = _layer_norm(embed_dim, use_bias, self.dtype, rngs)
 
   def embed(self, tokens, positions, *, train, rngs):
     x = self.token_embed[...][tokens]
@@ -307,7 +320,7 @@ class GPT(nnx.Module):
         vocab_size=vocab_size, max_len=max_len, num_layers=num_layers, num_heads=num_heads,
         embed_dim=embed_dim, mlp_ratio=mlp_ratio, dropout_rate=dropout_rate, positions=positions,
         use_bias=use_bias, scan_layers=scan_layers, remat_policy=remat_policy, dtype=dtype,
-        rngs=rngs)
+        scaled_residual_init=True, rngs=rngs)
     self.lm_head = None if tie_embeddings else _param(rngs, (embed_dim, vocab_size),
                                                       ('embed', 'vocab'))
 

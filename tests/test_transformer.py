@@ -174,3 +174,22 @@ def test_training_block_drops_attention_weights_then_residual_branches():
     return h + block.dropout(block.mlp(block.ln2(h)), deterministic=False, rngs=rngs)
   np.testing.assert_allclose(trained, replay(True), rtol=1e-6, atol=1e-6)
   assert not np.allclose(trained, replay(False), atol=1e-3)
+
+
+def test_baby_gpt_has_nanogpts_parameters_and_gpt2_initialisation():
+  """nanoGPT's baby GPT without biases: 12 d^2 per layer, LayerNorm scales only, the tied
+  embedding: 10.65M ("number of parameters: 10.65M" without its position table). GPT-2
+  draws the projections that end each residual branch with std 0.02 / sqrt(2 layers)."""
+  model = GPT(vocab_size=65, max_len=256, num_layers=6, num_heads=6, embed_dim=384,
+              use_bias=False, positions='rotary', rngs=nnx.Rngs(0))
+  count = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert count == 6 * 12 * 384 ** 2 + (2 * 6 + 1) * 384 + 65 * 384 == 10_646_784
+  block = model.transformer.blocks[0]
+  residual_std = 0.02 / np.sqrt(2 * 6)
+  for kernel in (block.attn.out[...], block.mlp.fc2.kernel[...]):
+    assert abs(float(jnp.std(kernel)) - residual_std) < 0.03 * residual_std
+  for kernel in (block.attn.qkv[...], block.mlp.fc1.kernel[...]):
+    assert abs(float(jnp.std(kernel)) - 0.02) < 0.03 * 0.02
+  bert = BERT(vocab_size=65, max_len=64, num_layers=2, num_heads=4, embed_dim=64, rngs=nnx.Rngs(0))
+  assert bert.encoder.blocks[0].ln1.bias is not None  # BERT keeps biases and 0.02 everywhere.
+  assert abs(float(jnp.std(bert.encoder.blocks[0].mlp.fc2.kernel[...])) - 0.02) < 0.002
