@@ -104,45 +104,47 @@ def _compiled_step(shape: str, accumulation: int, args):
 def benchmark(shape: str, args) -> list[dict]:
   """One row per micro-batch count, their steps timed in turn after every peak probe."""
   counts = args.accumulation or sorted({1, SHAPES[shape][2]})
-  runs = [list(_compiled_step(shape, count, args)) for count in counts]
-  for run in runs:
-    _, train_step, state, batch, _ = run
+  configs, train_steps, states, batches, step_flops = zip(
+      *(_compiled_step(shape, count, args) for count in counts))
+  states = list(states)
+
+  def run(i: int) -> None:
+    states[i], *outputs = train_steps[i](states[i], batches[i])
+    jax.block_until_ready((states[i], outputs))
+
+  for i in range(len(counts)):
     for _ in range(1 + args.warmup):  # Compile, then warm up.
-      state, *outputs = train_step(state, batch)
-    jax.block_until_ready((state, outputs))
-    run[2] = state
-  seconds, peaks = [[] for _ in runs], []
+      run(i)
+  seconds, peaks = [[] for _ in counts], []
   for _ in range(args.steps):
     peaks.append(hardware.measure_cpu_matmul_flops(repeats=2))
-    for run, run_seconds in zip(runs, seconds):
-      _, train_step, state, batch, _ = run
+    for i in range(len(counts)):
       started = time.perf_counter()
-      state, *outputs = train_step(state, batch)
-      jax.block_until_ready((state, outputs))
-      run_seconds.append(time.perf_counter() - started)
-      run[2] = state
+      run(i)
+      seconds[i].append(time.perf_counter() - started)
   peak, rows = max(peaks), []
-  for (config, _, _, _, step_flops), run_seconds in zip(runs, seconds):
+  for config, flops_per_step, run_seconds in zip(configs, step_flops, seconds):
     median = statistics.median(run_seconds)
     tokens_per_s = config.batch_size * config.dataset.seq_len / median
     rows.append({'shape': shape, 'config': config, 'batch': config.batch_size,
                  'micro_batches': config.gradient.accumulation_steps, 'ms': 1e3 * median,
-                 'tokens_per_s': tokens_per_s, 'gflops': step_flops / median / 1e9,
-                 'peak_gflops': peak / 1e9, 'mfu': step_flops / median / peak,
+                 'tokens_per_s': tokens_per_s, 'gflops': flops_per_step / median / 1e9,
+                 'peak_gflops': peak / 1e9, 'mfu': flops_per_step / median / peak,
                  'vs_pytorch': tokens_per_s / PYTORCH_TOKENS_PER_S[shape]})
   return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
-  header = ('shape', 'batch', 'micro-batches', 'ms/step (median)', 'tokens/s', 'GFLOP/s', 'matmul peak GFLOP/s',
-            'MFU', 'vs PyTorch')
+  header = ('shape', 'batch', 'micro-batches', 'ms/step (median)', 'tokens/s', 'GFLOP/s',
+            'matmul peak GFLOP/s', 'MFU', 'vs PyTorch')
   lines = ['| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header)]
   for row in rows:
     m = row['config'].model
     shape = (f"{row['shape']}: {m.num_layers}L {m.num_heads}H {m.embed_dim}E "
              f"T{row['config'].dataset.seq_len} {m.positions}, dropout {m.dropout_rate}")
-    cells = (shape, row['batch'], row['micro_batches'], f"{row['ms']:.1f}", f"{row['tokens_per_s']:,.0f}",
-             f"{row['gflops']:.1f}", f"{row['peak_gflops']:.0f}", f"{100 * row['mfu']:.1f}%",
+    cells = (shape, row['batch'], row['micro_batches'], f"{row['ms']:.1f}",
+             f"{row['tokens_per_s']:,.0f}", f"{row['gflops']:.1f}", f"{row['peak_gflops']:.0f}",
+             f"{100 * row['mfu']:.1f}%",
              f"{row['vs_pytorch']:.2f}x ({PYTORCH_TOKENS_PER_S[row['shape']]:,})")
     lines.append('| ' + ' | '.join(str(c) for c in cells) + ' |')
   return '\n'.join(lines)

@@ -199,9 +199,7 @@ class Block(nnx.Module):
     self.dropout = Dropout(dropout_rate)
 
   def __call__(self, x, *, positions, causal, key_mask=None, cache=None, train=False, rngs=None):
-    drop = None
-    if train and self.dropout.rate > 0:
-      drop = functools.partial(self.dropout, deterministic=False, rngs=rngs)
+    drop = functools.partial(self.dropout, deterministic=False, rngs=rngs) if train else None
     y, cache = self.attn(self.ln1(x), positions=positions, causal=causal, key_mask=key_mask,
                          cache=cache, drop=drop)
     x = x + self.dropout(y, deterministic=not train, rngs=rngs)
