@@ -95,9 +95,13 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
   checkpointer = Checkpointer(workdir, config.keep_checkpoints)
   start_step, stopped_early = 0, False
   if checkpointer.latest_step() is not None:
-    restored, loop_state = checkpointer.restore(
-        checkpointer.latest_step(), exp.strategy.checkpoint_view(state),
-        exp.strategy.restore_shardings(shardings))
+    try:
+      restored, loop_state = checkpointer.restore(
+          checkpointer.latest_step(), exp.strategy.checkpoint_view(state),
+          exp.strategy.restore_shardings(shardings))
+    except KilnError:
+      checkpointer.close()  # An open manager's background threads would outlive the exit.
+      raise
     state = exp.strategy.distribute(restored, shardings)
     early_stopping.load_json(loop_state['early_stopping'])
     stopped_early = loop_state['stopped_early']

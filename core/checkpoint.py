@@ -5,14 +5,18 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from core.errors import KilnError
 from core.state import TrainState
 
 
 class Checkpointer:
   def __init__(self, workdir: str, keep: int):
+    # Handlers named up front so that a checkpoint's metadata can be read before restoring.
     self.manager = ocp.CheckpointManager(
         os.path.join(os.path.abspath(workdir), 'checkpoints'),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'loop': ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -23,13 +27,53 @@ class Checkpointer:
         state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop_state)), force=True)
 
   def restore(self, step: int, abstract_state: TrainState, shardings: TrainState):
-    """Restores onto the devices directly in the layout given by `shardings`."""
+    """Restores onto the devices directly in the layout given by `shardings`; a checkpoint
+    written by another model or optimizer raises a KilnError naming the first difference."""
     target = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), loop=ocp.args.JsonRestore()))
-    return restored['state'], restored['loop']
+    # Checked before restoring: a failed Orbax restore also floods stderr from its I/O threads.
+    difference = self._difference(step, target)
+    if difference is None:
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), loop=ocp.args.JsonRestore()))
+        return restored['state'], restored['loop']
+      except (ValueError, KeyError, TypeError) as error:
+        difference = ' '.join(str(error).split())[:300]
+    raise KilnError(f"checkpoint {step} in '{self.manager.directory}' was not written by this "
+                    f'model and optimizer ({difference}): resume with the config that wrote it, '
+                    'or pass a new --workdir')
+
+  def _difference(self, step: int, target) -> str | None:
+    """The first leaf whose shape or presence differs between the checkpoint and `target`."""
+    try:
+      stored = _shapes_by_path(self.manager.item_metadata(step)['state'])
+    except Exception:  # Metadata unreadable here: let the restore itself judge.
+      return None
+    wanted = _shapes_by_path(target)
+    for path, shape in wanted.items():
+      if path in stored and stored[path] != shape:
+        return f'{path} is {stored[path]} there, {shape} here'
+    for path in wanted:
+      if path not in stored:
+        return f'it has no {path}'
+    for path in stored:
+      if path not in wanted:
+        return f'it has {path}, which this model lacks'
+    return None
 
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _shapes_by_path(tree) -> dict[str, tuple[int, ...]]:
+  """'params/blocks/0/kernel'-style path -> shape of every array leaf."""
+  def name(key) -> str:
+    for field in ('name', 'key', 'idx'):
+      if hasattr(key, field):
+        return str(getattr(key, field))
+    return str(key)
+  return {'/'.join(name(key) for key in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+          if hasattr(leaf, 'shape')}

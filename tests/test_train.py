@@ -1,8 +1,9 @@
 """End-to-end behaviour of train_and_evaluate on real digits, 8 fake devices."""
 
 import json
-import time
 import os
+import shutil
+import time
 
 import jax
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import train
+from core.errors import KilnError
 from monitor import run_log
 from tasks.classification import ImageClassification
 from tests.checkpoints import latest_params
@@ -77,6 +79,24 @@ def test_finished_run_is_not_retrained(full_run):
   again = train.train_and_evaluate(tiny_config(), workdir)
   assert again['steps'] == 40
   assert again['final_eval'] == pytest.approx(summary['final_eval'], rel=1e-6)
+
+
+@pytest.mark.parametrize('change, expected', [
+    (('model', 'dense_features', 16), 'params/classifier/kernel is (32, 10) there, (16, 10) here'),
+    (('optimizer', 'name', 'sgd'), 'it has no opt_state/'),
+])
+def test_resuming_another_models_checkpoint_names_the_difference(full_run, tmp_path, change,
+                                                                expected):
+  workdir, _ = full_run
+  shutil.copytree(os.path.join(workdir, 'checkpoints'), tmp_path / 'checkpoints')
+  before = sorted(os.listdir(tmp_path / 'checkpoints'))
+  config = tiny_config()
+  section, key, value = change
+  config[section][key] = value
+  with pytest.raises(KilnError, match='was not written by this model and optimizer') as error:
+    train.train_and_evaluate(config, str(tmp_path))
+  assert expected in str(error.value) and 'pass a new --workdir' in str(error.value)
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == before
 
 
 def test_early_stopping_stops_and_stays_stopped(tmp_path, devices):
