@@ -21,7 +21,9 @@ other counts.
 
 The CPU matmul peak is measured in this run (monitor.hardware.measure_cpu_matmul_flops,
 not the cached figure), interleaved with the timed steps: other load on the machine slows
-both alike. MFU = analytic model FLOPs (monitor.flops) per second / that peak.
+both alike. MFU = analytic model FLOPs (monitor.flops: each matmul, causal attention
+counted half) per second / that peak; 'MFU, PaLM count' uses 6N + 12*L*H*Q*T per token
+instead (full attention), the count of the PaLM paper and of nanoGPT's estimate_mfu.
 """
 
 import argparse
@@ -79,7 +81,8 @@ def _task(config) -> CausalLanguageModeling:
 
 
 def _compiled_step(shape: str, accumulation: int, args):
-  """(config, jitted train step, initial state, batch, model FLOPs per step)."""
+  """(config, jitted train step, initial state, batch, model FLOPs per step, the same
+  by the PaLM/nanoGPT count)."""
   config = _config(shape, args.positions, args.dropout, accumulation)
   length, batch_size = config.dataset.seq_len, config.batch_size
   if batch_size % accumulation:
@@ -98,13 +101,14 @@ def _compiled_step(shape: str, accumulation: int, args):
   tokens = jax.random.randint(jax.random.key(0), (batch_size, length + 1), 0, VOCAB_SIZE)
   batch = {'tokens': tokens, 'token_mask': jnp.ones((batch_size, length), jnp.float32)}
   model = nnx.eval_shape(lambda: template.build_model(nnx.Rngs(0)))
-  return config, train_step, state, batch, flops.train_step_flops(model, (length,), batch_size)
+  return (config, train_step, state, batch, flops.train_step_flops(model, (length,), batch_size),
+          flops.palm_train_step_flops(model, length, batch_size))
 
 
 def benchmark(shape: str, args) -> list[dict]:
   """One row per micro-batch count, their steps timed in turn after every peak probe."""
   counts = args.accumulation or sorted({1, SHAPES[shape][2]})
-  configs, train_steps, states, batches, step_flops = zip(
+  configs, train_steps, states, batches, step_flops, palm_flops = zip(
       *(_compiled_step(shape, count, args) for count in counts))
   states = list(states)
 
@@ -123,20 +127,21 @@ def benchmark(shape: str, args) -> list[dict]:
       run(i)
       seconds[i].append(time.perf_counter() - started)
   peak, rows = max(peaks), []
-  for config, flops_per_step, run_seconds in zip(configs, step_flops, seconds):
+  for config, flops_per_step, palm, run_seconds in zip(configs, step_flops, palm_flops, seconds):
     median = statistics.median(run_seconds)
     tokens_per_s = config.batch_size * config.dataset.seq_len / median
     rows.append({'shape': shape, 'config': config, 'batch': config.batch_size,
                  'micro_batches': config.gradient.accumulation_steps, 'ms': 1e3 * median,
                  'tokens_per_s': tokens_per_s, 'gflops': flops_per_step / median / 1e9,
                  'peak_gflops': peak / 1e9, 'mfu': flops_per_step / median / peak,
+                 'palm_mfu': palm / median / peak,
                  'vs_pytorch': tokens_per_s / PYTORCH_TOKENS_PER_S[shape]})
   return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
   header = ('shape', 'batch', 'micro-batches', 'ms/step (median)', 'tokens/s', 'GFLOP/s',
-            'matmul peak GFLOP/s', 'MFU', 'vs PyTorch')
+            'matmul peak GFLOP/s', 'MFU', 'MFU, PaLM count', 'vs PyTorch')
   lines = ['| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header)]
   for row in rows:
     m = row['config'].model
@@ -144,7 +149,7 @@ def markdown_table(rows: list[dict]) -> str:
              f"T{row['config'].dataset.seq_len} {m.positions}, dropout {m.dropout_rate}")
     cells = (shape, row['batch'], row['micro_batches'], f"{row['ms']:.1f}",
              f"{row['tokens_per_s']:,.0f}", f"{row['gflops']:.1f}", f"{row['peak_gflops']:.0f}",
-             f"{100 * row['mfu']:.1f}%",
+             f"{100 * row['mfu']:.1f}%", f"{100 * row['palm_mfu']:.1f}%",
              f"{row['vs_pytorch']:.2f}x ({PYTORCH_TOKENS_PER_S[row['shape']]:,})")
     lines.append('| ' + ' | '.join(str(c) for c in cells) + ' |')
   return '\n'.join(lines)

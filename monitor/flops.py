@@ -291,6 +291,21 @@ def train_step_flops(model: nnx.Module, input_shape: Sequence[int], batch_size: 
   return 3.0 * forward_flops(model, input_shape) * batch_size
 
 
+def palm_train_step_flops(model: GPT, length: int, batch_size: int) -> float:
+  """The PaLM paper's count (Chowdhery et al. 2022, appendix B), also nanoGPT's
+  `estimate_mfu`: 6N + 12*L*H*Q*T FLOPs per token, N the parameters less learned position
+  embeddings, attention over all T keys (not halved when causal). Reported beside
+  `train_step_flops` so that MFU figures compare with those papers' and repositories'."""
+  params = sum(leaf.size for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  stack = model.transformer
+  if stack.position_embed is not None:
+    params -= stack.position_embed.size
+  blocks = stack.blocks if stack.scan_layers else stack.blocks[0]
+  _, _, heads, head_dim = blocks.attn.qkv.shape[-4:]
+  per_token = 6.0 * params + 12.0 * stack.num_layers * heads * head_dim * length
+  return per_token * length * batch_size
+
+
 def xla_flops(jitted_fn, *args, **kwargs) -> float | None:
   """FLOPs XLA counts in the compiled `jitted_fn(*args, **kwargs)`; None if the backend
   gives no cost analysis. A sharded program reports one device's share.

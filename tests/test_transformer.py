@@ -193,3 +193,17 @@ def test_baby_gpt_has_nanogpts_parameters_and_gpt2_initialisation():
   bert = BERT(vocab_size=65, max_len=64, num_layers=2, num_heads=4, embed_dim=64, rngs=nnx.Rngs(0))
   assert bert.encoder.blocks[0].ln1.bias is not None  # BERT keeps biases and 0.02 everywhere.
   assert abs(float(jnp.std(bert.encoder.blocks[0].mlp.fc2.kernel[...])) - 0.02) < 0.002
+
+
+def test_palm_count_is_nanogpts_estimate_for_the_baby_gpt():
+  """nanoGPT's estimate_mfu at block size 256: 6N + 12*L*H*Q*T per token, N without the
+  position table, so learned and rotary positions count alike; about 5% above Kiln's own
+  count, which halves causal attention."""
+  per_token = 6 * 10_646_784 + 12 * 6 * 6 * 64 * 256
+  for positions in ('rotary', 'learned'):
+    model = nnx.eval_shape(lambda: GPT(vocab_size=65, max_len=256, num_layers=6, num_heads=6,
+                                       embed_dim=384, use_bias=False, positions=positions,
+                                       rngs=nnx.Rngs(0)))
+    assert flops.palm_train_step_flops(model, 256, 16) == per_token * 256 * 16
+  ratio = per_token * 256 * 16 / flops.train_step_flops(model, (256,), 16)
+  assert 1.04 < ratio < 1.06
