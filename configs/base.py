@@ -30,7 +30,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.audio.window_ms = 25.0  # Analysis window (Hann) per frame, in milliseconds.
   c.audio.hop_ms = 10.0  # Step between frames, in milliseconds.
   c.audio.max_frames = 160  # Frames per padded utterance (static shape); longer ones are cut.
+  c.audio.eval_max_frames = 0  # Frames per padded eval utterance; 0 = max_frames.
   c.audio.max_label_len = 32  # Transcripts: characters per padded label sequence; longer are cut.
+  c.audio.eval_max_label_len = 0  # Eval transcripts: characters per padded label; 0 = max_label_len.
   c.audio.max_digits = 5  # fsdd_connected: an utterance joins 1..max_digits recordings.
   c.audio.min_silence_ms = 50.0  # fsdd_connected: shortest silence between two digits.
   c.audio.max_silence_ms = 250.0  # fsdd_connected: longest silence between two digits.

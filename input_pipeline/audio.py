@@ -6,6 +6,8 @@ zero past the utterance), 'frames' int32 (valid frames), 'label' int32 (classifi
 the class) or 'labels' int32[max_label_len] + 'label_len' int32 (transcription: the
 transcript's character ids, 0 past the end), 'speaker' int32 (index into
 `SpeechSource.speakers`, -1 where unknown) and 'index' int32 (position in its split).
+Eval examples take config.audio.eval_max_frames / eval_max_label_len when these are set,
+so that long test utterances are scored whole.
 
 Sources ('config.dataset.name'):
 - 'fsdd': the Free Spoken Digit Dataset's WAV files, one digit per utterance, with the
@@ -78,6 +80,23 @@ class FeatureSpec:
                       f'{audio.max_frames} must be >= 1 and 0 < hop_ms={audio.hop_ms} <= '
                       f'window_ms={audio.window_ms}')
     return cls(sample_rate, audio.num_mels, audio.window_ms, audio.hop_ms, audio.max_frames)
+
+  def for_eval(self, audio) -> 'FeatureSpec':
+    """The spec of eval utterances: config.audio.eval_max_frames frames (0: max_frames), so
+    that long test utterances can be scored whole while training keeps shorter windows."""
+    if audio.eval_max_frames < 0:
+      raise KilnError(f'config.audio.eval_max_frames={audio.eval_max_frames} must be >= 0 '
+                      '(0 keeps max_frames)')
+    return dataclasses.replace(self, max_frames=audio.eval_max_frames or self.max_frames)
+
+
+def eval_label_len(audio) -> int:
+  """Characters per padded eval transcript: config.audio.eval_max_label_len (0: the
+  training max_label_len), so that references are scored uncut."""
+  if audio.eval_max_label_len < 0:
+    raise KilnError(f'config.audio.eval_max_label_len={audio.eval_max_label_len} must be >= 0 '
+                    '(0 keeps max_label_len)')
+  return audio.eval_max_label_len or audio.max_label_len
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,14 +360,14 @@ def load_fsdd(config, process_index: int, process_count: int) -> SpeechSource:
                 accents=accents, speaker_accent=speaker_accent)
 
   if dataset.name == 'fsdd':
-    def split(recs):
-      feats, frames = batch_features([read_wav(r.path) for r in recs], spec)
+    def split(recs, split_spec):
+      feats, frames = batch_features([read_wav(r.path) for r in recs], split_spec)
       return _split(feats, frames, {
           'label': np.array([r.digit for r in recs], np.int32),
           'speaker': np.array([speakers.index(r.speaker) for r in recs], np.int32)},
           process_index, process_count)
-    return SpeechSource(split(train_recs), split(test_recs), num_classes=10, max_label_len=0,
-                        class_names=DIGIT_WORDS, **common)
+    return SpeechSource(split(train_recs, spec), split(test_recs, spec.for_eval(audio)),
+                        num_classes=10, max_label_len=0, class_names=DIGIT_WORDS, **common)
 
   if audio.max_digits < 1 or audio.num_train_utterances < 1 or audio.num_eval_utterances < 1:
     raise KilnError(f'config.audio.max_digits={audio.max_digits}, num_train_utterances='
@@ -357,17 +376,20 @@ def load_fsdd(config, process_index: int, process_count: int) -> SpeechSource:
   # Fixed by split_seed, not the training seed; the test set draws from its own stream.
   train_rng, test_rng = (np.random.default_rng([dataset.split_seed, i]) for i in (0, 1))
 
-  def split(recs, count, rng):
+  def split(recs, count, rng, features_spec, label_len):
+    # Utterances are composed to fit the training window; eval may pad them further.
     waves, texts, names, _ = connected_utterances(recs, count, rng, audio, spec)
-    feats, frames = batch_features(waves, spec)
-    encoded = [encode_text(t, audio.max_label_len) for t in texts]
+    feats, frames = batch_features(waves, features_spec)
+    encoded = [encode_text(t, label_len) for t in texts]
     return _split(feats, frames, {
         'labels': np.stack([ids for ids, _ in encoded]),
         'label_len': np.array([n for _, n in encoded], np.int32),
         'speaker': np.array([speakers.index(s) for s in names], np.int32)},
         process_index, process_count)
-  return SpeechSource(split(train_recs, audio.num_train_utterances, train_rng),
-                      split(test_recs, audio.num_eval_utterances, test_rng),
+  return SpeechSource(split(train_recs, audio.num_train_utterances, train_rng, spec,
+                            audio.max_label_len),
+                      split(test_recs, audio.num_eval_utterances, test_rng,
+                            spec.for_eval(audio), eval_label_len(audio)),
                       num_classes=VOCAB_SIZE, max_label_len=audio.max_label_len, **common)
 
 
@@ -394,18 +416,18 @@ def load_tfds(config, process_index: int, process_count: int) -> SpeechSource:
   spec = FeatureSpec.from_config(audio, int(info.features[audio_key].sample_rate or 16000))
   transcribed = text_key is not None
 
-  def example(ex):
+  def example(ex, split_spec, label_len):
     wave_ = tf.cast(ex[audio_key], tf.float32) / 32768.0
-    feats, frames = utterance_features(wave_, spec)
+    feats, frames = utterance_features(wave_, split_spec)
     out = {'features': feats, 'frames': tf.cast(frames, tf.int32),
            'speaker': tf.constant(-1, tf.int32)}
     if transcribed:
-      out['labels'], out['label_len'] = tf_encode_text(ex[text_key], audio.max_label_len)
+      out['labels'], out['label_len'] = tf_encode_text(ex[text_key], label_len)
     else:
       out['label'] = tf.cast(ex[label_key], tf.int32)
     return out
 
-  def host_split(split: str, want_test: bool | None):
+  def host_split(split: str, want_test: bool | None, split_spec: FeatureSpec, label_len: int):
     # spoken_digit has only a 'train' split: the official index rule cuts it in two.
     sources.check_tfds_split(builder, split)
     per_host = tfds.even_splits(split, n=process_count, drop_remainder=False)
@@ -418,14 +440,16 @@ def load_tfds(config, process_index: int, process_count: int) -> SpeechSource:
       datasets = [ds.filter(keep) for ds in datasets]
     counts = [sources._num_examples(info, s, ds) if want_test is None else
               int(ds.reduce(0, lambda n, _: n + 1)) for s, ds in zip(per_host, datasets)]
-    examples = datasets[process_index].map(example, num_parallel_calls=tf.data.AUTOTUNE)
+    examples = datasets[process_index].map(lambda ex: example(ex, split_spec, label_len),
+                                           num_parallel_calls=tf.data.AUTOTUNE)
     examples = examples.enumerate().map(lambda i, ex: {**ex, 'index': tf.cast(i, tf.int32)})
     return HostSplit(examples, counts[process_index], max(counts), process_index, process_count)
 
   cut = name == 'spoken_digit' and dataset.train_split == dataset.eval_split
   with sources.tfds_prepared(builder):
-    train = host_split(dataset.train_split, False if cut else None)
-    eval_ = host_split(dataset.eval_split, True if cut else None)
+    train = host_split(dataset.train_split, False if cut else None, spec, audio.max_label_len)
+    eval_ = host_split(dataset.eval_split, True if cut else None, spec.for_eval(audio),
+                       eval_label_len(audio))
   if transcribed:
     return SpeechSource(train, eval_, spec.num_mels, spec.max_frames, VOCAB_SIZE,
                         audio.max_label_len)

@@ -208,7 +208,7 @@ class SpeechCTC(_Transcription):
     beam = None
     if self.config.decoding.beam_size > 0:
       beam = decoding.ctc_beam_search(log_probs, frames, self.config.decoding.beam_size,
-                                      self.source.max_label_len)
+                                      batch['labels'].shape[-1])  # Eval's own label width.
     return self._eval_outputs(per_utterance, greedy, beam, batch)
 
 
@@ -232,7 +232,7 @@ class SpeechRNNT(_Transcription):
     per_utterance = jnp.where(batch['mask'] > 0, per_utterance, 0.0)
     projected = model.project_encoder(encoded)
     args = (model.joint_step, model.predict_step, model.initial_prediction(encoded.shape[0]),
-            projected, frames, self.source.max_label_len)
+            projected, frames, batch['labels'].shape[-1])  # Eval's own label width.
     greedy = decoding.rnnt_greedy(*args, self.config.decoding.max_symbols_per_frame)
     beam = None
     if self.config.decoding.beam_size > 0:

@@ -155,7 +155,11 @@ def test_ctc_lstm_loss_falls_and_wer_is_counted(tmp_path, connected_config):
 
 
 def test_rnnt_conformer_loss_falls(tmp_path, connected_config):
+  """Also scores eval utterances padded longer than training's (eval_max_frames and
+  eval_max_label_len), as the LibriSpeech config does for its 35 s test utterances."""
   c = connected_config(_short(speech_rnnt_conformer.get_config(), 40))
+  c.audio.eval_max_frames = 160
+  c.audio.eval_max_label_len = 16
   c.model.encoder.model_dim = 32
   c.model.encoder.num_layers = 1
   c.model.encoder.num_heads = 2
@@ -184,6 +188,10 @@ def test_bad_speech_input_gives_one_line_errors(tmp_path):
   c.dataset.name = 'tfds:mnist'
   with pytest.raises(KilnError, match="'mnist' is not supported"):
     experiment.build_experiment(c)
+  c = speech_digits.get_config()
+  c.audio.eval_max_frames = -1
+  with pytest.raises(KilnError, match='eval_max_frames=-1 must be >= 0'):
+    experiment.build_experiment(c)
 
 
 def _tfds_config(name, task, train_split, eval_split):
@@ -202,18 +210,47 @@ def test_tfds_speech_sources_under_mock_data(name, task, train_split, eval_split
   import tensorflow_datasets as tfds
   from input_pipeline import batching
   c = _tfds_config(name, task, train_split, eval_split)
+  c.audio.eval_max_frames = 80  # Eval pads longer than training (0 would keep 50).
+  c.audio.eval_max_label_len = 48 if task == 'speech_ctc' else 0
   with tfds.testing.mock_data(num_examples=6):
     source = audio.load(c, 0, 1)
     batch = next(batching.train_batches(source.train, 4, 0, 16))
     eval_batches = list(batching.eval_batches(source.eval, 4))
   assert batch['features'].shape == (4, 50, 40) and batch['features'].dtype == np.float32
   assert ((batch['frames'] >= 1) & (batch['frames'] <= 50)).all()
+  assert all(b['features'].shape == (4, 80, 40) for b in eval_batches)
   assert sum(int(b['mask'].sum()) for b in eval_batches) == 6
   if source.transcribed:
     assert batch['labels'].shape == (4, 32)
     assert (batch['label_len'] <= 32).all()
+    assert all(b['labels'].shape == (4, 48) for b in eval_batches)
   else:
     assert source.num_classes == 12 and (batch['label'] < 12).all()
+
+
+def test_long_test_utterances_are_scored_whole():
+  """LibriSpeech-style eval: training cuts 1.2 s / 40-character utterances at 50 frames and
+  32 characters; eval_max_frames / eval_max_label_len keep them whole for scoring."""
+  import tensorflow_datasets as tfds
+  from input_pipeline import batching
+  text = 'the quick brown fox jumps over the lazy d'  # 41 characters.
+
+  def as_dataset(self, split, **kwargs):
+    del self, split, kwargs
+    rng = np.random.default_rng(0)
+    return tf.data.Dataset.from_tensor_slices({
+        'speech': rng.integers(-3000, 3000, (4, 19_200)), 'text': [text] * 4,
+        'speaker_id': [1] * 4, 'chapter_id': [1] * 4, 'id': ['a', 'b', 'c', 'd']})
+
+  c = _tfds_config('librispeech', 'speech_ctc', 'train_clean100', 'test_clean')
+  c.audio.eval_max_frames, c.audio.eval_max_label_len = 160, 48
+  with tfds.testing.mock_data(as_dataset_fn=as_dataset):
+    source = audio.load(c, 0, 1)
+    train = next(batching.train_batches(source.train, 4, 0, 16))
+    (evaluated,) = list(batching.eval_batches(source.eval, 4))
+  assert (train['frames'] == 50).all() and (train['label_len'] == 32).all()
+  assert (evaluated['frames'] == 118).all() and (evaluated['label_len'] == len(text)).all()
+  assert audio.decode_ids(evaluated['labels'][0][:len(text)]) == text
 
 
 def test_tfds_spoken_digit_is_cut_by_the_official_index_rule():
