@@ -5,9 +5,10 @@ Convolutional subsampling (two 3x3 stride-2 convs, 4x fewer frames), then blocks
   x + 1/2 FFN(x), x + MHSA(x), x + Conv(x), x + 1/2 FFN(x), LayerNorm
 (the macaron feed-forward pair around attention and the convolution module). Departures
 from the paper, each for a stated reason: attention positions are rotary (relative like
-the paper's Transformer-XL encoding, and already in models/transformer.py); the
-convolution module normalizes with LayerNorm instead of BatchNorm, so that zero padding
-of short utterances never enters normalization statistics (ESPnet offers the same).
+the paper's Transformer-XL encoding, and already in models/transformer.py). The
+convolution module's norm is the paper's BatchNorm with `conv_norm='batch'`, its
+statistics over valid frames only (padding is masked out of them), or LayerNorm with
+`conv_norm='layer'` (ESPnet offers the same), which needs no batch statistics.
 Every convolution is models.conv.Conv.
 """
 
@@ -62,13 +63,20 @@ class FeedForward(nnx.Module):
 class ConvModule(nnx.Module):
   """Pointwise conv + GLU, depthwise conv, norm, swish, pointwise conv."""
 
-  def __init__(self, dim: int, kernel_size: int, dropout_rate: float, *, rngs: nnx.Rngs):
+  def __init__(self, dim: int, kernel_size: int, dropout_rate: float, *, conv_norm: str,
+               norm_axis_name: str | None, rngs: nnx.Rngs):
     self.norm = nnx.LayerNorm(dim, scale_metadata=_NORM, bias_metadata=_NORM, rngs=rngs)
     self.pointwise1 = Conv(dim, 2 * dim, (1,), rngs=rngs,
                            kernel_metadata={'logical_axes': (None, 'conv_in', 'conv_out')})
     self.depthwise = Conv(dim, dim, (kernel_size,), feature_group_count=dim, padding='SAME',
                           rngs=rngs, kernel_metadata={'logical_axes': (None, None, 'conv_out')})
-    self.depth_norm = nnx.LayerNorm(dim, scale_metadata=_NORM, bias_metadata=_NORM, rngs=rngs)
+    if conv_norm == 'batch':  # Momentum and epsilon as PyTorch's BatchNorm1d defaults.
+      self.depth_norm = nnx.BatchNorm(dim, momentum=0.9, epsilon=1e-5, axis_name=norm_axis_name,
+                                      scale_metadata=_NORM, bias_metadata=_NORM, rngs=rngs)
+    elif conv_norm == 'layer':
+      self.depth_norm = nnx.LayerNorm(dim, scale_metadata=_NORM, bias_metadata=_NORM, rngs=rngs)
+    else:
+      raise ValueError(f"conv_norm={conv_norm!r} must be 'batch' or 'layer'")
     self.pointwise2 = Conv(dim, dim, (1,), rngs=rngs,
                            kernel_metadata={'logical_axes': (None, 'conv_in', 'conv_out')})
     self.dropout = nnx.Dropout(dropout_rate)
@@ -76,18 +84,25 @@ class ConvModule(nnx.Module):
   def __call__(self, x, mask, *, train, rngs):
     h = jax.nn.glu(self.pointwise1(self.norm(x)), axis=-1)
     h = jnp.where(mask[..., None], h, 0.0)  # Padding must not leak into valid frames.
-    h = jax.nn.swish(self.depth_norm(self.depthwise(h)))
+    h = self.depthwise(h)
+    if isinstance(self.depth_norm, nnx.BatchNorm):
+      h = self.depth_norm(h, use_running_average=not train, mask=mask[..., None])
+    else:
+      h = self.depth_norm(h)
+    h = jax.nn.swish(h)
     return self.dropout(self.pointwise2(h), deterministic=not train, rngs=rngs)
 
 
 class ConformerBlock(nnx.Module):
   def __init__(self, dim: int, num_heads: int, ff_ratio: int, kernel_size: int,
-               dropout_rate: float, *, rngs: nnx.Rngs):
+               dropout_rate: float, *, conv_norm: str, norm_axis_name: str | None,
+               rngs: nnx.Rngs):
     self.ff1 = FeedForward(dim, ff_ratio * dim, dropout_rate, rngs=rngs)
     self.attn_norm = nnx.LayerNorm(dim, scale_metadata=_NORM, bias_metadata=_NORM, rngs=rngs)
     self.attn = Attention(dim, num_heads, use_bias=True, rotary_positions=True,
                           dtype=jnp.float32, rngs=rngs)
-    self.conv = ConvModule(dim, kernel_size, dropout_rate, rngs=rngs)
+    self.conv = ConvModule(dim, kernel_size, dropout_rate, conv_norm=conv_norm,
+                           norm_axis_name=norm_axis_name, rngs=rngs)
     self.ff2 = FeedForward(dim, ff_ratio * dim, dropout_rate, rngs=rngs)
     self.out_norm = nnx.LayerNorm(dim, scale_metadata=_NORM, bias_metadata=_NORM, rngs=rngs)
     self.dropout = nnx.Dropout(dropout_rate)
@@ -108,11 +123,16 @@ class ConformerEncoder(nnx.Module):
   def __init__(self, *, input_dim: int, num_outputs: int = 0, model_dim: int = 144,
                num_layers: int = 4, num_heads: int = 4, ff_ratio: int = 4,
                conv_kernel_size: int = 15, subsample_channels: int = 64,
-               dropout_rate: float = 0.1, rngs: nnx.Rngs):
+               dropout_rate: float = 0.1, conv_norm: str = 'layer',
+               norm_axis_name: str | None = None, rngs: nnx.Rngs):
+    """`conv_norm`: 'batch' (the paper's, masked to valid frames) or 'layer' after the
+    depthwise conv; `norm_axis_name`: the mapped axis BatchNorm averages over (pmap)."""
     self.subsample = ConvSubsampling(input_dim, subsample_channels, model_dim, rngs=rngs)
     self.dropout = nnx.Dropout(dropout_rate)
-    self.blocks = nnx.List([ConformerBlock(model_dim, num_heads, ff_ratio, conv_kernel_size,
-                                           dropout_rate, rngs=rngs) for _ in range(num_layers)])
+    self.blocks = nnx.List([
+        ConformerBlock(model_dim, num_heads, ff_ratio, conv_kernel_size, dropout_rate,
+                       conv_norm=conv_norm, norm_axis_name=norm_axis_name, rngs=rngs)
+        for _ in range(num_layers)])
     self.head = nnx.Linear(model_dim, num_outputs, rngs=rngs,
                            kernel_metadata={'logical_axes': ('embed', 'vocab')}
                            ) if num_outputs else None

@@ -8,6 +8,8 @@ recognition for mobile devices"). The encoder is any Kiln speech encoder, named 
 `encoder['name']` with its own constructor keys.
 """
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -22,13 +24,16 @@ class Transducer(nnx.Module):
 
   def __init__(self, *, input_dim: int, vocab_size: int, encoder, max_label_len: int = 0,
                embed_dim: int = 128, pred_hidden_dim: int = 256, joint_dim: int = 256,
-               rngs: nnx.Rngs):
+               norm_axis_name: str | None = None, rngs: nnx.Rngs):
     """`max_label_len`: label positions per lattice, kept for FLOP counting only."""
     encoder = dict(encoder)
     name = encoder.pop('name', None)
     if name not in ENCODERS:
       raise ValueError(f"model.encoder.name={name!r} must be one of {sorted(ENCODERS)}")
-    self.encoder = ENCODERS[name](input_dim=input_dim, num_outputs=0, **encoder, rngs=rngs)
+    encoder_cls = ENCODERS[name]
+    if 'norm_axis_name' in inspect.signature(encoder_cls.__init__).parameters:
+      encoder['norm_axis_name'] = norm_axis_name  # Its BatchNorms average over this axis.
+    self.encoder = encoder_cls(input_dim=input_dim, num_outputs=0, **encoder, rngs=rngs)
     self.max_label_len = max_label_len
     self.embed = nnx.Embed(vocab_size, embed_dim, rngs=rngs,
                            embedding_metadata={'logical_axes': ('vocab', 'embed')})
