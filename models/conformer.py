@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from core.errors import KilnError
 from models.conv import Conv
 from models.recurrent import time_mask
 from models.transformer import Attention
@@ -76,7 +77,8 @@ class ConvModule(nnx.Module):
     elif conv_norm == 'layer':
       self.depth_norm = nnx.LayerNorm(dim, scale_metadata=_NORM, bias_metadata=_NORM, rngs=rngs)
     else:
-      raise ValueError(f"conv_norm={conv_norm!r} must be 'batch' or 'layer'")
+      raise KilnError(f"conformer conv_norm='{conv_norm}' must be 'batch' or 'layer': set "
+                      'config.model.conv_norm (config.model.encoder.conv_norm under RNN-T)')
     self.pointwise2 = Conv(dim, dim, (1,), rngs=rngs,
                            kernel_metadata={'logical_axes': (None, 'conv_in', 'conv_out')})
     self.dropout = nnx.Dropout(dropout_rate)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from core.errors import KilnError
 from models.conformer import ConformerEncoder
 from models.recurrent import LSTMEncoder, LSTMLayer
 
@@ -29,7 +30,7 @@ class Transducer(nnx.Module):
     encoder = dict(encoder)
     name = encoder.pop('name', None)
     if name not in ENCODERS:
-      raise ValueError(f"model.encoder.name={name!r} must be one of {sorted(ENCODERS)}")
+      raise KilnError(f"config.model.encoder.name={name!r} must be one of {sorted(ENCODERS)}")
     encoder_cls = ENCODERS[name]
     if 'norm_axis_name' in inspect.signature(encoder_cls.__init__).parameters:
       encoder['norm_axis_name'] = norm_axis_name  # Its BatchNorms average over this axis.

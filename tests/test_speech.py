@@ -338,3 +338,5 @@ def test_conformer_batch_norm_ignores_padding_and_evaluates_per_utterance():
   alone, _ = model(features[1:2], frames[1:2], train=False)
   n = int(valid[1])
   np.testing.assert_allclose(batched[1, :n], alone[0, :n], rtol=1e-4, atol=1e-4)
+  with pytest.raises(KilnError, match="conv_norm='bn' must be 'batch' or 'layer'"):
+    ConformerEncoder(input_dim=16, conv_norm='bn', rngs=nnx.Rngs(0))
