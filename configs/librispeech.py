@@ -37,7 +37,7 @@ def get_config():
   c.model.encoder.conv_kernel_size = 31  # Depthwise convolution width, as in the paper.
   c.model.encoder.subsample_channels = 256  # Channels of the two stride-2 subsampling convs.
   c.model.encoder.dropout_rate = 0.1  # Dropout in every residual branch.
-  c.model.encoder.conv_norm = 'layer'  # After the depthwise conv: 'layer', or 'batch' (the paper's).
+  c.model.encoder.conv_norm = 'batch'  # After the depthwise conv: 'batch' (the paper's) or 'layer'.
   c.model.embed_dim = 256  # Prediction network: label embedding width.
   c.model.pred_hidden_dim = 320  # Prediction network: LSTM units (the paper's single layer).
   c.model.joint_dim = 320  # Joint network: hidden width.

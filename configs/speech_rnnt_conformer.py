@@ -24,7 +24,7 @@ def get_config():
   c.model.encoder.conv_kernel_size = 15  # Depthwise convolution width, in 40 ms frames.
   c.model.encoder.subsample_channels = 32  # Channels of the two stride-2 subsampling convs.
   c.model.encoder.dropout_rate = 0.1  # Dropout in every residual branch.
-  c.model.encoder.conv_norm = 'layer'  # After the depthwise conv: 'layer', or 'batch' (the paper's).
+  c.model.encoder.conv_norm = 'batch'  # After the depthwise conv: 'batch' (the paper's) or 'layer'.
   c.model.embed_dim = 64  # Prediction network: label embedding width.
   c.model.pred_hidden_dim = 128  # Prediction network: LSTM units.
   c.model.joint_dim = 128  # Joint network: hidden width.

@@ -125,7 +125,7 @@ class ConformerEncoder(nnx.Module):
   def __init__(self, *, input_dim: int, num_outputs: int = 0, model_dim: int = 144,
                num_layers: int = 4, num_heads: int = 4, ff_ratio: int = 4,
                conv_kernel_size: int = 15, subsample_channels: int = 64,
-               dropout_rate: float = 0.1, conv_norm: str = 'layer',
+               dropout_rate: float = 0.1, conv_norm: str = 'batch',
                norm_axis_name: str | None = None, rngs: nnx.Rngs):
     """`conv_norm`: 'batch' (the paper's, masked to valid frames) or 'layer' after the
     depthwise conv; `norm_axis_name`: the mapped axis BatchNorm averages over (pmap)."""

@@ -156,12 +156,10 @@ def test_ctc_lstm_loss_falls_and_wer_is_counted(tmp_path, connected_config):
 
 def test_rnnt_conformer_loss_falls(tmp_path, connected_config):
   """Also scores eval utterances padded longer than training's (eval_max_frames and
-  eval_max_label_len), as the LibriSpeech config does for its 35 s test utterances, and
-  trains the paper's BatchNorm in the convolution modules."""
+  eval_max_label_len), as the LibriSpeech config does for its 35 s test utterances."""
   c = connected_config(_short(speech_rnnt_conformer.get_config(), 40))
   c.audio.eval_max_frames = 160
   c.audio.eval_max_label_len = 16
-  c.model.encoder.conv_norm = 'batch'  # Its statistics travel in the model state.
   c.model.encoder.model_dim = 32
   c.model.encoder.num_layers = 1
   c.model.encoder.num_heads = 2
@@ -318,7 +316,8 @@ def test_speech_flop_counters_agree_with_xla():
 def test_conformer_batch_norm_ignores_padding_and_evaluates_per_utterance():
   """conv_norm='batch' (the paper's): training statistics come from valid frames only, so
   padding a batch further leaves every valid output as it was; eval uses the running
-  averages, so an utterance's output does not depend on the rest of its batch."""
+  averages, so an utterance's output does not depend on the rest of its batch. The
+  'layer' variant keeps no statistics and is padding-invariant too."""
   from flax import nnx
   from models.conformer import ConformerEncoder
   model = ConformerEncoder(input_dim=16, model_dim=32, num_layers=2, num_heads=2,
@@ -338,5 +337,12 @@ def test_conformer_batch_norm_ignores_padding_and_evaluates_per_utterance():
   alone, _ = model(features[1:2], frames[1:2], train=False)
   n = int(valid[1])
   np.testing.assert_allclose(batched[1, :n], alone[0, :n], rtol=1e-4, atol=1e-4)
+  layer_norm = ConformerEncoder(input_dim=16, model_dim=32, num_layers=2, num_heads=2,
+                                subsample_channels=8, dropout_rate=0.0, conv_norm='layer',
+                                rngs=nnx.Rngs(0))
+  assert not jax.tree.leaves(nnx.state(layer_norm, nnx.BatchStat))
+  (short_out, _), (long_out, _) = (layer_norm(x, frames, train=True) for x in (features, longer))
+  for i, n in enumerate(np.asarray(valid)):
+    np.testing.assert_allclose(short_out[i, :n], long_out[i, :n], rtol=1e-4, atol=1e-4)
   with pytest.raises(KilnError, match="conv_norm='bn' must be 'batch' or 'layer'"):
     ConformerEncoder(input_dim=16, conv_norm='bn', rngs=nnx.Rngs(0))
