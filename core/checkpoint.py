@@ -7,6 +7,7 @@ import orbax.checkpoint as ocp
 
 from core.errors import KilnError
 from core.state import TrainState
+from optim.regularization import path_string
 
 
 class Checkpointer:
@@ -69,11 +70,6 @@ class Checkpointer:
 
 def _shapes_by_path(tree) -> dict[str, tuple[int, ...]]:
   """'params/blocks/0/kernel'-style path -> shape of every array leaf."""
-  def name(key) -> str:
-    for field in ('name', 'key', 'idx'):
-      if hasattr(key, field):
-        return str(getattr(key, field))
-    return str(key)
-  return {'/'.join(name(key) for key in path): tuple(leaf.shape)
+  return {path_string(path): tuple(leaf.shape)
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
           if hasattr(leaf, 'shape')}

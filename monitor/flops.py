@@ -137,13 +137,18 @@ def _mlp_forward_flops(model: MLP, input_shape: Sequence[int]) -> float:
   return sum(linear_flops(layer) for layer in layers)
 
 
+def _first_block(stack: Transformer):
+  """A block to read layer shapes from (scanned layers keep a leading layer axis)."""
+  return stack.blocks if stack.scan_layers else stack.blocks[0]
+
+
 def _transformer_flops(stack: Transformer, length: int, causal: bool) -> float:
   """One sequence through the blocks: per token and layer, the QKV, output and MLP
   projections (2 FLOPs per weight) plus attention scores and the weighted sum over
   `length` keys (2 * length * embed each), halved when causal because half the
   score matrix is masked. XLA computes the masked half anyway, so its count runs a
   few percent higher (attention is ~10% of a 6x384 layer at length 256)."""
-  blocks = stack.blocks if stack.scan_layers else stack.blocks[0]
+  blocks = _first_block(stack)
   embed_dim, _, heads, head_dim = blocks.attn.qkv.shape[-4:]
   mlp_dim = blocks.mlp.fc1.out_features
   projections = 2.0 * (3 * embed_dim * heads * head_dim + heads * head_dim * embed_dim
@@ -300,8 +305,7 @@ def palm_train_step_flops(model: GPT, length: int, batch_size: int) -> float:
   stack = model.transformer
   if stack.position_embed is not None:
     params -= stack.position_embed.size
-  blocks = stack.blocks if stack.scan_layers else stack.blocks[0]
-  _, _, heads, head_dim = blocks.attn.qkv.shape[-4:]
+  _, _, heads, head_dim = _first_block(stack).attn.qkv.shape[-4:]
   per_token = 6.0 * params + 12.0 * stack.num_layers * heads * head_dim * length
   return per_token * length * batch_size
 
