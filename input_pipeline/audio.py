@@ -84,19 +84,21 @@ class FeatureSpec:
   def for_eval(self, audio) -> 'FeatureSpec':
     """The spec of eval utterances: config.audio.eval_max_frames frames (0: max_frames), so
     that long test utterances can be scored whole while training keeps shorter windows."""
-    if audio.eval_max_frames < 0:
-      raise KilnError(f'config.audio.eval_max_frames={audio.eval_max_frames} must be >= 0 '
-                      '(0 keeps max_frames)')
-    return dataclasses.replace(self, max_frames=audio.eval_max_frames or self.max_frames)
+    return dataclasses.replace(self, max_frames=_eval_size(audio, 'max_frames'))
 
 
 def eval_label_len(audio) -> int:
   """Characters per padded eval transcript: config.audio.eval_max_label_len (0: the
   training max_label_len), so that references are scored uncut."""
-  if audio.eval_max_label_len < 0:
-    raise KilnError(f'config.audio.eval_max_label_len={audio.eval_max_label_len} must be >= 0 '
-                    '(0 keeps max_label_len)')
-  return audio.eval_max_label_len or audio.max_label_len
+  return _eval_size(audio, 'max_label_len')
+
+
+def _eval_size(audio, field: str) -> int:
+  """config.audio.eval_<field>, or the training <field> where it is 0."""
+  size = audio[f'eval_{field}']
+  if size < 0:
+    raise KilnError(f'config.audio.eval_{field}={size} must be >= 0 (0 keeps {field})')
+  return size or audio[field]
 
 
 @dataclasses.dataclass(frozen=True)
