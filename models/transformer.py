@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models import cpu_kernels
 from models.dropout import Dropout
 from parallel.sharding import constrain
 
@@ -98,11 +99,12 @@ class Attention(nnx.Module):
   """Multi-head self-attention with a fused QKV projection and an optional KV cache."""
 
   def __init__(self, embed_dim: int, num_heads: int, *, use_bias: bool, rotary_positions: bool,
-               dtype, rngs: nnx.Rngs, out_init=_INIT):
+               dtype, rngs: nnx.Rngs, out_init=_INIT, kernels: str = 'auto'):
     if embed_dim % num_heads:
       raise ValueError(f'embed_dim={embed_dim} must be a multiple of num_heads={num_heads}')
     head_dim = embed_dim // num_heads
     self.num_heads, self.rotary_positions, self.dtype = num_heads, rotary_positions, dtype
+    self.kernels = kernels  # cpu_kernels.enabled(): causal attention without padding or cache.
     self.qkv = _param(rngs, (embed_dim, 3, num_heads, head_dim), ('embed', None, 'heads', None))
     self.out = _param(rngs, (num_heads, head_dim, embed_dim), ('heads', None, 'embed'), out_init)
     zeros = nnx.initializers.zeros
@@ -110,10 +112,11 @@ class Attention(nnx.Module):
                            zeros) if use_bias else None
     self.out_bias = _param(rngs, (embed_dim,), ('embed',), zeros) if use_bias else None
 
-  def __call__(self, x, *, positions, causal: bool, key_mask=None, cache=None, drop=None):
+  def __call__(self, x, *, positions, causal: bool, key_mask=None, cache=None,
+               dropout: Dropout | None = None, rngs: nnx.Rngs | None = None):
     """x [B, T, E]; positions [B, T]; key_mask [B, S] (True = attend); cache (k, v, index)
-    holds [B, N, S, H] keys/values of earlier positions; `drop` is dropout on the attention
-    weights (training). Returns (y, new cache or None)."""
+    holds [B, N, S, H] keys/values of earlier positions; `dropout` (with `rngs`, training)
+    is dropout on the attention weights. Returns (y, new cache or None)."""
     batch, length, embed = x.shape
     _, _, heads, head_dim = self.qkv.shape
     # One 2D [B*T, E] x [E, 3E] matmul (the parameter's [E, 3, N, H] layout flattens for
@@ -127,6 +130,14 @@ class Attention(nnx.Module):
     q, k, v = (t.reshape(batch, length, heads, head_dim) for t in jnp.split(qkv, 3, axis=1))
     if self.rotary_positions:
       q, k = rotary(q, positions), rotary(k, positions)
+    if causal and cache is None and key_mask is None and cpu_kernels.enabled(self.kernels):
+      key = rngs.dropout() if dropout is not None and rngs is not None else None
+      y = cpu_kernels.causal_attention(
+          q * head_dim ** -0.5, k, v, dropout_rate=0.0 if dropout is None else dropout.rate,
+          key=key)
+      return self._project_out(y.reshape(batch * length, heads * head_dim), x.shape), None
+    drop = (functools.partial(dropout, deterministic=False, rngs=rngs)
+            if dropout is not None and rngs is not None else None)
     # Heads-major [B, N, T, H]: attention's dots then batch over the leading (b, n) dims.
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q * head_dim ** -0.5, k, v))
     q = constrain(q, ('batch', 'heads', None, None))
@@ -148,10 +159,14 @@ class Attention(nnx.Module):
       y = attend(q, k.astype(q.dtype), v.astype(q.dtype), bias, drop)
     # Back to token-major [B*T, N*H] for one [B*T, E] x [E, E] output matmul.
     y = y.transpose(0, 2, 1, 3).reshape(batch * length, heads * head_dim)
-    y = y @ self.out[...].astype(self.dtype).reshape(heads * head_dim, embed)
+    return self._project_out(y, x.shape), new_cache
+
+  def _project_out(self, y, shape):
+    """[B*T, N*H] attention output -> [B, T, E] through the output projection."""
+    y = y @ self.out[...].astype(self.dtype).reshape(y.shape[-1], shape[-1])
     if self.out_bias is not None:
       y = y + self.out_bias[...].astype(self.dtype)
-    return y.reshape(batch, length, embed), new_cache
+    return y.reshape(shape)
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -188,20 +203,20 @@ class Block(nnx.Module):
   """Pre-LayerNorm residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
   def __init__(self, embed_dim: int, num_heads: int, mlp_ratio: int, dropout_rate: float, *,
-               use_bias: bool, rotary_positions: bool, dtype, rngs: nnx.Rngs, out_init=_INIT):
+               use_bias: bool, rotary_positions: bool, dtype, rngs: nnx.Rngs, out_init=_INIT,
+               kernels: str = 'auto'):
     self.ln1 = _layer_norm(embed_dim, use_bias, dtype, rngs)
     self.attn = Attention(embed_dim, num_heads, use_bias=use_bias,
                           rotary_positions=rotary_positions, dtype=dtype, rngs=rngs,
-                          out_init=out_init)
+                          out_init=out_init, kernels=kernels)
     self.ln2 = _layer_norm(embed_dim, use_bias, dtype, rngs)
     self.mlp = MLP(embed_dim, mlp_ratio * embed_dim, use_bias=use_bias, dtype=dtype, rngs=rngs,
                    out_init=out_init)
-    self.dropout = Dropout(dropout_rate)
+    self.dropout = Dropout(dropout_rate, kernels)
 
   def __call__(self, x, *, positions, causal, key_mask=None, cache=None, train=False, rngs=None):
-    drop = functools.partial(self.dropout, deterministic=False, rngs=rngs) if train else None
     y, cache = self.attn(self.ln1(x), positions=positions, causal=causal, key_mask=key_mask,
-                         cache=cache, drop=drop)
+                         cache=cache, dropout=self.dropout if train else None, rngs=rngs)
     x = x + self.dropout(y, deterministic=not train, rngs=rngs)
     x = x + self.dropout(self.mlp(self.ln2(x)), deterministic=not train, rngs=rngs)
     return constrain(x, ('batch', None, 'embed')), cache
@@ -214,7 +229,7 @@ class Transformer(nnx.Module):
                embed_dim: int, mlp_ratio: int = 4, dropout_rate: float = 0.0,
                positions: str = 'learned', use_bias: bool = True, scan_layers: bool = False,
                remat_policy: str = 'none', dtype: str = 'float32',
-               scaled_residual_init: bool = False, rngs: nnx.Rngs):
+               scaled_residual_init: bool = False, kernels: str = 'auto', rngs: nnx.Rngs):
     """`scaled_residual_init`: GPT-2's initialisation, the projections that end each
     residual branch drawn with std 0.02 / sqrt(2 * num_layers) instead of 0.02."""
     if positions not in ('learned', 'rotary'):
@@ -223,13 +238,15 @@ class Transformer(nnx.Module):
       raise ValueError(f"remat_policy='{remat_policy}' must be one of {sorted(REMAT_POLICIES)}")
     if dtype not in DTYPES:
       raise ValueError(f"dtype='{dtype}' must be one of {sorted(DTYPES)}")
+    if kernels not in cpu_kernels.MODES:
+      raise ValueError(f"kernels='{kernels}' must be one of {', '.join(cpu_kernels.MODES)}")
     self.dtype = DTYPES[dtype]
     self.max_len, self.scan_layers, self.num_layers = max_len, scan_layers, num_layers
     self.remat_policy = remat_policy
     self.token_embed = _param(rngs, (vocab_size, embed_dim), ('vocab', 'embed'))
     self.position_embed = (_param(rngs, (max_len, embed_dim), (None, 'embed'))
                            if positions == 'learned' else None)
-    self.dropout = Dropout(dropout_rate)
+    self.dropout = Dropout(dropout_rate, kernels)
 
     out_init = (nnx.initializers.normal(0.02 / math.sqrt(2 * num_layers))
                 if scaled_residual_init else _INIT)
@@ -237,7 +254,7 @@ class Transformer(nnx.Module):
     def make_block(block_rngs):
       return Block(embed_dim, num_heads, mlp_ratio, dropout_rate, use_bias=use_bias,
                    rotary_positions=positions == 'rotary', dtype=self.dtype, rngs=block_rngs,
-                   out_init=out_init)
+                   out_init=out_init, kernels=kernels)
 
     if scan_layers:  # One stacked block: parameters gain a leading (unsharded) layer axis.
       keys = jax.random.split(rngs.params(), num_layers)
@@ -313,12 +330,12 @@ class GPT(nnx.Module):
                embed_dim: int = 384, mlp_ratio: int = 4, dropout_rate: float = 0.0,
                positions: str = 'learned', use_bias: bool = True, tie_embeddings: bool = True,
                scan_layers: bool = False, remat_policy: str = 'none', dtype: str = 'float32',
-               rngs: nnx.Rngs):
+               kernels: str = 'auto', rngs: nnx.Rngs):
     self.transformer = Transformer(
         vocab_size=vocab_size, max_len=max_len, num_layers=num_layers, num_heads=num_heads,
         embed_dim=embed_dim, mlp_ratio=mlp_ratio, dropout_rate=dropout_rate, positions=positions,
         use_bias=use_bias, scan_layers=scan_layers, remat_policy=remat_policy, dtype=dtype,
-        scaled_residual_init=True, rngs=rngs)
+        scaled_residual_init=True, kernels=kernels, rngs=rngs)
     self.lm_head = None if tie_embeddings else _param(rngs, (embed_dim, vocab_size),
                                                       ('embed', 'vocab'))
 

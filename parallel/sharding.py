@@ -118,6 +118,11 @@ def activate(mesh: Mesh, rules: Rules):
     _ACTIVE.reset(token)
 
 
+def active() -> tuple[Mesh, Rules] | None:
+  """The (mesh, rules) of the enclosing `activate`, or None."""
+  return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """Pins an activation's layout by logical names; a no-op outside `activate` (eager
   use, pmap, notebooks)."""
