@@ -218,10 +218,11 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, dropout_rate: 
     return _attention(q, k, v, seed, shard, threshold).astype(dtype)
   mesh, rules = active
   spec = sharding.logical_to_spec(('batch', None, 'heads', None), q.shape, mesh, rules)
+  batch_axes, _, head_axes, _ = (*spec, None, None, None, None)[:4]  # P drops trailing Nones.
 
   def local(q, k, v, seed):
-    shard = jnp.stack([_shard_index(spec[0], mesh) * q.shape[0],
-                       _shard_index(spec[2], mesh) * q.shape[2], jnp.int32(heads)])
+    shard = jnp.stack([_shard_index(batch_axes, mesh) * q.shape[0],
+                       _shard_index(head_axes, mesh) * q.shape[2], jnp.int32(heads)])
     return _attention(q, k, v, seed, shard, threshold)
   return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P()), out_specs=spec,
                        check_vma=False)(q, k, v, seed).astype(dtype)

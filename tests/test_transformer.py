@@ -156,10 +156,11 @@ def test_attention_dropout_is_dropout_on_the_softmax_probabilities():
                              rtol=1e-5, atol=1e-6)
 
 
-def test_training_block_drops_attention_weights_then_residual_branches():
+@pytest.mark.parametrize('kernels', ['xla', 'cpu'])
+def test_training_block_drops_attention_weights_then_residual_branches(kernels):
   """A training block equals its parts replayed with the same dropout stream: attention
   weights dropped first, then the two residual branches, as in GPT-2/nanoGPT and BERT."""
-  model = _gpt(num_layers=1, dropout_rate=0.5)
+  model = _gpt(num_layers=1, dropout_rate=0.5, kernels=kernels)
   block, tokens = model.transformer.blocks[0], jax.random.randint(jax.random.key(0), (2, 16), 0, 65)
   x = model.transformer.token_embed[...][tokens]
   positions = jnp.broadcast_to(jnp.arange(16), (2, 16))
@@ -167,9 +168,8 @@ def test_training_block_drops_attention_weights_then_residual_branches():
 
   def replay(attention_dropout: bool):
     rngs = nnx.Rngs(dropout=1)
-    drop = lambda w: block.dropout(w, deterministic=False, rngs=rngs)
-    y, _ = block.attn(block.ln1(x), positions=positions, causal=True,
-                      drop=drop if attention_dropout else None)
+    y, _ = block.attn(block.ln1(x), positions=positions, causal=True, rngs=rngs,
+                      dropout=block.dropout if attention_dropout else None)
     h = x + block.dropout(y, deterministic=False, rngs=rngs)
     return h + block.dropout(block.mlp(block.ln2(h)), deterministic=False, rngs=rngs)
   np.testing.assert_allclose(trained, replay(True), rtol=1e-6, atol=1e-6)

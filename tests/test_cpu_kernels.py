@@ -1,0 +1,159 @@
+"""models.cpu_kernels: the compiled attention kernel against XLA's formulation, its dropout,
+its sharding, and the Philox words behind the Transformer's dropout masks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import Mesh
+
+from core.errors import KilnError
+from models import cpu_kernels
+from models.transformer import causal_attend
+from parallel import sharding
+
+
+
+def _heads_major(t):
+  return t.transpose(0, 2, 1, 3)
+
+
+def _xla_attention(q, k, v, drop=None):
+  """The model's XLA path on token-major [B, T, N, H] arrays."""
+  return _heads_major(causal_attend(*map(_heads_major, (q, k, v)), drop=drop))
+
+
+def _qkv(shape, seed=0):
+  q, k, v, g = (jax.random.normal(key, shape) for key in jax.random.split(jax.random.key(seed), 4))
+  return q * shape[-1] ** -0.5, k, v, g
+
+
+@pytest.mark.parametrize('length', [1, 50, 64, 130])  # One row, one partial block, whole, ragged.
+def test_attention_and_gradients_equal_xla(length):
+  q, k, v, g = _qkv((2, length, 3, 16))
+  np.testing.assert_allclose(cpu_kernels.causal_attention(q, k, v), _xla_attention(q, k, v),
+                             rtol=1e-5, atol=1e-5)
+  kernel = jax.grad(lambda *a: (cpu_kernels.causal_attention(*a) * g).sum(), (0, 1, 2))
+  xla = jax.grad(lambda *a: (_xla_attention(*a) * g).sum(), (0, 1, 2))
+  for ours, reference in zip(jax.jit(kernel)(q, k, v), xla(q, k, v)):
+    np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-5)
+  assert cpu_kernels.causal_attention(q.astype(jnp.bfloat16), k, v).dtype == jnp.bfloat16
+
+
+def _dropped_weights(q, k, key, rate):
+  """The kernel's dropped attention weights [B, T, N, S], read out with v = identity."""
+  batch, length, heads, _ = q.shape
+  eye = jnp.broadcast_to(jnp.eye(length)[None, :, None, :], (batch, length, heads, length))
+  return cpu_kernels.causal_attention(q, k, eye, dropout_rate=rate, key=key)
+
+
+def test_attention_dropout_is_inverted_dropout_on_the_probabilities():
+  batch, length, heads = 2, 96, 3
+  q, k, _, _ = _qkv((batch, length, heads, length))
+  key, rate = jax.random.key(3), 0.2
+  dropped = _dropped_weights(q, k, key, rate)
+  scores = jnp.einsum('btnh,bsnh->btns', q, k)
+  visible = jnp.arange(length)[None, :] <= jnp.arange(length)[:, None]
+  probabilities = jax.nn.softmax(jnp.where(visible[None, :, None], scores, -jnp.inf), axis=-1)
+  kept = dropped != 0
+  scale = 65536 / cpu_kernels.keep_threshold(rate)
+  np.testing.assert_allclose(dropped, jnp.where(kept, probabilities * scale, 0.0), atol=1e-6)
+  visible_count = int(visible.sum()) * batch * heads
+  keep_fraction = float(kept.sum()) / visible_count  # 14k draws: 4 sigma is 0.014.
+  assert abs(keep_fraction - (1 - rate)) < 0.014, keep_fraction
+  assert not bool(jnp.where(visible[None, :, None], False, kept).any())  # Future stays out.
+  np.testing.assert_array_equal(_dropped_weights(q, k, key, rate), dropped)  # Same key.
+  other = _dropped_weights(q, k, jax.random.key(4), rate) != 0
+  assert float((other != kept).mean()) > 0.1  # Another key, another mask.
+  assert (_dropped_weights(q, k, key, 0.0) != 0).sum() == visible_count  # Rate 0 keeps all.
+
+
+def test_attention_dropout_gradients_use_the_forward_mask():
+  q, k, v, g = _qkv((2, 70, 2, 16), seed=1)
+  key = jax.random.key(5)
+  wide = jnp.zeros((2, 70, 2, 70))  # Masks depend on positions only: read them out with
+  mask = _heads_major((_dropped_weights(wide, wide, key, 0.3) != 0).astype(jnp.float32))  # H=T.
+  scale = 65536 / cpu_kernels.keep_threshold(0.3)
+
+  def replayed(w):  # The XLA path with the kernel's mask, block by block.
+    rows, columns = w.shape[-2:]
+    return w * mask[..., columns - rows:columns, :columns] * scale
+
+  kernel = lambda *a: cpu_kernels.causal_attention(*a, dropout_rate=0.3, key=key)
+  xla = lambda *a: _xla_attention(*a, drop=replayed)
+  np.testing.assert_allclose(kernel(q, k, v), xla(q, k, v), rtol=1e-5, atol=1e-5)
+  for ours, reference in zip(jax.grad(lambda *a: (kernel(*a) * g).sum(), (0, 1, 2))(q, k, v),
+                             jax.grad(lambda *a: (xla(*a) * g).sum(), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_sharded_attention_equals_one_device_masks_included(devices):
+  """Batch over 'data' x 'fsdp' and heads over 'tensor': each device runs its shard, and
+  its dropout masks are the single-device ones (counters are global)."""
+  mesh = Mesh(np.asarray(devices).reshape(2, 2, 2), ('data', 'fsdp', 'tensor'))
+  rules = sharding.parse_rules([('batch', ('data', 'fsdp')), ('heads', 'tensor')], mesh)
+  q, k, v, g = _qkv((8, 40, 4, 16), seed=2)
+  key = jax.random.key(6)
+
+  def loss(q, k, v):
+    return (cpu_kernels.causal_attention(q, k, v, dropout_rate=0.25, key=key) * g).sum()
+  expected, expected_grads = jax.value_and_grad(loss, (0, 1, 2))(q, k, v)
+  with sharding.activate(mesh, rules):
+    sharded, sharded_grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(q, k, v)
+  np.testing.assert_allclose(sharded, expected, rtol=1e-5)
+  for ours, reference in zip(sharded_grads, expected_grads):
+    np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_random_bits_are_uniform_and_reproducible():
+  key = jax.random.key(0)
+  words = np.asarray(jax.jit(cpu_kernels.random_bits, static_argnums=1)(key, (1000, 37)))
+  assert words.shape == (1000, 37) and words.dtype == np.uint32
+  np.testing.assert_array_equal(np.asarray(cpu_kernels.random_bits(key, (1000, 37))), words)
+  bits = np.unpackbits(words.view(np.uint8)).reshape(-1, 32)
+  assert np.abs(bits.mean(0) - 0.5).max() < 0.02  # 37k draws per bit: 4 sigma is 0.01.
+  halves = np.concatenate([words & 0xFFFF, words >> 16]).ravel()
+  histogram = np.bincount(halves >> 12, minlength=16) / halves.size  # 16 equal bins.
+  assert np.abs(histogram - 1 / 16).max() < 0.005
+  other = np.asarray(cpu_kernels.random_bits(jax.random.key(1), (1000, 37)))
+  assert (other != words).mean() > 0.99
+
+
+def test_kernel_dropout_keeps_the_rate_and_the_mean():
+  from models.dropout import Dropout
+  x = jnp.ones((64, 512))
+  y = Dropout(0.3, kernels='cpu')(x, deterministic=False, rngs=nnx.Rngs(dropout=0))
+  assert abs(float((y == 0).mean()) - 0.3) < 0.01  # 33k draws: 4 sigma is 0.01.
+  assert abs(float(y.mean()) - 1.0) < 0.02  # Kept values scaled by 1 / keep probability.
+  again = Dropout(0.3, kernels='cpu')(x, deterministic=False, rngs=nnx.Rngs(dropout=0))
+  np.testing.assert_array_equal(y, again)
+
+
+def test_gpt_with_kernels_equals_gpt_without():
+  from models.transformer import GPT
+  tokens = jax.random.randint(jax.random.key(1), (2, 80), 0, 65)
+
+  def loss_and_grads(kernels):
+    model = GPT(vocab_size=65, max_len=80, num_layers=2, num_heads=2, embed_dim=32,
+                positions='rotary', kernels=kernels, rngs=nnx.Rngs(0))
+    loss = lambda m: jax.nn.log_softmax(m(tokens)).mean()
+    value, grads = nnx.value_and_grad(loss)(model)
+    return value, jax.tree.leaves(nnx.state(grads, nnx.Param))
+  value, grads = loss_and_grads('cpu')
+  expected, expected_grads = loss_and_grads('xla')
+  np.testing.assert_allclose(value, expected, rtol=1e-6)
+  for ours, reference in zip(grads, expected_grads):
+    np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-7)
+
+
+def test_bad_kernel_settings_name_the_fix(monkeypatch, tmp_path):
+  with pytest.raises(KilnError, match=r"config.model.kernels='gpu' must be one of auto, xla, "
+                                      r"cpu"):
+    cpu_kernels.enabled('gpu')
+  monkeypatch.setenv('CXX', 'no-such-compiler')
+  monkeypatch.setenv('KILN_CACHE_DIR', str(tmp_path))
+  with pytest.raises(KilnError, match=r"no C\+\+ compiler 'no-such-compiler' on PATH .*"
+                                      r"config.model.kernels='xla'"):
+    cpu_kernels._build()
+  assert list(tmp_path.iterdir()) == []  # Nothing half-built left behind.
