@@ -2,6 +2,7 @@
 
   .venv/bin/python benchmarks/gpt_throughput.py [--steps 10] [--warmup 2]
       [--shape baby] [--shape cpu] [--positions learned|rotary] [--dropout RATE]
+      [--kernels auto|xla|cpu]
 
 Shapes are the project's configs: 'baby' is configs/gpt_shakespeare_char.py (6 layers,
 6 heads, width 384, context 256) at batch 16; 'cpu' is configs/gpt_shakespeare_char_cpu.py
@@ -16,8 +17,11 @@ micro-batches whose gradients are summed before the one optimizer update
 (config.gradient.accumulation_steps; the same update, up to float summation order and
 dropout draws). On a CPU the micro-batches are faster because each one's activations stay
 in the caches between the matmuls that produce and consume them: baby GPT's [4096, 1536]
-MLP activation is 25 MB, a micro-batch of 4 sequences' 6 MB. `--accumulation` sets
+MLP activation is 25 MB, a micro-batch of 2 sequences' 3 MB. `--accumulation` sets
 other counts.
+
+`--kernels xla` times the step without Kiln's compiled CPU kernels (models/cpu_kernels.py:
+causal attention and dropout bits), the 'before' figure; the configs' 'auto' uses them.
 
 The CPU matmul peak is measured in this run (monitor.hardware.measure_cpu_matmul_flops,
 not the cached figure), interleaved with the timed steps: other load on the machine slows
@@ -52,15 +56,17 @@ from tasks.language import CausalLanguageModeling  # noqa: E402
 VOCAB_SIZE = 65  # Characters of tiny Shakespeare.
 # Eager PyTorch nanoGPT on this 2-core CPU, fp32 (tokens/s), for the ratio column.
 PYTORCH_TOKENS_PER_S = {'baby': 1_280, 'cpu': 13_000}
-# (config, batch, micro-batches timed beside one batch): the fastest counts measured here,
-# baby 4 (1,005 vs 1,343 ms/step) and cpu 2 (24.5 vs 32.9 ms; 3 gave 27.2).
+# (config, batch, micro-batches timed beside one batch): the fastest counts measured here
+# with the CPU kernels, baby 8 (975-1,004 ms/step; 4: 1,043-1,049, 2: 1,069, 16: 1,174) and
+# cpu 2 (24.5 vs 32.9 ms; 3 gave 27.2).
 SHAPES = {
-    'baby': (gpt_shakespeare_char.get_config, 16, 4),
+    'baby': (gpt_shakespeare_char.get_config, 16, 8),
     'cpu': (gpt_shakespeare_char_cpu.get_config, None, 2),  # The config's own batch (12).
 }
 
 
-def _config(shape: str, positions: str | None, dropout: float | None, accumulation: int):
+def _config(shape: str, positions: str | None, dropout: float | None, accumulation: int,
+            kernels: str | None = None):
   get_config, batch_size, _ = SHAPES[shape]
   config = get_config()
   if batch_size is not None:
@@ -69,6 +75,8 @@ def _config(shape: str, positions: str | None, dropout: float | None, accumulati
     config.model.positions = positions
   if dropout is not None:
     config.model.dropout_rate = dropout
+  if kernels is not None:
+    config.model.kernels = kernels
   config.gradient.accumulation_steps = accumulation
   return config
 
@@ -83,7 +91,7 @@ def _task(config) -> CausalLanguageModeling:
 def _compiled_step(shape: str, accumulation: int, args):
   """(config, jitted train step, initial state, batch, model FLOPs per step, the same
   by the PaLM/nanoGPT count)."""
-  config = _config(shape, args.positions, args.dropout, accumulation)
+  config = _config(shape, args.positions, args.dropout, accumulation, args.kernels)
   length, batch_size = config.dataset.seq_len, config.batch_size
   if batch_size % accumulation:
     sys.exit(f'error: --accumulation={accumulation} must divide the {shape} batch '
@@ -146,7 +154,8 @@ def markdown_table(rows: list[dict]) -> str:
   for row in rows:
     m = row['config'].model
     shape = (f"{row['shape']}: {m.num_layers}L {m.num_heads}H {m.embed_dim}E "
-             f"T{row['config'].dataset.seq_len} {m.positions}, dropout {m.dropout_rate}")
+             f"T{row['config'].dataset.seq_len} {m.positions}, dropout {m.dropout_rate}, "
+             f"kernels {m.kernels}")
     cells = (shape, row['batch'], row['micro_batches'], f"{row['ms']:.1f}",
              f"{row['tokens_per_s']:,.0f}", f"{row['gflops']:.1f}", f"{row['peak_gflops']:.0f}",
              f"{100 * row['mfu']:.1f}%", f"{100 * row['palm_mfu']:.1f}%",
@@ -164,6 +173,8 @@ def main(argv=None) -> None:
   parser.add_argument('--positions', choices=('learned', 'rotary'),
                       help="override the configs' position encoding")
   parser.add_argument('--dropout', type=float, help="override the configs' dropout rate")
+  parser.add_argument('--kernels', choices=('auto', 'xla', 'cpu'),
+                      help="override the configs' CPU kernels setting (xla: without them)")
   parser.add_argument('--accumulation', type=int, action='append',
                       help='micro-batches per step to time (repeatable; default: 1 and the '
                            "shape's fastest measured count)")

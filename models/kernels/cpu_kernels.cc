@@ -24,6 +24,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -166,19 +167,32 @@ void PhiloxWords(const uint32_t* seed, int64_t count, uint32_t* words) {
   }
 }
 
-// Runs work(pair, thread) for every pair on up to hardware_concurrency threads.
+// Participants for `pairs` pairs of attention: as many as the pool has threads (the caller
+// is usually one of them), so the cores are filled but not oversubscribed.
+int64_t Participants(ffi::ThreadPool& pool, int64_t pairs) {
+  return std::max<int64_t>(1, std::min<int64_t>(pairs, pool.num_threads()));
+}
+
+// Runs work(pair, slot) for every pair on `participants` threads: the caller and tasks on
+// XLA's intra-op pool (no thread start-up per call), each with its own scratch `slot`.
+// Counters live on the heap and the caller returns once every pair is done, so a task that
+// starts late finds no pair left and touches nothing of this call's stack.
 template <typename Work>
-void ForEachPair(int64_t pairs, Work work) {
-  const int64_t threads = std::max<int64_t>(
-      1, std::min<int64_t>(pairs, std::thread::hardware_concurrency()));
-  std::atomic<int64_t> next{0};
-  auto loop = [&](int64_t thread) {
-    for (int64_t pair = next++; pair < pairs; pair = next++) work(pair, thread);
+void ForEachPair(ffi::ThreadPool& pool, int64_t pairs, int64_t participants, Work& work) {
+  struct Progress {
+    std::atomic<int64_t> next{0}, done{0}, slots{1};
   };
-  std::vector<std::thread> helpers;
-  for (int64_t t = 1; t < threads; ++t) helpers.emplace_back(loop, t);
-  loop(0);
-  for (auto& helper : helpers) helper.join();
+  auto progress = std::make_shared<Progress>();
+  auto run = [progress, pairs, &work](int64_t slot) {
+    for (int64_t pair = progress->next++; pair < pairs; pair = progress->next++) {
+      work(pair, slot);
+      progress->done++;
+    }
+  };
+  for (int64_t t = 1; t < participants; ++t)
+    pool.Schedule([progress, run] { run(progress->slots++); });
+  run(0);
+  while (progress->done.load() < pairs) std::this_thread::yield();
 }
 
 ffi::Error CheckDims(const ffi::AnyBuffer::Dimensions& q, const ffi::AnyBuffer::Dimensions& k,
@@ -200,19 +214,18 @@ ffi::Error CheckDims(const ffi::AnyBuffer::Dimensions& q, const ffi::AnyBuffer::
 ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                    ffi::Buffer<ffi::U32> seed, ffi::Buffer<ffi::S32> shard,
                    ffi::ResultBuffer<ffi::F32> out,
-                   ffi::ResultBuffer<ffi::F32> lse, int32_t threshold) {
+                   ffi::ResultBuffer<ffi::F32> lse, int32_t threshold, ffi::ThreadPool pool) {
   Dims d;
   if (ffi::Error error = CheckDims(q.dimensions(), k.dimensions(), v.dimensions(), shard, &d);
       error.failure())
     return error;
   const int64_t T = d.length, H = d.dim, stride = d.stride();
   const bool dropout = threshold < int32_t(kLevels);
-  const int64_t threads = std::max<int64_t>(
-      1, std::min<int64_t>(d.pairs(), std::thread::hardware_concurrency()));
+  const int64_t threads = Participants(pool, d.pairs());
   std::vector<RowMatrix> scores(threads, RowMatrix(std::min(kBlock, T), T));
   std::vector<std::vector<float>> scales(threads, std::vector<float>(T));
   const uint32_t* key = seed.typed_data();
-  ForEachPair(d.pairs(), [&](int64_t pair, int64_t thread) {
+  auto work = [&](int64_t pair, int64_t thread) {
     const int64_t at = d.offset(pair);
     ConstView Q(q.typed_data() + at, T, H, Eigen::OuterStride<>(stride));
     ConstView K(k.typed_data() + at, T, H, Eigen::OuterStride<>(stride));
@@ -243,7 +256,8 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
       }
       O.middleRows(start, rows).noalias() = P * V.topRows(columns);
     }
-  });
+  };
+  ForEachPair(pool, d.pairs(), threads, work);
   return ffi::Error::Success();
 }
 
@@ -252,15 +266,15 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
                     ffi::Buffer<ffi::F32> out,
                     ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> out_grad,
                     ffi::ResultBuffer<ffi::F32> q_grad, ffi::ResultBuffer<ffi::F32> k_grad,
-                    ffi::ResultBuffer<ffi::F32> v_grad, int32_t threshold) {
+                    ffi::ResultBuffer<ffi::F32> v_grad, int32_t threshold,
+                    ffi::ThreadPool pool) {
   Dims d;
   if (ffi::Error error = CheckDims(q.dimensions(), k.dimensions(), v.dimensions(), shard, &d);
       error.failure())
     return error;
   const int64_t T = d.length, H = d.dim, stride = d.stride();
   const bool dropout = threshold < int32_t(kLevels);
-  const int64_t threads = std::max<int64_t>(
-      1, std::min<int64_t>(d.pairs(), std::thread::hardware_concurrency()));
+  const int64_t threads = Participants(pool, d.pairs());
   const int64_t block_rows = std::min(kBlock, T);
   // Per thread: probabilities, the gradient of the dropped weights, and the dropped weights.
   std::vector<RowMatrix> probs(threads, RowMatrix(block_rows, T));
@@ -269,7 +283,7 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
   std::vector<std::vector<float>> scales(threads, std::vector<float>(T));
   std::vector<std::vector<float>> deltas(threads, std::vector<float>(T));
   const uint32_t* key = seed.typed_data();
-  ForEachPair(d.pairs(), [&](int64_t pair, int64_t thread) {
+  auto work = [&](int64_t pair, int64_t thread) {
     const int64_t at = d.offset(pair);
     const Eigen::OuterStride<> step(stride);
     ConstView Q(q.typed_data() + at, T, H, step), K(k.typed_data() + at, T, H, step);
@@ -313,7 +327,8 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
       dQ.middleRows(start, rows).noalias() = P * K.topRows(columns);
       dK.topRows(columns).noalias() += P.transpose() * Q.middleRows(start, rows);
     }
-  });
+  };
+  ForEachPair(pool, d.pairs(), threads, work);
   return ffi::Error::Success();
 }
 
@@ -328,7 +343,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KilnCausalAttentionForward, Forward,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int32_t>("threshold"));
+                                  .Attr<int32_t>("threshold")
+                                  .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KilnCausalAttentionBackward, Backward,
                               ffi::Ffi::Bind()
@@ -343,7 +359,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KilnCausalAttentionBackward, Backward,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int32_t>("threshold"));
+                                  .Attr<int32_t>("threshold")
+                                  .Ctx<ffi::ThreadPool>());
 
 // Uniform 32-bit words of any shape from a 2-word seed (models/dropout.py's masks).
 ffi::Error RandomBits(ffi::Buffer<ffi::U32> seed, ffi::ResultBuffer<ffi::U32> words) {
