@@ -86,8 +86,9 @@ def _build() -> str:
   try:
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode:
-      last = (result.stderr.strip().splitlines() or ['(no output)'])[-1]
-      raise KilnError(f"compiling Kiln's CPU kernels failed ({last}): "
+      lines = result.stderr.strip().splitlines() or ['(no output)']
+      first_error = next((line for line in lines if 'error' in line), lines[-1]).strip()
+      raise KilnError(f"compiling Kiln's CPU kernels failed ({first_error}): "
                       "set config.model.kernels='xla'")
     os.replace(temp, path)
   finally:
@@ -154,9 +155,11 @@ def keep_threshold(rate: float) -> int:
 
 
 def _forward(q, k, v, seed, shard, threshold):
+  """(output, the [B, N, T, T] softmax probabilities kept for the backward pass)."""
+  batch, length, heads, _ = q.shape
   out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
-  lse = jax.ShapeDtypeStruct((q.shape[0], q.shape[2], q.shape[1]), jnp.float32)
-  return jax.ffi.ffi_call(_TARGETS['forward'], (out, lse), vmap_method='sequential')(
+  probabilities = jax.ShapeDtypeStruct((batch, heads, length, length), jnp.float32)
+  return jax.ffi.ffi_call(_TARGETS['forward'], (out, probabilities), vmap_method='sequential')(
       q, k, v, seed, shard, threshold=np.int32(threshold))
 
 
@@ -166,16 +169,16 @@ def _attention(q, k, v, seed, shard, threshold):
 
 
 def _attention_fwd(q, k, v, seed, shard, threshold):
-  out, lse = _forward(q, k, v, seed, shard, threshold)
-  return out, (q, k, v, seed, shard, out, lse)
+  out, probabilities = _forward(q, k, v, seed, shard, threshold)
+  return out, (q, k, v, seed, shard, out, probabilities)
 
 
 def _attention_bwd(threshold, residuals, out_grad):
-  q, k, v, seed, shard, out, lse = residuals
+  q, k, v, seed, shard, out, probabilities = residuals
   shapes = [jax.ShapeDtypeStruct(q.shape, jnp.float32)] * 3
   q_grad, k_grad, v_grad = jax.ffi.ffi_call(_TARGETS['backward'], shapes,
                                             vmap_method='sequential')(
-      q, k, v, seed, shard, out, lse, out_grad.astype(jnp.float32),
+      q, k, v, seed, shard, out, probabilities, out_grad.astype(jnp.float32),
       threshold=np.int32(threshold))
   no_grad = [np.zeros(x.shape, jax.dtypes.float0) for x in (seed, shard)]
   return q_grad, k_grad, v_grad, *no_grad

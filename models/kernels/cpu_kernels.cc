@@ -1,5 +1,6 @@
-// Causal softmax attention with dropout on the attention weights, forward and backward,
-// as XLA:CPU custom calls (jax.ffi). Built and loaded by models/cpu_kernels.py.
+// Kiln's XLA:CPU custom calls (jax.ffi), built and loaded by models/cpu_kernels.py:
+// causal softmax attention with dropout on the attention weights (forward and backward),
+// and Philox random words for dropout masks.
 //
 // Why: XLA:CPU runs attention's small batched dots ([T, H] x [H, T] per batch and head) at
 // about a third of its matmul peak and materialises every [T, T] intermediate in memory.
@@ -10,10 +11,11 @@
 // column), so the backward pass regenerates exactly the forward pass's masks.
 //
 // Layout: q, k, v, out and their gradients are token-major [B, T, N, H] (q already scaled
-// by 1/sqrt(H)); lse (the log-sum-exp of each score row, saved for the backward pass) is
-// [B, N, T]. Query i attends keys 0..i. A weight is kept when a 16-bit draw is below
-// `threshold` and then scaled by 65536 / threshold, the same quantised inverted dropout
-// as models/dropout.py; threshold 65536 switches dropout off.
+// by 1/sqrt(H)); the softmax probabilities, kept from the forward pass for the backward
+// pass (which then needs no q k^T and no exp), are [B, N, T, T]. Query i attends keys
+// 0..i. A weight is kept when a 16-bit draw is below `threshold` and then scaled by
+// 65536 / threshold, the same quantised inverted dropout as models/dropout.py; threshold
+// 65536 switches dropout off.
 
 #include <Eigen/Core>
 #if defined(__AVX512F__)
@@ -213,8 +215,8 @@ ffi::Error CheckDims(const ffi::AnyBuffer::Dimensions& q, const ffi::AnyBuffer::
 
 ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                    ffi::Buffer<ffi::U32> seed, ffi::Buffer<ffi::S32> shard,
-                   ffi::ResultBuffer<ffi::F32> out,
-                   ffi::ResultBuffer<ffi::F32> lse, int32_t threshold, ffi::ThreadPool pool) {
+                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> probabilities,
+                   int32_t threshold, ffi::ThreadPool pool) {
   Dims d;
   if (ffi::Error error = CheckDims(q.dimensions(), k.dimensions(), v.dimensions(), shard, &d);
       error.failure())
@@ -222,39 +224,47 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
   const int64_t T = d.length, H = d.dim, stride = d.stride();
   const bool dropout = threshold < int32_t(kLevels);
   const int64_t threads = Participants(pool, d.pairs());
-  std::vector<RowMatrix> scores(threads, RowMatrix(std::min(kBlock, T), T));
+  // Per thread: the dropped weights of one block and a row of dropout scales.
+  std::vector<RowMatrix> dropped(threads, RowMatrix(std::min(kBlock, T), T));
   std::vector<std::vector<float>> scales(threads, std::vector<float>(T));
   const uint32_t* key = seed.typed_data();
   auto work = [&](int64_t pair, int64_t thread) {
     const int64_t at = d.offset(pair);
-    ConstView Q(q.typed_data() + at, T, H, Eigen::OuterStride<>(stride));
-    ConstView K(k.typed_data() + at, T, H, Eigen::OuterStride<>(stride));
-    ConstView V(v.typed_data() + at, T, H, Eigen::OuterStride<>(stride));
-    View O(out->typed_data() + at, T, H, Eigen::OuterStride<>(stride));
-    float* row_lse = lse->typed_data() + pair * T;
-    RowMatrix& S = scores[thread];
+    const Eigen::OuterStride<> step(stride);
+    ConstView Q(q.typed_data() + at, T, H, step), K(k.typed_data() + at, T, H, step);
+    ConstView V(v.typed_data() + at, T, H, step);
+    View O(out->typed_data() + at, T, H, step);
+    // This pair's [T, T] probabilities, kept for the backward pass (as XLA keeps its
+    // softmax output); only the causal blocks (row i: columns up to its block's end) are
+    // written and read.
+    View S(probabilities->typed_data() + pair * T * T, T, T, Eigen::OuterStride<>(T));
     float* scale = scales[thread].data();
     for (int64_t start = 0; start < T; start += kBlock) {
       const int64_t rows = std::min(kBlock, T - start), columns = start + rows;
-      auto P = S.topLeftCorner(rows, columns);
+      auto P = S.block(start, 0, rows, columns);
       P.noalias() = Q.middleRows(start, rows) * K.topRows(columns).transpose();
+      auto W = dropped[thread].topLeftCorner(rows, columns);
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = start + r, visible = i + 1;
-        float* s = S.row(r).data();
+        float* s = S.row(i).data();
         Eigen::Map<Eigen::ArrayXf> weights(s, visible);  // Eigen's exp is vectorised.
         const float top = weights.maxCoeff();
         weights = (weights - top).exp();
-        const float total = weights.sum();
-        row_lse[i] = top + std::log(total);
+        weights *= 1.0f / weights.sum();
+        for (int64_t j = visible; j < columns; ++j) s[j] = 0.0f;
         if (dropout) {
           DropoutRow(key, uint32_t(threshold), d.global_pair(pair), i, visible, scale);
-          weights *= Eigen::Map<Eigen::ArrayXf>(scale, visible) * (1.0f / total);
-        } else {
-          weights *= 1.0f / total;
+          float* w = dropped[thread].row(r).data();
+          Eigen::Map<Eigen::ArrayXf>(w, visible) =
+              weights * Eigen::Map<Eigen::ArrayXf>(scale, visible);
+          for (int64_t j = visible; j < columns; ++j) w[j] = 0.0f;
         }
-        for (int64_t j = visible; j < columns; ++j) s[j] = 0.0f;
       }
-      O.middleRows(start, rows).noalias() = P * V.topRows(columns);
+      if (dropout) {
+        O.middleRows(start, rows).noalias() = W * V.topRows(columns);
+      } else {
+        O.middleRows(start, rows).noalias() = P * V.topRows(columns);
+      }
     }
   };
   ForEachPair(pool, d.pairs(), threads, work);
@@ -263,11 +273,10 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
 
 ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                     ffi::Buffer<ffi::U32> seed, ffi::Buffer<ffi::S32> shard,
-                    ffi::Buffer<ffi::F32> out,
-                    ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> out_grad,
-                    ffi::ResultBuffer<ffi::F32> q_grad, ffi::ResultBuffer<ffi::F32> k_grad,
-                    ffi::ResultBuffer<ffi::F32> v_grad, int32_t threshold,
-                    ffi::ThreadPool pool) {
+                    ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> probabilities,
+                    ffi::Buffer<ffi::F32> out_grad, ffi::ResultBuffer<ffi::F32> q_grad,
+                    ffi::ResultBuffer<ffi::F32> k_grad, ffi::ResultBuffer<ffi::F32> v_grad,
+                    int32_t threshold, ffi::ThreadPool pool) {
   Dims d;
   if (ffi::Error error = CheckDims(q.dimensions(), k.dimensions(), v.dimensions(), shard, &d);
       error.failure())
@@ -276,8 +285,8 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
   const bool dropout = threshold < int32_t(kLevels);
   const int64_t threads = Participants(pool, d.pairs());
   const int64_t block_rows = std::min(kBlock, T);
-  // Per thread: probabilities, the gradient of the dropped weights, and the dropped weights.
-  std::vector<RowMatrix> probs(threads, RowMatrix(block_rows, T));
+  // Per thread: the score gradient, the gradient of the dropped weights, the dropped weights.
+  std::vector<RowMatrix> score_grads(threads, RowMatrix(block_rows, T));
   std::vector<RowMatrix> grads(threads, RowMatrix(block_rows, T));
   std::vector<RowMatrix> dropped(threads, RowMatrix(block_rows, T));
   std::vector<std::vector<float>> scales(threads, std::vector<float>(T));
@@ -291,7 +300,7 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
     ConstView dO(out_grad.typed_data() + at, T, H, step);
     View dQ(q_grad->typed_data() + at, T, H, step), dK(k_grad->typed_data() + at, T, H, step);
     View dV(v_grad->typed_data() + at, T, H, step);
-    const float* row_lse = lse.typed_data() + pair * T;
+    ConstView S(probabilities.typed_data() + pair * T * T, T, T, Eigen::OuterStride<>(T));
     float* scale = scales[thread].data();
     float* delta = deltas[thread].data();
     // delta_i = sum_j P_ij dP_ij = dO_i . O_i, the softmax backward's row term.
@@ -300,32 +309,32 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
     dV.setZero();
     for (int64_t start = 0; start < T; start += kBlock) {
       const int64_t rows = std::min(kBlock, T - start), columns = start + rows;
-      auto P = probs[thread].topLeftCorner(rows, columns);
+      auto P = S.block(start, 0, rows, columns);
+      auto dS = score_grads[thread].topLeftCorner(rows, columns);
       auto G = grads[thread].topLeftCorner(rows, columns);
       auto W = dropped[thread].topLeftCorner(rows, columns);
-      P.noalias() = Q.middleRows(start, rows) * K.topRows(columns).transpose();
       G.noalias() = dO.middleRows(start, rows) * V.topRows(columns).transpose();
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t i = start + r, visible = i + 1;
-        float* p = probs[thread].row(r).data();
-        float* g = grads[thread].row(r).data();
-        float* w = dropped[thread].row(r).data();
-        Eigen::Map<Eigen::ArrayXf> prob(p, visible), weight(w, visible), grad(g, visible);
-        prob = (prob - row_lse[i]).exp();
-        if (dropout) {
-          DropoutRow(key, uint32_t(threshold), d.global_pair(pair), i, visible, scale);
-          Eigen::Map<Eigen::ArrayXf> keep(scale, visible);
-          weight = prob * keep;
-          prob *= grad * keep - delta[i];  // The score gradient, in place.
+        const int64_t i = start + r;
+        Eigen::Map<const Eigen::ArrayXf> prob(S.row(i).data(), columns);
+        Eigen::Map<Eigen::ArrayXf> grad(grads[thread].row(r).data(), columns);
+        Eigen::Map<Eigen::ArrayXf> score_grad(score_grads[thread].row(r).data(), columns);
+        if (dropout) {  // Masked columns hold probability 0, so their gradients are 0 too.
+          DropoutRow(key, uint32_t(threshold), d.global_pair(pair), i, columns, scale);
+          Eigen::Map<Eigen::ArrayXf> keep(scale, columns);
+          Eigen::Map<Eigen::ArrayXf>(dropped[thread].row(r).data(), columns) = prob * keep;
+          score_grad = prob * (grad * keep - delta[i]);
         } else {
-          weight = prob;
-          prob *= grad - delta[i];
+          score_grad = prob * (grad - delta[i]);
         }
-        for (int64_t j = visible; j < columns; ++j) p[j] = w[j] = 0.0f;
       }
-      dV.topRows(columns).noalias() += W.transpose() * dO.middleRows(start, rows);
-      dQ.middleRows(start, rows).noalias() = P * K.topRows(columns);
-      dK.topRows(columns).noalias() += P.transpose() * Q.middleRows(start, rows);
+      if (dropout) {
+        dV.topRows(columns).noalias() += W.transpose() * dO.middleRows(start, rows);
+      } else {
+        dV.topRows(columns).noalias() += P.transpose() * dO.middleRows(start, rows);
+      }
+      dQ.middleRows(start, rows).noalias() = dS * K.topRows(columns);
+      dK.topRows(columns).noalias() += dS.transpose() * Q.middleRows(start, rows);
     }
   };
   ForEachPair(pool, d.pairs(), threads, work);
