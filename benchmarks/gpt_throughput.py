@@ -12,7 +12,7 @@ config's update rule (clipping + AdamW with decoupled decay, schedule) and the c
 task's loss, jitted with the state donated. Only the data is a stand-in: a fixed batch of
 random tokens, already on the device, so input time is excluded.
 
-Each shape runs twice, timed step by step in turn: as one batch, and as the same batch in
+Each shape runs twice, one after the other: as one batch, and as the same batch in
 micro-batches whose gradients are summed before the one optimizer update
 (config.gradient.accumulation_steps; the same update, up to float summation order and
 dropout draws). On a CPU the micro-batches are faster because each one's activations stay
@@ -24,8 +24,8 @@ other counts.
 causal attention and dropout bits), the 'before' figure; the configs' 'auto' uses them.
 
 The CPU matmul peak is measured in this run (monitor.hardware.measure_cpu_matmul_flops,
-not the cached figure), interleaved with the timed steps: other load on the machine slows
-both alike. MFU = analytic model FLOPs (monitor.flops: each matmul, causal attention
+not the cached figure) before every timed step; every row of a shape divides by the best
+probe of all its rows. MFU = analytic model FLOPs (monitor.flops: each matmul, causal attention
 counted half) per second / that peak; 'MFU, PaLM count' uses 6N + 12*L*H*Q*T per token
 instead (full attention), the count of the PaLM paper and of nanoGPT's estimate_mfu.
 """
@@ -114,36 +114,39 @@ def _compiled_step(shape: str, accumulation: int, args):
 
 
 def benchmark(shape: str, args) -> list[dict]:
-  """One row per micro-batch count, their steps timed in turn after every peak probe."""
-  counts = args.accumulation or sorted({1, SHAPES[shape][2]})
-  configs, train_steps, states, batches, step_flops, palm_flops = zip(
-      *(_compiled_step(shape, count, args) for count in counts))
-  states = list(states)
+  """One row per micro-batch count. Each count's steps run back to back, as in training,
+  with a peak probe before every step: interleaving the one-batch step slowed the next
+  8-micro-batch step from 944 to 1,146 ms (same run), an interference train.py never has
+  (its own log gave 966-1,021 ms/step for that step, input wait < 0.2%)."""
+  rows, peaks = [], []
+  for count in args.accumulation or sorted({1, SHAPES[shape][2]}):
+    config, train_step, state, batch, flops_per_step, palm = _compiled_step(shape, count, args)
 
-  def run(i: int) -> None:
-    states[i], *outputs = train_steps[i](states[i], batches[i])
-    jax.block_until_ready((states[i], outputs))
+    def run(state):
+      state, *outputs = train_step(state, batch)
+      jax.block_until_ready((state, outputs))
+      return state
 
-  for i in range(len(counts)):
     for _ in range(1 + args.warmup):  # Compile, then warm up.
-      run(i)
-  seconds, peaks = [[] for _ in counts], []
-  for _ in range(args.steps):
-    peaks.append(hardware.measure_cpu_matmul_flops(repeats=2))
-    for i in range(len(counts)):
+      state = run(state)
+    seconds = []
+    for _ in range(args.steps):
+      peaks.append(hardware.measure_cpu_matmul_flops(repeats=2))
       started = time.perf_counter()
-      run(i)
-      seconds[i].append(time.perf_counter() - started)
-  peak, rows = max(peaks), []
-  for config, flops_per_step, palm, run_seconds in zip(configs, step_flops, palm_flops, seconds):
-    median = statistics.median(run_seconds)
+      state = run(state)
+      seconds.append(time.perf_counter() - started)
+    del state  # Free this count's buffers before the next count compiles.
+    median = statistics.median(seconds)
     tokens_per_s = config.batch_size * config.dataset.seq_len / median
     rows.append({'shape': shape, 'config': config, 'batch': config.batch_size,
                  'micro_batches': config.gradient.accumulation_steps, 'ms': 1e3 * median,
                  'tokens_per_s': tokens_per_s, 'gflops': flops_per_step / median / 1e9,
-                 'peak_gflops': peak / 1e9, 'mfu': flops_per_step / median / peak,
-                 'palm_mfu': palm / median / peak,
+                 'flops': flops_per_step / median, 'palm_flops': palm / median,
                  'vs_pytorch': tokens_per_s / PYTORCH_TOKENS_PER_S[shape]})
+  peak = max(peaks)  # The best probe of the whole shape: a slow spell lowers no row's bar.
+  for row in rows:
+    row.update(peak_gflops=peak / 1e9, mfu=row.pop('flops') / peak,
+               palm_mfu=row.pop('palm_flops') / peak)
   return rows
 
 
