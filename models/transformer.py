@@ -365,7 +365,7 @@ class BERT(nnx.Module):
                embed_dim: int = 256, mlp_ratio: int = 4, dropout_rate: float = 0.1,
                positions: str = 'learned', use_bias: bool = True, num_classes: int = 0,
                pooling: str = 'cls', scan_layers: bool = False, remat_policy: str = 'none',
-               dtype: str = 'float32', rngs: nnx.Rngs):
+               dtype: str = 'float32', kernels: str = 'auto', rngs: nnx.Rngs):
     """`pooling`: what the classifier reads, the first ([CLS]) position's hidden state
     ('cls', as in BERT) or the mean over unpadded positions ('mean')."""
     if pooling not in ('cls', 'mean'):
@@ -375,7 +375,7 @@ class BERT(nnx.Module):
         vocab_size=vocab_size, max_len=max_len, num_layers=num_layers, num_heads=num_heads,
         embed_dim=embed_dim, mlp_ratio=mlp_ratio, dropout_rate=dropout_rate, positions=positions,
         use_bias=use_bias, scan_layers=scan_layers, remat_policy=remat_policy, dtype=dtype,
-        rngs=rngs)
+        kernels=kernels, rngs=rngs)
     dt = self.encoder.dtype
     # MLM head as in BERT: dense + GELU + LayerNorm, then the tied embedding and a bias.
     self.mlm_dense = nnx.Linear(embed_dim, embed_dim, dtype=dt, kernel_init=_INIT, rngs=rngs,
