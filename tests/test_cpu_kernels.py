@@ -157,3 +157,12 @@ def test_bad_kernel_settings_name_the_fix(monkeypatch, tmp_path):
                                       r"config.model.kernels='xla'"):
     cpu_kernels._build()
   assert list(tmp_path.iterdir()) == []  # Nothing half-built left behind.
+  monkeypatch.delenv('CXX')
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('')
+  monkeypatch.setenv('KILN_CACHE_DIR', str(blocker / 'cache'))  # Cannot be created.
+  monkeypatch.setattr(cpu_kernels, '_state', {})  # As in a fresh process.
+  with pytest.raises(KilnError, match=r"could not be built or loaded .* set \$KILN_CACHE_DIR "
+                                      r"to a writable folder, or config.model.kernels='xla'"):
+    cpu_kernels.enabled('cpu')
+  assert not cpu_kernels.available()  # 'auto' then falls back to XLA.
