@@ -2,11 +2,10 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.tiny import REPO
 
 
 @pytest.mark.parametrize('flags, expected', [

@@ -6,7 +6,6 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -15,9 +14,8 @@ import pytest
 import train
 from monitor import run_log
 from tests.checkpoints import latest_params
-from tests.tiny import multihost_config
+from tests.tiny import REPO, multihost_config
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _free_port() -> int:

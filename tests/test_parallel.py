@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -13,10 +12,9 @@ from core.errors import KilnError
 from core.experiment import build_experiment
 from parallel import sharding
 from parallel.mesh import make_mesh
-from tests.tiny import tiny_config, tiny_gpt_config
+from tests.tiny import REPO, tiny_config, tiny_gpt_config
 from tests.stepping import run_steps
 
-REPO = Path(__file__).resolve().parents[1]
 
 LAYOUTS = {  # name: (strategy, data, fsdp, tensor)
     'dp8': ('jit', -1, 1, 1),

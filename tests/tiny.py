@@ -1,6 +1,10 @@
-"""Tiny configs shared by tests (importable without conftest's device set-up)."""
+"""Tiny configs and paths shared by tests (importable without conftest's device set-up)."""
+
+from pathlib import Path
 
 from configs import default
+
+REPO = Path(__file__).resolve().parents[1]  # The checkout: subprocess tests run from here.
 
 
 def tiny_config():
