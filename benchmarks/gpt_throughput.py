@@ -47,6 +47,7 @@ from flax import nnx  # noqa: E402
 from configs import gpt_shakespeare_char, gpt_shakespeare_char_cpu  # noqa: E402
 from core import steps  # noqa: E402
 from core.state import ModelTemplate, init_state  # noqa: E402
+from models import cpu_kernels  # noqa: E402
 from models.registry import create_model  # noqa: E402
 from monitor import flops, hardware  # noqa: E402
 from optim.chain import build_transform  # noqa: E402
@@ -176,7 +177,7 @@ def main(argv=None) -> None:
   parser.add_argument('--positions', choices=('learned', 'rotary'),
                       help="override the configs' position encoding")
   parser.add_argument('--dropout', type=float, help="override the configs' dropout rate")
-  parser.add_argument('--kernels', choices=('auto', 'xla', 'cpu'),
+  parser.add_argument('--kernels', choices=cpu_kernels.MODES,
                       help="override the configs' CPU kernels setting (xla: without them)")
   parser.add_argument('--accumulation', type=int, action='append',
                       help='micro-batches per step to time (repeatable; default: 1 and the '

@@ -132,6 +132,12 @@ def available() -> bool:
   return True
 
 
+def check_mode(mode: str) -> None:
+  """Raises ValueError unless `mode` is a config.model.kernels value (model constructors)."""
+  if mode not in MODES:
+    raise ValueError(f"kernels='{mode}' must be one of {', '.join(MODES)}")
+
+
 def enabled(mode: str) -> bool:
   """Whether config.model.kernels=`mode` runs the kernels here; 'cpu' raises KilnError
   where they cannot run."""

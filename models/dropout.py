@@ -29,8 +29,7 @@ class Dropout(nnx.Module):
     """`kernels`: where the random words come from (models.cpu_kernels.MODES)."""
     if not 0.0 <= rate < 1.0:
       raise ValueError(f'dropout rate={rate} must lie in [0, 1)')
-    if kernels not in cpu_kernels.MODES:
-      raise ValueError(f"kernels='{kernels}' must be one of {', '.join(cpu_kernels.MODES)}")
+    cpu_kernels.check_mode(kernels)
     self.rate, self.kernels = rate, kernels
 
   def __call__(self, x: jax.Array, *, deterministic: bool,

@@ -238,8 +238,7 @@ class Transformer(nnx.Module):
       raise ValueError(f"remat_policy='{remat_policy}' must be one of {sorted(REMAT_POLICIES)}")
     if dtype not in DTYPES:
       raise ValueError(f"dtype='{dtype}' must be one of {sorted(DTYPES)}")
-    if kernels not in cpu_kernels.MODES:
-      raise ValueError(f"kernels='{kernels}' must be one of {', '.join(cpu_kernels.MODES)}")
+    cpu_kernels.check_mode(kernels)
     self.dtype = DTYPES[dtype]
     self.max_len, self.scan_layers, self.num_layers = max_len, scan_layers, num_layers
     self.remat_policy = remat_policy
