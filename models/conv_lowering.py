@@ -22,6 +22,11 @@ Lowerings (all exact rewrites of `lax.conv_general_dilated`, forward and backwar
   from the kernel taps each (input, output) pixel pair uses (zero where none). On a
   2x2 map every pair is a real tap, so it does exactly the conv's arithmetic, where
   im2col would multiply 5 of 9 taps against padding.
+- 'direct': Kiln's compiled CPU kernel (models/cpu_kernels.py): per thread, tiles of
+  whole images whose patches (live taps only) are gathered into a cache-sized buffer and
+  multiplied with Eigen GEMMs; input gradients scatter the patch gradients back. The
+  im2col arithmetic without the patch matrix ever leaving the core's cache. Float32 1-D
+  and 2-D ungrouped convs, on CPU when the kernels build.
 
 Each pass of a conv (forward, input gradient, kernel gradient) may take a different
 lowering (a `Plan`, joined by a custom VJP): XLA's CPU convolution is often fast
@@ -55,14 +60,17 @@ from jax import lax
 
 from core.errors import KilnError
 from core.io import write_json_atomic
+from models import cpu_kernels
 from monitor import hardware
 
-LOWERINGS = ('native', 'im2col', 'shifted', 'dense')
+LOWERINGS = ('native', 'im2col', 'shifted', 'dense', 'direct')
 CACHE_FILE = 'conv_lowerings.json'
 MODE_ENV = 'KILN_CONV_LOWERING'
 # 'dense' multiplies every (input pixel, output pixel) pair; past this many pairs (an
 # 8x8 map has 4096) its matrix outgrows the conv's own arithmetic and memory.
 DENSE_MAX_PIXEL_PAIRS = 64
+# `measure` times runs of at least this long (several calls of a fast pass).
+MIN_TIMED_SECONDS = 0.002
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,6 +264,32 @@ def dense(x, kernel, spec: ConvSpec, precision=None, preferred_element_type=None
   return y.reshape((n,) + spec.out_spatial + (kernel.shape[-1],)).astype(out_dtype)
 
 
+def direct_supported(spec: ConvSpec) -> bool:
+  return spec.rank in (1, 2) and spec.groups == 1 and spec.dtype == 'float32'
+
+
+def _as_2d(spec: ConvSpec):
+  """(input shape, kernel shape, out shape, strides, padding, dilation) of `spec` as a 2-D
+  conv: a 1-D conv is one with a height-1 map and kernel."""
+  if spec.rank == 2:
+    out = (spec.input_shape[0],) + spec.out_spatial + (spec.kernel_shape[-1],)
+    return (spec.input_shape, spec.kernel_shape, out, spec.strides, spec.padding,
+            spec.dilation)
+  n, length, c = spec.input_shape
+  out = (n, 1) + spec.out_spatial + (spec.kernel_shape[-1],)
+  return ((n, 1, length, c), (1,) + spec.kernel_shape, out, (1,) + spec.strides,
+          ((0, 0),) + spec.padding, (1,) + spec.dilation)
+
+
+def direct(x, kernel, spec: ConvSpec, precision=None, preferred_element_type=None):
+  del precision  # Float32 throughout, as XLA's CPU convolution.
+  x_shape, k_shape, out_shape, strides, padding, dilation = _as_2d(spec)
+  y = cpu_kernels.conv2d(x.reshape(x_shape), kernel.reshape(k_shape), out_shape, strides,
+                         padding, dilation)
+  out_dtype = preferred_element_type or jnp.result_type(x.dtype, kernel.dtype)
+  return y.reshape((x.shape[0],) + spec.out_spatial + (kernel.shape[-1],)).astype(out_dtype)
+
+
 def native(x, kernel, spec: ConvSpec, precision=None, preferred_element_type=None):
   rank = spec.rank
   layout = ('N' + 'HWD'[:rank] + 'C', 'HWD'[:rank] + 'IO', 'N' + 'HWD'[:rank] + 'C')
@@ -265,7 +299,8 @@ def native(x, kernel, spec: ConvSpec, precision=None, preferred_element_type=Non
                                   preferred_element_type=preferred_element_type)
 
 
-_FORWARD = {'native': native, 'im2col': im2col, 'shifted': shifted, 'dense': dense}
+_FORWARD = {'native': native, 'im2col': im2col, 'shifted': shifted, 'dense': dense,
+            'direct': direct}
 
 
 def _check(name: str, spec: ConvSpec) -> None:
@@ -274,6 +309,9 @@ def _check(name: str, spec: ConvSpec) -> None:
   if name == 'shifted' and spec.groups != 1:
     raise KilnError('the shifted conv lowering takes ungrouped convs only: use im2col or '
                     'native for grouped and depthwise convs')
+  if name == 'direct' and not direct_supported(spec):
+    raise KilnError('the direct conv lowering takes float32 1-D and 2-D convs without groups: '
+                    'use im2col or native')
   if name == 'dense' and not dense_supported(spec):
     raise KilnError(f'the dense conv lowering takes maps of at most {DENSE_MAX_PIXEL_PAIRS} '
                     'input x output pixel pairs and no groups: use im2col or native')
@@ -290,6 +328,11 @@ def input_grad(name: str, kernel, g, spec: ConvSpec, precision=None):
   transpose of its forward (im2col: g @ K^T, then each tap's slice transposed and summed;
   dense: g @ W^T; native: XLA's transposed convolution)."""
   _check(name, spec)
+  if name == 'direct':
+    x_shape, k_shape, _, strides, padding, dilation = _as_2d(spec)
+    return cpu_kernels.conv2d_input_grad(
+        g.astype(jnp.float32).reshape(_as_2d(spec)[2]), kernel.reshape(k_shape), x_shape,
+        strides, padding, dilation).reshape(spec.input_shape)
   x = jnp.zeros(spec.input_shape, g.dtype)  # Only its shape is read: the map is linear.
   _, vjp = jax.vjp(lambda x: _FORWARD[name](x, kernel, spec, precision).astype(g.dtype), x)
   return vjp(g)[0]
@@ -300,6 +343,11 @@ def kernel_grad(name: str, x, g, spec: ConvSpec, precision=None):
   im2col: patches^T @ g; dense: input^T @ g with its blocks summed per tap; native:
   XLA's convolution of the input with g."""
   _check(name, spec)
+  if name == 'direct':
+    x_shape, k_shape, out_shape, strides, padding, dilation = _as_2d(spec)
+    return cpu_kernels.conv2d_kernel_grad(
+        x.reshape(x_shape), g.astype(jnp.float32).reshape(out_shape), k_shape, strides,
+        padding, dilation).reshape(spec.kernel_shape)
   c_in, c_out = x.shape[-1], spec.kernel_shape[-1]
   contract_rows = (((0,), (0,)), ((), ()))
   if name == 'shifted':
@@ -389,9 +437,15 @@ def convolve(x, kernel, spec: ConvSpec, plan: Plan, precision=None,
   return _planned(x, kernel, spec, plan, precision, preferred_element_type)
 
 
+def direct_available(spec: ConvSpec) -> bool:
+  """Whether 'direct' takes `spec` here: the shape, and Kiln's CPU kernels build."""
+  return direct_supported(spec) and cpu_kernels.available()
+
+
 def candidates(spec: ConvSpec) -> tuple[str, ...]:
   return (('native', 'im2col') + (('shifted',) if spec.groups == 1 else ())
-          + (('dense',) if dense_supported(spec) else ()))
+          + (('dense',) if dense_supported(spec) else ())
+          + (('direct',) if direct_available(spec) else ()))
 
 
 def forced(name: str, spec: ConvSpec) -> Plan:
@@ -405,20 +459,27 @@ def forced(name: str, spec: ConvSpec) -> Plan:
 def rule(spec: ConvSpec, backend: str) -> Plan:
   """The plan to use without measuring (the CPU default). Native on accelerators. On
   CPU, from the ResNet-18 shapes (batch 128, 2 shared AMD EPYC cores, reproduce with
-  benchmarks/conv_throughput.py): 'dense' where every (input, output) pixel pair is a
-  real tap (1x1 and 2x2 maps: 40-90x native, ~70% of the matmul peak); native for k>1
-  convs on maps of 64+ pixels, or 16+ at stride 1, where XLA's kernel is as fast as the
-  best GEMM form or faster (8x8x64 3x3: forward 5.5 ms vs 25 for im2col, whose
-  concatenated patches cost more than its matmul; 4x4x128 3x3: 221 vs 172 GFLOP/s);
-  'im2col' elsewhere (strided convs on small maps, 1x1 convs: 1.8-16x native). In whole
-  training steps this table beat per-pass timing (517 vs 481 images/s quiet, 457 vs 251
-  busy)."""
+  benchmarks/conv_throughput.py): 'direct' wherever it takes the conv (56-86% of the
+  matmul peak on every shape, 1.3-100x native), except on maps so small that most of its
+  patch values are padding and every (input, output) pixel pair is a real tap, where
+  'dense' does only the conv's own arithmetic (2x2x256 3x3: 69% vs 37%). Without the
+  compiled kernels: 'dense' there too; native for k>1 convs on maps of 64+ pixels, or 16+
+  at stride 1, where XLA's kernel is as fast as the best XLA GEMM form or faster (8x8x64
+  3x3: forward 5.5 ms vs 25 for im2col, whose concatenated patches cost more than its
+  matmul; 4x4x128 3x3: 221 vs 172 GFLOP/s); 'im2col' elsewhere (strided convs on small
+  maps, 1x1 convs: 1.8-16x native). In whole training steps this table beat per-pass
+  timing (see choose)."""
   if backend != 'cpu':
     return Plan.uniform('native')
+  direct_ok = direct_available(spec)
   if dense_supported(spec):
     index = spec.tap_index()
-    if index.size <= 1.25 * np.count_nonzero(index >= 0):
+    real = np.count_nonzero(index >= 0)
+    patch_values = math.prod(spec.out_spatial) * len(spec.live_taps())
+    if index.size <= 1.25 * real and not (direct_ok and patch_values <= 1.25 * real):
       return Plan.uniform('dense')
+  if direct_ok:
+    return Plan.uniform('direct')
   pixels, taps = math.prod(spec.input_shape[1:-1]), math.prod(spec.kernel_shape[:-2])
   if taps > 1 and (pixels >= 64 or (pixels >= 16 and max(spec.strides) == 1)):
     return Plan.uniform('native')
@@ -452,9 +513,12 @@ def _machine_key() -> str:
 def measure(spec: ConvSpec, names: Sequence[str] | None = None, repeats: int = 5,
             ) -> dict[str, dict[str, float]]:
   """{pass: {lowering: seconds}} for each pass of `spec` and each lowering: the best of
-  `repeats` runs, interleaved across candidates. Load from other processes only ever
-  slows a run, so the best run is the closest to a lowering's own speed (as for the
-  matmul peak in monitor.hardware) and medians on a shared machine pick noise.
+  `repeats` back-to-back runs (of several calls each where one call is short), as the
+  matmul peak in monitor.hardware is measured (warm
+  caches; run interleaved, each candidate found the others' buffers in the cache, which
+  cost the 0.1 ms passes of 1x1 convs up to a quarter of their speed). Load from other
+  processes only ever slows a run, so the best run is the closest to a lowering's own
+  speed and medians on a shared machine pick noise.
 
   Runs in a fresh thread: `choose` is called while a model is traced under jit,
   and tracing state is per thread, so the timed computations run eagerly there."""
@@ -473,16 +537,21 @@ def measure(spec: ConvSpec, names: Sequence[str] | None = None, repeats: int = 5
           jax.jit(lambda k, g, name=name: input_grad(name, k, g, spec)), (k, g))
       timed['kernel_grad', name] = (
           jax.jit(lambda x, g, name=name: kernel_grad(name, x, g, spec)), (x, g))
-    for fn, args in timed.values():
-      jax.block_until_ready(fn(*args))  # Compile and warm up outside the timed runs.
-    times = {key: [] for key in timed}
-    for _ in range(repeats):
-      for key, (fn, args) in timed.items():
-        started = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times[key].append(time.perf_counter() - started)
     seconds = {p: {} for p in PASSES}
-    for (pass_name, name), runs in times.items():
+    for (pass_name, name), (fn, args) in timed.items():
+      jax.block_until_ready(fn(*args))  # Compile and warm up outside the timed runs.
+      started = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      # Passes of ~0.1 ms (1x1 convs) would time Python's dispatch as much as the conv:
+      # each timed run dispatches enough calls back to back to last ~2 ms.
+      calls = max(1, min(50, int(MIN_TIMED_SECONDS / (time.perf_counter() - started))))
+      runs = []
+      for _ in range(repeats):
+        started = time.perf_counter()
+        for _ in range(calls):
+          out = fn(*args)
+        jax.block_until_ready(out)
+        runs.append((time.perf_counter() - started) / calls)
       seconds[pass_name][name] = min(runs)
     return seconds
 

@@ -46,7 +46,8 @@ from parallel import sharding
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'kernels', 'cpu_kernels.cc')
 _FLAGS = ('-O3', '-march=native', '-DNDEBUG', '-fPIC', '-shared', '-std=c++17', '-pthread')
 _TARGETS = {'forward': 'KilnCausalAttentionForward', 'backward': 'KilnCausalAttentionBackward',
-            'bits': 'KilnPhiloxBits'}
+            'bits': 'KilnPhiloxBits', 'conv_forward': 'KilnConvForward',
+            'conv_input_grad': 'KilnConvInputGrad', 'conv_kernel_grad': 'KilnConvKernelGrad'}
 MODES = ('auto', 'xla', 'cpu')  # config.model.kernels values; see `enabled`.
 _LEVELS = 1 << 16  # Dropout draws are 16-bit, as in models/dropout.py.
 _lock = threading.Lock()
@@ -243,3 +244,31 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, dropout_rate: 
     return _attention(q, k, v, seed, shard, threshold)
   return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P()), out_specs=spec,
                        check_vma=False)(q, k, v, seed).astype(dtype)
+
+
+def _conv_call(target: str, result_shape, a, b, strides, padding, dilation):
+  geometry = np.array([*strides, padding[0][0], padding[1][0], *dilation], np.int64)
+  return jax.ffi.ffi_call(_TARGETS[target], jax.ShapeDtypeStruct(result_shape, jnp.float32),
+                          vmap_method='sequential')(a, b, geometry=geometry)
+
+
+def conv2d(x, kernel, out_shape, strides, padding, dilation):
+  """The channels-last 2-D conv of float32 x [N, H, W, C] and kernel [KH, KW, C, O] into
+  `out_shape` [N, OH, OW, O], with `strides`, ((top, bottom), (left, right)) zero
+  `padding` and kernel `dilation`; not differentiable (models/conv_lowering.py pairs it
+  with conv2d_input_grad and conv2d_kernel_grad)."""
+  _register()
+  return _conv_call('conv_forward', out_shape, x, kernel, strides, padding, dilation)
+
+
+def conv2d_input_grad(out_grad, kernel, input_shape, strides, padding, dilation):
+  """d loss / d x of `conv2d` from out_grad = d loss / d output."""
+  _register()
+  return _conv_call('conv_input_grad', input_shape, out_grad, kernel, strides, padding,
+                    dilation)
+
+
+def conv2d_kernel_grad(x, out_grad, kernel_shape, strides, padding, dilation):
+  """d loss / d kernel of `conv2d` from out_grad = d loss / d output."""
+  _register()
+  return _conv_call('conv_kernel_grad', kernel_shape, x, out_grad, strides, padding, dilation)

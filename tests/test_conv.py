@@ -13,7 +13,7 @@ from flax import nnx
 from jax import lax
 
 from core.errors import KilnError
-from models import conv_lowering, layers
+from models import conv_lowering, cpu_kernels, layers
 from models.conv import Conv
 
 # (input shape N,*spatial,C; kernel spatial; C_out; strides; padding; dilation; groups)
@@ -42,6 +42,12 @@ CASES = [
     ((2, 16, 4), (3,), 6, (1,), 'SAME', (1,), 1),  # 1D (speech front ends)
     ((2, 16, 4), (5,), 4, (1,), ((4, 0),), (2,), 4),  # causal depthwise (Conformer)
     ((2, 5, 5, 5, 2), (3, 3, 3), 3, (2, 1, 1), 'SAME', (1, 1, 1), 1),  # 3D
+    # Batches past the direct kernel's shared-patches size (256 output pixels): threads
+    # take tiles of whole images and sum their own kernel gradients.
+    ((40, 8, 8, 4), (3, 3), 6, (1, 1), 'SAME', (1, 1), 1),
+    ((40, 6, 6, 4), (1, 1), 6, (1, 1), 'VALID', (1, 1), 1),  # the input is the patches
+    ((300, 2, 2, 4), (3, 3), 6, (2, 2), 'SAME', (1, 1), 1),  # live taps not contiguous
+    ((24, 40, 4), (5,), 6, (2,), 'SAME', (2,), 1),
 ]
 
 
@@ -123,7 +129,12 @@ def test_accelerators_take_native_and_cpu_rules_pick_gemm_forms(monkeypatch):
     assert str(conv_lowering.choose(spec, backend='gpu')) == 'native'
     assert str(conv_lowering.choose(spec, backend='tpu')) == 'native'
   assert str(conv_lowering.choose(tiny, backend='cpu')) == 'dense'  # every pixel pair a tap
+  assert str(conv_lowering.choose(one_by_one, backend='cpu')) == 'direct'
+  centre_tap = _spec((8, 1, 1, 16), (3, 3, 16, 16), (1, 1), 'SAME')  # no padding multiplied
+  assert str(conv_lowering.choose(centre_tap, backend='cpu')) == 'direct'
+  monkeypatch.setattr(cpu_kernels, 'available', lambda: False)  # e.g. no C++ compiler
   assert str(conv_lowering.choose(one_by_one, backend='cpu')) == 'im2col'
+  assert str(conv_lowering.choose(centre_tap, backend='cpu')) == 'dense'
   monkeypatch.setenv(conv_lowering.MODE_ENV, 'auto')  # 8 fake devices: shards, so native
   assert str(conv_lowering.choose(tiny, backend='cpu')) == 'native'
   monkeypatch.setenv(conv_lowering.MODE_ENV, 'native')  # forced, e.g. to compare
