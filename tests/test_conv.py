@@ -48,6 +48,10 @@ CASES = [
     ((40, 6, 6, 4), (1, 1), 6, (1, 1), 'VALID', (1, 1), 1),  # the input is the patches
     ((300, 2, 2, 4), (3, 3), 6, (2, 2), 'SAME', (1, 1), 1),  # live taps not contiguous
     ((24, 40, 4), (5,), 6, (2,), 'SAME', (2,), 1),
+    # Tiles whose output rows split into row classes by their live tap rows: edge rows
+    # multiply only their own taps; the second has an output row that reads only padding.
+    ((32, 4, 16, 4), (3, 3), 6, (1, 1), 'SAME', (1, 1), 1),
+    ((64, 3, 4, 4), (3, 3), 6, (1, 1), ((3, 1), (1, 1)), (1, 1), 1),
 ]
 
 

@@ -397,7 +397,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KilnPhiloxBits, RandomBits,
 // multiplies it with single-threaded Eigen GEMMs; the input gradient multiplies the same
 // way and scatters the patch gradients back (tiles are whole images, so no two threads
 // add into one pixel); the kernel gradient sums each thread's patches^T x output
-// gradients, then the threads' sums.
+// gradients, then the threads' sums. On small maps the output rows near the top and bottom
+// edges read padding for whole rows of taps (a 3x3 conv on a 4x4 map: 2 of 12 tap rows),
+// so a tile's rows are grouped by their live tap rows (RowClass) and each group multiplies
+// only its own tap rows.
 
 namespace {
 
@@ -491,6 +494,91 @@ void ForEachSegment(const ConvDims& d, int64_t image, int64_t oy, int64_t ox,
   }
 }
 
+// Output rows [oy_begin, oy_end) that all read real input through the rows of taps
+// [ky_lo, ky_hi) only (empty when they read padding only).
+struct RowClass {
+  int64_t oy_begin, oy_end, ky_lo, ky_hi;
+  bool empty() const { return ky_lo >= ky_hi; }
+};
+
+// A tile of `images` images whose patch rows are ordered by output row (oy, image, ox), so
+// that each row class is one block of rows; its live tap rows are one block of columns.
+struct ClassBlock {
+  int64_t row, rows, column, width;
+  ClassBlock(const ConvDims& d, const RowClass& c, int64_t images)
+      : row(c.oy_begin * images * d.out_w), rows((c.oy_end - c.oy_begin) * images * d.out_w),
+        column((c.ky_lo - d.ky0) * d.live_taps_w() * d.channels),
+        width((c.ky_hi - c.ky_lo) * d.live_taps_w() * d.channels) {}
+};
+
+// Fewest patch rows per tile that a row class of its own needs: smaller classes join a
+// neighbour (taking the union of their tap rows), since Eigen's GEMMs on a few dozen rows
+// lose more than the padding rows they skip. Measured per pass: 4x4x128 3x3 ~270 -> ~330
+// GFLOP/s with classes; the stem's kernel gradient a few % faster at 32 rows than at 48
+// (its 2-image tiles then have 32-row edge classes).
+constexpr int64_t kClassRows = 32;
+
+// The row classes of `d` for tiles of `images_per_tile` images: output rows grouped by
+// their live tap rows, small groups merged into a neighbour. One class (all live taps) when
+// `single`.
+std::vector<RowClass> RowClasses(const ConvDims& d, int64_t images_per_tile, bool single) {
+  if (single) return {RowClass{0, d.out_h, d.ky0, d.ky1}};
+  std::vector<RowClass> classes;
+  for (int64_t oy = 0; oy < d.out_h; ++oy) {
+    int64_t lo = d.ky1, hi = d.ky0;
+    for (int64_t ky = d.ky0; ky < d.ky1; ++ky) {
+      const int64_t iy = oy * d.stride_h - d.pad_top + ky * d.dilation_h;
+      if (iy >= 0 && iy < d.height) lo = std::min(lo, ky), hi = ky + 1;
+    }
+    if (lo >= hi) lo = hi = d.ky0;
+    if (!classes.empty() && classes.back().ky_lo == lo && classes.back().ky_hi == hi)
+      classes.back().oy_end = oy + 1;
+    else
+      classes.push_back({oy, oy + 1, lo, hi});
+  }
+  auto merged = [](const RowClass& a, const RowClass& b) {
+    RowClass c{std::min(a.oy_begin, b.oy_begin), std::max(a.oy_end, b.oy_end), a.ky_lo, a.ky_hi};
+    if (a.empty()) c.ky_lo = b.ky_lo, c.ky_hi = b.ky_hi;
+    else if (!b.empty()) c.ky_lo = std::min(a.ky_lo, b.ky_lo), c.ky_hi = std::max(a.ky_hi, b.ky_hi);
+    return c;
+  };
+  for (;;) {
+    size_t small = classes.size();
+    for (size_t i = 0; i < classes.size() && classes.size() > 1; ++i)
+      if ((classes[i].oy_end - classes[i].oy_begin) * d.out_w * images_per_tile < kClassRows) {
+        small = i;
+        break;
+      }
+    if (small == classes.size()) return classes;
+    // Join the neighbour whose union adds the fewest tap rows.
+    const auto added = [&](size_t j) {
+      const RowClass c = merged(classes[small], classes[j]);
+      return (c.ky_hi - c.ky_lo) * (c.oy_end - c.oy_begin) -
+             (classes[small].ky_hi - classes[small].ky_lo) *
+                 (classes[small].oy_end - classes[small].oy_begin) -
+             (classes[j].ky_hi - classes[j].ky_lo) * (classes[j].oy_end - classes[j].oy_begin);
+    };
+    size_t other = small == 0 ? 1 : small - 1;
+    if (small > 0 && small + 1 < classes.size() && added(small + 1) < added(small - 1))
+      other = small + 1;
+    classes[std::min(small, other)] = merged(classes[small], classes[other]);
+    classes.erase(classes.begin() + std::max(small, other));
+  }
+}
+
+// Copies a tile's rows of O values between image order [images, OH, OW, O] (the maps') and
+// output-row order [OH, images, OW, O] (the row classes').
+void Reorder(const ConvDims& d, const float* from, float* to, int64_t images, int64_t O,
+             bool to_row_order) {
+  const int64_t run = d.out_w * O;
+  for (int64_t image = 0; image < images; ++image)
+    for (int64_t oy = 0; oy < d.out_h; ++oy) {
+      const int64_t by_image = (image * d.out_h + oy) * run, by_row = (oy * images + image) * run;
+      std::copy_n(from + (to_row_order ? by_image : by_row), run,
+                  to + (to_row_order ? by_row : by_image));
+    }
+}
+
 // Short runs (a patch row is a few runs of KW * C floats) with AVX-512 masked tails: plain
 // loops spent ~120 cycles per 147-float stem patch row in their scalar tails.
 inline void CopyFloats(const float* from, float* to, int64_t n) {
@@ -557,63 +645,85 @@ struct PatchMap {
   };
   std::vector<Run> runs;
   std::vector<int64_t> row_start;  // Runs of output pixel p: [row_start[p], row_start[p + 1]).
-  int64_t width, image_size;
+  // Columns [span[p].first, span[p].second) of pixel p's patch row are read (its row
+  // class's tap rows): Gather writes those only.
+  std::vector<std::pair<int64_t, int64_t>> span;
+  int64_t width, image_size, out_w;
+  bool row_order;  // Tiles ordered by output row (several row classes), else by image.
 
-  explicit PatchMap(const ConvDims& d)
-      : width(d.patch_width()), image_size(d.height * d.width * d.channels) {
+  PatchMap(const ConvDims& d, const std::vector<RowClass>& classes)
+      : width(d.patch_width()), image_size(d.height * d.width * d.channels), out_w(d.out_w),
+        row_order(classes.size() > 1) {
     row_start.reserve(d.out_pixels() + 1);
-    for (int64_t oy = 0; oy < d.out_h; ++oy)
-      for (int64_t ox = 0; ox < d.out_w; ++ox) {
-        row_start.push_back(int64_t(runs.size()));
-        ForEachSegment(d, 0, oy, ox, [&](int64_t column, int64_t at, int64_t n) {
-          runs.push_back({column, at, n});
-        });
-      }
+    for (const RowClass& c : classes) {
+      const ClassBlock block(d, c, 1);
+      for (int64_t oy = c.oy_begin; oy < c.oy_end; ++oy)
+        for (int64_t ox = 0; ox < d.out_w; ++ox) {
+          row_start.push_back(int64_t(runs.size()));
+          span.push_back({block.column, block.column + block.width});
+          ForEachSegment(d, 0, oy, ox, [&](int64_t column, int64_t at, int64_t n) {
+            runs.push_back({column, at, n});
+          });
+        }
+    }
     row_start.push_back(int64_t(runs.size()));
   }
   int64_t pixels() const { return int64_t(row_start.size()) - 1; }
 
+  // Calls visit(pixel, patch row) for every pixel of image `image` of a tile of `images`.
+  template <typename Visit>
+  void ForEachRow(int64_t image, int64_t images, Visit&& visit) const {
+    const int64_t out_h = pixels() / out_w;
+    for (int64_t oy = 0; oy < out_h; ++oy) {
+      const int64_t first = row_order ? (oy * images + image) * out_w : image * pixels() + oy * out_w;
+      for (int64_t ox = 0; ox < out_w; ++ox) visit(oy * out_w + ox, first + ox);
+    }
+  }
+
   // Rows of images [image0, image0 + images) of the patch matrix, into `patches`.
   void Gather(const float* x, int64_t image0, int64_t images, float* patches) const {
-    float* row = patches;
-    for (int64_t image = image0; image < image0 + images; ++image) {
-      const float* base = x + image * image_size;
-      for (int64_t p = 0; p < pixels(); ++p, row += width) {
-        int64_t written = 0;  // Zeros only where padding is read: each value written once.
+    for (int64_t image = 0; image < images; ++image) {
+      const float* base = x + (image0 + image) * image_size;
+      ForEachRow(image, images, [&](int64_t p, int64_t patch_row) {
+        float* row = patches + patch_row * width;
+        // Zeros only where padding is read: each value written once.
+        int64_t written = span[p].first;
         for (int64_t r = row_start[p]; r < row_start[p + 1]; ++r) {
           const Run& run = runs[r];
           ZeroFloats(row + written, run.column - written);
           CopyFloats(base + run.at, row + run.column, run.n);
           written = run.column + run.n;
         }
-        ZeroFloats(row + written, width - written);
-      }
+        ZeroFloats(row + written, span[p].second - written);
+      });
     }
   }
 
   // The transpose of Gather: adds each patch value into the input pixel it came from.
   void Scatter(const float* patches, int64_t image0, int64_t images, float* x) const {
-    const float* row = patches;
-    for (int64_t image = image0; image < image0 + images; ++image) {
-      float* base = x + image * image_size;
-      for (int64_t p = 0; p < pixels(); ++p, row += width)
+    for (int64_t image = 0; image < images; ++image) {
+      float* base = x + (image0 + image) * image_size;
+      ForEachRow(image, images, [&](int64_t p, int64_t patch_row) {
+        const float* row = patches + patch_row * width;
         for (int64_t r = row_start[p]; r < row_start[p + 1]; ++r)
           AddFloats(row + runs[r].column, base + runs[r].at, runs[r].n);
+      });
     }
   }
 };
 
 // How a conv call splits over threads. Tiled: each thread takes tiles of whole images, of
 // at least kTileRows patch rows (Eigen's GEMMs lose ~15% at a few dozen rows: 4x4x128
-// 3x3/2 at 56-row tiles ran at 55% of the matmul peak, at 128 rows 66%) and at most
-// kTileBytes of patches (a core's L2 holds them while its GEMM reads them), and at least 2
-// tiles per thread so that the threads finish together. Shared, when the whole batch has
+// 3x3/2 at 56-row tiles ran at 55% of the matmul peak, at 128 rows 66%; with row classes
+// splitting tiles further, 512-row tiles beat 256-row ones by 3-8% on the 8x8 and 4x4
+// shapes) and at most kTileBytes of patches (about a core's L2 plus its share of L3), and at
+// least 2 tiles per thread so that the threads finish together. Shared, when the whole batch has
 // at most kSharedRows output pixels per thread (ResNet-18's last stages: 128 rows in all):
 // the patches are gathered once and each thread multiplies all rows by its block of
 // columns, since splitting 128 rows would leave every thread's GEMM packing the whole
 // kernel for little work (1x1x512 3x3: 52 -> 58-72%; 2x2x256 3x3/2: 59 -> 68%; at 2,048
 // rows it lost: 8x8x64 1x1/2 73 -> 35%).
-constexpr int64_t kTileBytes = 1 << 20, kTileRows = 256;
+constexpr int64_t kTileBytes = 2 << 20, kTileRows = 512;
 constexpr int64_t kSharedRows = 128;
 // Column blocks per thread in the shared split: a thread that wakes late still finds work
 // (1x1x512 3x3 forward 352 -> 373 GFLOP/s at 4 than at 1; noisy, never worse).
@@ -622,6 +732,7 @@ constexpr int64_t kBlocksPerThread = 4;
 struct ConvSplit {
   int64_t threads, images_per_tile, tiles, blocks;
   bool shared;
+  std::vector<RowClass> classes;  // One (all live taps) in the shared split.
   ConvSplit(const ConvDims& d, ffi::ThreadPool& pool) {
     threads = Participants(pool, d.batch);
     shared = threads > 1 && d.batch * d.out_pixels() <= kSharedRows * threads;
@@ -630,8 +741,16 @@ struct ConvSplit {
     const int64_t for_rows = (kTileRows + d.out_pixels() - 1) / d.out_pixels();
     images_per_tile = std::min({kTileBytes / image_bytes, for_rows, d.batch / (2 * threads)});
     images_per_tile = std::max<int64_t>(1, images_per_tile);
+    // Whole rounds of tiles, so that no thread takes one more tile than the others (4x4x128
+    // 3x3 at 28-image tiles made 5 tiles for 2 threads, and ran ~10% slower than at 32).
     tiles = (d.batch + images_per_tile - 1) / images_per_tile;
+    tiles = (tiles + threads - 1) / threads * threads;
+    images_per_tile = (d.batch + tiles - 1) / tiles;
+    tiles = (d.batch + images_per_tile - 1) / images_per_tile;
+    classes = RowClasses(d, images_per_tile, shared || d.input_is_patches());
   }
+  // A tile's rows are in output-row order, not the maps' image order.
+  bool reordered(int64_t images) const { return classes.size() > 1 && images > 1; }
   int64_t first(int64_t tile) const { return tile * images_per_tile; }
   int64_t count(int64_t tile, int64_t batch) const {
     return std::min(images_per_tile, batch - first(tile));
@@ -697,7 +816,7 @@ ffi::Error ConvForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
   std::vector<float> live;
   ConstView W(LiveKernel(d, kernel.typed_data(), &live), K, O, Eigen::OuterStride<>(O));
   const ConvSplit split(d, pool);
-  const PatchMap map(d);
+  const PatchMap map(d, split.classes);
   if (split.shared) {
     RowMatrix buffer;
     const int64_t rows = d.batch * P;
@@ -712,19 +831,31 @@ ffi::Error ConvForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
     ForEachItem(pool, split.blocks, split.threads, multiply);
     return ffi::Error::Success();
   }
-  std::vector<RowMatrix> scratch(split.threads);
+  std::vector<RowMatrix> scratch(split.threads), reordered(split.threads);
   auto work = [&](int64_t tile, int64_t thread) {
-    const int64_t image0 = split.first(tile), rows = split.count(tile, d.batch) * P;
-    View Y(out->typed_data() + image0 * P * O, rows, O, Eigen::OuterStride<>(O));
+    const int64_t image0 = split.first(tile), images = split.count(tile, d.batch);
+    const int64_t rows = images * P;
+    float* y = out->typed_data() + image0 * P * O;
     if (d.input_is_patches()) {
-      Y.noalias() = ConstView(x.typed_data() + image0 * P * K, rows, K,
-                              Eigen::OuterStride<>(K)) * W;
+      View(y, rows, O, Eigen::OuterStride<>(O)).noalias() =
+          ConstView(x.typed_data() + image0 * P * K, rows, K, Eigen::OuterStride<>(K)) * W;
       return;
     }
     RowMatrix& patches = scratch[thread];
     patches.resize(rows, K);
-    map.Gather(x.typed_data(), image0, rows / P, patches.data());
-    Y.noalias() = patches * W;
+    map.Gather(x.typed_data(), image0, images, patches.data());
+    const bool reorder = split.reordered(images);
+    if (reorder) reordered[thread].resize(rows, O);
+    View Y(reorder ? reordered[thread].data() : y, rows, O, Eigen::OuterStride<>(O));
+    for (const RowClass& c : split.classes) {
+      const ClassBlock b(d, c, images);
+      if (b.width)
+        Y.middleRows(b.row, b.rows).noalias() =
+            patches.block(b.row, b.column, b.rows, b.width) * W.middleRows(b.column, b.width);
+      else
+        Y.middleRows(b.row, b.rows).setZero();
+    }
+    if (reorder) Reorder(d, Y.data(), y, images, O, /*to_row_order=*/false);
   };
   ForEachItem(pool, split.tiles, split.threads, work);
   return ffi::Error::Success();
@@ -748,7 +879,7 @@ ffi::Error ConvInputGrad(ffi::Buffer<ffi::F32> out_grad, ffi::Buffer<ffi::F32> k
   std::vector<float> live;
   ConstView W(LiveKernel(d, kernel.typed_data(), &live), K, O, Eigen::OuterStride<>(O));
   const ConvSplit split(d, pool);
-  const PatchMap map(d);
+  const PatchMap map(d, split.classes);
   auto scatter = [&](const float* patch_grads, int64_t image0, int64_t images) {
     std::fill(dx + image0 * image_size, dx + (image0 + images) * image_size, 0.0f);
     map.Scatter(patch_grads, image0, images, dx);
@@ -774,19 +905,30 @@ ffi::Error ConvInputGrad(ffi::Buffer<ffi::F32> out_grad, ffi::Buffer<ffi::F32> k
     ForEachItem(pool, split.tiles, split.threads, scatter_tile);
     return ffi::Error::Success();
   }
-  std::vector<RowMatrix> scratch(split.threads);
+  std::vector<RowMatrix> scratch(split.threads), reordered(split.threads);
   auto work = [&](int64_t tile, int64_t thread) {
     const int64_t image0 = split.first(tile), images = split.count(tile, d.batch);
     const int64_t rows = images * P;
-    ConstView G(out_grad.typed_data() + image0 * P * O, rows, O, Eigen::OuterStride<>(O));
+    const float* g = out_grad.typed_data() + image0 * P * O;
     if (d.input_is_patches()) {
       View(dx + image0 * image_size, rows, K, Eigen::OuterStride<>(K)).noalias() =
-          G * W.transpose();
+          ConstView(g, rows, O, Eigen::OuterStride<>(O)) * W.transpose();
       return;
     }
+    if (split.reordered(images)) {
+      reordered[thread].resize(rows, O);
+      Reorder(d, g, reordered[thread].data(), images, O, /*to_row_order=*/true);
+      g = reordered[thread].data();
+    }
+    ConstView G(g, rows, O, Eigen::OuterStride<>(O));
     RowMatrix& patch_grads = scratch[thread];
     patch_grads.resize(rows, K);
-    patch_grads.noalias() = G * W.transpose();
+    for (const RowClass& c : split.classes) {  // Scatter reads each class's tap rows only.
+      const ClassBlock b(d, c, images);
+      if (b.width)
+        patch_grads.block(b.row, b.column, b.rows, b.width).noalias() =
+            G.middleRows(b.row, b.rows) * W.middleRows(b.column, b.width).transpose();
+    }
     scatter(patch_grads.data(), image0, images);
   };
   ForEachItem(pool, split.tiles, split.threads, work);
@@ -809,7 +951,7 @@ ffi::Error ConvKernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> out_gra
     return ffi::Error::Success();
   }
   const ConvSplit split(d, pool);
-  const PatchMap map(d);
+  const PatchMap map(d, split.classes);
   if (split.shared) {
     // Work items: (row of live taps ky, column block), each writing its product straight
     // into the kernel gradient's rows for that ky, and zeroing its share of the dead taps'
@@ -855,20 +997,34 @@ ffi::Error ConvKernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> out_gra
   View dK(live_at >= 0 ? dk + live_at : live.data(), K, O, Eigen::OuterStride<>(O));
   // Slot 0 sums into dK itself, the others into their own matrices, added at the end.
   std::vector<RowMatrix> sums(split.threads - 1, RowMatrix::Zero(K, O));
-  std::vector<RowMatrix> scratch(split.threads);
+  std::vector<RowMatrix> scratch(split.threads), reordered(split.threads);
   auto work = [&](int64_t tile, int64_t thread) {
-    const int64_t image0 = split.first(tile), rows = split.count(tile, d.batch) * P;
-    ConstView G(out_grad.typed_data() + image0 * P * O, rows, O, Eigen::OuterStride<>(O));
+    const int64_t image0 = split.first(tile), images = split.count(tile, d.batch);
+    const int64_t rows = images * P;
+    const float* g = out_grad.typed_data() + image0 * P * O;
     View sum = thread ? View(sums[thread - 1].data(), K, O, Eigen::OuterStride<>(O)) : dK;
     if (d.input_is_patches()) {
       sum.noalias() += ConstView(x.typed_data() + image0 * P * K, rows, K,
-                                 Eigen::OuterStride<>(K)).transpose() * G;
+                                 Eigen::OuterStride<>(K)).transpose() *
+                       ConstView(g, rows, O, Eigen::OuterStride<>(O));
       return;
     }
+    if (split.reordered(images)) {
+      reordered[thread].resize(rows, O);
+      Reorder(d, g, reordered[thread].data(), images, O, /*to_row_order=*/true);
+      g = reordered[thread].data();
+    }
+    ConstView G(g, rows, O, Eigen::OuterStride<>(O));
     RowMatrix& patches = scratch[thread];
     patches.resize(rows, K);
-    map.Gather(x.typed_data(), image0, rows / P, patches.data());
-    sum.noalias() += patches.transpose() * G;
+    map.Gather(x.typed_data(), image0, images, patches.data());
+    for (const RowClass& c : split.classes) {
+      const ClassBlock b(d, c, images);
+      if (b.width)
+        sum.middleRows(b.column, b.width).noalias() +=
+            patches.block(b.row, b.column, b.rows, b.width).transpose() *
+            G.middleRows(b.row, b.rows);
+    }
   };
   ForEachItem(pool, split.tiles, split.threads, work);
   for (const RowMatrix& sum : sums) dK += sum;
