@@ -675,7 +675,8 @@ struct PatchMap {
   void ForEachRow(int64_t image, int64_t images, Visit&& visit) const {
     const int64_t out_h = pixels() / out_w;
     for (int64_t oy = 0; oy < out_h; ++oy) {
-      const int64_t first = row_order ? (oy * images + image) * out_w : image * pixels() + oy * out_w;
+      const int64_t first =
+          row_order ? (oy * images + image) * out_w : image * pixels() + oy * out_w;
       for (int64_t ox = 0; ox < out_w; ++ox) visit(oy * out_w + ox, first + ox);
     }
   }
