@@ -25,7 +25,8 @@ Lowerings (all exact rewrites of `lax.conv_general_dilated`, forward and backwar
 - 'direct': Kiln's compiled CPU kernel (models/cpu_kernels.py): per thread, tiles of
   whole images whose patches (live taps only) are gathered into a cache-sized buffer and
   multiplied with Eigen GEMMs; input gradients scatter the patch gradients back. The
-  im2col arithmetic without the patch matrix ever leaving the core's cache. Float32 1-D
+  im2col arithmetic without the patch matrix ever leaving the core's cache, and without
+  the padding rows of taps at a small map's top and bottom edges. Float32 1-D
   and 2-D ungrouped convs, on CPU when the kernels build.
 
 Each pass of a conv (forward, input gradient, kernel gradient) may take a different
