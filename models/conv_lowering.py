@@ -330,9 +330,9 @@ def input_grad(name: str, kernel, g, spec: ConvSpec, precision=None):
   dense: g @ W^T; native: XLA's transposed convolution)."""
   _check(name, spec)
   if name == 'direct':
-    x_shape, k_shape, _, strides, padding, dilation = _as_2d(spec)
+    x_shape, k_shape, out_shape, strides, padding, dilation = _as_2d(spec)
     return cpu_kernels.conv2d_input_grad(
-        g.astype(jnp.float32).reshape(_as_2d(spec)[2]), kernel.reshape(k_shape), x_shape,
+        g.astype(jnp.float32).reshape(out_shape), kernel.reshape(k_shape), x_shape,
         strides, padding, dilation).reshape(spec.input_shape)
   x = jnp.zeros(spec.input_shape, g.dtype)  # Only its shape is read: the map is linear.
   _, vjp = jax.vjp(lambda x: _FORWARD[name](x, kernel, spec, precision).astype(g.dtype), x)
@@ -515,9 +515,9 @@ def measure(spec: ConvSpec, names: Sequence[str] | None = None, repeats: int = 5
             ) -> dict[str, dict[str, float]]:
   """{pass: {lowering: seconds}} for each pass of `spec` and each lowering: the best of
   `repeats` back-to-back runs (of several calls each where one call is short), as the
-  matmul peak in monitor.hardware is measured (warm
-  caches; run interleaved, each candidate found the others' buffers in the cache, which
-  cost the 0.1 ms passes of 1x1 convs up to a quarter of their speed). Load from other
+  matmul peak in monitor.hardware is measured (warm caches; run interleaved, each
+  candidate found the others' buffers in the cache, which cost the 0.1 ms passes of 1x1
+  convs up to a quarter of their speed). Load from other
   processes only ever slows a run, so the best run is the closest to a lowering's own
   speed and medians on a shared machine pick noise.
 

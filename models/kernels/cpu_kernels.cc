@@ -416,9 +416,6 @@ struct ConvDims {
   int64_t live_taps_w() const { return kx1 - kx0; }
   int64_t patch_width() const { return (ky1 - ky0) * (kx1 - kx0) * channels; }
   int64_t out_pixels() const { return out_h * out_w; }
-  bool all_taps_live() const {
-    return ky0 == 0 && kx0 == 0 && ky1 == kernel_h && kx1 == kernel_w;
-  }
   // A 1x1 conv with stride 1 and no padding reads its input as the patch matrix itself.
   bool input_is_patches() const {
     return kernel_h == 1 && kernel_w == 1 && stride_h == 1 && stride_w == 1 &&
@@ -465,19 +462,18 @@ ffi::Error MakeConvDims(const ffi::AnyBuffer::Dimensions& input,
   return ffi::Error::Success();
 }
 
-// Calls segment(patch column, input offset, values) for every run of consecutive patch
-// values of output pixel (image, oy, ox) that read real input; patch values that read
-// padding are in no segment. With dilation 1 the live kx taps of one row ky read one
-// contiguous run of input.
+// Calls segment(patch column, input offset within the image, values) for every run of
+// consecutive patch values of output pixel (oy, ox) that read real input; patch values
+// that read padding are in no segment. With dilation 1 the live kx taps of one row ky read
+// one contiguous run of input.
 template <typename Segment>
-void ForEachSegment(const ConvDims& d, int64_t image, int64_t oy, int64_t ox,
-                    Segment&& segment) {
+void ForEachSegment(const ConvDims& d, int64_t oy, int64_t ox, Segment&& segment) {
   const int64_t C = d.channels, taps_w = d.live_taps_w();
   for (int64_t ky = d.ky0; ky < d.ky1; ++ky) {
     const int64_t iy = oy * d.stride_h - d.pad_top + ky * d.dilation_h;
     if (iy < 0 || iy >= d.height) continue;
     const int64_t column = (ky - d.ky0) * taps_w * C;
-    const int64_t row_at = ((image * d.height + iy) * d.width) * C;
+    const int64_t row_at = iy * d.width * C;
     const int64_t ix_first = ox * d.stride_w - d.pad_left;
     if (d.dilation_w == 1) {
       const int64_t lo = std::max(d.kx0, -ix_first);
@@ -579,6 +575,16 @@ void Reorder(const ConvDims& d, const float* from, float* to, int64_t images, in
     }
 }
 
+// A tile's output gradient `g` (image order) in the order of its patch rows: `g` itself,
+// or its copy in output-row order in `scratch` when the tile's rows are reordered.
+const float* TileOutGrad(const ConvDims& d, bool reordered, const float* g, int64_t images,
+                         RowMatrix* scratch) {
+  if (!reordered) return g;
+  scratch->resize(images * d.out_pixels(), d.features);
+  Reorder(d, g, scratch->data(), images, d.features, /*to_row_order=*/true);
+  return scratch->data();
+}
+
 // Short runs (a patch row is a few runs of KW * C floats) with AVX-512 masked tails: plain
 // loops spent ~120 cycles per 147-float stem patch row in their scalar tails.
 inline void CopyFloats(const float* from, float* to, int64_t n) {
@@ -645,7 +651,7 @@ struct PatchMap {
         for (int64_t ox = 0; ox < d.out_w; ++ox) {
           row_start.push_back(int64_t(runs.size()));
           span.push_back({block.column, block.column + block.width});
-          ForEachSegment(d, 0, oy, ox, [&](int64_t column, int64_t at, int64_t n) {
+          ForEachSegment(d, oy, ox, [&](int64_t column, int64_t at, int64_t n) {
             runs.push_back({column, at, n});
           });
         }
@@ -779,7 +785,7 @@ const float* AllPatches(const ConvDims& d, const ConvSplit& split, const PatchMa
   auto gather = [&](int64_t tile, int64_t) {
     const int64_t image0 = split.first(tile);
     map.Gather(x, image0, split.count(tile, d.batch),
-                  buffer->data() + image0 * d.out_pixels() * d.patch_width());
+               buffer->data() + image0 * d.out_pixels() * d.patch_width());
   };
   ForEachItem(pool, split.tiles, split.threads, gather);
   return buffer->data();
@@ -900,12 +906,8 @@ ffi::Error ConvInputGrad(ffi::Buffer<ffi::F32> out_grad, ffi::Buffer<ffi::F32> k
           ConstView(g, rows, O, Eigen::OuterStride<>(O)) * W.transpose();
       return;
     }
-    if (split.reordered(images)) {
-      reordered[thread].resize(rows, O);
-      Reorder(d, g, reordered[thread].data(), images, O, /*to_row_order=*/true);
-      g = reordered[thread].data();
-    }
-    ConstView G(g, rows, O, Eigen::OuterStride<>(O));
+    ConstView G(TileOutGrad(d, split.reordered(images), g, images, &reordered[thread]), rows,
+                O, Eigen::OuterStride<>(O));
     RowMatrix& patch_grads = scratch[thread];
     patch_grads.resize(rows, K);
     for (const RowClass& c : split.classes) {  // Scatter reads each class's tap rows only.
@@ -997,12 +999,8 @@ ffi::Error ConvKernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> out_gra
                        ConstView(g, rows, O, Eigen::OuterStride<>(O));
       return;
     }
-    if (split.reordered(images)) {
-      reordered[thread].resize(rows, O);
-      Reorder(d, g, reordered[thread].data(), images, O, /*to_row_order=*/true);
-      g = reordered[thread].data();
-    }
-    ConstView G(g, rows, O, Eigen::OuterStride<>(O));
+    ConstView G(TileOutGrad(d, split.reordered(images), g, images, &reordered[thread]), rows,
+                O, Eigen::OuterStride<>(O));
     RowMatrix& patches = scratch[thread];
     patches.resize(rows, K);
     map.Gather(x.typed_data(), image0, images, patches.data());
@@ -1025,28 +1023,20 @@ ffi::Error ConvKernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> out_gra
   return ffi::Error::Success();
 }
 
+// Every conv pass: two float32 operands, one result, the geometry, XLA's intra-op pool.
+auto ConvBinding() {
+  return ffi::Ffi::Bind()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Attr<ffi::Span<const int64_t>>("geometry")
+      .Ctx<ffi::ThreadPool>();
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KilnConvForward, ConvForward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("geometry")
-                                  .Ctx<ffi::ThreadPool>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KilnConvForward, ConvForward, ConvBinding());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KilnConvInputGrad, ConvInputGrad,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("geometry")
-                                  .Ctx<ffi::ThreadPool>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KilnConvInputGrad, ConvInputGrad, ConvBinding());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KilnConvKernelGrad, ConvKernelGrad,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("geometry")
-                                  .Ctx<ffi::ThreadPool>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KilnConvKernelGrad, ConvKernelGrad, ConvBinding());
