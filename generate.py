@@ -11,14 +11,18 @@ greedily; --top_k and --top_p (nucleus) filter the distribution before sampling.
 import functools
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from core import host_memory  # First: before JAX or TF start threads.
 
-import jax
-import numpy as np
+host_memory.configure()
 
-from core import experiment, sampling, trained
-from core.errors import KilnError
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from core import experiment, sampling, trained  # noqa: E402
+from core.errors import KilnError  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory holding checkpoints/.')
 _PROMPT = flags.DEFINE_string('prompt', '\n', 'Text to continue.')

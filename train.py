@@ -12,20 +12,24 @@ import os
 import sys
 import time
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from core import host_memory  # First: before JAX or TF start threads.
 
-import jax
-from clu import metric_writers, periodic_actions
+host_memory.configure()
 
-from core import experiment, pretrained
-from core.checkpoint import Checkpointer
-from core.early_stopping import EarlyStopping
-from core.errors import KilnError
-from core.io import write_json_atomic
-from monitor import hardware
-from monitor.utilization import UtilizationMeter
-from parallel.placement import DevicePrefetcher
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+import jax  # noqa: E402
+from clu import metric_writers, periodic_actions  # noqa: E402
+
+from core import experiment, pretrained  # noqa: E402
+from core.checkpoint import Checkpointer  # noqa: E402
+from core.early_stopping import EarlyStopping  # noqa: E402
+from core.errors import KilnError  # noqa: E402
+from core.io import write_json_atomic  # noqa: E402
+from monitor import hardware  # noqa: E402
+from monitor.utilization import UtilizationMeter  # noqa: E402
+from parallel.placement import DevicePrefetcher  # noqa: E402
 
 def initialize_distributed(distributed_config) -> None:
   """Joins a multi-process job; JAX detects unset values on TPU pods and SLURM/GPU clusters."""

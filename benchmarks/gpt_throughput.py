@@ -40,6 +40,10 @@ import types
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
+from core import host_memory  # noqa: E402  (first: before JAX or TF start threads)
+
+host_memory.configure()
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402

@@ -20,6 +20,10 @@ import time
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
+from core import host_memory  # noqa: E402  (first: before JAX or TF start threads)
+
+host_memory.configure()
+
 import jax  # noqa: E402
 
 from core import experiment  # noqa: E402

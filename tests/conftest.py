@@ -1,6 +1,11 @@
-"""Shared test set-up: 8 fake CPU devices, set before JAX is imported."""
+"""Shared test set-up, before JAX is imported: 8 fake CPU devices, and host memory kept for
+reuse as train.py keeps it (core.host_memory)."""
 
 import os
+
+from core import host_memory
+
+host_memory.configure()
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
