@@ -54,12 +54,14 @@ CASES = [
     ((64, 3, 4, 4), (3, 3), 6, (1, 1), ((3, 1), (1, 1)), (1, 1), 1),
     # Few input channels and outputs in whole 16-float vectors take the direct kernel's
     # implicit GEMM: 6-pixel tiles (64 outputs: a remainder of 4), 64-feature blocks (80: a
-    # remainder of 16), 6-tap blocks (147, 75, 9 taps), dilation, and an input that VALID
-    # windows do not reach to the end of (10 wide, windows read 9).
+    # remainder of 16), 6-tap blocks (147, 75, 9 taps), dilation, an input that VALID
+    # windows do not reach to the end of (10 wide, windows read 9), and images of more
+    # pixels than one kernel-gradient sweep takes.
     ((3, 16, 16, 3), (7, 7), 64, (2, 2), ((3, 3), (3, 3)), (1, 1), 1),  # ResNet stem
     ((2, 10, 10, 3), (5, 5), 80, (2, 2), 'VALID', (1, 1), 1),
     ((2, 11, 9, 1), (3, 3), 48, (1, 1), 'SAME', (2, 2), 1),
     ((2, 40, 2), (5,), 32, (2,), 'SAME', (1,), 1),
+    ((1, 33, 33, 1), (3, 3), 16, (1, 1), 'SAME', (1, 1), 1),  # 1,089 pixels: 2 gradient sweeps
 ]
 
 

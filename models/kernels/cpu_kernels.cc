@@ -804,6 +804,8 @@ const float* AllPatches(const ConvDims& d, const ConvSplit& split, const PatchMa
 #if defined(__AVX512F__)
 constexpr int64_t kNarrowChannels = 4;
 constexpr int kPixelsPerTile = 6, kVectorsPerTile = 4, kTapsPerTile = 6;
+// Output pixels per kernel-gradient sweep: 1,024 x 64 features of gradient is 256 KB.
+constexpr int64_t kPixelChunk = 1024;
 
 bool NarrowInput(const ConvDims& d) {
   return d.channels <= kNarrowChannels && d.features % 16 == 0 && !d.input_is_patches();
@@ -967,11 +969,15 @@ void NarrowKernelGrad(const ConvDims& d, const float* x, const float* out_grad,
     pad.Load(d, x + image * image_size);
     float* sum = thread ? sums[thread - 1].data() : kernel_grad;
     const float* g = out_grad + image * P * O;
-    for (int64_t o0 = 0; o0 < O; o0 += 16 * kVectorsPerTile)
-      for (int64_t k = 0; k < taps; k += kTapsPerTile)
-        WithSizes<KernelGradTile>(std::min<int64_t>(kTapsPerTile, taps - k), (O - o0) / 16,
-                                  pad.windows.data(), P, pad.offsets.data() + k, g + o0, O,
-                                  sum + k * O + o0);
+    // Every tap block sweeps the chunk's output gradients again: chunks keep them in L2.
+    for (int64_t p0 = 0; p0 < P; p0 += kPixelChunk) {
+      const int64_t pixels = std::min(kPixelChunk, P - p0);
+      for (int64_t o0 = 0; o0 < O; o0 += 16 * kVectorsPerTile)
+        for (int64_t k = 0; k < taps; k += kTapsPerTile)
+          WithSizes<KernelGradTile>(std::min<int64_t>(kTapsPerTile, taps - k), (O - o0) / 16,
+                                    pad.windows.data() + p0, pixels, pad.offsets.data() + k,
+                                    g + p0 * O + o0, O, sum + k * O + o0);
+    }
   };
   ForEachItem(pool, d.batch, threads, work);
   for (const std::vector<float>& partial : sums)
