@@ -1,11 +1,11 @@
-"""Shared test set-up, before JAX is imported: 8 fake CPU devices, and host memory kept for
-reuse as train.py keeps it (core.host_memory)."""
+"""Shared test set-up, before JAX is imported: 8 fake CPU devices, and glibc's own malloc
+settings for this process and the scripts it starts (core.host_memory's one arena slows
+XLA's multi-threaded compiles, which are most of the suite's time: two speech tests 36 s on
+glibc's defaults vs 47 s kept; tests/test_host_memory.py covers keeping)."""
 
 import os
 
-from core import host_memory
-
-host_memory.configure()
+os.environ.setdefault('KILN_HOST_MALLOC', 'system')
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
