@@ -7,7 +7,7 @@ mmap switched off). So every training step faulted its temporaries in again, pag
 page: the ResNet-18 32x32 batch-128 step maps and frees one 111 MB block per step, 88,000
 page faults and ~200 ms of kernel time per step, more than its ~160 ms of compute
 (resource.getrusage around 10 steps; strace shows the mmap/munmap pair). With freed
-memory kept in one heap the same step faults no pages after warm-up: 540-680 -> 1,390-1,575
+memory kept in one heap the same step faults no pages after warm-up: 540-680 -> 1,300-1,575
 images/s on 2 cores, peak RSS 1.34 -> 1.40 GB.
 
 The price: the process keeps its peak heap until it exits (memory freed late in a run is
@@ -17,9 +17,10 @@ gpt_throughput.py, glibc's defaults vs kept, same hour: MNIST CNN 1,301 -> 1,643
 images/s, detector 648 -> 881-895, RNN-T Conformer 104 -> 152-153 utterances/s, BiLSTM CTC
 228 -> 260-268; the digits CNN within noise; the GPT CPU config (23-30 ms steps of many
 small allocations, 4x the context switches: threads waiting on the arena's lock, with or
-without Kiln's kernels) 25,000-32,000 -> 23,000-28,000 tokens/s. Per-thread arenas kept
-the GPT config's speed but map blocks over 64 MB anyway (the ResNet step: 29,000 faults
-per step, ~1,150 images/s). On GPU and TPU hosts the big buffers live on the device, so
+without Kiln's kernels) 25,000-32,000 -> 23,000-28,000 tokens/s; XLA's multi-threaded
+compiles wait too (two speech tests 36 -> 47 s, so tests/conftest.py keeps glibc's
+defaults for the compile-bound suite). Per-thread arenas kept the GPT config's speed but
+map blocks over 64 MB anyway (the ResNet step: 29,000 faults per step, ~1,150 images/s). On GPU and TPU hosts the big buffers live on the device, so
 'auto' keeps memory only where no accelerator plugin for JAX is installed.
 
 Scripts call `configure()` before anything starts threads (before importing JAX,
