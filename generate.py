@@ -11,7 +11,7 @@ greedily; --top_k and --top_p (nucleus) filter the distribution before sampling.
 import functools
 import sys
 
-from core import host_memory  # First: before JAX or TF start threads.
+from backends.cpu import host_memory  # First: before JAX or TF start threads.
 
 host_memory.configure()
 
@@ -21,7 +21,8 @@ from ml_collections import config_flags  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from core import experiment, sampling, trained  # noqa: E402
+from loop import experiment, trained  # noqa: E402
+from models import sampling  # noqa: E402
 from core.errors import KilnError  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory holding checkpoints/.')

@@ -7,209 +7,18 @@
 """
 
 import functools
-import json
-import os
 import sys
-import time
 
-from core import host_memory  # First: before JAX or TF start threads.
+from backends.cpu import host_memory  # First: before JAX or TF start threads.
 
 host_memory.configure()
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-import jax  # noqa: E402
-from clu import metric_writers, periodic_actions  # noqa: E402
-
-from core import experiment, pretrained  # noqa: E402
-from core.checkpoint import Checkpointer  # noqa: E402
-from core.early_stopping import EarlyStopping  # noqa: E402
 from core.errors import KilnError  # noqa: E402
-from core.io import write_json_atomic  # noqa: E402
-from monitor import hardware  # noqa: E402
-from monitor.utilization import UtilizationMeter  # noqa: E402
-from parallel.placement import DevicePrefetcher  # noqa: E402
-
-def initialize_distributed(distributed_config) -> None:
-  """Joins a multi-process job; JAX detects unset values on TPU pods and SLURM/GPU clusters."""
-  if not distributed_config.initialize:
-    return
-  # CPU processes need gloo for cross-process collectives; GPUs and TPUs ignore this.
-  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  kwargs = {}
-  if distributed_config.coordinator_address:
-    kwargs['coordinator_address'] = distributed_config.coordinator_address
-  if distributed_config.num_processes >= 0:
-    kwargs['num_processes'] = distributed_config.num_processes
-  if distributed_config.process_id >= 0:
-    kwargs['process_id'] = distributed_config.process_id
-  jax.distributed.initialize(**kwargs)
-
-
-def _evaluate(eval_step, state, exp) -> dict[str, float]:
-  return {k: float(v) for k, v in exp.evaluate(eval_step, state).compute().items()}
-
-
-def write_train_log(writer, schedule, step: int, train_metrics, optimizer_scalars) -> None:
-  """Train metrics averaged since the last log, plus the optimizer's view of step `step`."""
-  scalars = {f'train_{k}': v for k, v in train_metrics.compute().items()}
-  scalars.update({k: float(v) for k, v in optimizer_scalars.items()})
-  scalars['learning_rate'] = float(schedule(step - 1))  # The rate step `step` applied.
-  writer.write_scalars(step, scalars)
-
-
-def _start_from_pretrained(exp, state, shardings, checkpoint_dir: str):
-  """The fresh state with every parameter another run's checkpoint has (e.g. a pre-trained
-  encoder) copied in; the rest (e.g. a new head) keeps its initialization."""
-  host = exp.strategy.checkpoint_view(state)
-  # Only replaced leaves are read from disk; kept ones stay as they are (on every host).
-  # The EMA gets its own copy so that no two state leaves share a donated buffer.
-  host = host.replace(
-      params=pretrained.load_pretrained(host.params, checkpoint_dir),
-      ema_params=None if host.ema_params is None else pretrained.load_pretrained(
-          host.ema_params, checkpoint_dir))
-  if exp.strategy.name == 'pmap':
-    return exp.strategy.distribute(host, shardings)
-  return pretrained.place(host, shardings)
-
-
-def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) -> dict:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
-
-  `stop_at_step` ends this call early (with a checkpoint) as a preemption would;
-  calling again continues exactly where it stopped. Returns the run summary.
-  """
-  started = time.perf_counter()
-  exp = experiment.build_experiment(config)  # Rejects bad input before anything is written.
-  if config.init.checkpoint_dir:
-    pretrained.newest_step(config.init.checkpoint_dir)  # A bad path fails before any write.
-  task, schedule, num_steps = exp.task, exp.schedule, exp.num_steps
-  early_stopping = EarlyStopping(config.early_stopping.metric, config.early_stopping.mode,
-                                 config.early_stopping.patience)
-
-  os.makedirs(workdir, exist_ok=True)
-  if config.compilation_cache_dir:
-    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.compilation_cache_dir))
-  is_chief = jax.process_index() == 0
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
-  writer.write_hparams(config.to_dict())
-
-  state, shardings = exp.create_state()
-  checkpointer = Checkpointer(workdir, config.keep_checkpoints)
-  start_step, stopped_early = 0, False
-  if checkpointer.latest_step() is not None:
-    try:
-      restored, loop_state = checkpointer.restore(
-          checkpointer.latest_step(), exp.strategy.checkpoint_view(state),
-          exp.strategy.restore_shardings(shardings))
-    except KilnError:
-      checkpointer.close()  # An open manager's background threads would outlive the exit.
-      raise
-    state = exp.strategy.distribute(restored, shardings)
-    early_stopping.load_json(loop_state['early_stopping'])
-    stopped_early = loop_state['stopped_early']
-    start_step = exp.strategy.step_of(state)
-    logging.info('Resumed from step %d in %s', start_step, workdir)
-  elif config.init.checkpoint_dir:
-    state = _start_from_pretrained(exp, state, shardings, config.init.checkpoint_dir)
-
-  train_step, eval_step = exp.train_step(shardings), exp.eval_step(shardings)
-  report_progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
-  peak_flops, peak_source = hardware.peak_flops_per_device()
-  logging.info('Peak FLOP/s per device: %s (%s)', peak_flops, peak_source)
-  meter = UtilizationMeter(exp.train_step_flops(), config.batch_size, jax.device_count(),
-                           peak_flops)
-  profiler = periodic_actions.Profile(
-      logdir=workdir, first_profile=config.profile.first_step,
-      num_profile_steps=config.profile.num_steps, profile_duration_ms=None, every_steps=None,
-      every_secs=None) if config.profile.num_steps and is_chief else None
-
-  last_step = min(num_steps, stop_at_step) if stop_at_step is not None else num_steps
-  train_batches = DevicePrefetcher(task.train_batches(exp.host_batch, start_step), exp.strategy.place,
-                                   config.dataset.prefetch_batches)
-  eval_metrics: dict[str, float] = {}
-  train_metrics, pending_log = None, None
-  eval_seconds, steps_run, compile_seconds = 0.0, 0, None
-  loop_started = time.perf_counter()
-  step = start_step
-  while step < last_step and not stopped_early:
-    batch = next(train_batches)
-    step_started = time.perf_counter()
-    state, batch_metrics, optimizer_scalars = train_step(state, batch)
-    step += 1
-    steps_run += 1
-    if steps_run == 1:  # Compiles; timed alone so that it stays out of the throughput.
-      jax.block_until_ready(state)
-      compile_seconds = time.perf_counter() - step_started
-      meter.start(step, train_batches.wait_seconds)
-    train_metrics = batch_metrics if train_metrics is None else train_metrics.merge(batch_metrics)
-    # Written one step late, so fetching them never stalls the step just dispatched.
-    if pending_log is not None:
-      write_train_log(writer, schedule, *pending_log)
-      writer.write_scalars(pending_log[0], meter.record(pending_log[0], train_batches.wait_seconds))
-      pending_log = None
-    if step % config.log_every_steps == 0:
-      pending_log, train_metrics = (step, train_metrics, optimizer_scalars), None
-    report_progress(step)
-    if profiler is not None:
-      profiler(step)
-
-    final = step == num_steps
-    if step % config.eval_every_steps == 0 or final:
-      eval_started = time.perf_counter()
-      eval_metrics = _evaluate(eval_step, state, exp)
-      eval_seconds += time.perf_counter() - eval_started
-      meter.start(step, train_batches.wait_seconds)  # Eval time is not step time.
-      writer.write_scalars(step, {f'eval_{k}': v for k, v in eval_metrics.items()})
-      stopped_early = early_stopping.update(eval_metrics)
-      if stopped_early:
-        logging.info('Early stopping at step %d: %s has not improved for %d evals',
-                     step, config.early_stopping.metric, config.early_stopping.patience)
-    if step % config.checkpoint_every_steps == 0 or final or stopped_early or step == last_step:
-      checkpointer.save(step, exp.strategy.checkpoint_view(state),
-                        {'early_stopping': early_stopping.to_json(), 'stopped_early': stopped_early})
-  train_seconds = time.perf_counter() - loop_started - eval_seconds
-  train_batches.close()
-  if pending_log is not None:
-    write_train_log(writer, schedule, *pending_log)
-    writer.write_scalars(pending_log[0], meter.record(pending_log[0], train_batches.wait_seconds))
-  # The executable is cached: lowering again only looks it up (pmap has no lower()).
-  compiled = (train_step.lower(state, batch).compile()
-              if steps_run and hasattr(train_step, 'lower') else None)
-  memory = hardware.device_memory(compiled)
-
-  if not eval_metrics:  # Resumed a finished run, or stopped before any eval.
-    eval_metrics = _evaluate(eval_step, state, exp)
-  checkpointer.close()
-  writer.flush()
-  summary = {
-      'final_eval': eval_metrics,
-      'steps': exp.strategy.step_of(state),
-      'num_train_steps': num_steps,
-      'stopped_early': bool(stopped_early),
-      'best_eval': {config.early_stopping.metric: early_stopping.best},
-      'wall_time_s': time.perf_counter() - started,
-      'train_time_s': train_seconds,
-      'num_devices': jax.device_count(),
-      'num_processes': jax.process_count(),
-      'compile_time_s': compile_seconds,
-      'peak_memory_bytes': memory['peak_bytes'],
-      'peak_memory_source': memory['source'],
-      'peak_flops_per_device': peak_flops,
-      'train_step_flops': meter.flops_per_step,
-      **meter.medians(),  # step_time_s, examples_per_sec, tflops_per_device, mfu, input wait.
-  }
-  if summary['examples_per_sec'] is None and steps_run:  # Too short for a timed interval.
-    summary['examples_per_sec'] = steps_run * config.batch_size / train_seconds
-  summary_path = os.path.join(workdir, 'summary.json')
-  if is_chief:
-    if not steps_run and os.path.exists(summary_path):  # Nothing trained: keep its figures.
-      with open(summary_path) as f:
-        summary = {**json.load(f), 'final_eval': eval_metrics, 'steps': summary['steps']}
-    write_json_atomic(summary_path, summary)
-  logging.info('Final eval at step %d: %s', summary['steps'], eval_metrics)
-  return summary
+from loop.training import train_and_evaluate  # noqa: E402,F401 (offered to notebooks, tests)
+from parallel import distributed  # noqa: E402
 
 
 class _QuietLibraries:
@@ -230,7 +39,7 @@ def main(argv, config_flag, workdir_flag):
     config.to_dict()  # A config file that failed to load raises only when first used.
   except OSError as e:  # The config file itself could not be loaded.
     sys.exit(f"error: {' '.join(str(e).split())}: pass an existing file to --config")
-  initialize_distributed(config.distributed)
+  distributed.initialize(config.distributed)
   try:
     train_and_evaluate(config, workdir_flag.value)
   except KilnError as e:

@@ -14,7 +14,7 @@ that rate as a share of the fp32 matmul peak measured in every round of this sam
 shown is the one the model uses; 'measure' plans come from their first (cached) timing,
 so on a busy machine they may lose to native in this run's timings.
 Whole step: ResNet-18 with the ImageNet stem on `--image`-square RGB images (CIFAR-10's
-shape, served by tfds.testing.mock_data) built through core.experiment like any run,
+shape, served by tfds.testing.mock_data) built through loop.experiment like any run,
 timed as `--steps` train steps on device-resident batches after `--warmup`, median.
 The 'native' row is every conv on lax.conv_general_dilated (KILN_CONV_LOWERING=native);
 the 'chosen' row is what a user gets (the rule table by default, or KILN_CONV_LOWERING's
@@ -30,7 +30,7 @@ import time
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from core import host_memory  # noqa: E402  (first: before JAX or TF start threads)
+from backends.cpu import host_memory  # noqa: E402  (first: before JAX or TF start threads)
 
 host_memory.configure()
 
@@ -40,9 +40,9 @@ import tensorflow_datasets as tfds  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from configs import base  # noqa: E402
-from core import experiment  # noqa: E402
+from loop import experiment  # noqa: E402
 from core.errors import KilnError  # noqa: E402
-from models import conv_lowering  # noqa: E402
+from backends.cpu import conv_lowering  # noqa: E402
 from models.resnet import ResNet18  # noqa: E402
 from monitor import flops, hardware  # noqa: E402
 

@@ -7,7 +7,7 @@
 Shapes are the project's configs: 'baby' is configs/gpt_shakespeare_char.py (6 layers,
 6 heads, width 384, context 256) at batch 16; 'cpu' is configs/gpt_shakespeare_char_cpu.py
 (4 layers, 4 heads, width 128, context 64, batch 12, no dropout). Vocabulary 65
-(Shakespeare characters). The step is the real one: core.steps.train_step_fn with the
+(Shakespeare characters). The step is the real one: loop.steps.train_step_fn with the
 config's update rule (clipping + AdamW with decoupled decay, schedule) and the causal LM
 task's loss, jitted with the state donated. Only the data is a stand-in: a fixed batch of
 random tokens, already on the device, so input time is excluded.
@@ -40,7 +40,7 @@ import types
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from core import host_memory  # noqa: E402  (first: before JAX or TF start threads)
+from backends.cpu import host_memory  # noqa: E402  (first: before JAX or TF start threads)
 
 host_memory.configure()
 
@@ -49,9 +49,9 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from configs import gpt_shakespeare_char, gpt_shakespeare_char_cpu  # noqa: E402
-from core import steps  # noqa: E402
-from core.state import ModelTemplate, init_state  # noqa: E402
-from models import cpu_kernels  # noqa: E402
+from loop import steps  # noqa: E402
+from loop.state import ModelTemplate, init_state  # noqa: E402
+from backends.cpu import kernels as cpu_kernels  # noqa: E402
 from models.registry import create_model  # noqa: E402
 from monitor import flops, hardware  # noqa: E402
 from optim.chain import build_transform  # noqa: E402

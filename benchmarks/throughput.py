@@ -20,13 +20,13 @@ import time
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from core import host_memory  # noqa: E402  (first: before JAX or TF start threads)
+from backends.cpu import host_memory  # noqa: E402  (first: before JAX or TF start threads)
 
 host_memory.configure()
 
 import jax  # noqa: E402
 
-from core import experiment  # noqa: E402
+from loop import experiment  # noqa: E402
 from core.errors import KilnError  # noqa: E402
 from monitor import flops, hardware  # noqa: E402
 from parallel.placement import DevicePrefetcher  # noqa: E402

@@ -177,5 +177,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.detection.nms_iou = 0.5  # Decoding: per-class NMS drops boxes overlapping a better one above this.
   c.detection.max_detections = 20  # Decoding: detections kept per image after NMS.
 
+  c.backend = ml_collections.ConfigDict()
+  # Kiln's compiled CPU kernels (attention, dropout bits, convolutions; backends/cpu/): 'auto'
+  # uses them on a CPU backend when they build, 'xla' never (plain XLA), 'cpu' always.
+  c.backend.cpu_kernels = 'auto'
+
   c.compilation_cache_dir = '~/.cache/kiln/jax'  # Persistent XLA compilation cache; '' disables it.
   return c

@@ -1,1 +1,1 @@
-"""What the training loop is made of: state, steps, checkpoints, user-facing errors."""
+"""The ground floor: the error type, atomic file writes, tree paths, logical axis names, host facts."""

@@ -8,7 +8,7 @@ from flax import nnx
 
 from models import layers
 from models.conv import Conv
-from parallel.sharding import constrain
+from core.logical_axes import constrain
 
 
 class ConvBlock(nnx.Module):

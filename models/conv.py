@@ -12,7 +12,7 @@ import jax
 from flax import nnx
 
 from core.errors import KilnError
-from models import conv_lowering
+from backends.cpu import conv_lowering
 
 
 def convolve(inputs: jax.Array, kernel: jax.Array, window_strides, padding, *,

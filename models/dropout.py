@@ -9,7 +9,7 @@ probability, so the layer stays exactly unbiased. The bits are threefry's, so ma
 not depend on how the array is sharded (with `jax_threefry_partitionable`).
 
 With kernels='auto' or 'cpu' (the Transformers' config.model.kernels) the words come from
-models.cpu_kernels.random_bits (Philox in AVX-512) on a CPU backend instead: baby GPT's
+backends.cpu.kernels.random_bits (Philox in AVX-512) on a CPU backend instead: baby GPT's
 13 masks per micro-batch cost ~35 ms of a ~1.1 s step from Threefry.
 """
 
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models import cpu_kernels
+from backends.cpu import kernels as cpu_kernels
 
 _LEVELS = 1 << 16
 
@@ -26,7 +26,7 @@ class Dropout(nnx.Module):
   """Inverted dropout: zeroes each element with probability `rate`, scales the rest."""
 
   def __init__(self, rate: float, kernels: str = 'xla'):
-    """`kernels`: where the random words come from (models.cpu_kernels.MODES)."""
+    """`kernels`: where the random words come from (backends.cpu.kernels.MODES)."""
     if not 0.0 <= rate < 1.0:
       raise ValueError(f'dropout rate={rate} must lie in [0, 1)')
     cpu_kernels.check_mode(kernels)

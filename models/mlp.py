@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from parallel.sharding import constrain
+from core.logical_axes import constrain
 
 
 class MLP(nnx.Module):

@@ -22,7 +22,7 @@ from flax import nnx
 from core.errors import KilnError
 from models import layers
 from models.conv import Conv
-from parallel.sharding import constrain
+from core.logical_axes import constrain
 
 BLOCKS = ('basic', 'bottleneck')
 STEMS = ('imagenet', 'cifar')

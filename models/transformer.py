@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models import cpu_kernels
+from backends.cpu import kernels as cpu_kernels
 from models.dropout import Dropout
-from parallel.sharding import constrain
+from core.logical_axes import constrain
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # Names of jax.checkpoint_policies offered for scanned layers ('none' keeps everything).

@@ -16,6 +16,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from core.errors import KilnError
+from core.host import cache_dir, cpu_model_name
 from core.io import write_json_atomic
 
 # (name, bf16 dense TFLOP/s per device, lower-case substrings of jax's device_kind).
@@ -41,23 +42,6 @@ def table_peak_flops(device_kind: str) -> tuple[float, str] | None:
     if any(pattern in kind for pattern in patterns):
       return tflops * 1e12, name
   return None
-
-
-def cache_dir() -> str:
-  """$KILN_CACHE_DIR, else ~/.cache/kiln."""
-  return os.environ.get('KILN_CACHE_DIR') or os.path.join(os.path.expanduser('~'), '.cache',
-                                                          'kiln')
-
-
-def cpu_model_name() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.lower().startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine() or 'unknown cpu'
 
 
 def measure_cpu_matmul_flops(size: int = 2048, repeats: int = 8) -> float:

@@ -7,17 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from core.errors import KilnError
-
-
-def path_string(path) -> str:
-  """'stages/0/1/norm/scale' for a pytree key path; the form the exclusion regex sees."""
-  parts = []
-  for key in path:
-    for attr in ('key', 'idx', 'name'):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-  return '/'.join(parts)
+from core.paths import path_string
 
 
 def included_mask(params, exclude_regex: str):

@@ -1,27 +1,19 @@
 """Logical axis names -> mesh axes: parameter, optimizer-state and activation shardings.
 
-Models name the dimensions of their parameters (`kernel_metadata={'logical_axes': ...}`)
-and activations (`constrain(x, names)`); the config's rules table maps each logical
-name to mesh axes. Nothing here knows which model it shards.
+The names themselves and the activation constraint live in core/logical_axes.py; here
+the config's rules table is parsed and whole trees of state get their specs. Nothing here knows which model it shards.
 """
 
-import contextlib
-import contextvars
 import math
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 from core.errors import KilnError
-
-Rules = dict[str, tuple[str, ...]]
-LOGICAL_AXES_KEY = 'logical_axes'
-
-_ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
-    'kiln_sharding', default=None)
+from core.logical_axes import LOGICAL_AXES_KEY, Rules, logical_to_spec
 
 
 def parse_rules(rules: Sequence[Sequence], mesh: Mesh) -> Rules:
@@ -41,27 +33,6 @@ def parse_rules(rules: Sequence[Sequence], mesh: Mesh) -> Rules:
   from parallel.mesh import BATCH_AXES  # The batch split is fixed by the input placement.
   parsed['batch'] = BATCH_AXES
   return parsed
-
-
-def logical_to_spec(logical_axes: Sequence[str | None] | None, shape: Sequence[int],
-                    mesh: Mesh, rules: Rules) -> P:
-  """The PartitionSpec for one array. A dimension whose size the mesh axes do not divide,
-  or whose mesh axes an earlier dimension already uses, stays unsharded."""
-  if logical_axes is None:
-    return P()
-  # Leading dims a transform added (e.g. the layer axis of scanned blocks) stay unsharded.
-  logical_axes = (None,) * (len(shape) - len(logical_axes)) + tuple(logical_axes)
-  used, spec = set(), []
-  for name, size in zip(logical_axes, shape):
-    axes = tuple(a for a in rules.get(name, ()) if mesh.shape[a] > 1) if name else ()
-    if axes and not used & set(axes) and size % math.prod(mesh.shape[a] for a in axes) == 0:
-      used |= set(axes)
-      spec.append(axes[0] if len(axes) == 1 else axes)
-    else:
-      spec.append(None)
-  while spec and spec[-1] is None:
-    spec.pop()
-  return P(*spec)
 
 
 def variable_logical_axes(abstract_state: nnx.State) -> dict:
@@ -106,29 +77,3 @@ def replicated_fraction(values: dict, specs: dict) -> float:
     if not any(axis is not None for axis in spec):
       replicated += nbytes
   return replicated / total if total else 0.0
-
-
-@contextlib.contextmanager
-def activate(mesh: Mesh, rules: Rules):
-  """Makes `constrain` effective while a step is traced."""
-  token = _ACTIVE.set((mesh, rules))
-  try:
-    yield
-  finally:
-    _ACTIVE.reset(token)
-
-
-def active() -> tuple[Mesh, Rules] | None:
-  """The (mesh, rules) of the enclosing `activate`, or None."""
-  return _ACTIVE.get()
-
-
-def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-  """Pins an activation's layout by logical names; a no-op outside `activate` (eager
-  use, pmap, notebooks)."""
-  active = _ACTIVE.get()
-  if active is None:
-    return x
-  mesh, rules = active
-  return jax.lax.with_sharding_constraint(
-      x, NamedSharding(mesh, logical_to_spec(logical_axes, x.shape, mesh, rules)))

@@ -8,9 +8,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from core import logical_axes
 from core.errors import KilnError
+from core.logical_axes import Rules
 from parallel import mesh as mesh_lib
-from parallel import sharding
+
 from parallel.placement import to_global
 
 STRATEGIES = ('jit', 'pmap')
@@ -62,7 +64,7 @@ class JitStrategy:
   name = 'jit'
   norm_axis_name = None  # XLA already computes BatchNorm statistics over the global batch.
 
-  def __init__(self, mesh: Mesh, rules: sharding.Rules):
+  def __init__(self, mesh: Mesh, rules: Rules):
     self.mesh, self.rules = mesh, rules
     self.batch_sharding = mesh_lib.batch_sharding(mesh)
 
@@ -81,7 +83,7 @@ class JitStrategy:
 
   def _with_rules(self, step_fn):
     def traced(*args):
-      with sharding.activate(self.mesh, self.rules):
+      with logical_axes.activate(self.mesh, self.rules):
         return step_fn(*args)
     return traced
 
@@ -158,7 +160,7 @@ class PmapStrategy:
     return jax.tree.map(lambda _: single, state_shardings)
 
 
-def create_strategy(name: str, mesh: Mesh, rules: sharding.Rules):
+def create_strategy(name: str, mesh: Mesh, rules: Rules):
   if name == 'jit':
     return JitStrategy(mesh, rules)
   if name == 'pmap':

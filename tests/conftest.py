@@ -1,5 +1,5 @@
 """Shared test set-up, before JAX is imported: 8 fake CPU devices, and glibc's own malloc
-settings for this process and the scripts it starts (core.host_memory's one arena slows
+settings for this process and the scripts it starts (backends.cpu.host_memory's one arena slows
 XLA's multi-threaded compiles, which are most of the suite's time: two speech tests 36 s on
 glibc's defaults vs 47 s kept; tests/test_host_memory.py covers keeping)."""
 

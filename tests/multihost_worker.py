@@ -11,6 +11,7 @@ os.environ['JAX_PLATFORMS'] = 'cpu'
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train  # noqa: E402
+from parallel import distributed  # noqa: E402
 from tests.tiny import multihost_config  # noqa: E402
 
 
@@ -20,7 +21,7 @@ def main(process_id: str, num_processes: str, port: str, workdir: str, stop_at_s
   config.distributed.coordinator_address = f'localhost:{port}'
   config.distributed.num_processes = int(num_processes)
   config.distributed.process_id = int(process_id)
-  train.initialize_distributed(config.distributed)
+  distributed.initialize(config.distributed)
   train.train_and_evaluate(config, workdir, stop_at_step=int(stop_at_step) if stop_at_step else None)
 
 

@@ -2,7 +2,7 @@
 
 import jax
 
-from core.experiment import build_experiment
+from loop.experiment import build_experiment
 
 
 def host_batches(exp, count):

@@ -13,7 +13,9 @@ from flax import nnx
 from jax import lax
 
 from core.errors import KilnError
-from models import conv_lowering, cpu_kernels, layers
+from backends.cpu import conv_lowering
+from backends.cpu import kernels as cpu_kernels
+from models import layers
 from models.conv import Conv
 
 # (input shape N,*spatial,C; kernel spatial; C_out; strides; padding; dilation; groups)

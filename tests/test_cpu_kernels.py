@@ -1,4 +1,4 @@
-"""models.cpu_kernels: the compiled attention kernel against XLA's formulation, its dropout,
+"""backends.cpu.kernels: the compiled attention kernel against XLA's formulation, its dropout,
 its sharding, and the Philox words behind the Transformer's dropout masks."""
 
 import jax
@@ -9,8 +9,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from core.errors import KilnError
-from models import cpu_kernels
+from backends.cpu import kernels as cpu_kernels
 from models.transformer import causal_attend
+from core import logical_axes
 from parallel import sharding
 
 
@@ -99,7 +100,7 @@ def test_sharded_attention_equals_one_device_masks_included(devices):
   def loss(q, k, v):
     return (cpu_kernels.causal_attention(q, k, v, dropout_rate=0.25, key=key) * g).sum()
   expected, expected_grads = jax.value_and_grad(loss, (0, 1, 2))(q, k, v)
-  with sharding.activate(mesh, rules):
+  with logical_axes.activate(mesh, rules):
     sharded, sharded_grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(q, k, v)
   np.testing.assert_allclose(sharded, expected, rtol=1e-5)
   for ours, reference in zip(sharded_grads, expected_grads):

@@ -9,7 +9,7 @@ from flax import nnx
 
 from configs import yolo_mnist_canvas
 from core.errors import KilnError
-from core.experiment import build_experiment
+from loop.experiment import build_experiment
 from input_pipeline import canvas, sources
 from models import create_model
 from models.detector import YOLO

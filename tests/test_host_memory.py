@@ -1,4 +1,4 @@
-"""core.host_memory: a process that keeps freed memory stops page-faulting XLA's buffers."""
+"""backends.cpu.host_memory: a process that keeps freed memory stops page-faulting XLA's buffers."""
 
 import os
 import platform
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from core import host_memory
+from backends.cpu import host_memory
 from core.errors import KilnError
 from tests.tiny import REPO
 
@@ -18,7 +18,7 @@ from tests.tiny import REPO
 # glibc's defaults every call faults, and warm-up ends at its 60-call cap.
 FAULTS_OVER_20_CALLS = '''
 import resource
-from core import host_memory
+from backends.cpu import host_memory
 kept = host_memory.keep_freed_memory()
 import jax, jax.numpy as jnp
 double = jax.jit(lambda x: x * 2)

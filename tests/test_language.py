@@ -10,7 +10,7 @@ import pytest
 import generate
 import train
 from core.errors import KilnError
-from core.experiment import build_experiment
+from loop.experiment import build_experiment
 from input_pipeline import text
 from tasks.language import MASK_FRACTION
 from tests.tiny import tiny_bert_config, tiny_config, tiny_gpt_config

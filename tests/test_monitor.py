@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from configs import default, mnist_cnn
-from core import experiment
+from loop import experiment
 from core.errors import KilnError
 from models import create_model
 from monitor import flops, hardware

@@ -74,7 +74,7 @@ def test_run_log_reads_back_what_a_run_writes(tmp_path):
 
 
 def test_load_model_without_a_checkpoint_says_where_to_train(tmp_path):
-  from core import trained
+  from loop import trained
   from core.errors import KilnError
   from tests.tiny import tiny_config
 

@@ -9,7 +9,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from core.errors import KilnError
-from core.experiment import build_experiment
+from loop.experiment import build_experiment
+from core import logical_axes
 from parallel import sharding
 from parallel.mesh import make_mesh
 from tests.tiny import REPO, tiny_config, tiny_gpt_config
@@ -76,10 +77,10 @@ def test_dropout_is_layout_invariant_under_jit(devices):
 def test_rules_resolve_by_divisibility(devices):
   mesh = make_mesh(_config(data=2, fsdp=2, tensor=2).mesh, devices)
   rules = sharding.parse_rules((('embed', 'fsdp'), ('mlp', 'tensor')), mesh)
-  assert sharding.logical_to_spec(('embed', 'mlp'), (64, 32), mesh, rules) == P('fsdp', 'tensor')
-  assert sharding.logical_to_spec(('embed', 'mlp'), (63, 32), mesh, rules) == P(None, 'tensor')
-  assert sharding.logical_to_spec(('embed', 'embed'), (64, 64), mesh, rules) == P('fsdp')
-  assert sharding.logical_to_spec(('batch', None), (8, 3), mesh, rules) == P(('data', 'fsdp'))
+  assert logical_axes.logical_to_spec(('embed', 'mlp'), (64, 32), mesh, rules) == P('fsdp', 'tensor')
+  assert logical_axes.logical_to_spec(('embed', 'mlp'), (63, 32), mesh, rules) == P(None, 'tensor')
+  assert logical_axes.logical_to_spec(('embed', 'embed'), (64, 64), mesh, rules) == P('fsdp')
+  assert logical_axes.logical_to_spec(('batch', None), (8, 3), mesh, rules) == P(('data', 'fsdp'))
   with pytest.raises(KilnError, match='mesh axes'):
     sharding.parse_rules((('embed', 'model'),), mesh)
 

@@ -175,7 +175,7 @@ def test_rnnt_conformer_loss_falls(tmp_path, connected_config):
 
 
 def test_bad_speech_input_gives_one_line_errors(tmp_path):
-  from core import experiment
+  from loop import experiment
   c = speech_digits.get_config()
   c.dataset.data_dir = str(tmp_path)
   with pytest.raises(KilnError, match='no FSDD recordings'):

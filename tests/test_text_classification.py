@@ -10,12 +10,12 @@ import tensorflow_datasets as tfds
 
 import train
 from configs import bert_mlm_shakespeare
-from core import pretrained
-from core.checkpoint import Checkpointer
+from loop import pretrained
+from loop.checkpoint import Checkpointer
 from core.errors import KilnError
-from core.experiment import build_experiment
+from loop.experiment import build_experiment
 from input_pipeline import batching, labeled_text, text
-from optim.regularization import path_string
+from core.paths import path_string
 from tasks import create_task
 from tests.tiny import tiny_bert_classify_config, tiny_bert_config
 
@@ -225,7 +225,7 @@ def test_pmap_and_ema_start_from_the_checkpoint(mlm_workdir, devices):
   exp = build_experiment(config, devices)
   state, shardings = exp.create_state()
   head = np.asarray(state.params['classifier']['kernel'])
-  state = train._start_from_pretrained(exp, state, shardings, mlm_workdir)
+  state = training._start_from_pretrained(exp, state, shardings, mlm_workdir)
   qkv = pretrained.read_params(mlm_workdir)[1]['encoder']['blocks']['1']['attn']['qkv']
   for params in (state.params, state.ema_params):  # One copy per device.
     np.testing.assert_array_equal(np.asarray(params['encoder']['blocks'][1]['attn']['qkv']),
@@ -237,7 +237,7 @@ def test_fine_tuned_classifier_learns_the_speakers(mlm_workdir, classifier):
   exp, state, shardings, init = classifier
   source = pretrained.read_params(mlm_workdir)[1]
   assert not np.array_equal(init['encoder']['token_embed'], source['encoder']['token_embed'])
-  state = train._start_from_pretrained(exp, state, shardings, mlm_workdir)
+  state = training._start_from_pretrained(exp, state, shardings, mlm_workdir)
   tuned, source, init = (_by_path(tree) for tree in (jax.device_get(state.params), source, init))
   assert sorted(source) == sorted(k for k in tuned if not k.startswith('classifier/'))
   for path, value in tuned.items():

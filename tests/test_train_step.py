@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from core.experiment import build_experiment
+from loop.experiment import build_experiment
 from optim import regularization
 from tests.tiny import tiny_config
 from tests.stepping import host_batches, run_steps
@@ -24,7 +24,7 @@ def _mlp_config():
 
 
 def _by_path(tree) -> dict[str, np.ndarray]:
-  return {regularization.path_string(path): np.asarray(leaf)
+  return {path_string(path): np.asarray(leaf)
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 

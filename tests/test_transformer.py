@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from core import sampling
+from models import sampling
 from core.errors import KilnError
 from models.transformer import BERT, GPT
 from monitor import flops

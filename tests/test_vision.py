@@ -13,8 +13,8 @@ from jax.sharding import NamedSharding
 
 from configs import resnet18_cifar10, resnet50_imagenet
 from core.errors import KilnError
-from core.experiment import build_experiment
-from core.state import init_state, state_specs
+from loop.experiment import build_experiment
+from loop.state import init_state, state_specs
 from input_pipeline import augment
 from models import create_model
 from models.resnet import Block, ResNet, ResNet18, ResNet34, ResNet50

@@ -6,8 +6,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from core.errors import KilnError
-from core.state import TrainState
-from optim.regularization import path_string
+from loop.state import TrainState
+from core.paths import path_string
 
 
 class Checkpointer:

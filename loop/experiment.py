@@ -10,9 +10,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from core import steps
+from loop import steps
 from core.errors import KilnError
-from core.state import ModelTemplate, create_sharded_state
+from core.logical_axes import Rules
+from loop.state import ModelTemplate, create_sharded_state
 from monitor import flops
 from optim import build_schedule
 from optim.chain import build_transform
@@ -46,7 +47,7 @@ class Experiment:
   num_steps: int
   host_batch: int
   host_eval_batch: int
-  rules: sharding.Rules  # Logical axis name -> mesh axes.
+  rules: Rules  # Logical axis name -> mesh axes.
   strategy: JitStrategy | PmapStrategy
 
   @property

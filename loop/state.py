@@ -14,6 +14,7 @@ from flax import nnx, struct
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from core.logical_axes import Rules
 from parallel import sharding
 
 
@@ -62,7 +63,7 @@ def init_state(template: ModelTemplate, tx: optax.GradientTransformation, seed: 
 
 
 def state_specs(abstract_state: TrainState, template: ModelTemplate, mesh: Mesh,
-                rules: sharding.Rules) -> TrainState:
+                rules: Rules) -> TrainState:
   """PartitionSpecs for every state leaf: parameters (and their EMA and optimizer
   moments) by their logical axes, everything else replicated."""
   param_axes, state_axes = template.logical_axes()
@@ -76,7 +77,7 @@ def state_specs(abstract_state: TrainState, template: ModelTemplate, mesh: Mesh,
 
 
 def create_sharded_state(template: ModelTemplate, tx: optax.GradientTransformation, seed: int,
-                         mesh: Mesh, rules: sharding.Rules, use_ema: bool = False
+                         mesh: Mesh, rules: Rules, use_ema: bool = False
                          ) -> tuple[TrainState, TrainState]:
   """Returns the state, built on the devices in its final layout, and its shardings."""
   def init():

@@ -16,7 +16,7 @@
 The library is compiled from source on first use with the C++ compiler on PATH (`$CXX`,
 else g++), against the XLA FFI headers that ship with jaxlib and the Eigen headers that
 ship with TensorFlow (a Kiln dependency), for this CPU (-march=native), and cached in
-`monitor.hardware.cache_dir()` under a name hashing the source, flags and versions.
+`core.host.cache_dir()` under a name hashing the source, flags and versions.
 `enabled(mode)` decides per config.model.kernels: 'auto' uses them on a CPU backend when
 they build, 'xla' never, 'cpu' always (one-line KilnError when they cannot be built).
 
@@ -40,10 +40,9 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from core.errors import KilnError
-from monitor import hardware
-from parallel import sharding
+from core import host, logical_axes
 
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'kernels', 'cpu_kernels.cc')
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'cpu_kernels.cc')
 _FLAGS = ('-O3', '-march=native', '-DNDEBUG', '-fPIC', '-shared', '-std=c++17', '-pthread')
 _TARGETS = {'forward': 'KilnCausalAttentionForward', 'backward': 'KilnCausalAttentionBackward',
             'bits': 'KilnPhiloxBits', 'conv_forward': 'KilnConvForward',
@@ -78,13 +77,13 @@ def _build() -> str:
     source = f.read()
   digest = hashlib.sha256(b'\0'.join([
       source, ' '.join(_FLAGS).encode(), compiler.encode(), jax.__version__.encode(),
-      hardware.cpu_model_name().encode()])).hexdigest()[:16]
-  path = os.path.join(hardware.cache_dir(), f'cpu_kernels-{digest}.so')
+      host.cpu_model_name().encode()])).hexdigest()[:16]
+  path = os.path.join(host.cache_dir(), f'cpu_kernels-{digest}.so')
   if os.path.exists(path):
     return path
-  os.makedirs(hardware.cache_dir(), exist_ok=True)
+  os.makedirs(host.cache_dir(), exist_ok=True)
   # Another process may build the same library: compile to a temp name, then rename.
-  fd, temp = tempfile.mkstemp(suffix='.so', dir=hardware.cache_dir())
+  fd, temp = tempfile.mkstemp(suffix='.so', dir=host.cache_dir())
   os.close(fd)
   command = [compiler, *_FLAGS, '-isystem', jax.ffi.include_dir(), '-isystem', eigen, _SOURCE,
              '-o', temp]
@@ -218,7 +217,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, dropout_rate: 
   1/sqrt(H)), with dropout at `dropout_rate` on the attention weights when `key` is given.
   Computes in float32 and returns q's dtype.
 
-  Inside `parallel.sharding.activate` with a multi-device mesh the kernel runs on each
+  Inside `core.logical_axes.activate` with a multi-device mesh the kernel runs on each
   device's [batch, heads] shard (shard_map by the 'batch' and 'heads' rules), and its
   dropout masks are the same as on one device."""
   _register()
@@ -230,12 +229,12 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, dropout_rate: 
           else jax.random.bits(key, (2,), jnp.uint32))
   dtype, heads = q.dtype, q.shape[2]
   q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-  active = sharding.active()
+  active = logical_axes.active()
   if active is None or active[0].size == 1:
     shard = jnp.array([0, 0, heads], jnp.int32)
     return _attention(q, k, v, seed, shard, threshold).astype(dtype)
   mesh, rules = active
-  spec = sharding.logical_to_spec(('batch', None, 'heads', None), q.shape, mesh, rules)
+  spec = logical_axes.logical_to_spec(('batch', None, 'heads', None), q.shape, mesh, rules)
   batch_axes, _, head_axes, _ = (*spec, None, None, None, None)[:4]  # P drops trailing Nones.
 
   def local(q, k, v, seed):

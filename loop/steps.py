@@ -9,7 +9,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from core.errors import KilnError
-from core.state import ModelTemplate, TrainState
+from loop.state import ModelTemplate, TrainState
 from optim import regularization
 from parallel import mesh as mesh_lib
 from tasks.base import Task

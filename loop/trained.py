@@ -3,8 +3,8 @@
 from absl import logging
 from flax import nnx
 
-from core import experiment as experiment_lib
-from core.checkpoint import Checkpointer
+from loop import experiment as experiment_lib
+from loop.checkpoint import Checkpointer
 from core.errors import KilnError
 
 

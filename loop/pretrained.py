@@ -13,9 +13,9 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from core.errors import KilnError
-from optim.regularization import path_string
+from core.paths import path_string
 
-CHECKPOINTS_FOLDER = 'checkpoints'  # As core.checkpoint.Checkpointer lays out a workdir.
+CHECKPOINTS_FOLDER = 'checkpoints'  # As loop.checkpoint.Checkpointer lays out a workdir.
 STATE_ITEM, LOOP_ITEM = 'state', 'loop'  # Its items: the train state, loop bookkeeping.
 
 
@@ -26,7 +26,7 @@ def _open(checkpoint_dir: str) -> ocp.CheckpointManager:
   if os.path.isdir(os.path.join(folder, CHECKPOINTS_FOLDER)):
     folder = os.path.join(folder, CHECKPOINTS_FOLDER)
   if os.path.isdir(folder):
-    # Handlers for both items that core.checkpoint.Checkpointer writes, so Orbax reads quietly.
+    # Handlers for both items that loop.checkpoint.Checkpointer writes, so Orbax reads quietly.
     manager = ocp.CheckpointManager(folder, item_handlers={
         STATE_ITEM: ocp.PyTreeCheckpointHandler(), LOOP_ITEM: ocp.JsonCheckpointHandler()})
     if manager.latest_step() is not None:

@@ -37,7 +37,7 @@ forward on 8x8 maps and slow for the same conv's kernel gradient.
 accelerators always take 'native'. On one CPU device it takes a rule table (`rule`)
 by default; with KILN_CONV_LOWERING=measure every candidate is instead timed per pass
 (best of a few interleaved runs), the fastest per pass wins, and the plan is cached on
-disk next to the measured matmul peak (monitor.hardware.cache_dir()). With several
+disk next to the measured matmul peak (core.host.cache_dir()). With several
 CPU devices (the tests' fake devices), whose per-device shards no single-device rule
 or timing represents, convs stay native unless a mode is set. KILN_CONV_LOWERING also
 takes 'rules', or a lowering's name to force on every conv (e.g. 'native' to compare).
@@ -59,10 +59,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from core import host
 from core.errors import KilnError
 from core.io import write_json_atomic
-from models import cpu_kernels
-from monitor import hardware
+from backends.cpu import kernels as cpu_kernels
 
 LOWERINGS = ('native', 'im2col', 'shifted', 'dense', 'direct')
 CACHE_FILE = 'conv_lowerings.json'
@@ -504,11 +504,11 @@ def mode() -> str:
 
 
 def _cache_path() -> str:
-  return os.path.join(hardware.cache_dir(), CACHE_FILE)
+  return os.path.join(host.cache_dir(), CACHE_FILE)
 
 
 def _machine_key() -> str:
-  return f'{hardware.cpu_model_name()} | {os.cpu_count()} cores | jax {jax.__version__}'
+  return f'{host.cpu_model_name()} | {os.cpu_count()} cores | jax {jax.__version__}'
 
 
 def measure(spec: ConvSpec, names: Sequence[str] | None = None, repeats: int = 5,

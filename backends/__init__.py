@@ -1,0 +1,1 @@
+"""Everything that exists only to make a backend fast; models reach it through an ops interface."""

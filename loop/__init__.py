@@ -1,0 +1,1 @@
+"""The training loop: experiment, state, jitted steps, checkpoints, early stopping, the run."""
