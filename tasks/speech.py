@@ -22,6 +22,7 @@ from tasks import decoding
 from tasks.base import Batch, Task
 from tasks.ctc import ctc_loss, frame_mask
 from tasks.rnnt_loss import rnnt_loss
+from tasks.spec_augment import spec_augment
 
 SPACE_ID = audio.CHARS.index(' ') + 1
 
@@ -121,10 +122,10 @@ class SpeechTask(Task):
     a = self.config.audio
     if not (a.freq_masks or a.time_masks):
       return batch['features']
-    return audio.spec_augment(rngs.dropout(), batch['features'], batch['frames'],
-                              freq_masks=a.freq_masks, freq_width=a.freq_width,
-                              time_masks=a.time_masks, time_width=a.time_width,
-                              time_width_fraction=a.time_width_fraction)
+    return spec_augment(rngs.dropout(), batch['features'], batch['frames'],
+                        freq_masks=a.freq_masks, freq_width=a.freq_width,
+                        time_masks=a.time_masks, time_width=a.time_width,
+                        time_width_fraction=a.time_width_fraction)
 
   def _speaker(self, batch):
     return batch.get('speaker', jnp.full(batch['frames'].shape, -1, jnp.int32))

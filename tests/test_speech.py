@@ -12,6 +12,7 @@ import tensorflow as tf
 from configs import speech_ctc_lstm, speech_digits, speech_rnnt_conformer
 from core.errors import KilnError
 from input_pipeline import audio
+from tasks.spec_augment import spec_augment
 from train import train_and_evaluate
 
 
@@ -79,7 +80,7 @@ def test_log_mel_matches_numpy_reference_and_is_normalized(recordings):
 def test_spec_augment_masks_within_bounds():
   features = jnp.ones((64, 100, 40))
   frames = jnp.arange(64) + 30
-  out = np.asarray(audio.spec_augment(jax.random.key(0), features, frames, freq_masks=2,
+  out = np.asarray(spec_augment(jax.random.key(0), features, frames, freq_masks=2,
                                       freq_width=8, time_masks=2, time_width=20,
                                       time_width_fraction=0.2))
   assert set(np.unique(out)) <= {0.0, 1.0}
@@ -91,7 +92,7 @@ def test_spec_augment_masks_within_bounds():
     masked_frames = np.flatnonzero((rows == 0).all(1))
     assert len(masked_frames) <= min(40, 2 * 0.2 * int(frames[b]))
     assert (masked_frames < int(frames[b])).all()  # Never masks padding only.
-  again = audio.spec_augment(jax.random.key(0), features, frames, freq_masks=2, freq_width=8,
+  again = spec_augment(jax.random.key(0), features, frames, freq_masks=2, freq_width=8,
                              time_masks=2, time_width=20, time_width_fraction=0.2)
   np.testing.assert_array_equal(out, again)
 
