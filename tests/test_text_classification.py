@@ -10,7 +10,7 @@ import tensorflow_datasets as tfds
 
 import train
 from configs import bert_mlm_shakespeare
-from loop import pretrained
+from loop import pretrained, training
 from loop.checkpoint import Checkpointer
 from core.errors import KilnError
 from loop.experiment import build_experiment

@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 
+from core.paths import path_string
 from loop.experiment import build_experiment
 from optim import regularization
 from tests.tiny import tiny_config
