@@ -1,10 +1,10 @@
 """A small BERT trained with masked-language modelling on tiny Shakespeare characters."""
 
-from configs import base
+from configs import language
 
 
 def get_config():
-  c = base.get_base_config()
+  c = language.get_language_config()
   c.task = 'masked_lm'
   c.dataset.name = 'tiny_shakespeare'
   c.dataset.tokenizer = 'char'
@@ -27,7 +27,7 @@ def get_config():
   c.num_train_steps = 2000
   c.optimizer.name = 'adamw'
   c.optimizer.learning_rate = 1e-3
-  c.optimizer.b2 = 0.99
+  c.optimizer.adam.b2 = 0.99
   c.schedule.name = 'cosine'
   c.schedule.warmup_steps = 100
   c.schedule.end_learning_rate_fraction = 0.1

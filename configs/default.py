@@ -3,11 +3,11 @@
 Runs offline in well under a minute on 2 CPU cores; `make train` uses it.
 """
 
-from configs import base
+from configs import vision
 
 
 def get_config():
-  c = base.get_base_config()
+  c = vision.get_vision_config()
   c.dataset.name = 'digits'
   c.model.features = (32, 64)  # Channels of each conv stage (conv-BN-ReLU x2, then 2x2 max-pool).
   c.model.dense_features = 128  # Width of the hidden dense layer before the classifier.

@@ -3,11 +3,11 @@ shakespeare_char): 6 layers, 6 heads, width 384, context 256, dropout 0.2,
 AdamW at 1e-3 with cosine decay to 1e-4 over 5000 steps after 100 of warmup.
 """
 
-from configs import base
+from configs import language
 
 
 def get_config():
-  c = base.get_base_config()
+  c = language.get_language_config()
   c.task = 'causal_lm'
   c.dataset.name = 'tiny_shakespeare'
   c.dataset.tokenizer = 'char'
@@ -34,7 +34,7 @@ def get_config():
   c.num_train_steps = 5000
   c.optimizer.name = 'adamw'
   c.optimizer.learning_rate = 1e-3
-  c.optimizer.b2 = 0.99
+  c.optimizer.adam.b2 = 0.99
   c.schedule.name = 'cosine'
   c.schedule.warmup_steps = 100
   c.schedule.end_learning_rate_fraction = 0.1  # Cosine ends at 1e-4.

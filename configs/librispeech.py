@@ -7,11 +7,11 @@ An accelerator is expected: on a CPU one epoch of train_clean100 takes days."""
 
 import ml_collections
 
-from configs import base
+from configs import speech
 
 
 def get_config():
-  c = base.get_base_config()
+  c = speech.get_speech_config()
   c.task = 'speech_rnnt'
   c.dataset.name = 'tfds:librispeech'
   c.dataset.train_split = 'train_clean100'
@@ -48,7 +48,7 @@ def get_config():
   c.num_epochs = 100.0
   c.optimizer.name = 'adamw'
   c.optimizer.learning_rate = 1e-3
-  c.optimizer.b2 = 0.98
+  c.optimizer.adam.b2 = 0.98
   c.regularization.weight_decay = 1e-3
   c.gradient.clip_global_norm = 1.0
   c.schedule.name = 'rsqrt'

@@ -3,11 +3,11 @@
 A user with internet trains on the full dataset with --config.dataset.name=tfds:mnist.
 """
 
-from configs import base
+from configs import vision
 
 
 def get_config():
-  c = base.get_base_config()
+  c = vision.get_vision_config()
   c.dataset.name = 'mnist_idx'
   c.dataset.holdout_fraction = 0.15
   c.model.features = (32, 64)  # Channels of each conv stage (conv-BN-ReLU x2, then 2x2 max-pool).

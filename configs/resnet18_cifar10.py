@@ -6,11 +6,11 @@ Nesterov momentum, learning rate 0.1 with cosine decay over 200 epochs, weight d
 5e-4. Expect about 95% test accuracy; on 2 CPU cores (~100 images/s) it is a GPU job.
 """
 
-from configs import base
+from configs import vision
 
 
 def get_config():
-  c = base.get_base_config()
+  c = vision.get_vision_config()
   c.dataset.name = 'tfds:cifar10'
   c.dataset.train_split = 'train'
   c.dataset.eval_split = 'test'
@@ -26,8 +26,8 @@ def get_config():
   c.num_epochs = 200.0
   c.optimizer.name = 'sgd'
   c.optimizer.learning_rate = 0.1
-  c.optimizer.momentum = 0.9
-  c.optimizer.nesterov = True
+  c.optimizer.sgd.momentum = 0.9
+  c.optimizer.sgd.nesterov = True
   c.regularization.l2 = 2.5e-4  # PyTorch-style (coupled) weight decay 5e-4 = 2 * l2.
   c.schedule.name = 'cosine'
   c.schedule.warmup_epochs = 1.0

@@ -7,11 +7,11 @@ cores (XLA's CPU convolutions are slow): 15 epochs take ~5 minutes there and rea
 with --config.dataset.name=tfds:mnist.
 """
 
-from configs import base
+from configs import vision
 
 
 def get_config():
-  c = base.get_base_config()
+  c = vision.get_vision_config()
   c.dataset.name = 'mnist_idx'
   c.dataset.holdout_fraction = 0.15  # configs/mnist_cnn.py's split, so the two compare.
   c.model.name = 'resnet18'
@@ -22,7 +22,7 @@ def get_config():
   c.num_epochs = 15.0
   c.optimizer.name = 'sgd'
   c.optimizer.learning_rate = 0.1
-  c.optimizer.nesterov = True
+  c.optimizer.sgd.nesterov = True
   c.regularization.weight_decay = 5e-4
   c.schedule.warmup_steps = 50
   c.log_every_steps = 50

@@ -13,11 +13,11 @@ then `tfds.builder('imagenet2012').download_and_prepare()`; point
 rate together (0.1 x batch / 256).
 """
 
-from configs import base
+from configs import vision
 
 
 def get_config():
-  c = base.get_base_config()
+  c = vision.get_vision_config()
   c.dataset.name = 'tfds:imagenet2012'
   c.dataset.train_split = 'train'
   c.dataset.eval_split = 'validation'
@@ -36,8 +36,8 @@ def get_config():
   c.num_epochs = 90.0
   c.optimizer.name = 'sgd'
   c.optimizer.learning_rate = 0.4  # 0.1 x 1024 / 256.
-  c.optimizer.momentum = 0.9
-  c.optimizer.nesterov = True
+  c.optimizer.sgd.momentum = 0.9
+  c.optimizer.sgd.nesterov = True
   # PyTorch-style (coupled) weight decay 1e-4: the gradient of l2 * w^2 is 2 * l2 * w, and it
   # flows through the momentum like the reference's; BatchNorm and biases are exempt.
   c.regularization.l2 = 5e-5

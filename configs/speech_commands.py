@@ -3,11 +3,11 @@
 tfds.builder('speech_commands').download_and_prepare() with internet, or
 --config.dataset.tfds_data_dir pointing at a prepared copy."""
 
-from configs import base
+from configs import speech
 
 
 def get_config():
-  c = base.get_base_config()
+  c = speech.get_speech_config()
   c.task = 'speech_classification'
   c.dataset.name = 'tfds:speech_commands'
   c.dataset.train_split = 'train'

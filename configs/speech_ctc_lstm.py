@@ -1,11 +1,11 @@
 """Connected digits ("three one four") from FSDD, transcribed character by character by a
 bidirectional LSTM trained with CTC. Test utterances join only test recordings (index 0-4)."""
 
-from configs import base
+from configs import speech
 
 
 def get_config():
-  c = base.get_base_config()
+  c = speech.get_speech_config()
   c.task = 'speech_ctc'
   c.dataset.name = 'fsdd_connected'
   c.audio.max_frames = 280  # 2.8 s; digits that would run past it are left off an utterance.

@@ -4,11 +4,11 @@ digit are the 300 test utterances) with a small Conformer over log-mel frames.
 A 2x128 bidirectional LSTM (`--config.model.name=lstm` with its keys) reached 95.0% in
 the same time; the Conformer reaches 98%."""
 
-from configs import base
+from configs import speech
 
 
 def get_config():
-  c = base.get_base_config()
+  c = speech.get_speech_config()
   c.task = 'speech_classification'
   c.dataset.name = 'fsdd'
   c.audio.max_frames = 160  # 1.6 s: all but 2 of FSDD's 3,000 recordings fit whole.

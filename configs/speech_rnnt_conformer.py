@@ -3,11 +3,11 @@
 
 import ml_collections
 
-from configs import base
+from configs import speech
 
 
 def get_config():
-  c = base.get_base_config()
+  c = speech.get_speech_config()
   c.task = 'speech_rnnt'
   c.dataset.name = 'fsdd_connected'
   c.audio.max_frames = 280  # 2.8 s; digits that would run past it are left off an utterance.

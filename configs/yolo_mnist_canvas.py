@@ -6,11 +6,11 @@ canvases from its train part's digits, eval canvases from the 15% held-out digit
 grid (stride 8) with two anchors per cell; eval reports COCO mAP@0.5 and mAP@0.5:0.95.
 """
 
-from configs import base
+from configs import detection
 
 
 def get_config():
-  c = base.get_base_config()
+  c = detection.get_detection_config()
   c.task = 'detection'
   c.dataset.name = 'mnist_idx'  # The digits' source; the canvases are built from it.
   c.dataset.holdout_fraction = 0.15

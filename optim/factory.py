@@ -1,39 +1,89 @@
 """Turns config.optimizer / config.schedule into an Optax schedule and transformation.
 
-This file owns the config: it converts epochs to steps, rejects bad values with
-a KilnError that names the field and the fix, and maps each field to one
-argument of the builders in optim/schedules.py and optim/optimizers.py.
+This file owns those two sections of the config: the tables below map each optimizer and
+schedule name to its builder (optim/optimizers.py, optim/schedules.py) and each of its
+fields to a range; bad values become a KilnError that names the field and the fix. The
+loop's config check (loop/fields.py) reads the same tables, so a range lives in one place.
 """
 
+import dataclasses
 import itertools
-import math
 import numbers
+from collections.abc import Callable, Mapping
 
 import optax
 
+from core import fields as F
 from core.errors import KilnError
 from optim import optimizers, schedules
 
-SCHEDULES = schedules.NAMES + tuple(schedules.ALIASES)
-OPTIMIZERS = optimizers.NAMES
+_BETA = F.RATE  # Moment decays must forget: [0, 1).
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+  """How one name becomes an Optax transformation."""
+  build: Callable[..., optax.GradientTransformation]  # (schedule, **fields, weight_decay, mask)
+  section: str  # Sub-dict of config.optimizer holding its hyper-parameters (passed by keyword).
+  fields: Mapping[str, F.Constraint]  # Field -> its range or kind.
+  check: Callable[[object], None] | None = None  # Rules across fields, on the section.
+
+
+def _nesterov_needs_momentum(section) -> None:
+  if section.nesterov and not section.momentum:
+    raise KilnError('config.optimizer.sgd.nesterov=True needs momentum: set '
+                    'config.optimizer.sgd.momentum > 0 or nesterov=False')
+
+
+_ADAM = {'b1': _BETA, 'b2': _BETA, 'eps': F.NON_NEGATIVE}
+
+# adamw reads config.optimizer.adam: the same moments, with its decoupled decay coming from
+# config.regularization.weight_decay like every other optimizer's.
+OPTIMIZERS: dict[str, Optimizer] = {
+    'sgd': Optimizer(optimizers.sgd, 'sgd', {'momentum': _BETA, 'nesterov': F.FLAG},
+                     _nesterov_needs_momentum),
+    'adagrad': Optimizer(optimizers.adagrad, 'adagrad', {'eps': F.NON_NEGATIVE}),
+    'rmsprop': Optimizer(optimizers.rmsprop, 'rmsprop', {
+        'decay': _BETA, 'eps': F.NON_NEGATIVE, 'centered': F.FLAG, 'momentum': _BETA}),
+    'adam': Optimizer(optimizers.adam, 'adam', _ADAM),
+    'adamw': Optimizer(optimizers.adamw, 'adam', _ADAM),
+    'lion': Optimizer(optimizers.lion, 'lion', {'b1': F.FRACTION, 'b2': F.FRACTION}),
+    'adafactor': Optimizer(optimizers.adafactor, 'adafactor', {
+        'decay_rate': F.POSITIVE,
+        'eps': F.NON_NEGATIVE,
+        'factored': F.FLAG,
+        'min_dim_size_to_factor': F.NON_NEGATIVE_INT,
+        'clipping_threshold': F.NON_NEGATIVE,
+        'multiply_by_parameter_scale': F.FLAG,
+        'min_parameter_scale': F.NON_NEGATIVE,
+        'use_relative_step': F.FLAG}),
+}
+SECTIONS = tuple(dict.fromkeys(o.section for o in OPTIMIZERS.values()))  # adam once.
+LEARNING_RATE = F.POSITIVE  # config.optimizer.learning_rate.
+
+# config.schedule's fields and their ranges; the builder of each name is in SCHEDULES.
+SCHEDULE_FIELDS: dict[str, F.Constraint] = {
+    'name': F.Choices(schedules.NAMES + tuple(schedules.ALIASES)),
+    'warmup_steps': F.NON_NEGATIVE,
+    'warmup_epochs': F.Range(-1),  # <= 0 leaves warmup_steps in charge.
+    'end_learning_rate_fraction': F.FRACTION,
+    'boundary_steps': F.Range(0, low_open=True, each=True),
+    'boundary_epochs': F.Range(0, low_open=True, each=True),
+    'decay_factor': F.Range(0, 1, low_open=True),
+    'rsqrt_timescale_steps': F.NON_NEGATIVE,
+    'wsd_decay_fraction': F.Range(0, 1, low_open=True),
+    'wsd_decay_shape': F.Choices(schedules.WSD_SHAPES),
+}
+
+
+def _field(section, prefix: str, key: str, constraint: F.Constraint):
+  return constraint.check(f'{prefix}.{key}', section[key])
 
 
 def _number(field: str, value, low=None, high=None, low_open=False,
             high_open=False) -> float:
   """`value` if it is a finite number in the range, else a KilnError naming `field`."""
-  ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-  if ok and low is not None:
-    ok = value > low if low_open else value >= low
-  if ok and high is not None:
-    ok = value < high if high_open else value <= high
-  if not ok:
-    lo = '' if low is None else f"{'(' if low_open else '['}{low}"
-    hi = '' if high is None else f"{high}{')' if high_open else ']'}"
-    interval = (f'in {lo}, {hi}' if low is not None and high is not None
-                else f"{'>' if low_open else '>='} {low}" if low is not None
-                else f"{'<' if high_open else '<='} {high}")
-    raise KilnError(f'{field}={value!r} is out of range: set it to a number {interval}')
-  return value
+  return F.Range(low, high, low_open, high_open).check(field.removeprefix('config.'), value)
 
 
 def _steps_from(field_steps: str, steps, field_epochs: str, epochs, steps_per_epoch: int) -> int:
@@ -43,6 +93,66 @@ def _steps_from(field_steps: str, steps, field_epochs: str, epochs, steps_per_ep
   return round(_number(field_steps, steps, low=0))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Lengths:
+  """What every schedule builder is handed: rates and lengths already in steps."""
+  peak: float
+  warmup: int
+  total: int
+  end: float
+  steps_per_epoch: int
+
+
+def _exponential(c, n: _Lengths) -> optax.Schedule:
+  if n.end <= 0:
+    raise KilnError('the exponential schedule decays geometrically to end_learning_rate_fraction '
+                    '* peak, which cannot be 0: set config.schedule.end_learning_rate_fraction '
+                    '> 0 (e.g. 0.01)')
+  return schedules.exponential(n.peak, n.warmup, n.total, n.end)
+
+
+def _step(c, n: _Lengths) -> optax.Schedule:
+  factor = _field(c, 'schedule', 'decay_factor', SCHEDULE_FIELDS['decay_factor'])
+  return schedules.step(n.peak, n.warmup, _boundaries(c, n.steps_per_epoch, n.warmup), factor)
+
+
+def _rsqrt(c, n: _Lengths) -> optax.Schedule:
+  timescale = round(_field(c, 'schedule', 'rsqrt_timescale_steps',
+                           SCHEDULE_FIELDS['rsqrt_timescale_steps'])) or n.warmup
+  if timescale <= 0:
+    raise KilnError('the rsqrt schedule needs a timescale: set '
+                    'config.schedule.rsqrt_timescale_steps > 0 or a warmup')
+  return schedules.rsqrt(n.peak, n.warmup, timescale)
+
+
+def _wsd(c, n: _Lengths) -> optax.Schedule:
+  fraction = _field(c, 'schedule', 'wsd_decay_fraction', SCHEDULE_FIELDS['wsd_decay_fraction'])
+  shape = c.wsd_decay_shape
+  if shape not in schedules.WSD_SHAPES:
+    raise KilnError(f"unknown wsd decay shape '{shape}': set config.schedule.wsd_decay_shape to "
+                    f"one of {', '.join(schedules.WSD_SHAPES)}")
+  decay_steps = max(round(fraction * n.total), 1)
+  if n.total - decay_steps < n.warmup:
+    raise KilnError(f'the wsd decay (last {decay_steps} of {n.total} steps) overlaps the '
+                    f'{n.warmup}-step warmup: lower config.schedule.wsd_decay_fraction or the '
+                    'warmup')
+  return schedules.wsd(n.peak, n.warmup, n.total, decay_steps, n.end, shape)
+
+
+# Schedule name -> builder of (config.schedule, lengths).
+SCHEDULE_BUILDERS: dict[str, Callable[..., optax.Schedule]] = {
+    'constant': lambda c, n: schedules.constant(n.peak, n.warmup),
+    'cosine': lambda c, n: schedules.cosine(n.peak, n.warmup, n.total, n.end),
+    'linear': lambda c, n: schedules.linear(n.peak, n.warmup, n.total, n.end),
+    'exponential': _exponential,
+    'step': _step,
+    'rsqrt': _rsqrt,
+    'wsd': _wsd,
+}
+assert set(SCHEDULE_BUILDERS) == set(schedules.NAMES)
+SCHEDULES = schedules.NAMES + tuple(schedules.ALIASES)
+
+
 def build_schedule(schedule_config, learning_rate: float, total_steps: int,
                    steps_per_epoch: int) -> optax.Schedule:
   """The learning rate at each step (from 0) of a run `total_steps` long."""
@@ -50,7 +160,7 @@ def build_schedule(schedule_config, learning_rate: float, total_steps: int,
   if name not in schedules.NAMES:
     raise KilnError(f"unknown schedule '{schedule_config.name}': set config.schedule.name to one "
                     f"of {', '.join(SCHEDULES)}")
-  peak = _number('config.optimizer.learning_rate', learning_rate, low=0, low_open=True)
+  peak = LEARNING_RATE.check('optimizer.learning_rate', learning_rate)
   if not isinstance(total_steps, numbers.Integral) or total_steps < 1:
     raise KilnError(f'the run has {total_steps} training steps: set config.num_train_steps or '
                     'config.num_epochs so that it has at least 1')
@@ -62,45 +172,10 @@ def build_schedule(schedule_config, learning_rate: float, total_steps: int,
                        steps_per_epoch)
   # A config's warmup may outlast a shortened run (tests, smoke runs); leave it one decay step.
   warmup = min(warmup, max(total_steps - 1, 0))
-  end = peak * _number('config.schedule.end_learning_rate_fraction',
-                       schedule_config.end_learning_rate_fraction, low=0, high=1)
-
-  if name == 'constant':
-    return schedules.constant(peak, warmup)
-  if name == 'cosine':
-    return schedules.cosine(peak, warmup, total_steps, end)
-  if name == 'linear':
-    return schedules.linear(peak, warmup, total_steps, end)
-  if name == 'exponential':
-    if end <= 0:
-      raise KilnError('the exponential schedule decays geometrically to end_learning_rate_fraction '
-                      '* peak, which cannot be 0: set config.schedule.end_learning_rate_fraction '
-                      '> 0 (e.g. 0.01)')
-    return schedules.exponential(peak, warmup, total_steps, end)
-  if name == 'step':
-    return schedules.step(peak, warmup, _boundaries(schedule_config, steps_per_epoch, warmup),
-                          _number('config.schedule.decay_factor', schedule_config.decay_factor,
-                                  low=0, high=1, low_open=True))
-  if name == 'rsqrt':
-    timescale = round(_number('config.schedule.rsqrt_timescale_steps',
-                              schedule_config.rsqrt_timescale_steps, low=0))
-    timescale = timescale or warmup
-    if timescale <= 0:
-      raise KilnError('the rsqrt schedule needs a timescale: set '
-                      'config.schedule.rsqrt_timescale_steps > 0 or a warmup')
-    return schedules.rsqrt(peak, warmup, timescale)
-  # wsd
-  fraction = _number('config.schedule.wsd_decay_fraction', schedule_config.wsd_decay_fraction,
-                     low=0, high=1, low_open=True)
-  shape = schedule_config.wsd_decay_shape
-  if shape not in schedules.WSD_SHAPES:
-    raise KilnError(f"unknown wsd decay shape '{shape}': set config.schedule.wsd_decay_shape to "
-                    f"one of {', '.join(schedules.WSD_SHAPES)}")
-  decay_steps = max(round(fraction * total_steps), 1)
-  if total_steps - decay_steps < warmup:
-    raise KilnError(f'the wsd decay (last {decay_steps} of {total_steps} steps) overlaps the '
-                    f'{warmup}-step warmup: lower config.schedule.wsd_decay_fraction or the warmup')
-  return schedules.wsd(peak, warmup, total_steps, decay_steps, end, shape)
+  end = peak * _field(schedule_config, 'schedule', 'end_learning_rate_fraction',
+                      SCHEDULE_FIELDS['end_learning_rate_fraction'])
+  return SCHEDULE_BUILDERS[name](schedule_config,
+                                 _Lengths(peak, warmup, total_steps, end, steps_per_epoch))
 
 
 def _boundaries(schedule_config, steps_per_epoch: int, warmup: int) -> tuple[int, ...]:
@@ -124,53 +199,25 @@ def _boundaries(schedule_config, steps_per_epoch: int, warmup: int) -> tuple[int
 
 def build_optimizer(optimizer_config, schedule: optax.Schedule, weight_decay: float = 0.0,
                     weight_decay_mask=None) -> optax.GradientTransformation:
-  """The optimizer named by config.optimizer.name, stepping with `schedule`.
+  """The optimizer named by config.optimizer.name, stepping with `schedule`, its
+  hyper-parameters read from config.optimizer.<its section>.
 
   `weight_decay` is decoupled (w -= lr_t * weight_decay * w) and applies where
   `weight_decay_mask` (a pytree of bools or a function params -> such a pytree,
   as in Optax; None means everywhere) is True.
   """
   name = optimizer_config.name
-  if name not in optimizers.NAMES:
+  if name not in OPTIMIZERS:
     raise KilnError(f"unknown optimizer '{name}': set config.optimizer.name to one of "
                     f"{', '.join(OPTIMIZERS)}")
-  if (not isinstance(weight_decay, numbers.Real) or isinstance(weight_decay, bool)
-      or not math.isfinite(weight_decay) or weight_decay < 0):
+  if not F.NON_NEGATIVE.contains(weight_decay):
     raise KilnError(f'weight decay {weight_decay!r} is not a number >= 0: set '
                     'config.regularization.weight_decay to 0 (off) or more')
-  decay = {'weight_decay': weight_decay, 'mask': weight_decay_mask}
-  c = optimizer_config
-  unit = {'low': 0, 'high': 1, 'high_open': True}
-
-  def field(key, **limits):
-    return _number(f'config.optimizer.{key}', c[key], **limits)
-
-  if name == 'sgd':
-    momentum = field('momentum', **unit)
-    if c.nesterov and not momentum:
-      raise KilnError('config.optimizer.nesterov=True needs momentum: set '
-                      'config.optimizer.momentum > 0 or nesterov=False')
-    return optimizers.sgd(schedule, momentum, bool(c.nesterov), **decay)
-  if name == 'adagrad':
-    return optimizers.adagrad(schedule, field('eps', low=0), **decay)
-  if name == 'rmsprop':
-    return optimizers.rmsprop(schedule, field('rmsprop_decay', **unit), field('rmsprop_eps', low=0),
-                              bool(c.rmsprop_centered), field('rmsprop_momentum', **unit), **decay)
-  if name in ('adam', 'adamw'):
-    build = optimizers.adam if name == 'adam' else optimizers.adamw
-    return build(schedule, field('b1', **unit), field('b2', **unit), field('eps', low=0), **decay)
-  if name == 'lion':
-    return optimizers.lion(schedule, field('lion_b1', low=0, high=1),
-                           field('lion_b2', low=0, high=1), **decay)
-  # adafactor
-  return optimizers.adafactor(
-      schedule,
-      decay_rate=field('adafactor_decay_rate', low=0, low_open=True),
-      eps=field('adafactor_eps', low=0),
-      factored=bool(c.adafactor_factored),
-      min_dim_size_to_factor=round(field('adafactor_min_dim_size_to_factor', low=0)),
-      clipping_threshold=field('adafactor_clipping_threshold', low=0),
-      multiply_by_parameter_scale=bool(c.adafactor_multiply_by_parameter_scale),
-      min_parameter_scale=field('adafactor_min_parameter_scale', low=0),
-      use_relative_step=bool(c.adafactor_relative_step),
-      **decay)
+  spec = OPTIMIZERS[name]
+  section = optimizer_config[spec.section]
+  prefix = f'optimizer.{spec.section}'
+  kwargs = {key: _field(section, prefix, key, constraint)
+            for key, constraint in spec.fields.items()}
+  if spec.check is not None:
+    spec.check(section)
+  return spec.build(schedule, **kwargs, weight_decay=weight_decay, mask=weight_decay_mask)

@@ -276,7 +276,10 @@ def _const_config():
 # ---- Cases: (config overrides, schedule (kiln, numpy), weight decay, mask kind, reference) ----
 
 def _case(name, overrides, reference, lr=0.05, cosine=False, wd=0.0, mask=None):
-  return pytest.param(dict(name=name, **overrides), lr, cosine, wd, mask, reference, id=(
+  # Hyper-parameters sit under the optimizer's section (adamw shares adam's).
+  section = 'adam' if name == 'adamw' else name
+  nested = {'name': name, section: overrides} if overrides else {'name': name}
+  return pytest.param(nested, lr, cosine, wd, mask, reference, id=(
       f"{name}-{'-'.join(f'{k}={v}' for k, v in overrides.items())}"
       f"{'-cosine' if cosine else ''}{f'-wd-{mask}' if wd else ''}"))
 
@@ -291,14 +294,13 @@ CASES = [
     _case('adagrad', {'eps': 0.1}, lambda lr, wd, m: Adagrad(lr, 0.1, wd, m), lr=0.2),
     _case('adagrad', {'eps': 1e-2}, lambda lr, wd, m: Adagrad(lr, 1e-2, wd, m), lr=0.2,
           wd=0.5, mask='tree'),
-    _case('rmsprop', {'rmsprop_decay': 0.9, 'rmsprop_eps': 1e-2},
+    _case('rmsprop', {'decay': 0.9, 'eps': 1e-2},
           lambda lr, wd, m: RmsProp(lr, 0.9, 1e-2, wd=wd, mask=m), lr=0.01),
-    _case('rmsprop', {'rmsprop_decay': 0.95, 'rmsprop_eps': 1e-3, 'rmsprop_centered': True},
+    _case('rmsprop', {'decay': 0.95, 'eps': 1e-3, 'centered': True},
           lambda lr, wd, m: RmsProp(lr, 0.95, 1e-3, True, wd=wd, mask=m), lr=0.01),
-    _case('rmsprop', {'rmsprop_decay': 0.9, 'rmsprop_eps': 1e-2, 'rmsprop_momentum': 0.9},
+    _case('rmsprop', {'decay': 0.9, 'eps': 1e-2, 'momentum': 0.9},
           lambda lr, wd, m: RmsProp(lr, 0.9, 1e-2, momentum=0.9, wd=wd, mask=m), lr=0.01),
-    _case('rmsprop', {'rmsprop_decay': 0.95, 'rmsprop_eps': 1e-4, 'rmsprop_centered': True,
-                          'rmsprop_momentum': 0.9},
+    _case('rmsprop', {'decay': 0.95, 'eps': 1e-4, 'centered': True, 'momentum': 0.9},
           lambda lr, wd, m: RmsProp(lr, 0.95, 1e-4, True, 0.9, wd, m), lr=0.01, cosine=True,
           wd=0.5, mask='tree'),
     _case('adam', {'b1': 0.9, 'b2': 0.99, 'eps': 1e-3},
@@ -309,20 +311,20 @@ CASES = [
           lambda lr, wd, m: Adam(lr, 0.9, 0.999, 1e-8, wd, m), wd=0.5, mask='callable'),
     _case('adamw', {'b1': 0.9, 'b2': 0.99, 'eps': 1e-6},
           lambda lr, wd, m: Adam(lr, 0.9, 0.99, 1e-6, wd, m), cosine=True, wd=1.0, mask='tree'),
-    _case('lion', {'lion_b1': 0.9, 'lion_b2': 0.99}, lambda lr, wd, m: Lion(lr, 0.9, 0.99, wd, m),
+    _case('lion', {'b1': 0.9, 'b2': 0.99}, lambda lr, wd, m: Lion(lr, 0.9, 0.99, wd, m),
           lr=0.01),
-    _case('lion', {'lion_b1': 0.95, 'lion_b2': 0.98}, lambda lr, wd, m: Lion(lr, 0.95, 0.98, wd, m),
+    _case('lion', {'b1': 0.95, 'b2': 0.98}, lambda lr, wd, m: Lion(lr, 0.95, 0.98, wd, m),
           lr=0.01, cosine=True, wd=2.0, mask='tree'),
     _case('adafactor', {}, lambda lr, wd, m: Adafactor(lr, wd=wd, mask=m), lr=0.5),
-    _case('adafactor', {'adafactor_clipping_threshold': 0.5, 'adafactor_decay_rate': 0.7},
+    _case('adafactor', {'clipping_threshold': 0.5, 'decay_rate': 0.7},
           lambda lr, wd, m: Adafactor(lr, decay_rate=0.7, d=0.5, wd=wd, mask=m), lr=0.05,
           cosine=True, wd=0.5, mask='tree'),
-    _case('adafactor', {'adafactor_relative_step': False, 'adafactor_min_parameter_scale': 0.5,
-                            'adafactor_clipping_threshold': 0.0},
+    _case('adafactor', {'use_relative_step': False, 'min_parameter_scale': 0.5,
+                        'clipping_threshold': 0.0},
           lambda lr, wd, m: Adafactor(lr, eps2=0.5, d=0.0, relative_step=False, wd=wd, mask=m),
           lr=0.1),
     _case('adafactor',
-          {'adafactor_factored': False, 'adafactor_multiply_by_parameter_scale': False},
+          {'factored': False, 'multiply_by_parameter_scale': False},
           lambda lr, wd, m: Adafactor(lr, factored=False, parameter_scale=False, wd=wd, mask=m),
           lr=0.3),
 ]
@@ -399,11 +401,11 @@ def test_adafactor_factors_matrices_and_only_matrices():
 
 
 @pytest.mark.parametrize('name,plain', [
-    ('sgd', lambda lr, c: optax.sgd(lr, c.momentum, c.nesterov)),
-    ('adam', lambda lr, c: optax.adam(lr, c.b1, c.b2, c.eps)),
-    ('adamw', lambda lr, c: optax.adam(lr, c.b1, c.b2, c.eps)),
-    ('rmsprop', lambda lr, c: optax.rmsprop(lr, c.rmsprop_decay, c.rmsprop_eps)),
-    ('lion', lambda lr, c: optax.lion(lr, c.lion_b1, c.lion_b2, weight_decay=0.0)),
+    ('sgd', lambda lr, c: optax.sgd(lr, c.sgd.momentum, c.sgd.nesterov)),
+    ('adam', lambda lr, c: optax.adam(lr, c.adam.b1, c.adam.b2, c.adam.eps)),
+    ('adamw', lambda lr, c: optax.adam(lr, c.adam.b1, c.adam.b2, c.adam.eps)),
+    ('rmsprop', lambda lr, c: optax.rmsprop(lr, c.rmsprop.decay, c.rmsprop.eps)),
+    ('lion', lambda lr, c: optax.lion(lr, c.lion.b1, c.lion.b2, weight_decay=0.0)),
 ])
 def test_zero_weight_decay_is_exactly_the_plain_optimizer(name, plain):
   problem = Mlp()
@@ -443,24 +445,26 @@ def test_near_misses_are_caught(near_miss, reference):
 @pytest.mark.parametrize('overrides,weight_decay,message', [
     ({'name': 'sgdd'}, 0.0,
      "unknown optimizer 'sgdd': set config.optimizer.name to one of sgd, adagrad"),
-    ({'name': 'adam', 'b1': 1.0}, 0.0,
-     'config.optimizer.b1=1.0 is out of range: set it to a number in [0, 1)'),
-    ({'name': 'adam', 'b2': -0.1}, 0.0, 'config.optimizer.b2=-0.1 is out of range'),
-    ({'name': 'adam', 'eps': -1e-8}, 0.0, 'config.optimizer.eps=-1e-08 is out of range'),
-    ({'name': 'sgd', 'momentum': 1.5}, 0.0, 'config.optimizer.momentum=1.5 is out of range'),
-    ({'name': 'sgd', 'momentum': 0.0, 'nesterov': True}, 0.0,
-     'config.optimizer.nesterov=True needs momentum'),
-    ({'name': 'rmsprop', 'rmsprop_decay': 1.0}, 0.0,
-     'config.optimizer.rmsprop_decay=1.0 is out of range'),
-    ({'name': 'rmsprop', 'rmsprop_momentum': -0.5}, 0.0,
-     'config.optimizer.rmsprop_momentum=-0.5 is out of range'),
-    ({'name': 'lion', 'lion_b2': 1.1}, 0.0, 'config.optimizer.lion_b2=1.1 is out of range'),
-    ({'name': 'adafactor', 'adafactor_decay_rate': 0.0}, 0.0,
-     'config.optimizer.adafactor_decay_rate=0.0 is out of range: set it to a number > 0'),
-    ({'name': 'adafactor', 'adafactor_min_dim_size_to_factor': -1}, 0.0,
-     'config.optimizer.adafactor_min_dim_size_to_factor=-1 is out of range'),
-    ({'name': 'adafactor', 'adafactor_clipping_threshold': -1.0}, 0.0,
-     'config.optimizer.adafactor_clipping_threshold=-1.0 is out of range'),
+    ({'name': 'adam', 'adam': {'b1': 1.0}}, 0.0,
+     'config.optimizer.adam.b1=1.0 is out of range: set it to a number in [0, 1)'),
+    ({'name': 'adam', 'adam': {'b2': -0.1}}, 0.0, 'config.optimizer.adam.b2=-0.1 is out of range'),
+    ({'name': 'adamw', 'adam': {'eps': -1e-8}}, 0.0,
+     'config.optimizer.adam.eps=-1e-08 is out of range'),
+    ({'name': 'sgd', 'sgd': {'momentum': 1.5}}, 0.0,
+     'config.optimizer.sgd.momentum=1.5 is out of range'),
+    ({'name': 'sgd', 'sgd': {'momentum': 0.0, 'nesterov': True}}, 0.0,
+     'config.optimizer.sgd.nesterov=True needs momentum'),
+    ({'name': 'rmsprop', 'rmsprop': {'decay': 1.0}}, 0.0,
+     'config.optimizer.rmsprop.decay=1.0 is out of range'),
+    ({'name': 'rmsprop', 'rmsprop': {'momentum': -0.5}}, 0.0,
+     'config.optimizer.rmsprop.momentum=-0.5 is out of range'),
+    ({'name': 'lion', 'lion': {'b2': 1.1}}, 0.0, 'config.optimizer.lion.b2=1.1 is out of range'),
+    ({'name': 'adafactor', 'adafactor': {'decay_rate': 0.0}}, 0.0,
+     'config.optimizer.adafactor.decay_rate=0.0 is out of range: set it to a number > 0'),
+    ({'name': 'adafactor', 'adafactor': {'min_dim_size_to_factor': -1}}, 0.0,
+     'config.optimizer.adafactor.min_dim_size_to_factor=-1 is out of range'),
+    ({'name': 'adafactor', 'adafactor': {'clipping_threshold': -1.0}}, 0.0,
+     'config.optimizer.adafactor.clipping_threshold=-1.0 is out of range'),
     ({'name': 'adamw'}, -0.01,
      'weight decay -0.01 is not a number >= 0: set config.regularization.weight_decay'),
 ])

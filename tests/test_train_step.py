@@ -104,7 +104,7 @@ def test_penalty_enters_the_training_loss(devices):
 
 def test_global_norm_clipping_bounds_the_update(devices):
   config = _mlp_config()
-  config.optimizer.momentum = 0.0
+  config.optimizer.sgd.momentum = 0.0
   config.gradient.clip_global_norm = 0.01
   _, _, outputs = run_steps(config, devices, num_steps=2)
   for _, scalars in outputs:
