@@ -8,7 +8,7 @@ Per shape: GFLOP/s of one forward + backward (input and kernel gradients; the fi
 conv's input gradient, which training never takes, left out), each pass the best of
 `--reps` runs in each of `--rounds` rounds over all shapes (as the matmul peak it is
 compared with is a best run), counting the model's analytic FLOPs
-(monitor.flops.conv_flops: taps on real input, not padding; one pass = 1x forward), and
+(models.cost.conv_flops: taps on real input, not padding; one pass = 1x forward), and
 that rate as a share of the fp32 matmul peak measured in every round of this same run
 (so that a busy machine lowers both), best of the rounds. The plan
 shown is the one the model uses; 'measure' plans come from their first (cached) timing,
@@ -39,26 +39,27 @@ import jax.numpy as jnp  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from configs import vision  # noqa: E402
+from configs import base  # noqa: E402
 from loop import experiment  # noqa: E402
 from core.errors import KilnError  # noqa: E402
 from backends.cpu import conv_lowering  # noqa: E402
+from models import cost  # noqa: E402
 from models.resnet import ResNet18  # noqa: E402
-from monitor import flops, hardware  # noqa: E402
+from monitor import hardware  # noqa: E402
 
 
 def resnet_convs(model, image_shape):
   """(conv, input spatial shape) for every conv of `model` in forward order; mirrors
-  monitor.flops.resnet_features_flops."""
+  models.resnet.ResNet.features_flops."""
   convs = [(model.stem_conv, tuple(image_shape[:2]))]
-  spatial = flops.conv_flops(model.stem_conv, image_shape[:2])[1]
+  spatial = cost.conv_flops(model.stem_conv, image_shape[:2])[1]
   if model.stem == 'imagenet':  # 3x3/2 max-pool padded by 1.
     spatial = tuple((size + 2 - 3) // 2 + 1 for size in spatial)
   for block in model.blocks:
     block_input = spatial
     for conv in block.convs:
       convs.append((conv, spatial))
-      spatial = flops.conv_flops(conv, spatial)[1]
+      spatial = cost.conv_flops(conv, spatial)[1]
     if block.projection is not None:
       convs.append((block.projection, block_input))
   return convs
@@ -70,8 +71,8 @@ def conv_spec(conv, spatial, batch: int) -> conv_lowering.ConvSpec:
   rank = len(spatial)
   padding = nnx.nn.linear.canonicalize_padding(conv.padding, rank)
   return conv_lowering.channels_last_spec(
-      x, k, flops._per_dim(conv.strides, rank), padding,
-      rhs_dilation=flops._per_dim(conv.kernel_dilation, rank),
+      x, k, cost.per_dim(conv.strides, rank), padding,
+      rhs_dilation=cost.per_dim(conv.kernel_dilation, rank),
       dimension_numbers=nnx.nn.linear._conv_dimension_numbers(x.shape),
       feature_group_count=conv.feature_group_count)
 
@@ -92,7 +93,7 @@ def shape_table(batch: int, image: int, reps: int, rounds: int) -> tuple[list[st
     # Training never takes the image's gradient, so the first conv's input grad is not
     # timed (XLA drops it from the step); every other conv runs all three passes.
     passes = conv_lowering.PASSES if index else ('forward', 'kernel_grad')
-    shapes.append((spec, passes, len(passes) * batch * flops.conv_flops(conv, spatial)[0]))
+    shapes.append((spec, passes, len(passes) * batch * cost.conv_flops(conv, spatial)[0]))
   peak, best = 0.0, {}
   for _ in range(rounds):
     peak = max(peak, hardware.measure_cpu_matmul_flops())
@@ -122,7 +123,7 @@ def shape_table(batch: int, image: int, reps: int, rounds: int) -> tuple[list[st
 
 
 def step_config(batch: int):
-  c = vision.get_vision_config()
+  c = base.get_base_config()
   c.dataset.name = 'tfds:cifar10'
   c.model.name = 'resnet18'
   c.model.stem = 'imagenet'

@@ -63,7 +63,8 @@ class Experiment:
   def train_step_flops(self) -> float:
     """Analytic model FLOPs of one optimizer step over the global batch."""
     model = nnx.eval_shape(lambda: self.template.build_model(nnx.Rngs(0)))
-    return flops.train_step_flops(model, self.task.model_input_shape, self.config.batch_size)
+    return flops.train_step_flops(model, self.task.model_input_shape, self.config.batch_size,
+                                  self.task.model_input_dtype)
 
   def evaluate(self, eval_step, state):
     """The task's eval metrics merged over one pass of the eval split (not yet computed)."""

@@ -6,7 +6,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from core.errors import KilnError
 from models import layers
+from models.cost import conv_flops, linear_flops
 from models.conv import Conv
 from core.logical_axes import constrain
 
@@ -43,8 +45,8 @@ class CNN(nnx.Module):
       channels = out
       height, width = height // 2, width // 2
     if height < 1 or width < 1:
-      raise ValueError(f'input {tuple(input_shape)} is too small for {len(features)} '
-                       'pooling stages: use fewer model.features')
+      raise KilnError(f'input {tuple(input_shape)} is too small for {len(features)} '
+                      'pooling stages: use fewer config.model.features')
     self.stages = nnx.List(stages)
     self.hidden = nnx.Linear(height * width * channels, dense_features, rngs=rngs,
                              kernel_metadata={'logical_axes': ('embed', 'mlp')},
@@ -63,3 +65,27 @@ class CNN(nnx.Module):
     x = constrain(jax.nn.relu(self.hidden(x.reshape(x.shape[0], -1))), ('batch', 'mlp'))
     x = self.dropout(x, deterministic=not train, rngs=rngs)
     return self.classifier(x).astype(jnp.float32)
+
+  def forward_flops(self, input_shape: Sequence[int]) -> float:
+    """One example's forward FLOPs (models.cost conventions), mirroring __call__: conv
+    blocks per stage, a 2x2/2 max-pool after each, the dense head."""
+    if len(input_shape) != 3:
+      raise KilnError(f'CNN input_shape {tuple(input_shape)} must be one example\'s (H, W, C)')
+    *spatial, channels = input_shape
+    total = 0.0
+    for stage in self.stages:
+      for block in stage:
+        if block.conv.in_features != channels:
+          raise KilnError(f'input_shape {tuple(input_shape)} has {channels} channels where the '
+                          f'CNN expects {block.conv.in_features}: pass the shape it was built for')
+        flops, spatial = conv_flops(block.conv, spatial)
+        total += flops
+        channels = block.conv.out_features
+      spatial = [size // 2 for size in spatial]  # VALID 2x2 windows, stride 2.
+    flattened = channels
+    for size in spatial:
+      flattened *= size
+    if flattened != self.hidden.in_features:
+      raise KilnError(f'input_shape {tuple(input_shape)} flattens to {flattened} features where '
+                      f'the CNN expects {self.hidden.in_features}: pass the shape it was built for')
+    return total + linear_flops(self.hidden) + linear_flops(self.classifier)

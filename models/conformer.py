@@ -18,6 +18,7 @@ from flax import nnx
 
 from core.errors import KilnError
 from models.conv import Conv
+from models.cost import attention_flops, conv_flops, linear_flops
 from models.recurrent import time_mask
 from models.transformer import Attention
 
@@ -151,3 +152,26 @@ class ConformerEncoder(nnx.Module):
     if self.head is not None:
       x = self.head(x)
     return x.astype(jnp.float32), frames
+
+  def output_frames(self, frames):
+    return subsampled_frames(frames)
+
+  def forward_flops(self, input_shape) -> float:
+    """One utterance's forward FLOPs for `input_shape` (max_frames, num_mels), padded
+    frames included: the subsampling convs, then per block and frame the two feed-forwards,
+    the attention projections plus scores and weighted sum over all frames
+    (bidirectional), and the convolution module (pointwise, depthwise, pointwise)."""
+    sub = self.subsample
+    total, spatial = conv_flops(sub.conv1, input_shape)
+    flops, spatial = conv_flops(sub.conv2, spatial)
+    frames = spatial[0]
+    total += flops + frames * linear_flops(sub.proj)
+    for block in self.blocks:
+      dim = block.attn_norm.num_features
+      ffn = 2 * (linear_flops(block.ff1.fc1) + linear_flops(block.ff1.fc2))
+      total += frames * (ffn + 2.0 * 4 * dim * dim) + attention_flops(frames, frames, dim, False)
+      for layer in (block.conv.pointwise1, block.conv.depthwise, block.conv.pointwise2):
+        total += conv_flops(layer, (frames,))[0]
+    if self.head is not None:
+      total += frames * linear_flops(self.head)
+    return total

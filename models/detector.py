@@ -21,7 +21,8 @@ from flax import nnx
 
 from core.errors import KilnError
 from models.conv import Conv
-from models.resnet import Block, batch_norm, compute_dtype, conv, relu
+from models.cost import conv_flops
+from models.resnet import Block, batch_norm, compute_dtype, conv, relu, residual_blocks_flops
 
 # Prior probability of an object at an anchor when training starts (RetinaNet's 0.01):
 # the head starts out predicting background, which keeps the first steps' loss sane.
@@ -85,6 +86,17 @@ class YOLO(nnx.Module):
     x = relu(self.head_norm(self.head_conv(x), use_running_average=not train))
     x = self.predict(x).astype(jnp.float32)
     return x.reshape(*x.shape[:3], len(self.anchors), 5 + self.num_classes)
+
+  def forward_flops(self, input_shape: Sequence[int]) -> float:
+    """One example's forward FLOPs (models.cost conventions), mirroring __call__: stem,
+    residual blocks, head convs."""
+    if len(input_shape) != 3 or input_shape[-1] != self.stem_conv.in_features:
+      raise KilnError(f'input_shape {tuple(input_shape)} is not the (H, W, '
+                      f'{self.stem_conv.in_features}) image the detector was built for')
+    total, spatial = conv_flops(self.stem_conv, input_shape[:2])
+    flops, spatial = residual_blocks_flops(self.blocks, spatial)
+    head, spatial = conv_flops(self.head_conv, spatial)
+    return total + flops + head + conv_flops(self.predict, spatial)[0]
 
   def decode_boxes(self, raw: jax.Array) -> jax.Array:
     """(x0, y0, x1, y1) pixels of every anchor's box from raw predictions [..., H, W,

@@ -7,7 +7,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from core.errors import KilnError
 from core.logical_axes import constrain
+from models.cost import linear_flops
 
 
 class MLP(nnx.Module):
@@ -30,3 +32,12 @@ class MLP(nnx.Module):
       x = constrain(jax.nn.relu(layer(x)), ('batch', 'mlp'))
       x = self.dropout(x, deterministic=not train, rngs=rngs)
     return self.classifier(x).astype(jnp.float32)
+
+  def forward_flops(self, input_shape: Sequence[int]) -> float:
+    """One example's forward FLOPs: its dense layers (models.cost conventions)."""
+    layers = [*self.hidden, self.classifier]
+    flattened = math.prod(input_shape)
+    if flattened != layers[0].in_features:
+      raise KilnError(f'input_shape {tuple(input_shape)} flattens to {flattened} features where '
+                      f'the MLP expects {layers[0].in_features}: pass the shape it was built for')
+    return sum(linear_flops(layer) for layer in layers)

@@ -10,6 +10,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from core.errors import KilnError
+
+from models.cost import linear_flops
+
 
 def stack_frames(features: jax.Array, frames: jax.Array, factor: int):
   """[B, T, F] -> [B, ceil(T/k), k*F]: k consecutive frames side by side (a lower frame
@@ -40,6 +44,11 @@ class LSTMLayer(nnx.Module):
     self.hidden_proj = nnx.Linear(hidden_dim, 4 * hidden_dim, use_bias=False, rngs=rngs,
                                   kernel_init=nnx.initializers.orthogonal(),
                                   kernel_metadata={'logical_axes': (None, 'mlp')})
+
+  def sequence_flops(self, steps: int) -> float:
+    """FLOPs over `steps` time steps: per step the input and hidden projections into the
+    4 gates (the input one is hoisted out of the recurrence, but it is the same arithmetic)."""
+    return steps * (linear_flops(self.input_proj) + linear_flops(self.hidden_proj))
 
   def cell(self, carry, gates_x: jax.Array):
     """One step from the projected input [B, 4H]: (h, c) -> (h', c')."""
@@ -107,8 +116,8 @@ class LSTMEncoder(nnx.Module):
                num_layers: int = 2, bidirectional: bool = True, frame_stack: int = 3,
                dropout_rate: float = 0.1, rngs: nnx.Rngs):
     if num_layers < 1 or hidden_dim < 1 or frame_stack < 1:
-      raise ValueError(f'num_layers={num_layers}, hidden_dim={hidden_dim} and frame_stack='
-                       f'{frame_stack} must be >= 1')
+      raise KilnError(f'config.model: num_layers={num_layers}, hidden_dim={hidden_dim} and '
+                      f'frame_stack={frame_stack} must each be >= 1: raise them')
     self.frame_stack, self.bidirectional = frame_stack, bidirectional
     directions = 2 if bidirectional else 1
     width = input_dim * frame_stack
@@ -144,3 +153,12 @@ class LSTMEncoder(nnx.Module):
     if self.head is not None:
       x = self.head(self.dropout(x, deterministic=not train, rngs=rngs))
     return x.astype(jnp.float32), frames
+
+  def forward_flops(self, input_shape) -> float:
+    """One utterance's forward FLOPs for `input_shape` (max_frames, num_mels); padded frames
+    count, since the step computes them."""
+    frames, _ = input_shape
+    steps = self.output_frames(frames)
+    layers = [*self.forward_layers, *self.backward_layers]
+    head = steps * linear_flops(self.head) if self.head is not None else 0.0
+    return sum(layer.sequence_flops(steps) for layer in layers) + head

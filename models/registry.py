@@ -1,4 +1,9 @@
-"""Config picks a model by name; the model sees only the keys it is handed."""
+"""Config picks a model by name; the model sees only the keys it is handed.
+
+Adding a model is its module plus one `register_model` call (or a line in MODELS). A model
+counts its own cost with `forward_flops(input_shape) -> float` (see models.cost); one
+without it gets XLA's count of its compiled forward pass, with a warning.
+"""
 
 import inspect
 
@@ -28,6 +33,16 @@ MODELS = {
     'resnet50': ResNet50,
     'yolo': YOLO,  # Detection: grid detector (objectness, box, class per anchor).
 }
+
+
+def register_model(name: str, model_cls: type[nnx.Module]) -> type[nnx.Module]:
+  """Makes `model_cls` buildable as `config.model.name = name` (a fork or a test adds a
+  model without editing this file); returns `model_cls`."""
+  if name in MODELS:
+    raise KilnError(f"model name '{name}' is already registered to "
+                    f"{MODELS[name].__name__}: pick another name")
+  MODELS[name] = model_cls
+  return model_cls
 
 
 def create_model(model_config, rngs: nnx.Rngs, **task_args) -> nnx.Module:

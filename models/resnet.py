@@ -22,6 +22,7 @@ from flax import nnx
 from core.errors import KilnError
 from models import layers
 from models.conv import Conv
+from models.cost import conv_flops, linear_flops
 from core.logical_axes import constrain
 
 BLOCKS = ('basic', 'bottleneck')
@@ -103,6 +104,26 @@ class Block(nnx.Module):
         x = relu(x)
     return relu(x + shortcut)
 
+  def forward_flops(self, spatial: Sequence[int]) -> tuple[float, tuple[int, ...]]:
+    """One example's FLOPs through the convs and projection shortcut on a `spatial`
+    (H, W) map, and the output map's spatial shape."""
+    total, block_input = 0.0, spatial
+    for layer in self.convs:
+      flops, spatial = conv_flops(layer, spatial)
+      total += flops
+    if self.projection is not None:
+      total += conv_flops(self.projection, block_input)[0]
+    return total, spatial
+
+
+def residual_blocks_flops(blocks, spatial) -> tuple[float, tuple[int, ...]]:
+  """`Block`s in sequence: their FLOPs per example and the last one's spatial shape."""
+  total = 0.0
+  for block in blocks:
+    flops, spatial = block.forward_flops(spatial)
+    total += flops
+  return total, spatial
+
 
 class ResNet(nnx.Module):
   """ResNet v1.5 image classifier.
@@ -160,6 +181,22 @@ class ResNet(nnx.Module):
     del rngs  # No dropout in ResNets.
     x = self.features(images, train=train).mean(axis=(1, 2))
     return self.classifier(x).astype(jnp.float32)
+
+  def features_flops(self, input_shape: Sequence[int]) -> tuple[float, tuple[int, ...]]:
+    """Mirrors `features`: forward FLOPs per example up to the last stage and that map's
+    spatial shape. Convs only; the max-pool and residual adds are elementwise."""
+    if len(input_shape) != 3 or input_shape[-1] != self.stem_conv.in_features:
+      raise KilnError(f'input_shape {tuple(input_shape)} is not the (H, W, '
+                      f'{self.stem_conv.in_features}) image the ResNet was built for')
+    total, spatial = conv_flops(self.stem_conv, input_shape[:2])
+    if self.stem == 'imagenet':  # 3x3/2 max-pool padded by 1.
+      spatial = tuple((size + 2 - 3) // 2 + 1 for size in spatial)
+    flops, spatial = residual_blocks_flops(self.blocks, spatial)
+    return total + flops, spatial
+
+  def forward_flops(self, input_shape: Sequence[int]) -> float:
+    """One example's forward FLOPs (models.cost conventions)."""
+    return self.features_flops(input_shape)[0] + linear_flops(self.classifier)
 
 
 def _variant(name: str, stage_sizes: tuple[int, ...], block: str) -> type[ResNet]:

@@ -16,6 +16,7 @@ from flax import nnx
 
 from core.errors import KilnError
 from models.conformer import ConformerEncoder
+from models.cost import linear_flops
 from models.recurrent import LSTMEncoder, LSTMLayer
 
 ENCODERS = {'lstm': LSTMEncoder, 'conformer': ConformerEncoder}
@@ -77,3 +78,13 @@ class Transducer(nnx.Module):
   def joint_step(self, enc_projected: jax.Array, pred_projected: jax.Array) -> jax.Array:
     """Logits [B, V] for one frame and the current prediction."""
     return self.joint(enc_projected, pred_projected)
+
+  def forward_flops(self, input_shape) -> float:
+    """One utterance's forward FLOPs: the encoder, the prediction network over U+1
+    labels, and the joint network at every (frame, label position) of the T' x (U+1)
+    lattice, U = max_label_len."""
+    frames = self.encoder.output_frames(input_shape[0])
+    labels = self.max_label_len + 1
+    prediction = labels * (self.predictor.sequence_flops(1) + linear_flops(self.pred_proj))
+    joint = frames * linear_flops(self.enc_proj) + frames * labels * linear_flops(self.joint_out)
+    return self.encoder.forward_flops(input_shape) + prediction + joint

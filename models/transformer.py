@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from backends.cpu import kernels as cpu_kernels
+from models.cost import attention_flops
 from models.dropout import Dropout
 from core.logical_axes import constrain
 
@@ -321,6 +322,23 @@ class Transformer(nnx.Module):
       return jax.tree.map(lambda x: jnp.broadcast_to(x, (self.num_layers, *x.shape)), empty())
     return [empty() for _ in range(self.num_layers)]
 
+  def attention_shape(self) -> tuple[int, int]:
+    """(heads, head_dim), read from a block (scanned layers keep a leading layer axis)."""
+    blocks = self.blocks if self.scan_layers else self.blocks[0]
+    return tuple(blocks.attn.qkv.shape[-2:])
+
+  def stack_flops(self, length: int, causal: bool) -> float:
+    """One sequence of `length` through the blocks: per token and layer the QKV, output
+    and MLP projections (2 FLOPs per weight), plus attention over `length` keys, causal
+    counted half (models.cost.attention_flops; attention is ~10% of a 6x384 layer at 256)."""
+    blocks = self.blocks if self.scan_layers else self.blocks[0]
+    embed_dim, _, heads, head_dim = blocks.attn.qkv.shape[-4:]
+    mlp_dim = blocks.mlp.fc1.out_features
+    projections = 2.0 * (3 * embed_dim * heads * head_dim + heads * head_dim * embed_dim
+                         + 2 * embed_dim * mlp_dim)
+    attention = attention_flops(length, length, heads * head_dim, causal)
+    return self.num_layers * (length * projections + attention)
+
 
 class GPT(nnx.Module):
   """Decoder-only language model (causal attention), logits over the vocabulary."""
@@ -355,6 +373,24 @@ class GPT(nnx.Module):
     """Logits for `tokens` [B, T] that continue the sequence held in `cache`."""
     hidden, cache = self.transformer(tokens, causal=True, cache=cache)
     return self.logits(hidden).astype(jnp.float32), cache
+
+  def forward_flops(self, input_shape: Sequence[int]) -> float:
+    """One sequence's forward FLOPs, `input_shape` = (length,): the causal stack and the
+    vocabulary projection at every position."""
+    (length,) = input_shape
+    vocab, embed = self.transformer.token_embed.shape
+    return self.transformer.stack_flops(length, causal=True) + 2.0 * length * embed * vocab
+
+  def palm_flops_per_token(self, length: int) -> float:
+    """Training FLOPs per token as the PaLM paper counts them (Chowdhery et al. 2022,
+    appendix B; also nanoGPT's `estimate_mfu`): 6N + 12*L*H*Q*T, N the parameters less
+    learned position embeddings, attention over all T keys (not halved when causal)."""
+    params = sum(leaf.size for leaf in jax.tree.leaves(nnx.state(self, nnx.Param)))
+    stack = self.transformer
+    if stack.position_embed is not None:
+      params -= stack.position_embed.size
+    heads, head_dim = stack.attention_shape()
+    return 6.0 * params + 12.0 * stack.num_layers * heads * head_dim * length
 
 
 class BERT(nnx.Module):
@@ -396,6 +432,14 @@ class BERT(nnx.Module):
   def __call__(self, tokens, *, key_mask=None, train: bool = False, rngs=None):
     """Masked-LM logits [B, T, V]."""
     return self.mlm_logits(self.encode(tokens, key_mask, train=train, rngs=rngs))
+
+  def forward_flops(self, input_shape: Sequence[int]) -> float:
+    """One sequence's forward FLOPs, `input_shape` = (length,): the bidirectional stack
+    plus the MLM head (dense + tied vocabulary projection) at every position."""
+    (length,) = input_shape
+    vocab, embed = self.encoder.token_embed.shape
+    head = 2.0 * length * (embed * embed + embed * vocab)
+    return self.encoder.stack_flops(length, causal=False) + head
 
   def classify(self, tokens, *, key_mask=None, train: bool = False, rngs=None):
     """Class logits from the pooled hidden states (see `pooling`)."""

@@ -40,6 +40,9 @@ class Task(abc.ABC):
   def model_input_shape(self) -> tuple[int, ...]:
     """Shape of one example's model input (no batch dim), for analytic FLOP counts."""
 
+  # Dtype of the model input, for XLA's FLOP count of a model that does not count its own.
+  model_input_dtype = np.float32
+
   @abc.abstractmethod
   def build_model(self, rngs: nnx.Rngs, norm_axis_name: str | None = None) -> nnx.Module:
     """The model, sized from the data this task loaded; `norm_axis_name` is the mapped

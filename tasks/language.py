@@ -44,6 +44,8 @@ class MaskedLMMetrics(metrics.Collection):
 class TextTask(Task):
   """A task over token windows of a text source (sized by seq_len and the tokenizer)."""
 
+  model_input_dtype = np.int32  # Token ids.
+
   def load_data(self, process_index, process_count):
     self.source = text.load_text(self.config.dataset, process_index, process_count)
 

@@ -1,4 +1,4 @@
-"""FLOP counts against XLA, the peak table, the cached CPU peak, MFU arithmetic, memory."""
+"""FLOP counts (models.cost layer arithmetic, the models' own counters) against XLA, the peak table, the cached CPU peak, MFU arithmetic, memory."""
 
 import json
 import os
@@ -12,7 +12,7 @@ from flax import nnx
 from configs import default, mnist_cnn
 from loop import experiment
 from core.errors import KilnError
-from models import create_model
+from models import cost, create_model
 from monitor import flops, hardware
 from tests.tiny import tiny_config
 
@@ -58,7 +58,7 @@ def test_abstract_model_counts_like_a_concrete_one():
 def test_conv_flops_match_xla(conv_args):
   conv = nnx.Conv(4, 6, use_bias=False, rngs=nnx.Rngs(0), **conv_args)
   x = jnp.zeros((1, 9, 7, 4))
-  analytic, out_shape = flops.conv_flops(conv, (9, 7))
+  analytic, out_shape = cost.conv_flops(conv, (9, 7))
   assert out_shape == conv(x).shape[1:3]
   graphdef, state = nnx.split(conv)
   counted = flops.xla_flops(jax.jit(lambda state, x: nnx.merge(graphdef, state)(x)), state, x)
@@ -72,13 +72,25 @@ def test_train_step_is_three_forwards_over_the_batch():
   assert flops.train_step_flops(model, (28, 28, 1), 32) == 3 * 32 * 2 * 234_752
 
 
-def test_bad_model_or_shape_is_one_line_error():
+def test_bad_shape_is_one_line_error():
   model = create_model(default.get_config().model, nnx.Rngs(0), num_classes=10,
                        input_shape=(8, 8, 1))
   with pytest.raises(KilnError, match='flattens to'):
     flops.forward_flops(model, (28, 28, 1))
-  with pytest.raises(KilnError, match='no FLOP counter'):
-    flops.forward_flops(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), (2,))
+
+
+def test_a_model_without_a_counter_gets_xla_count_with_one_warning(monkeypatch):
+  warnings = []
+  monkeypatch.setattr(flops.logging, 'warning', lambda *args: warnings.append(args))
+  monkeypatch.setattr(flops, '_WARNED', set())
+  layer = nnx.Linear(3, 5, rngs=nnx.Rngs(0))
+  # XLA counts the 3x5 matmul (2 FLOPs per multiply-add) and the 5 bias adds.
+  assert flops.forward_flops(layer, (3,)) == 2 * 3 * 5 + 5
+  assert flops.forward_flops(nnx.eval_shape(lambda: nnx.Linear(3, 5, rngs=nnx.Rngs(0))),
+                             (3,)) == 2 * 3 * 5 + 5
+  assert len(warnings) == 1 and 'Linear has no forward_flops' in warnings[0][0] % warnings[0][1:]
+  with pytest.raises(KilnError, match='add forward_flops'):
+    flops.forward_flops(layer, (4,))
 
 
 @pytest.mark.parametrize('device_kind, name', [
