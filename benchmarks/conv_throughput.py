@@ -39,7 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from configs import base  # noqa: E402
+from configs import vision  # noqa: E402
 from loop import experiment  # noqa: E402
 from core.errors import KilnError  # noqa: E402
 from backends.cpu import conv_lowering  # noqa: E402
@@ -123,7 +123,7 @@ def shape_table(batch: int, image: int, reps: int, rounds: int) -> tuple[list[st
 
 
 def step_config(batch: int):
-  c = base.get_base_config()
+  c = vision.get_vision_config()
   c.dataset.name = 'tfds:cifar10'
   c.model.name = 'resnet18'
   c.model.stem = 'imagenet'
