@@ -9,9 +9,9 @@
 import functools
 import sys
 
-from backends.cpu import host_memory  # First: before JAX or TF start threads.
+import backends  # First: before JAX or TF start threads.
 
-host_memory.configure()
+backends.configure_host()
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

@@ -20,8 +20,9 @@ in the caches between the matmuls that produce and consume them: baby GPT's [409
 MLP activation is 25 MB, a micro-batch of 2 sequences' 3 MB. `--accumulation` sets
 other counts.
 
-`--kernels xla` times the step without Kiln's compiled CPU kernels (models/cpu_kernels.py:
-causal attention and dropout bits), the 'before' figure; the configs' 'auto' uses them.
+`--kernels xla` (config.backend.cpu_kernels) times the step without Kiln's compiled CPU
+kernels (backends/cpu/kernels.py: causal attention and dropout bits), the 'before' figure;
+the configs' 'auto' uses them.
 
 The CPU matmul peak is measured in this run (monitor.hardware.measure_cpu_matmul_flops,
 not the cached figure) before every timed step; every row of a shape divides by the best
@@ -40,9 +41,9 @@ import types
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from backends.cpu import host_memory  # noqa: E402  (first: before JAX or TF start threads)
+import backends  # noqa: E402  (first: before JAX or TF start threads)
 
-host_memory.configure()
+backends.configure_host()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -51,7 +52,7 @@ from flax import nnx  # noqa: E402
 from configs import gpt_shakespeare_char, gpt_shakespeare_char_cpu  # noqa: E402
 from loop import steps  # noqa: E402
 from loop.state import ModelTemplate, init_state  # noqa: E402
-from backends.cpu import kernels as cpu_kernels  # noqa: E402
+from backends import ops  # noqa: E402
 from models.registry import create_model  # noqa: E402
 from monitor import flops, hardware  # noqa: E402
 from optim.chain import build_transform  # noqa: E402
@@ -81,7 +82,7 @@ def _config(shape: str, positions: str | None, dropout: float | None, accumulati
   if dropout is not None:
     config.model.dropout_rate = dropout
   if kernels is not None:
-    config.model.kernels = kernels
+    config.backend.cpu_kernels = kernels
   config.gradient.accumulation_steps = accumulation
   return config
 
@@ -97,6 +98,7 @@ def _compiled_step(shape: str, accumulation: int, args):
   """(config, jitted train step, initial state, batch, model FLOPs per step, the same
   by the PaLM/nanoGPT count)."""
   config = _config(shape, args.positions, args.dropout, accumulation, args.kernels)
+  ops.configure(config.backend)  # As a run does, before the step is traced.
   length, batch_size = config.dataset.seq_len, config.batch_size
   if batch_size % accumulation:
     sys.exit(f'error: --accumulation={accumulation} must divide the {shape} batch '
@@ -163,7 +165,7 @@ def markdown_table(rows: list[dict]) -> str:
     m = row['config'].model
     shape = (f"{row['shape']}: {m.num_layers}L {m.num_heads}H {m.embed_dim}E "
              f"T{row['config'].dataset.seq_len} {m.positions}, dropout {m.dropout_rate}, "
-             f"kernels {m.kernels}")
+             f"kernels {row['config'].backend.cpu_kernels}")
     cells = (shape, row['batch'], row['micro_batches'], f"{row['ms']:.1f}",
              f"{row['tokens_per_s']:,.0f}", f"{row['gflops']:.1f}", f"{row['peak_gflops']:.0f}",
              f"{100 * row['mfu']:.1f}%", f"{100 * row['palm_mfu']:.1f}%",
@@ -181,8 +183,8 @@ def main(argv=None) -> None:
   parser.add_argument('--positions', choices=('learned', 'rotary'),
                       help="override the configs' position encoding")
   parser.add_argument('--dropout', type=float, help="override the configs' dropout rate")
-  parser.add_argument('--kernels', choices=cpu_kernels.MODES,
-                      help="override the configs' CPU kernels setting (xla: without them)")
+  parser.add_argument('--kernels', choices=ops.MODES,
+                      help="override config.backend.cpu_kernels (xla: without Kiln's kernels)")
   parser.add_argument('--accumulation', type=int, action='append',
                       help='micro-batches per step to time (repeatable; default: 1 and the '
                            "shape's fastest measured count)")

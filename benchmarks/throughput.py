@@ -20,9 +20,9 @@ import time
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from backends.cpu import host_memory  # noqa: E402  (first: before JAX or TF start threads)
+import backends  # noqa: E402  (first: before JAX or TF start threads)
 
-host_memory.configure()
+backends.configure_host()
 
 import jax  # noqa: E402
 

@@ -20,7 +20,6 @@ def get_config():
   c.model.dropout_rate = 0.1  # On embeddings, attention weights and residual branches (training).
   c.model.positions = 'rotary'  # 'rotary' (RoPE) learns to use context sooner than 'learned' here.
   c.model.num_classes = 0  # Classification head size; 0 for pre-training only.
-  c.model.kernels = 'auto'  # Compiled CPU dropout kernel: 'auto' (on CPU), 'xla' or 'cpu'.
 
   c.batch_size = 32
   c.eval_batch_size = 128

@@ -27,7 +27,6 @@ def get_config():
   c.model.scan_layers = False  # Stack blocks under lax.scan (faster compiles for deep models).
   c.model.remat_policy = 'none'  # Scanned layers only: 'none', 'dots' or 'full' recomputation.
   c.model.dtype = 'float32'  # Compute dtype; 'bfloat16' on accelerators.
-  c.model.kernels = 'auto'  # Compiled attention + dropout kernels: 'auto' (on CPU), 'xla', 'cpu'.
 
   c.batch_size = 64
   c.eval_batch_size = 128

@@ -10,6 +10,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from backends import ops
 from loop import steps
 from core.errors import KilnError
 from core.logical_axes import Rules
@@ -91,6 +92,7 @@ class Experiment:
 
 def build_experiment(config, devices=None) -> Experiment:
   """Validates `config` against the data and devices; raises KilnError on bad input."""
+  ops.configure(config.backend)  # Before any model is traced: which op implementations run.
   task = create_task(config)
   task.load_data(jax.process_index(), jax.process_count())
   mesh = mesh_lib.make_mesh(config.mesh, devices)

@@ -8,16 +8,17 @@ step) the masks took 107 ms of a 1.6 s CPU step; generating them this way measur
 probability, so the layer stays exactly unbiased. The bits are threefry's, so masks do
 not depend on how the array is sharded (with `jax_threefry_partitionable`).
 
-With kernels='auto' or 'cpu' (the Transformers' config.model.kernels) the words come from
-backends.cpu.kernels.random_bits (Philox in AVX-512) on a CPU backend instead: baby GPT's
-13 masks per micro-batch cost ~35 ms of a ~1.1 s step from Threefry.
+The words come from backends.ops.random_bits: jax.random.bits, or on CPU (with
+config.backend.cpu_kernels 'auto' or 'cpu') the compiled Philox kernel, AVX-512 where the
+CPU has it: baby GPT's 13 masks per micro-batch cost ~35 ms of a ~1.1 s step from Threefry.
 """
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from backends.cpu import kernels as cpu_kernels
+from backends import ops
+from core.errors import KilnError
 
 _LEVELS = 1 << 16
 
@@ -25,12 +26,11 @@ _LEVELS = 1 << 16
 class Dropout(nnx.Module):
   """Inverted dropout: zeroes each element with probability `rate`, scales the rest."""
 
-  def __init__(self, rate: float, kernels: str = 'xla'):
-    """`kernels`: where the random words come from (backends.cpu.kernels.MODES)."""
+  def __init__(self, rate: float):
     if not 0.0 <= rate < 1.0:
-      raise ValueError(f'dropout rate={rate} must lie in [0, 1)')
-    cpu_kernels.check_mode(kernels)
-    self.rate, self.kernels = rate, kernels
+      raise KilnError(f'config.model.dropout_rate={rate} is out of range: set it to a number in '
+                      '[0, 1)')
+    self.rate = rate
 
   def __call__(self, x: jax.Array, *, deterministic: bool,
                rngs: nnx.Rngs | None = None) -> jax.Array:
@@ -39,8 +39,7 @@ class Dropout(nnx.Module):
     if rngs is None:
       raise ValueError('training-mode dropout needs rngs with a dropout stream: pass rngs=')
     threshold = round((1.0 - self.rate) * _LEVELS)
-    bits = cpu_kernels.random_bits if cpu_kernels.enabled(self.kernels) else None
-    keep = random_halves(rngs.dropout(), x.shape, bits) < threshold
+    keep = random_halves(rngs.dropout(), x.shape, ops.random_bits) < threshold
     return jnp.where(keep, x * (_LEVELS / threshold), jnp.zeros_like(x))
 
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from backends.cpu import kernels as cpu_kernels
+from backends import ops
 from models.cost import attention_flops
 from models.dropout import Dropout
 from core.logical_axes import constrain
@@ -100,12 +100,11 @@ class Attention(nnx.Module):
   """Multi-head self-attention with a fused QKV projection and an optional KV cache."""
 
   def __init__(self, embed_dim: int, num_heads: int, *, use_bias: bool, rotary_positions: bool,
-               dtype, rngs: nnx.Rngs, out_init=_INIT, kernels: str = 'auto'):
+               dtype, rngs: nnx.Rngs, out_init=_INIT):
     if embed_dim % num_heads:
       raise ValueError(f'embed_dim={embed_dim} must be a multiple of num_heads={num_heads}')
     head_dim = embed_dim // num_heads
     self.num_heads, self.rotary_positions, self.dtype = num_heads, rotary_positions, dtype
-    self.kernels = kernels  # cpu_kernels.enabled(): causal attention without padding or cache.
     self.qkv = _param(rngs, (embed_dim, 3, num_heads, head_dim), ('embed', None, 'heads', None))
     self.out = _param(rngs, (num_heads, head_dim, embed_dim), ('heads', None, 'embed'), out_init)
     zeros = nnx.initializers.zeros
@@ -131,9 +130,10 @@ class Attention(nnx.Module):
     q, k, v = (t.reshape(batch, length, heads, head_dim) for t in jnp.split(qkv, 3, axis=1))
     if self.rotary_positions:
       q, k = rotary(q, positions), rotary(k, positions)
-    if causal and cache is None and key_mask is None and cpu_kernels.enabled(self.kernels):
+    # A backend's fused causal attention (backends.ops) where one runs: no padding or cache.
+    if causal and cache is None and key_mask is None and ops.accelerated('causal_attention'):
       key = rngs.dropout() if dropout is not None and rngs is not None else None
-      y = cpu_kernels.causal_attention(
+      y = ops.causal_attention(
           q * head_dim ** -0.5, k, v, dropout_rate=0.0 if dropout is None else dropout.rate,
           key=key)
       return self._project_out(y.reshape(batch * length, heads * head_dim), x.shape), None
@@ -204,16 +204,15 @@ class Block(nnx.Module):
   """Pre-LayerNorm residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
   def __init__(self, embed_dim: int, num_heads: int, mlp_ratio: int, dropout_rate: float, *,
-               use_bias: bool, rotary_positions: bool, dtype, rngs: nnx.Rngs, out_init=_INIT,
-               kernels: str = 'auto'):
+               use_bias: bool, rotary_positions: bool, dtype, rngs: nnx.Rngs, out_init=_INIT):
     self.ln1 = _layer_norm(embed_dim, use_bias, dtype, rngs)
     self.attn = Attention(embed_dim, num_heads, use_bias=use_bias,
                           rotary_positions=rotary_positions, dtype=dtype, rngs=rngs,
-                          out_init=out_init, kernels=kernels)
+                          out_init=out_init)
     self.ln2 = _layer_norm(embed_dim, use_bias, dtype, rngs)
     self.mlp = MLP(embed_dim, mlp_ratio * embed_dim, use_bias=use_bias, dtype=dtype, rngs=rngs,
                    out_init=out_init)
-    self.dropout = Dropout(dropout_rate, kernels)
+    self.dropout = Dropout(dropout_rate)
 
   def __call__(self, x, *, positions, causal, key_mask=None, cache=None, train=False, rngs=None):
     y, cache = self.attn(self.ln1(x), positions=positions, causal=causal, key_mask=key_mask,
@@ -230,7 +229,7 @@ class Transformer(nnx.Module):
                embed_dim: int, mlp_ratio: int = 4, dropout_rate: float = 0.0,
                positions: str = 'learned', use_bias: bool = True, scan_layers: bool = False,
                remat_policy: str = 'none', dtype: str = 'float32',
-               scaled_residual_init: bool = False, kernels: str = 'auto', rngs: nnx.Rngs):
+               scaled_residual_init: bool = False, rngs: nnx.Rngs):
     """`scaled_residual_init`: GPT-2's initialisation, the projections that end each
     residual branch drawn with std 0.02 / sqrt(2 * num_layers) instead of 0.02."""
     if positions not in ('learned', 'rotary'):
@@ -239,14 +238,13 @@ class Transformer(nnx.Module):
       raise ValueError(f"remat_policy='{remat_policy}' must be one of {sorted(REMAT_POLICIES)}")
     if dtype not in DTYPES:
       raise ValueError(f"dtype='{dtype}' must be one of {sorted(DTYPES)}")
-    cpu_kernels.check_mode(kernels)
     self.dtype = DTYPES[dtype]
     self.max_len, self.scan_layers, self.num_layers = max_len, scan_layers, num_layers
     self.remat_policy = remat_policy
     self.token_embed = _param(rngs, (vocab_size, embed_dim), ('vocab', 'embed'))
     self.position_embed = (_param(rngs, (max_len, embed_dim), (None, 'embed'))
                            if positions == 'learned' else None)
-    self.dropout = Dropout(dropout_rate, kernels)
+    self.dropout = Dropout(dropout_rate)
 
     out_init = (nnx.initializers.normal(0.02 / math.sqrt(2 * num_layers))
                 if scaled_residual_init else _INIT)
@@ -254,7 +252,7 @@ class Transformer(nnx.Module):
     def make_block(block_rngs):
       return Block(embed_dim, num_heads, mlp_ratio, dropout_rate, use_bias=use_bias,
                    rotary_positions=positions == 'rotary', dtype=self.dtype, rngs=block_rngs,
-                   out_init=out_init, kernels=kernels)
+                   out_init=out_init)
 
     if scan_layers:  # One stacked block: parameters gain a leading (unsharded) layer axis.
       keys = jax.random.split(rngs.params(), num_layers)
@@ -347,12 +345,12 @@ class GPT(nnx.Module):
                embed_dim: int = 384, mlp_ratio: int = 4, dropout_rate: float = 0.0,
                positions: str = 'learned', use_bias: bool = True, tie_embeddings: bool = True,
                scan_layers: bool = False, remat_policy: str = 'none', dtype: str = 'float32',
-               kernels: str = 'auto', rngs: nnx.Rngs):
+               rngs: nnx.Rngs):
     self.transformer = Transformer(
         vocab_size=vocab_size, max_len=max_len, num_layers=num_layers, num_heads=num_heads,
         embed_dim=embed_dim, mlp_ratio=mlp_ratio, dropout_rate=dropout_rate, positions=positions,
         use_bias=use_bias, scan_layers=scan_layers, remat_policy=remat_policy, dtype=dtype,
-        scaled_residual_init=True, kernels=kernels, rngs=rngs)
+        scaled_residual_init=True, rngs=rngs)
     self.lm_head = None if tie_embeddings else _param(rngs, (embed_dim, vocab_size),
                                                       ('embed', 'vocab'))
 
@@ -400,7 +398,7 @@ class BERT(nnx.Module):
                embed_dim: int = 256, mlp_ratio: int = 4, dropout_rate: float = 0.1,
                positions: str = 'learned', use_bias: bool = True, num_classes: int = 0,
                pooling: str = 'cls', scan_layers: bool = False, remat_policy: str = 'none',
-               dtype: str = 'float32', kernels: str = 'auto', rngs: nnx.Rngs):
+               dtype: str = 'float32', rngs: nnx.Rngs):
     """`pooling`: what the classifier reads, the first ([CLS]) position's hidden state
     ('cls', as in BERT) or the mean over unpadded positions ('mean')."""
     if pooling not in ('cls', 'mean'):
@@ -410,7 +408,7 @@ class BERT(nnx.Module):
         vocab_size=vocab_size, max_len=max_len, num_layers=num_layers, num_heads=num_heads,
         embed_dim=embed_dim, mlp_ratio=mlp_ratio, dropout_rate=dropout_rate, positions=positions,
         use_bias=use_bias, scan_layers=scan_layers, remat_policy=remat_policy, dtype=dtype,
-        kernels=kernels, rngs=rngs)
+        rngs=rngs)
     dt = self.encoder.dtype
     # MLM head as in BERT: dense + GELU + LayerNorm, then the tied embedding and a bias.
     self.mlm_dense = nnx.Linear(embed_dim, embed_dim, dtype=dt, kernel_init=_INIT, rngs=rngs,

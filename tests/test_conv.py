@@ -1,6 +1,6 @@
-"""models/conv.py, models/conv_lowering.py and models/layers.py: every conv lowering is
-the same function as `lax.conv_general_dilated` (outputs and both gradients), the
-per-shape choice between them, and max_pool equals nnx.max_pool, ties included."""
+"""models/conv.py, backends/cpu/conv_lowering.py and backends/cpu/max_pool.py: every conv
+lowering is the same function as `lax.conv_general_dilated` (outputs and both gradients),
+the per-shape choice between them, and max_pool equals nnx.max_pool, ties included."""
 
 import dataclasses
 import json
@@ -12,11 +12,15 @@ import pytest
 from flax import nnx
 from jax import lax
 
+from backends import ops
 from core.errors import KilnError
-from backends.cpu import conv_lowering
-from backends.cpu import kernels as cpu_kernels
 from models import layers
 from models.conv import Conv
+
+# Skips the module where backends/cpu/ is deleted (plain XLA: no lowerings to compare).
+conv_lowering = pytest.importorskip('backends.cpu.conv_lowering')
+cpu_kernels = pytest.importorskip('backends.cpu.kernels')
+cpu_max_pool = pytest.importorskip('backends.cpu.max_pool')
 
 # (input shape N,*spatial,C; kernel spatial; C_out; strides; padding; dilation; groups)
 CASES = [
@@ -125,16 +129,18 @@ def test_dense_covers_the_small_maps_and_drops_padding_only_taps():
   assert len(big.live_taps()) == 9 and 'dense' not in conv_lowering.candidates(big)
 
 
-def test_conv_layer_keeps_nnx_conv_parameters_and_outputs():
+def test_conv_layer_keeps_nnx_conv_parameters_and_outputs(monkeypatch):
   x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
   reference = nnx.Conv(3, 5, (3, 3), strides=2, rngs=nnx.Rngs(0))
   for lowering in ('auto',) + conv_lowering.LOWERINGS:
-    layer = Conv(3, 5, (3, 3), strides=2, lowering=lowering, rngs=nnx.Rngs(0))
+    monkeypatch.setenv(conv_lowering.MODE_ENV, lowering)  # Forced on every conv (eager here).
+    layer = Conv(3, 5, (3, 3), strides=2, rngs=nnx.Rngs(0))
     assert jax.tree.map(jnp.shape, nnx.state(layer)) == jax.tree.map(jnp.shape,
                                                                       nnx.state(reference))
     np.testing.assert_allclose(layer(x), reference(x), rtol=1e-5, atol=1e-5)
   with pytest.raises(KilnError, match="conv lowering 'winograd' does not exist"):
-    Conv(3, 5, (3, 3), lowering='winograd', rngs=nnx.Rngs(0))
+    conv_lowering.conv_general_dilated(x, reference.kernel[...], (2, 2), 'SAME',
+                                       lowering='winograd')
 
 
 def test_accelerators_take_native_and_cpu_rules_pick_gemm_forms(monkeypatch):
@@ -195,7 +201,8 @@ def test_max_pool_matches_nnx_with_ties(window, strides, padding, shape):
   # ReLU'd, rounded values: most windows hold ties, whose gradient goes to one input.
   x = jnp.asarray(np.maximum(np.round(rng.standard_normal(shape)), 0), jnp.float32)
   reference = lambda x: nnx.max_pool(x, window, strides, padding)  # noqa: E731
-  ours = lambda x: layers.max_pool(x, window, strides, padding)  # noqa: E731
+  ours = lambda x: cpu_max_pool.max_pool(x, window, strides, padding)  # noqa: E731
+  assert layers.max_pool is ops.max_pool  # Models reach the rewrite through backends.ops.
   y, vjp = jax.vjp(ours, x)
   want_y, want_vjp = jax.vjp(reference, x)
   g = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)

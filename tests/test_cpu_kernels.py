@@ -1,6 +1,10 @@
 """backends.cpu.kernels: the compiled attention kernel against XLA's formulation, its dropout,
 its sharding, and the Philox words behind the Transformer's dropout masks."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,10 +13,14 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from core.errors import KilnError
-from backends.cpu import kernels as cpu_kernels
+from backends import ops
 from models.transformer import causal_attend
 from core import logical_axes
 from parallel import sharding
+from tests.tiny import REPO
+
+# Skips the module where backends/cpu/ is deleted (plain XLA: nothing here to test).
+cpu_kernels = pytest.importorskip('backends.cpu.kernels')
 
 
 
@@ -124,10 +132,11 @@ def test_random_bits_are_uniform_and_reproducible():
 def test_kernel_dropout_keeps_the_rate_and_the_mean():
   from models.dropout import Dropout
   x = jnp.ones((64, 512))
-  y = Dropout(0.3, kernels='cpu')(x, deterministic=False, rngs=nnx.Rngs(dropout=0))
+  with ops.use('cpu'):
+    y = Dropout(0.3)(x, deterministic=False, rngs=nnx.Rngs(dropout=0))
+    again = Dropout(0.3)(x, deterministic=False, rngs=nnx.Rngs(dropout=0))
   assert abs(float((y == 0).mean()) - 0.3) < 0.01  # 33k draws: 4 sigma is 0.01.
   assert abs(float(y.mean()) - 1.0) < 0.02  # Kept values scaled by 1 / keep probability.
-  again = Dropout(0.3, kernels='cpu')(x, deterministic=False, rngs=nnx.Rngs(dropout=0))
   np.testing.assert_array_equal(y, again)
 
 
@@ -137,9 +146,11 @@ def test_gpt_with_kernels_equals_gpt_without():
 
   def loss_and_grads(kernels):
     model = GPT(vocab_size=65, max_len=80, num_layers=2, num_heads=2, embed_dim=32,
-                positions='rotary', kernels=kernels, rngs=nnx.Rngs(0))
+                positions='rotary', rngs=nnx.Rngs(0))
     loss = lambda m: jax.nn.log_softmax(m(tokens)).mean()
-    value, grads = nnx.value_and_grad(loss)(model)
+    with ops.use(kernels):  # config.backend.cpu_kernels for this trace.
+      assert ops.accelerated('causal_attention') == (kernels == 'cpu')
+      value, grads = nnx.value_and_grad(loss)(model)
     return value, jax.tree.leaves(nnx.state(grads, nnx.Param))
   value, grads = loss_and_grads('cpu')
   expected, expected_grads = loss_and_grads('xla')
@@ -149,14 +160,15 @@ def test_gpt_with_kernels_equals_gpt_without():
 
 
 def test_bad_kernel_settings_name_the_fix(monkeypatch, tmp_path):
-  with pytest.raises(KilnError, match=r"config.model.kernels='gpu' must be one of auto, xla, "
-                                      r"cpu"):
-    cpu_kernels.enabled('gpu')
+  with pytest.raises(KilnError, match=r"config.backend.cpu_kernels='gpu' must be one of auto, "
+                                      r"xla, cpu"):
+    with ops.use('gpu'):
+      pass
   monkeypatch.setenv('CXX', 'no-such-compiler')
   monkeypatch.setenv('KILN_CACHE_DIR', str(tmp_path))
   with pytest.raises(KilnError, match=r"no C\+\+ compiler 'no-such-compiler' on PATH .*"
-                                      r"config.model.kernels='xla'"):
-    cpu_kernels._build()
+                                      r"config.backend.cpu_kernels='xla'"):
+    cpu_kernels.build()
   assert list(tmp_path.iterdir()) == []  # Nothing half-built left behind.
   monkeypatch.delenv('CXX')
   blocker = tmp_path / 'a_file'
@@ -164,6 +176,82 @@ def test_bad_kernel_settings_name_the_fix(monkeypatch, tmp_path):
   monkeypatch.setenv('KILN_CACHE_DIR', str(blocker / 'cache'))  # Cannot be created.
   monkeypatch.setattr(cpu_kernels, '_state', {})  # As in a fresh process.
   with pytest.raises(KilnError, match=r"could not be built or loaded .* set \$KILN_CACHE_DIR "
-                                      r"to a writable folder, or config.model.kernels='xla'"):
-    cpu_kernels.enabled('cpu')
+                                      r"to a writable folder, or set config.backend.cpu_kernels="
+                                      r"'xla'"):
+    with ops.use('cpu'):
+      pass
   assert not cpu_kernels.available()  # 'auto' then falls back to XLA.
+  assert not ops.accelerated('causal_attention') and not ops.accelerated('random_bits')
+
+
+LOWER_ISA = ('-mno-avx512f',)  # The AVX2 (and scalar) paths of csrc/cpu_kernels.cc.
+# Attention, dropout and Philox checks above, and every conv lowering against native
+# (direct = the compiled kernel), rerun against the lower-instruction-set build.
+_RECHECKED = [f'tests/test_cpu_kernels.py::test_{name}' for name in (
+    'attention_and_gradients_equal_xla', 'attention_dropout_is_inverted_dropout_on_the_'
+    'probabilities', 'attention_dropout_gradients_use_the_forward_mask',
+    'random_bits_are_uniform_and_reproducible', 'gpt_with_kernels_equals_gpt_without')] + [
+    'tests/test_conv.py::test_lowerings_match_native_outputs_and_gradients']
+_DUMP = """
+import sys
+import jax, numpy as np
+from backends.cpu import kernels
+q, k, v = (jax.random.normal(key, (2, 70, 3, 16)) for key in jax.random.split(jax.random.key(0), 3))
+x = jax.random.normal(jax.random.key(1), (4, 9, 9, 8))
+w = jax.random.normal(jax.random.key(2), (3, 3, 8, 16))
+np.savez(sys.argv[1], library=kernels.build(),
+         bits=kernels.random_bits(jax.random.key(7), (999, 33)),
+         attention=kernels.causal_attention(q, k, v, dropout_rate=0.25, key=jax.random.key(8)),
+         conv=kernels.conv2d(x, w, (4, 5, 5, 16), (2, 2), ((1, 1), (1, 1)), (1, 1)))
+"""
+
+
+@pytest.fixture(scope='module')
+def lower_isa_cache(tmp_path_factory):
+  """A cache folder holding the kernels built with LOWER_ISA (one ~20 s build per session)."""
+  cache = tmp_path_factory.mktemp('kiln_cache_lower_isa')
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv('KILN_CACHE_DIR', str(cache))
+    library = cpu_kernels.build(LOWER_ISA)
+  return cache, library
+
+
+@pytest.mark.slow
+def test_build_for_a_lower_instruction_set_is_keyed_apart_and_computes_the_same(lower_isa_cache,
+                                                                             tmp_path):
+  if not cpu_kernels.available():
+    pytest.skip("Kiln's CPU kernels do not build here")
+  cache, library = lower_isa_cache
+  compiler = os.environ.get('CXX') or 'g++'
+  lower = cpu_kernels.target_fingerprint(compiler, LOWER_ISA)
+  assert b'__AVX512F__' not in lower and b'__AVX2__' in lower
+  host_has_avx512 = b'__AVX512F__' in cpu_kernels.target_fingerprint(compiler)
+  assert (os.path.basename(library) != os.path.basename(cpu_kernels.build())) == host_has_avx512
+  env = dict(os.environ, KILN_CACHE_DIR=str(cache),
+             **{cpu_kernels.ARCH_FLAGS_ENV: ' '.join(LOWER_ISA)})
+  # Each build registers the same FFI names, so the lower one runs in its own processes.
+  dump = tmp_path / 'lower.npz'
+  subprocess.run([sys.executable, '-c', _DUMP, str(dump)], cwd=REPO, env=env, check=True,
+                 timeout=600)
+  lower_results = np.load(dump)
+  assert str(lower_results['library']) == library  # The fixture's build, found by its key.
+  np.testing.assert_array_equal(lower_results['bits'],
+                                cpu_kernels.random_bits(jax.random.key(7), (999, 33)))
+  q, k, v = (jax.random.normal(key, (2, 70, 3, 16))
+             for key in jax.random.split(jax.random.key(0), 3))
+  np.testing.assert_allclose(
+      lower_results['attention'],
+      cpu_kernels.causal_attention(q, k, v, dropout_rate=0.25, key=jax.random.key(8)),
+      rtol=1e-5, atol=1e-6)
+  x = jax.random.normal(jax.random.key(1), (4, 9, 9, 8))
+  w = jax.random.normal(jax.random.key(2), (3, 3, 8, 16))
+  np.testing.assert_allclose(
+      lower_results['conv'],
+      cpu_kernels.conv2d(x, w, (4, 5, 5, 16), (2, 2), ((1, 1), (1, 1)), (1, 1)),
+      rtol=1e-5, atol=1e-5)
+  result = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
+                           *_RECHECKED], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=1800)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert ' failed' not in result.stdout and ' passed' in result.stdout
+  assert sorted(p.name for p in cache.glob('*.so')) == [os.path.basename(library)]

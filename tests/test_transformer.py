@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from backends import ops
 from models import sampling
 from core.errors import KilnError
 from models.transformer import BERT, GPT
@@ -160,20 +161,24 @@ def test_attention_dropout_is_dropout_on_the_softmax_probabilities():
 def test_training_block_drops_attention_weights_then_residual_branches(kernels):
   """A training block equals its parts replayed with the same dropout stream: attention
   weights dropped first, then the two residual branches, as in GPT-2/nanoGPT and BERT."""
-  model = _gpt(num_layers=1, dropout_rate=0.5, kernels=kernels)
-  block, tokens = model.transformer.blocks[0], jax.random.randint(jax.random.key(0), (2, 16), 0, 65)
-  x = model.transformer.token_embed[...][tokens]
-  positions = jnp.broadcast_to(jnp.arange(16), (2, 16))
-  trained, _ = block(x, positions=positions, causal=True, train=True, rngs=nnx.Rngs(dropout=1))
+  if kernels == 'cpu':
+    pytest.importorskip('backends.cpu')  # Deleted: plain XLA only.
+  with ops.use(kernels):  # config.backend.cpu_kernels for these (eager) calls.
+    model = _gpt(num_layers=1, dropout_rate=0.5)
+    block = model.transformer.blocks[0]
+    tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 65)
+    x = model.transformer.token_embed[...][tokens]
+    positions = jnp.broadcast_to(jnp.arange(16), (2, 16))
+    trained, _ = block(x, positions=positions, causal=True, train=True, rngs=nnx.Rngs(dropout=1))
 
-  def replay(attention_dropout: bool):
-    rngs = nnx.Rngs(dropout=1)
-    y, _ = block.attn(block.ln1(x), positions=positions, causal=True, rngs=rngs,
-                      dropout=block.dropout if attention_dropout else None)
-    h = x + block.dropout(y, deterministic=False, rngs=rngs)
-    return h + block.dropout(block.mlp(block.ln2(h)), deterministic=False, rngs=rngs)
-  np.testing.assert_allclose(trained, replay(True), rtol=1e-6, atol=1e-6)
-  assert not np.allclose(trained, replay(False), atol=1e-3)
+    def replay(attention_dropout: bool):
+      rngs = nnx.Rngs(dropout=1)
+      y, _ = block.attn(block.ln1(x), positions=positions, causal=True, rngs=rngs,
+                        dropout=block.dropout if attention_dropout else None)
+      h = x + block.dropout(y, deterministic=False, rngs=rngs)
+      return h + block.dropout(block.mlp(block.ln2(h)), deterministic=False, rngs=rngs)
+    np.testing.assert_allclose(trained, replay(True), rtol=1e-6, atol=1e-6)
+    assert not np.allclose(trained, replay(False), atol=1e-3)
 
 
 def test_baby_gpt_has_nanogpts_parameters_and_gpt2_initialisation():

@@ -22,7 +22,7 @@ Lowerings (all exact rewrites of `lax.conv_general_dilated`, forward and backwar
   from the kernel taps each (input, output) pixel pair uses (zero where none). On a
   2x2 map every pair is a real tap, so it does exactly the conv's arithmetic, where
   im2col would multiply 5 of 9 taps against padding.
-- 'direct': Kiln's compiled CPU kernel (models/cpu_kernels.py): per thread, tiles of
+- 'direct': Kiln's compiled CPU kernel (backends/cpu/kernels.py): per thread, tiles of
   whole images whose patches (live taps only) are gathered into a cache-sized buffer and
   multiplied with Eigen GEMMs; input gradients scatter the patch gradients back. The
   im2col arithmetic without the patch matrix ever leaving the core's cache, and without
@@ -617,3 +617,35 @@ def choose(spec: ConvSpec, backend: str | None = None) -> Plan:
       write_json_atomic(_cache_path(), cached)
     _CHOICES[key] = plan
     return plan
+
+
+def conv_general_dilated(inputs: jax.Array, kernel: jax.Array, window_strides, padding, *,
+                         lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+                         feature_group_count: int = 1, precision=None, lowering: str = 'auto',
+                         **kwargs) -> jax.Array:
+  """Drop-in for `jax.lax.conv_general_dilated` as `nnx.Conv` calls it (backends.ops'
+  CPU path for models.conv.Conv), lowered per shape.
+
+  `lowering`: 'auto' (`choose`: each pass, forward and both gradients, from the rule
+  table or measured), or one of LOWERINGS to force it on every pass. Calls the GEMM
+  lowerings do not cover (input dilation, other layouts, an explicit output sharding,
+  batch groups) stay native whatever is asked.
+  """
+  if lowering != 'auto' and lowering not in LOWERINGS:
+    raise KilnError(f"conv lowering '{lowering}' does not exist: use 'auto' or one of "
+                    f'{LOWERINGS}')
+  spec = None
+  covered = kwargs.get('out_sharding') is None and set(kwargs) <= {'out_sharding',
+                                                                   'preferred_element_type'}
+  if lowering != 'native' and covered:
+    spec = channels_last_spec(
+        inputs, kernel, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count)
+  if spec is None:
+    return lax.conv_general_dilated(
+        inputs, kernel, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count, precision=precision, **kwargs)
+  plan = choose(spec) if lowering == 'auto' else forced(lowering, spec)
+  return convolve(inputs, kernel, spec, plan, precision, kwargs.get('preferred_element_type'))

@@ -1,4 +1,4 @@
-"""Compiled CPU kernels (models/kernels/cpu_kernels.cc) for what XLA:CPU does slowly.
+"""Compiled CPU kernels (backends/cpu/csrc/cpu_kernels.cc) for what XLA:CPU does slowly.
 
 - `causal_attention`: causal softmax attention with dropout on the weights, forward and
   backward. XLA:CPU runs attention's small per-(batch, head) dots at about a third of its
@@ -15,10 +15,15 @@
 
 The library is compiled from source on first use with the C++ compiler on PATH (`$CXX`,
 else g++), against the XLA FFI headers that ship with jaxlib and the Eigen headers that
-ship with TensorFlow (a Kiln dependency), for this CPU (-march=native), and cached in
-`core.host.cache_dir()` under a name hashing the source, flags and versions.
-`enabled(mode)` decides per config.model.kernels: 'auto' uses them on a CPU backend when
-they build, 'xla' never, 'cpu' always (one-line KilnError when they cannot be built).
+ship with TensorFlow (a Kiln dependency), for this CPU (-march=native, plus
+$KILN_CPU_ARCH_FLAGS, e.g. '-mno-avx512f' to build for a lower instruction set), and cached
+in `core.host.cache_dir()` under a name hashing the source, the flags, JAX's version, the
+compiler's identity and version, and the instruction-set macros -march=native resolves to
+on this CPU: hosts sharing a home folder (AVX-512 and AVX2-only) each get their own build
+instead of one that dies with SIGILL on the other. backends/cpu/__init__.py registers them
+as backends.ops' CPU implementations; config.backend.cpu_kernels decides whether they run
+('auto' on a CPU backend when they build, 'xla' never, 'cpu' always, or a one-line
+KilnError where they cannot be built).
 
 Masks come from the kernels' own Philox streams keyed by bits drawn from the caller's JAX
 key, so they differ from jax.random's for the same key; they do not depend on how the
@@ -29,6 +34,7 @@ import functools
 import hashlib
 import importlib.util
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -47,7 +53,8 @@ _FLAGS = ('-O3', '-march=native', '-DNDEBUG', '-fPIC', '-shared', '-std=c++17', 
 _TARGETS = {'forward': 'KilnCausalAttentionForward', 'backward': 'KilnCausalAttentionBackward',
             'bits': 'KilnPhiloxBits', 'conv_forward': 'KilnConvForward',
             'conv_input_grad': 'KilnConvInputGrad', 'conv_kernel_grad': 'KilnConvKernelGrad'}
-MODES = ('auto', 'xla', 'cpu')  # config.model.kernels values; see `enabled`.
+ARCH_FLAGS_ENV = 'KILN_CPU_ARCH_FLAGS'
+_FIX = "or set config.backend.cpu_kernels='xla'"
 _LEVELS = 1 << 16  # Dropout draws are 16-bit, as in models/dropout.py.
 _lock = threading.Lock()
 _state: dict = {}  # 'error' (why it cannot be built) or 'registered' once loaded.
@@ -62,22 +69,49 @@ def _eigen_include() -> str | None:
   return None
 
 
-def _build() -> str:
-  """Path of the compiled kernel library, compiling it on first use; raises KilnError."""
+def arch_flags() -> tuple[str, ...]:
+  """$KILN_CPU_ARCH_FLAGS split as a shell would: flags after -march=native."""
+  return tuple(shlex.split(os.environ.get(ARCH_FLAGS_ENV, '')))
+
+
+@functools.lru_cache(maxsize=None)
+def target_fingerprint(compiler: str, extra_flags: tuple[str, ...] = ()) -> bytes:
+  """What a build depends on besides the source and Kiln's flags: the compiler's identity
+  and version (`--version`), and every macro -march=native (with `extra_flags`) defines
+  here, which names the instruction sets the code may use (__AVX512F__, __AVX2__, ...).
+  A CPU model name would not do: one name covers hosts with different features enabled."""
+  def output(*args, stdin=None):
+    result = subprocess.run([compiler, *args], input=stdin, capture_output=True, text=True)
+    if result.returncode:
+      lines = result.stderr.strip().splitlines() or ['(no output)']
+      raise KilnError(f"'{compiler} {' '.join(args)}' failed ({lines[-1].strip()}): fix the "
+                      f"compiler or ${ARCH_FLAGS_ENV}, {_FIX}")
+    return result.stdout
+  version = output('--version')
+  macros = sorted(output('-march=native', *extra_flags, '-dM', '-E', '-x', 'c++', '-',
+                         stdin='').splitlines())
+  return '\n'.join([version, *macros]).encode()
+
+
+def build(extra_flags: tuple[str, ...] | None = None) -> str:
+  """Path of the compiled kernel library for this CPU and compiler, with `extra_flags`
+  after -march=native (default `arch_flags()`), compiling it on first use; KilnError if
+  it cannot be."""
   compiler = os.environ.get('CXX') or 'g++'
   if shutil.which(compiler) is None:
     raise KilnError(f"no C++ compiler '{compiler}' on PATH for Kiln's CPU kernels: "
-                    "install g++ (or set $CXX), or set config.model.kernels='xla'")
+                    f"install g++ (or set $CXX), {_FIX}")
   eigen = _eigen_include()
   if eigen is None:
     raise KilnError("Kiln's CPU kernels need the Eigen headers that ship with the "
-                    "tensorflow package: pip install tensorflow-cpu, or set "
-                    "config.model.kernels='xla'")
+                    f"tensorflow package: pip install tensorflow-cpu, {_FIX}")
+  extra = arch_flags() if extra_flags is None else tuple(extra_flags)
+  flags = (*_FLAGS, *extra)
   with open(_SOURCE, 'rb') as f:
     source = f.read()
   digest = hashlib.sha256(b'\0'.join([
-      source, ' '.join(_FLAGS).encode(), compiler.encode(), jax.__version__.encode(),
-      host.cpu_model_name().encode()])).hexdigest()[:16]
+      source, ' '.join(flags).encode(), compiler.encode(), jax.__version__.encode(),
+      target_fingerprint(compiler, extra)])).hexdigest()[:16]
   path = os.path.join(host.cache_dir(), f'cpu_kernels-{digest}.so')
   if os.path.exists(path):
     return path
@@ -85,15 +119,15 @@ def _build() -> str:
   # Another process may build the same library: compile to a temp name, then rename.
   fd, temp = tempfile.mkstemp(suffix='.so', dir=host.cache_dir())
   os.close(fd)
-  command = [compiler, *_FLAGS, '-isystem', jax.ffi.include_dir(), '-isystem', eigen, _SOURCE,
+  command = [compiler, *flags, '-isystem', jax.ffi.include_dir(), '-isystem', eigen, _SOURCE,
              '-o', temp]
   try:
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode:
       lines = result.stderr.strip().splitlines() or ['(no output)']
       first_error = next((line for line in lines if 'error' in line), lines[-1]).strip()
-      raise KilnError(f"compiling Kiln's CPU kernels failed ({first_error}): "
-                      "set config.model.kernels='xla'")
+      raise KilnError(f"compiling Kiln's CPU kernels failed ({first_error}): fix the "
+                      f"compiler or ${ARCH_FLAGS_ENV}, {_FIX}")
     os.replace(temp, path)
   finally:
     if os.path.exists(temp):
@@ -101,7 +135,8 @@ def _build() -> str:
   return path
 
 
-def _register() -> None:
+def ensure() -> None:
+  """Compiles (first time) and loads the kernels into this process; KilnError if it cannot."""
   with _lock:
     if 'registered' in _state:
       return
@@ -109,7 +144,7 @@ def _register() -> None:
       raise KilnError(_state['error'])
     try:
       import ctypes  # Only here: the library is loaded once per process.
-      library = ctypes.cdll.LoadLibrary(_build())
+      library = ctypes.cdll.LoadLibrary(build())
       for target in _TARGETS.values():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, target)),
                                     platform='cpu')
@@ -118,7 +153,7 @@ def _register() -> None:
       raise
     except OSError as error:  # An unwritable cache folder, or a library this CPU rejects.
       _state['error'] = (f"Kiln's CPU kernels could not be built or loaded ({error}): set "
-                         "$KILN_CACHE_DIR to a writable folder, or config.model.kernels='xla'")
+                         f"$KILN_CACHE_DIR to a writable folder, {_FIX}")
       raise KilnError(_state['error']) from error
     _state['registered'] = True
 
@@ -126,38 +161,15 @@ def _register() -> None:
 def available() -> bool:
   """Whether the kernels are (or can be) compiled and loaded in this process."""
   try:
-    _register()
+    ensure()
   except KilnError:
     return False
   return True
 
 
-def check_mode(mode: str) -> None:
-  """Raises ValueError unless `mode` is a config.model.kernels value (model constructors)."""
-  if mode not in MODES:
-    raise ValueError(f"kernels='{mode}' must be one of {', '.join(MODES)}")
-
-
-def enabled(mode: str) -> bool:
-  """Whether config.model.kernels=`mode` runs the kernels here; 'cpu' raises KilnError
-  where they cannot run."""
-  if mode not in MODES:
-    raise KilnError(f"config.model.kernels='{mode}' must be one of {', '.join(MODES)}")
-  if mode == 'xla':
-    return False
-  on_cpu = jax.default_backend() == 'cpu'
-  if mode == 'cpu':
-    if not on_cpu:
-      raise KilnError(f"config.model.kernels='cpu' needs a CPU backend, not "
-                      f"{jax.default_backend()}: use 'auto' or 'xla'")
-    _register()
-    return True
-  return on_cpu and available()
-
-
 def random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """Uniform uint32 words of `shape` from Philox-4x32-10 seeded by two words of `key`."""
-  _register()
+  ensure()
   seed = jax.random.bits(key, (2,), jnp.uint32)
   return jax.ffi.ffi_call(_TARGETS['bits'], jax.ShapeDtypeStruct(shape, jnp.uint32),
                           vmap_method='sequential')(seed)
@@ -220,7 +232,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, dropout_rate: 
   Inside `core.logical_axes.activate` with a multi-device mesh the kernel runs on each
   device's [batch, heads] shard (shard_map by the 'batch' and 'heads' rules), and its
   dropout masks are the same as on one device."""
-  _register()
+  ensure()
   if not (q.shape == k.shape == v.shape and q.ndim == 4):
     raise KilnError(f'causal_attention needs q, k, v of one [B, T, N, H] shape, got '
                     f'{q.shape}, {k.shape}, {v.shape}')
@@ -254,20 +266,20 @@ def _conv_call(target: str, result_shape, a, b, strides, padding, dilation):
 def conv2d(x, kernel, out_shape, strides, padding, dilation):
   """The channels-last 2-D conv of float32 x [N, H, W, C] and kernel [KH, KW, C, O] into
   `out_shape` [N, OH, OW, O], with `strides`, ((top, bottom), (left, right)) zero
-  `padding` and kernel `dilation`; not differentiable (models/conv_lowering.py pairs it
+  `padding` and kernel `dilation`; not differentiable (conv_lowering.py pairs it
   with conv2d_input_grad and conv2d_kernel_grad)."""
-  _register()
+  ensure()
   return _conv_call('conv_forward', out_shape, x, kernel, strides, padding, dilation)
 
 
 def conv2d_input_grad(out_grad, kernel, input_shape, strides, padding, dilation):
   """d loss / d x of `conv2d` from out_grad = d loss / d output."""
-  _register()
+  ensure()
   return _conv_call('conv_input_grad', input_shape, out_grad, kernel, strides, padding,
                     dilation)
 
 
 def conv2d_kernel_grad(x, out_grad, kernel_shape, strides, padding, dilation):
   """d loss / d kernel of `conv2d` from out_grad = d loss / d output."""
-  _register()
+  ensure()
   return _conv_call('conv_kernel_grad', kernel_shape, x, out_grad, strides, padding, dilation)

@@ -1,0 +1,205 @@
+"""The few ops a backend may run faster than plain JAX, behind one switch.
+
+Models call these instead of the JAX functions they stand for:
+
+- `causal_attention(q, k, v, *, dropout_rate, key)`: softmax(q k^T, causal) v on token-major
+  [B, T, N, H] arrays (q already scaled), dropout on the weights when `key` is given;
+- `random_bits(key, shape)`: uniform uint32 words (dropout masks);
+- `conv_general_dilated(...)`: `jax.lax.conv_general_dilated`, as `nnx.Conv` calls it;
+- `max_pool(x, window_shape, strides, padding)`: `nnx.max_pool`.
+
+Each has a portable implementation here in plain JAX: what accelerators run, what
+`jax.export` sees, and all there is when no backend package is installed. A backend package
+(backends/cpu/) registers its own implementations for one platform with `register`.
+`config.backend.cpu_kernels`, applied once per run by `configure`, decides whether they
+run: 'auto' (default) where the platform is JAX's default backend and the implementation
+can run there, 'xla' never (plain XLA everywhere), 'cpu' always (a one-line KilnError
+where they cannot). The choice is made when a model is traced, so `portable()` around a
+trace gives plain JAX whatever the run's setting (export: no custom calls).
+
+`accelerated(op)` tells a model whether a registered implementation runs now, for a model
+whose own plain-JAX formulation differs from the portable one here (the Transformer keeps
+its blocked attention and its own dropout stream when nothing faster runs).
+"""
+
+import contextlib
+import contextvars
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from core.errors import KilnError
+
+OPS = ('causal_attention', 'random_bits', 'conv_general_dilated', 'max_pool')
+MODES = ('auto', 'xla', 'cpu')  # config.backend.cpu_kernels values.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+  implementation: Callable
+  platform: str  # jax.default_backend() where it runs.
+  ready: Callable[[], None] | None  # Raises KilnError where it cannot run (no compiler...).
+
+  def usable(self) -> bool:
+    if self.ready is None:
+      return True
+    try:
+      self.ready()
+    except KilnError:
+      return False
+    return True
+
+
+_REGISTRY: dict[str, _Entry] = {}
+_mode = 'auto'  # The run's config.backend.cpu_kernels (`configure`).
+_scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar('kiln_ops_mode', default=None)
+
+
+def register(op: str, implementation: Callable, *, platform: str,
+             ready: Callable[[], None] | None = None) -> None:
+  """Makes `implementation` stand in for `op` on `platform` (a backend package's job)."""
+  if op not in OPS:
+    raise KilnError(f"backend op '{op}' does not exist: register one of {', '.join(OPS)}")
+  _REGISTRY[op] = _Entry(implementation, platform, ready)
+
+
+def _check(mode: str) -> str:
+  if mode not in MODES:
+    raise KilnError(f"config.backend.cpu_kernels='{mode}' must be one of {', '.join(MODES)}")
+  return mode
+
+
+def _strict_check() -> None:
+  """For 'cpu': every registered implementation runs here, else a one-line KilnError."""
+  if not _REGISTRY:
+    raise KilnError("config.backend.cpu_kernels='cpu' but no CPU backend is installed "
+                    "(backends/cpu/ is absent): use 'auto' or 'xla'")
+  for entry in _REGISTRY.values():
+    if jax.default_backend() != entry.platform:
+      raise KilnError(f"config.backend.cpu_kernels='cpu' needs a CPU backend, not "
+                      f"{jax.default_backend()}: use 'auto' or 'xla'")
+    if entry.ready is not None:
+      entry.ready()
+
+
+def configure(backend) -> None:
+  """Applies config.backend (its `cpu_kernels`) to this process; KilnError on bad values."""
+  global _mode
+  mode = _check(backend.cpu_kernels)
+  if mode == 'cpu':
+    _strict_check()
+  _mode = mode
+
+
+def mode() -> str:
+  """The setting in force here: a `use`/`portable` scope's, else the run's."""
+  return _scoped.get() or _mode
+
+
+@contextlib.contextmanager
+def use(cpu_kernels: str) -> Iterator[None]:
+  """config.backend.cpu_kernels=`cpu_kernels` for what is traced inside (tests, benchmarks)."""
+  if _check(cpu_kernels) == 'cpu':
+    _strict_check()
+  token = _scoped.set(cpu_kernels)
+  try:
+    yield
+  finally:
+    _scoped.reset(token)
+
+
+def portable() -> contextlib.AbstractContextManager[None]:
+  """Every op takes its plain-JAX path inside (for jax.export: no backend custom calls).
+  It acts on tracing: jit a function not traced before (jit reuses a function's trace)."""
+  return use('xla')
+
+
+def _chosen(op: str) -> Callable | None:
+  """The registered implementation of `op` that runs now, or None for the portable one."""
+  current = mode()
+  entry = _REGISTRY.get(op)
+  if current == 'xla' or entry is None:
+    return None
+  if current == 'cpu':
+    if jax.default_backend() != entry.platform:
+      raise KilnError(f"config.backend.cpu_kernels='cpu' needs a CPU backend, not "
+                      f"{jax.default_backend()}: use 'auto' or 'xla'")
+    if entry.ready is not None:
+      entry.ready()
+    return entry.implementation
+  if jax.default_backend() != entry.platform or not entry.usable():
+    return None
+  return entry.implementation
+
+
+def accelerated(op: str) -> bool:
+  """Whether a registered (faster) implementation of `op` runs if called now."""
+  return _chosen(op) is not None
+
+
+_LEVELS = 1 << 16  # Dropout keeps 16-bit draws below (1 - rate) * 2^16, as the kernels do.
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, dropout_rate: float = 0.0,
+                     key: jax.Array | None = None) -> jax.Array:
+  """softmax(q k^T, causal) v on token-major [B, T, N, H] arrays (q already scaled by
+  1/sqrt(H)), inverted dropout at `dropout_rate` on the softmax weights when `key` is given;
+  float32 inside, q's dtype out. The portable path's masks come from jax.random, so they
+  differ from a backend's for the same key."""
+  chosen = _chosen('causal_attention')
+  if chosen is not None:
+    return chosen(q, k, v, dropout_rate=dropout_rate, key=key)
+  length = q.shape[1]
+  scores = jnp.einsum('btnh,bsnh->bnts', q, k, preferred_element_type=jnp.float32)
+  visible = jnp.arange(length)[None, :] <= jnp.arange(length)[:, None]
+  weights = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
+  if key is not None and dropout_rate > 0.0:
+    threshold = round((1.0 - dropout_rate) * _LEVELS)
+    keep = (jax.random.bits(key, weights.shape, jnp.uint32) >> 16) < threshold
+    weights = jnp.where(keep, weights * (_LEVELS / threshold), 0.0)
+  y = jnp.einsum('bnts,bsnh->btnh', weights, v.astype(jnp.float32))
+  return y.astype(q.dtype)
+
+
+def random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Uniform uint32 words of `shape` (jax.random.bits where no backend draws them)."""
+  chosen = _chosen('random_bits')
+  if chosen is not None:
+    return chosen(key, shape)
+  return jax.random.bits(key, shape, jnp.uint32)
+
+
+def conv_general_dilated(inputs: jax.Array, kernel: jax.Array, window_strides, padding,
+                         **kwargs) -> jax.Array:
+  """`jax.lax.conv_general_dilated` (same arguments), the hook `nnx.Conv` takes."""
+  chosen = _chosen('conv_general_dilated')
+  if chosen is not None:
+    return chosen(inputs, kernel, window_strides, padding, **kwargs)
+  return lax.conv_general_dilated(inputs, kernel, window_strides, padding, **kwargs)
+
+
+def max_pool(x: jax.Array, window_shape: Sequence[int], strides: Sequence[int] | None = None,
+             padding='VALID') -> jax.Array:
+  """`nnx.max_pool` (same arguments, outputs and gradients)."""
+  chosen = _chosen('max_pool')
+  if chosen is not None:
+    return chosen(x, window_shape, strides, padding)
+  return nnx.max_pool(x, window_shape=tuple(window_shape), strides=strides, padding=padding)
+
+
+def _register_installed_backends() -> None:
+  """The one registration: backends/cpu/ when present (delete the folder for plain XLA)."""
+  try:
+    from backends import cpu
+  except ModuleNotFoundError as error:
+    if error.name != 'backends.cpu':
+      raise
+    return
+  cpu.register(register)
+
+
+_register_installed_backends()
