@@ -3,21 +3,33 @@
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from core.errors import KilnError
 from loop.state import TrainState
 from core.paths import path_string
 
+CHECKPOINTS_FOLDER = 'checkpoints'  # Inside a run's workdir.
+
 
 class Checkpointer:
-  def __init__(self, workdir: str, keep: int):
+  """The one way Kiln touches Orbax: a CheckpointManager with the same two item handlers for
+  saving, resuming and reading another run's checkpoints (pre-trained weights, tests)."""
+
+  def __init__(self, workdir: str, keep: int | None = None, *, reading: bool = False):
+    """Checkpoints of the run in `workdir`, kept `keep` at a time. With `reading`, `workdir`
+    may also be the checkpoints folder itself, and nothing is created or saved there (so
+    another run's folder is left as it was)."""
+    folder = os.path.abspath(os.path.expanduser(workdir))
+    if not reading or os.path.isdir(os.path.join(folder, CHECKPOINTS_FOLDER)):
+      folder = os.path.join(folder, CHECKPOINTS_FOLDER)
+    # Not Orbax's read_only option: it logs a warning on every open.
+    options = (ocp.CheckpointManagerOptions(create=False) if reading else
+               ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
     # Handlers named up front so that a checkpoint's metadata can be read before restoring.
-    self.manager = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), 'checkpoints'),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-        item_handlers={'state': ocp.StandardCheckpointHandler(),
-                       'loop': ocp.JsonCheckpointHandler()})
+    self.manager = ocp.CheckpointManager(folder, options=options, item_handlers={
+        'state': ocp.StandardCheckpointHandler(), 'loop': ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -62,6 +74,17 @@ class Checkpointer:
       if path not in wanted:
         return f'it has {path}, which this model lacks'
     return None
+
+  def read_host(self, step: int) -> dict:
+    """The train state of checkpoint `step` as a nested dict of host NumPy arrays, whatever
+    mesh, strategy or number of processes wrote it; list indices (e.g. of layer blocks) come
+    back as string keys. The whole state is read: StandardRestore restores whole trees only."""
+    stored = self.manager.item_metadata(step)['state'].tree
+    # NumPy targets, not ShapeDtypeStructs: those take the writer's sharding from the
+    # metadata, which names devices this process may not have.
+    target = jax.tree.map(lambda leaf: np.empty(leaf.shape, leaf.dtype), stored)
+    return self.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))['state']
 
   def close(self) -> None:
     self.manager.wait_until_finished()

@@ -9,29 +9,21 @@ import os
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 
 from core.errors import KilnError
 from core.paths import path_string
-
-CHECKPOINTS_FOLDER = 'checkpoints'  # As loop.checkpoint.Checkpointer lays out a workdir.
-STATE_ITEM, LOOP_ITEM = 'state', 'loop'  # Its items: the train state, loop bookkeeping.
+from loop.checkpoint import Checkpointer
 
 
-def _open(checkpoint_dir: str) -> ocp.CheckpointManager:
+def _open(checkpoint_dir: str) -> Checkpointer:
   """The checkpoints of the run in `checkpoint_dir` (its workdir, or the workdir's
-  checkpoints folder), or a KilnError if it has none."""
-  folder = os.path.abspath(os.path.expanduser(checkpoint_dir))
-  if os.path.isdir(os.path.join(folder, CHECKPOINTS_FOLDER)):
-    folder = os.path.join(folder, CHECKPOINTS_FOLDER)
-  if os.path.isdir(folder):
-    # Handlers for both items that loop.checkpoint.Checkpointer writes, so Orbax reads quietly.
-    manager = ocp.CheckpointManager(folder, item_handlers={
-        STATE_ITEM: ocp.PyTreeCheckpointHandler(), LOOP_ITEM: ocp.JsonCheckpointHandler()})
-    if manager.latest_step() is not None:
-      return manager
-    manager.close()
+  checkpoints folder), opened for reading, or a KilnError if it has none."""
+  if os.path.isdir(os.path.abspath(os.path.expanduser(checkpoint_dir))):
+    reader = Checkpointer(checkpoint_dir, reading=True)
+    if reader.latest_step() is not None:
+      return reader
+    reader.close()
   raise KilnError(f"no checkpoint found in '{checkpoint_dir}': set config.init.checkpoint_dir "
                   'to the workdir of a finished run (or empty to start from scratch)')
 
@@ -39,32 +31,27 @@ def _open(checkpoint_dir: str) -> ocp.CheckpointManager:
 def newest_step(checkpoint_dir: str) -> int:
   """The step of the newest checkpoint in `checkpoint_dir`; a cheap check before a run
   writes anything."""
-  manager = _open(checkpoint_dir)
+  reader = _open(checkpoint_dir)
   try:
-    return manager.latest_step()
+    return reader.latest_step()
   finally:
-    manager.close()
+    reader.close()
 
 
 def read_params(checkpoint_dir: str) -> tuple[int, dict]:
   """(step, params as a nested dict of NumPy arrays) of the newest checkpoint in
-  `checkpoint_dir`, whatever wrote it. Only the params are read; list indices (e.g. of
-  layer blocks) come back as string keys."""
-  manager = _open(checkpoint_dir)
+  `checkpoint_dir`, whatever wrote it. List indices (e.g. of layer blocks) come back as
+  string keys."""
+  reader = _open(checkpoint_dir)
   try:
-    step = manager.latest_step()
-    tree = manager.item_metadata(step)[STATE_ITEM].tree
-    if 'params' not in tree:
-      raise KilnError(f"checkpoint {step} in '{checkpoint_dir}' holds no 'params': point "
-                      'config.init.checkpoint_dir at a Kiln run')
-    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree['params'])
-    restored = manager.restore(step, args=ocp.args.Composite(**{
-        STATE_ITEM: ocp.args.PyTreeRestore(item={'params': tree['params']},
-                                           restore_args={'params': as_numpy},
-                                           partial_restore=True)}))
+    step = reader.latest_step()
+    state = reader.read_host(step)
   finally:
-    manager.close()
-  return step, restored[STATE_ITEM]['params']
+    reader.close()
+  if 'params' not in state:
+    raise KilnError(f"checkpoint {step} in '{checkpoint_dir}' holds no 'params': point "
+                    'config.init.checkpoint_dir at a Kiln run')
+  return step, state['params']
 
 
 def _joined(prefix: tuple) -> str:
