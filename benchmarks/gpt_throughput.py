@@ -26,7 +26,7 @@ the configs' 'auto' uses them.
 
 The CPU matmul peak is measured in this run (monitor.hardware.measure_cpu_matmul_flops,
 not the cached figure) before every timed step; every row of a shape divides by the best
-probe of all its rows. MFU = analytic model FLOPs (monitor.flops: each matmul, causal attention
+probe of all its rows. MFU = analytic model FLOPs (GPT.forward_flops: each matmul, causal attention
 counted half) per second / that peak; 'MFU, PaLM count' uses 6N + 12*L*H*Q*T per token
 instead (full attention), the count of the PaLM paper and of nanoGPT's estimate_mfu.
 """

@@ -73,7 +73,7 @@ def test_forward_flops_match_xla(cls):
   tokens = jnp.zeros((2, 128), jnp.int32)
   xla = flops.xla_flops(jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)), state, tokens)
   analytic = 2 * flops.forward_flops(model, (128,))
-  # XLA also computes the masked half of causal attention (see monitor.flops).
+  # XLA also computes the masked half of causal attention (see models.cost.attention_flops).
   assert analytic / xla == pytest.approx(1.0, abs=0.10)
 
 
