@@ -93,23 +93,28 @@ class Range:
 @dataclasses.dataclass(frozen=True)
 class Choices:
   """One of a fixed set of strings. `values` may be a function of the whole config (names
-  resolved from a registry, e.g. the task's eval metrics); `prefixes` also accept
-  '<prefix><anything>' (e.g. 'tfds:' for any TFDS dataset name)."""
+  resolved from a registry, e.g. the task's eval metrics); `prefixes` (a tuple or such a
+  function) also accept '<prefix><anything>' (e.g. 'tfds:' for any TFDS dataset name);
+  `vet(value)`, if given, is the registry's own check, run first so that its message (which
+  names the field too) is the one users already know."""
   values: tuple[str, ...] | Callable[..., Iterable[str]]
-  prefixes: tuple[str, ...] = ()
+  prefixes: tuple[str, ...] | Callable[..., Iterable[str]] = ()
+  vet: Callable[[str], None] | None = None
 
   def names(self, config=None) -> tuple[str, ...]:
     return tuple(self.values(config) if callable(self.values) else self.values)
 
   def check(self, path: str, value, config=None):
+    if self.vet is not None and isinstance(value, str):
+      self.vet(value)
     names = self.names(config)
+    prefixes = tuple(self.prefixes(config) if callable(self.prefixes) else self.prefixes)
     ok = isinstance(value, str) and (
-        value in names or any(value.startswith(p) and len(value) > len(p)
-                              for p in self.prefixes))
+        value in names or any(value.startswith(p) and len(value) > len(p) for p in prefixes))
     if not ok:
       listed = ', '.join(repr(n) for n in names)
-      listed += ''.join(f" or '{p}<name>'" for p in self.prefixes)
-      raise KilnError(f'config.{path}={value!r} is not a choice: set it to one of {listed}')
+      listed += ''.join(f" or '{p}<name>'" for p in prefixes)
+      raise KilnError(f'unknown config.{path}={value!r}: set it to one of {listed}')
     return value
 
 

@@ -11,7 +11,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from backends import ops
-from loop import steps
+from loop import fields, steps
 from core.errors import KilnError
 from core.logical_axes import Rules
 from loop.state import ModelTemplate, create_sharded_state
@@ -92,6 +92,7 @@ class Experiment:
 
 def build_experiment(config, devices=None) -> Experiment:
   """Validates `config` against the data and devices; raises KilnError on bad input."""
+  fields.validate(config)  # Every field against its range or choices, before any data is read.
   ops.configure(config.backend)  # Before any model is traced: which op implementations run.
   task = create_task(config)
   task.load_data(jax.process_index(), jax.process_count())

@@ -10,6 +10,7 @@ import inspect
 from flax import nnx
 
 from core.errors import KilnError
+from models import fields as model_fields
 from models.cnn import CNN
 from models.conformer import ConformerEncoder
 from models.detector import YOLO
@@ -53,6 +54,7 @@ def create_model(model_config, rngs: nnx.Rngs, **task_args) -> nnx.Module:
   if name not in MODELS:
     raise KilnError(f"unknown model '{name}': set config.model.name to one of "
                     f"{', '.join(sorted(MODELS))}")
+  model_fields.check(model_config)  # Ranges and choices of its keys, one-line errors.
   model_cls = MODELS[name]
   accepted = inspect.signature(model_cls.__init__).parameters
   unknown = sorted(set(kwargs) - set(accepted))

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from backends import ops
+from core.errors import KilnError
 from models.cost import attention_flops
 from models.dropout import Dropout
 from core.logical_axes import constrain
@@ -102,7 +103,8 @@ class Attention(nnx.Module):
   def __init__(self, embed_dim: int, num_heads: int, *, use_bias: bool, rotary_positions: bool,
                dtype, rngs: nnx.Rngs, out_init=_INIT):
     if embed_dim % num_heads:
-      raise ValueError(f'embed_dim={embed_dim} must be a multiple of num_heads={num_heads}')
+      raise KilnError(f'config.model.embed_dim={embed_dim} must be a multiple of num_heads='
+                      f'{num_heads}: change one of them')
     head_dim = embed_dim // num_heads
     self.num_heads, self.rotary_positions, self.dtype = num_heads, rotary_positions, dtype
     self.qkv = _param(rngs, (embed_dim, 3, num_heads, head_dim), ('embed', None, 'heads', None))
@@ -233,11 +235,14 @@ class Transformer(nnx.Module):
     """`scaled_residual_init`: GPT-2's initialisation, the projections that end each
     residual branch drawn with std 0.02 / sqrt(2 * num_layers) instead of 0.02."""
     if positions not in ('learned', 'rotary'):
-      raise ValueError(f"positions='{positions}' must be 'learned' or 'rotary'")
+      raise KilnError(f"config.model.positions={positions!r} is not a choice: set it to "
+                      "'learned' or 'rotary'")
     if remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"remat_policy='{remat_policy}' must be one of {sorted(REMAT_POLICIES)}")
+      raise KilnError(f'config.model.remat_policy={remat_policy!r} is not a choice: set it to '
+                      f'one of {sorted(REMAT_POLICIES)}')
     if dtype not in DTYPES:
-      raise ValueError(f"dtype='{dtype}' must be one of {sorted(DTYPES)}")
+      raise KilnError(f'config.model.dtype={dtype!r} is not a choice: set it to one of '
+                      f'{sorted(DTYPES)}')
     self.dtype = DTYPES[dtype]
     self.max_len, self.scan_layers, self.num_layers = max_len, scan_layers, num_layers
     self.remat_policy = remat_policy
@@ -402,7 +407,8 @@ class BERT(nnx.Module):
     """`pooling`: what the classifier reads, the first ([CLS]) position's hidden state
     ('cls', as in BERT) or the mean over unpadded positions ('mean')."""
     if pooling not in ('cls', 'mean'):
-      raise ValueError(f"pooling='{pooling}' must be 'cls' or 'mean'")
+      raise KilnError(f"config.model.pooling={pooling!r} is not a choice: set it to 'cls' or "
+                      "'mean'")
     self.pooling = pooling
     self.encoder = Transformer(
         vocab_size=vocab_size, max_len=max_len, num_layers=num_layers, num_heads=num_heads,

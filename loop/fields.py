@@ -1,0 +1,230 @@
+"""Every config field's range or choices, checked before a run writes anything.
+
+One table per family (keyed by dotted path under config), mirroring configs/: BASE for
+the run-wide fields of configs/base.py, then VISION, DETECTION, LANGUAGE and SPEECH for
+the fields their bases add. A run's table is BASE + its task's family + the optimizer and
+schedule tables of optim/factory.py + its model's table (models/fields.py). Fields that
+are deliberately free-form (paths, split names, the rules table) say so with F.Free.
+Cross-field rules (a batch that divides over the mesh, min <= max) stay where the values
+are used; this layer catches a value that is wrong on its own.
+"""
+
+from collections.abc import Mapping
+
+from core import fields as F
+from core.errors import KilnError
+from input_pipeline import audio, augment, sources, text, tokenizers
+from models import fields as model_fields
+from optim import factory
+from parallel.strategy import STRATEGIES
+from tasks import TASKS
+from backends import ops
+
+_TFDS = (sources.TFDS_PREFIX,)
+_STEPS = F.POSITIVE_INT  # Cadences (log, eval, checkpoint) in steps.
+
+
+def _eval_metrics(config) -> tuple[str, ...]:
+  """The task's eval metric names known before its data is read."""
+  task = TASKS[config.task]
+  if hasattr(task, 'metrics_class'):
+    return tuple(task.metrics_class.__annotations__)
+  # Speech: its rates (which depend on config.decoding), plus per-speaker/accent ones below.
+  return ('loss', *task(config).rates)
+
+
+def _eval_metric_prefixes(config) -> tuple[str, ...]:
+  group = getattr(TASKS[config.task], 'group_rate', None)
+  return (f'{group}_speaker_', f'{group}_accent_') if group else ()
+
+
+BASE: dict[str, F.Constraint] = {
+    'seed': F.SEED,
+    'task': F.Choices(tuple(TASKS)),
+    'dataset.name': F.Choices(sources.LOCAL_SOURCES, _TFDS, sources.check_dataset_name),
+    'dataset.data_dir': F.Free('a folder; sources check that their files are there'),
+    'dataset.tfds_data_dir': F.Free('a folder; TFDS checks it holds the prepared data'),
+    'dataset.train_split': F.Free('a TFDS split name; checked against the builder'),
+    'dataset.eval_split': F.Free('a TFDS split name; checked against the builder'),
+    'dataset.holdout_fraction': F.OPEN_FRACTION,
+    'dataset.split_seed': F.SEED,
+    'dataset.shuffle_buffer': F.POSITIVE_INT,
+    'dataset.prefetch_batches': F.POSITIVE_INT,
+    'batch_size': F.POSITIVE_INT,
+    'eval_batch_size': F.POSITIVE_INT,
+    'num_epochs': F.POSITIVE,
+    'num_train_steps': F.Range(-1, integer=True, nonzero=True),  # -1: from num_epochs.
+    'optimizer.name': F.Choices(tuple(factory.OPTIMIZERS)),
+    'optimizer.learning_rate': factory.LEARNING_RATE,
+    **{f'optimizer.{spec.section}.{key}': constraint
+       for spec in factory.OPTIMIZERS.values() for key, constraint in spec.fields.items()},
+    **{f'schedule.{key}': constraint for key, constraint in factory.SCHEDULE_FIELDS.items()},
+    'regularization.l1': F.NON_NEGATIVE,
+    'regularization.l2': F.NON_NEGATIVE,
+    'regularization.weight_decay': F.NON_NEGATIVE,
+    'regularization.exclude': F.Free('a regex on parameter paths', F.regex),
+    'gradient.clip_global_norm': F.NON_NEGATIVE,
+    'gradient.clip_value': F.NON_NEGATIVE,
+    'gradient.accumulation_steps': F.POSITIVE_INT,
+    'ema.decay': F.RATE,
+    'ema.use_for_eval': F.FLAG,
+    'log_every_steps': _STEPS,
+    'eval_every_steps': _STEPS,
+    'checkpoint_every_steps': _STEPS,
+    'keep_checkpoints': F.POSITIVE_INT,
+    'early_stopping.metric': F.Choices(_eval_metrics, _eval_metric_prefixes),
+    'early_stopping.mode': F.Choices(('max', 'min')),
+    'early_stopping.patience': F.NON_NEGATIVE_INT,
+    'mesh.data': F.Range(-1, integer=True, nonzero=True),  # -1: the devices that remain.
+    'mesh.fsdp': F.Range(-1, integer=True, nonzero=True),
+    'mesh.tensor': F.Range(-1, integer=True, nonzero=True),
+    'parallel.strategy': F.Choices(tuple(STRATEGIES)),
+    'parallel.rules': F.Free('(logical name, mesh axes) pairs; parsed against the mesh'),
+    'distributed.initialize': F.FLAG,
+    'distributed.coordinator_address': F.Free('host:port; JAX resolves it'),
+    'distributed.num_processes': F.Range(-1, integer=True, nonzero=True),  # -1: detect.
+    'distributed.process_id': F.Range(-1, integer=True),  # -1: detect.
+    'init.checkpoint_dir': F.Free('a run folder; checked for a checkpoint before any write'),
+    'profile.first_step': F.NON_NEGATIVE_INT,
+    'profile.num_steps': F.NON_NEGATIVE_INT,
+    'backend.cpu_kernels': F.Choices(ops.MODES),
+    'compilation_cache_dir': F.Free('a folder; created by JAX'),
+}
+
+VISION = {
+    'dataset.name': F.Choices(sources.LOCAL_SOURCES, _TFDS, sources.check_dataset_name),
+    'augment.image_size': F.NON_NEGATIVE_INT,
+    'augment.crop': F.Choices(augment.CROPS),
+    'augment.pad': F.NON_NEGATIVE_INT,
+    'augment.crop_scale': F.Range(0, 1, low_open=True, each=True),
+    'augment.crop_ratio': F.Range(0, low_open=True, each=True),
+    'augment.eval_crop_fraction': F.Range(0, 1, low_open=True),
+    'augment.flip': F.FLAG,
+    'augment.mean': F.Range(0, 1, each=True),  # Pixels are in [0, 1].
+    'augment.std': F.Range(0, low_open=True, each=True),
+    'augment.mixup_alpha': F.NON_NEGATIVE,
+    'augment.cutmix_alpha': F.NON_NEGATIVE,
+}
+
+DETECTION = {
+    **VISION,
+    'dataset.name': F.Choices(('mnist_idx',)),  # Canvases are pasted from MNIST digits.
+    'detection.canvas_size': F.POSITIVE_INT,
+    'detection.min_objects': F.POSITIVE_INT,
+    'detection.max_objects': F.POSITIVE_INT,
+    'detection.digit_size': F.Range(1, integer=True, each=True),
+    'detection.num_train_canvases': F.POSITIVE_INT,
+    'detection.num_eval_canvases': F.POSITIVE_INT,
+    'detection.canvas_seed': F.SEED,
+    'detection.box_weight': F.NON_NEGATIVE,
+    'detection.objectness_weight': F.NON_NEGATIVE,
+    'detection.class_weight': F.NON_NEGATIVE,
+    'detection.ignore_iou': F.FRACTION,
+    'detection.score_threshold': F.FRACTION,
+    'detection.nms_iou': F.FRACTION,
+    'detection.max_detections': F.POSITIVE_INT,
+}
+
+LANGUAGE = {
+    'dataset.name': F.Choices(text.TEXT_SOURCES, _TFDS, text.check_text_dataset_name),
+    'dataset.text_file': F.Free('a UTF-8 file; read (and checked) by the text source'),
+    'dataset.tokenizer': F.Choices(tokenizers.TOKENIZERS, (), tokenizers.check_tokenizer_name),
+    'dataset.vocab_size': F.Range(len(tokenizers.SPECIAL_TOKENS) + 1, integer=True),
+    'dataset.seq_len': F.POSITIVE_INT,
+    'dataset.window_stride': F.NON_NEGATIVE_INT,  # 0: seq_len.
+}
+
+SEQUENCE_CLASSIFICATION = {  # Language, plus the fields configs/bert_classify_shakespeare adds.
+    **LANGUAGE,
+    'dataset.num_speakers': F.Range(2, integer=True),
+    'dataset.pretrain_holdout_fraction': F.OPEN_FRACTION,
+}
+
+SPEECH = {
+    'dataset.name': F.Choices(audio.LOCAL_SPEECH_SOURCES, _TFDS),
+    'audio.num_mels': F.POSITIVE_INT,
+    'audio.window_ms': F.POSITIVE,
+    'audio.hop_ms': F.POSITIVE,
+    'audio.max_frames': F.POSITIVE_INT,
+    'audio.eval_max_frames': F.NON_NEGATIVE_INT,  # 0: max_frames.
+    'audio.max_label_len': F.POSITIVE_INT,
+    'audio.eval_max_label_len': F.NON_NEGATIVE_INT,  # 0: max_label_len.
+    'audio.max_digits': F.POSITIVE_INT,
+    'audio.min_silence_ms': F.NON_NEGATIVE,
+    'audio.max_silence_ms': F.NON_NEGATIVE,
+    'audio.num_train_utterances': F.POSITIVE_INT,
+    'audio.num_eval_utterances': F.POSITIVE_INT,
+    'audio.freq_masks': F.NON_NEGATIVE_INT,
+    'audio.freq_width': F.NON_NEGATIVE_INT,
+    'audio.time_masks': F.NON_NEGATIVE_INT,
+    'audio.time_width': F.NON_NEGATIVE_INT,
+    'audio.time_width_fraction': F.FRACTION,
+    'decoding.beam_size': F.NON_NEGATIVE_INT,  # 0: greedy only.
+    'decoding.max_symbols_per_frame': F.POSITIVE_INT,
+}
+
+# Task -> (its family's table, the family base a config for it starts from).
+TASK_TABLES: dict[str, tuple[Mapping[str, F.Constraint], str]] = {
+    'classification': (VISION, 'configs/vision.py'),
+    'detection': (DETECTION, 'configs/detection.py'),
+    'causal_lm': (LANGUAGE, 'configs/language.py'),
+    'masked_lm': (LANGUAGE, 'configs/language.py'),
+    'sequence_classification': (SEQUENCE_CLASSIFICATION, 'configs/language.py'),
+    'speech_classification': (SPEECH, 'configs/speech.py'),
+    'speech_ctc': (SPEECH, 'configs/speech.py'),
+    'speech_rnnt': (SPEECH, 'configs/speech.py'),
+}
+assert set(TASK_TABLES) == set(TASKS), 'every task needs a family table'
+
+
+def _has(config, path: str) -> bool:
+  node = config
+  for key in path.split('.'):
+    if not hasattr(node, 'keys') or key not in node:
+      return False
+    node = node[key]
+  return True
+
+
+def table(config) -> dict[str, F.Constraint]:
+  """The constraints on every field of `config` outside config.model (whose keys are the
+  model's: models/fields.py); checks config.task first, as the table depends on it."""
+  if not _has(config, 'task'):
+    raise KilnError('config has no task: start it from a family base in configs/')
+  BASE['task'].check('task', config.task)
+  family, base_file = TASK_TABLES[config.task]
+  out = {**BASE, **family}
+  for path in out:
+    if not _has(config, path):
+      raise KilnError(f'config.{path} is missing, and task {config.task!r} needs it: start the '
+                      f'config from {base_file}')
+  return out
+
+
+def _check_all(config) -> list[str]:
+  constraints = table(config)
+  if not _has(config, 'model.name'):
+    raise KilnError('config.model.name is missing: name a model in models.MODELS')
+  missing = model_fields.check(config.model)
+  for path, value in F.leaves(config):
+    if path.startswith('model.'):
+      continue
+    constraint = constraints.get(path)
+    if constraint is None:
+      missing.append(path)
+    else:
+      constraint.check(path, value, config)
+  return missing
+
+
+def validate(config) -> None:
+  """Raises a one-line KilnError naming the first field out of its range or choices.
+
+  Fields no table names pass here (a fork's new field still runs; tests/test_config_fields
+  makes the project's own configs declare every one)."""
+  _check_all(config)
+
+
+def unconstrained(config) -> list[str]:
+  """Dotted paths of `config`'s leaves that no table constrains (after validating it)."""
+  return _check_all(config)
