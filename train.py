@@ -7,9 +7,14 @@
 """
 
 import functools
+import os
 import sys
 
-import backends  # First: before JAX or TF start threads.
+# TensorFlow's C++ INFO lines (e.g. tf.data's end-of-sequence notices); read at its import.
+# Its oneDNN notice at import ignores this and still prints.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+
+import backends  # noqa: E402  First: before JAX or TF start threads.
 
 backends.configure_host()
 
@@ -21,15 +26,26 @@ from loop.training import train_and_evaluate  # noqa: E402,F401 (offered to note
 from parallel import distributed  # noqa: E402
 
 
-class _QuietLibraries:
-  """Drops INFO chatter of checkpointing internals so that the run's own log stays readable."""
+class _OwnLinesOnly:
+  """Keeps the run's own lines (Kiln's modules; CLU's echo of metrics and progress) and every
+  library's warnings; drops libraries' INFO lines (Orbax alone logs ~40 per checkpoint)."""
+
+  _KEPT_LIBRARY_PATHS = ('/clu/metric_writers/', '/clu/platform/')
 
   def filter(self, record) -> bool:
-    return record.levelno >= logging.WARNING or '/orbax/' not in record.pathname
+    if record.levelno >= logging.converter.STANDARD_WARNING:  # logging.WARNING is absl's -1.
+      return True
+    if record.funcName == 'write_hparams':  # The whole config on one line; TensorBoard has it.
+      return False
+    path = record.pathname.replace(os.sep, '/')
+    if '/site-packages/' in path or '/dist-packages/' in path:
+      return any(kept in path for kept in self._KEPT_LIBRARY_PATHS)
+    return True
 
 
 def main(argv, config_flag, workdir_flag):
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  # Every logger (absl's, jax's, tensorflow's) ends in this handler once app.run has set it up.
+  logging.get_absl_handler().addFilter(_OwnLinesOnly())
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}: pass settings as --config.KEY=VALUE')
   if not workdir_flag.value:
@@ -44,6 +60,9 @@ def main(argv, config_flag, workdir_flag):
     train_and_evaluate(config, workdir_flag.value)
   except KilnError as e:
     sys.exit(f'error: {e}')
+  workdir = os.path.abspath(workdir_flag.value)
+  logging.info('Results in %s: summary.json, checkpoints/, TensorBoard events (tensorboard '
+               '--logdir=%s)', workdir, workdir)
 
 
 _FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError)

@@ -34,6 +34,12 @@ def write_train_log(writer, schedule, step: int, train_metrics, optimizer_scalar
   writer.write_scalars(step, scalars)
 
 
+def _write_utilization(writer, meter, step: int, input_wait_seconds: float) -> None:
+  scalars = meter.record(step, input_wait_seconds)
+  if scalars:  # Empty when an eval took the interval: a bare "[step]" line says nothing.
+    writer.write_scalars(step, scalars)
+
+
 def _start_from_pretrained(exp, state, shardings, checkpoint_dir: str):
   """The fresh state with every parameter another run's checkpoint has (e.g. a pre-trained
   encoder) copied in; the rest (e.g. a new head) keeps its initialization."""
@@ -122,7 +128,7 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
     # Written one step late, so fetching them never stalls the step just dispatched.
     if pending_log is not None:
       write_train_log(writer, schedule, *pending_log)
-      writer.write_scalars(pending_log[0], meter.record(pending_log[0], train_batches.wait_seconds))
+      _write_utilization(writer, meter, pending_log[0], train_batches.wait_seconds)
       pending_log = None
     if step % config.log_every_steps == 0:
       pending_log, train_metrics = (step, train_metrics, optimizer_scalars), None
@@ -148,7 +154,7 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
   train_batches.close()
   if pending_log is not None:
     write_train_log(writer, schedule, *pending_log)
-    writer.write_scalars(pending_log[0], meter.record(pending_log[0], train_batches.wait_seconds))
+    _write_utilization(writer, meter, pending_log[0], train_batches.wait_seconds)
   # The executable is cached: lowering again only looks it up (pmap has no lower()).
   compiled = (train_step.lower(state, batch).compile()
               if steps_run and hasattr(train_step, 'lower') else None)
