@@ -1,16 +1,15 @@
 """Dropout whose random bits cost half of `nnx.Dropout`'s.
 
 `nnx.Dropout` draws one 32-bit threefry word per element; here each word decides two
-elements through its two 16-bit halves. On the baby GPT (13 masks of 4096 x 384 per
-step) the masks took 107 ms of a 1.6 s CPU step; generating them this way measured
-189 -> 102 ms standalone. The keep probability is quantised to a multiple of 2^-16
+elements through its two 16-bit halves, so the masks cost about half the random bits
+(benchmarks/README.md, "dropout"). The keep probability is quantised to a multiple of 2^-16
 (0.8 -> 0.799997) and the kept values are scaled by the inverse of that quantised
 probability, so the layer stays exactly unbiased. The bits are threefry's, so masks do
 not depend on how the array is sharded (with `jax_threefry_partitionable`).
 
 The words come from backends.ops.random_bits: jax.random.bits, or on CPU (with
 config.backend.cpu_kernels 'auto' or 'cpu') the compiled Philox kernel, AVX-512 where the
-CPU has it: baby GPT's 13 masks per micro-batch cost ~35 ms of a ~1.1 s step from Threefry.
+CPU has it, far cheaper than XLA:CPU's Threefry loop.
 """
 
 import jax

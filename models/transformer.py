@@ -51,8 +51,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None,
   broadcastable to [B, N, T, S]. Scores and softmax are float32. `drop` (training) is
   dropout on the attention weights, as in GPT-2/nanoGPT and BERT.
 
-  Written out rather than jax.nn.dot_product_attention on [B, T, N, H]: on CPU its
-  fwd+bwd took 109 ms against 88 ms for this at the baby GPT shape (one layer, B16 T256)."""
+  Written out rather than jax.nn.dot_product_attention on [B, T, N, H], whose CPU forward
+  and backward were slower at the baby GPT shape (benchmarks/README.md, "attention")."""
   scores = jnp.einsum('bnth,bnsh->bnts', q, k, preferred_element_type=jnp.float32)
   if bias is not None:
     scores = scores + bias
@@ -83,7 +83,7 @@ def causal_attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | No
                   drop: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
   """Causal `attend` in query blocks, each reading only the keys up to its last row, so
   the fully masked upper blocks are never computed: with two blocks the scores shrink to
-  3/4. Baby GPT train step (T256): 1.07x with 128-row blocks, 1.06x with 64 (same run)."""
+  3/4 (step gain: benchmarks/README.md, "attention")."""
   length = q.shape[2]
   if length <= block or length % block:
     mask = causal_bias(length)
@@ -122,13 +122,13 @@ class Attention(nnx.Module):
     batch, length, embed = x.shape
     _, _, heads, head_dim = self.qkv.shape
     # One 2D [B*T, E] x [E, 3E] matmul (the parameter's [E, 3, N, H] layout flattens for
-    # free); with heads-major attention and the 2D output matmul below, 1.17x faster baby GPT
-    # step than the 'bte,eknh->kbtnh' / 'btnh,nhe->bte' einsums (2709 vs 3166 ms, same run).
+    # free); with heads-major attention and the 2D output matmul below, a faster step than
+    # the 'bte,eknh->kbtnh' / 'btnh,nhe->bte' einsums (benchmarks/README.md, "attention").
     qkv = x.reshape(batch * length, embed) @ self.qkv[...].astype(self.dtype).reshape(embed, -1)
     if self.qkv_bias is not None:
       qkv = qkv + self.qkv_bias[...].astype(self.dtype).reshape(-1)
     # Split along the matmul's columns, so the backward pass concatenates the three gradients
-    # (no pad + add); measured neutral on CPU (84.6 vs 87.9 ms CPU-config step, noise level).
+    # (no pad + add); measured neutral on CPU, kept for the simpler backward graph.
     q, k, v = (t.reshape(batch, length, heads, head_dim) for t in jnp.split(qkv, 3, axis=1))
     if self.rotary_positions:
       q, k = rotary(q, positions), rotary(k, positions)
@@ -175,7 +175,7 @@ class Attention(nnx.Module):
 def gelu(x: jax.Array) -> jax.Array:
   """Exact (erf) GELU, x * Phi(x), as published (nanoGPT's nn.GELU()). Through lax.erf rather
   than jax.nn.gelu(approximate=False), whose erfc expansion XLA fuses into a transposing
-  copy in the backward pass: 1.37x faster train step at the CPU config (62.8 vs 86.3 ms)."""
+  copy in the backward pass (step gain: benchmarks/README.md, "GELU")."""
   return 0.5 * x * (1 + jax.lax.erf(x * 0.7071067811865476))
 
 

@@ -1,9 +1,9 @@
 """Lowerings of one channels-last convolution, and the per-shape choice between them.
 
 XLA's native CPU convolution is slow for the small maps and many channels of a
-ResNet's late stages and for several backward passes: on 2 cores, a 3x3 conv on
-2x2x256 maps (batch 128) runs at ~1 GFLOP/s, where a matmul doing the same arithmetic
-runs at ~100. A convolution is a matrix product once the inputs each output reads are
+ResNet's late stages and for several backward passes: a small fraction of the speed of
+a matmul doing the same arithmetic (benchmarks/conv_throughput.py prints both per shape).
+A convolution is a matrix product once the inputs each output reads are
 laid side by side, so the GEMM lowerings here rewrite it into `dot_general`s, which
 XLA's CPU backend runs near its matmul peak.
 
@@ -353,7 +353,8 @@ def kernel_grad(name: str, x, g, spec: ConvSpec, precision=None):
   contract_rows = (((0,), (0,)), ((), ()))
   if name == 'shifted':
     # Channels-major input (one transpose), so that each tap's product contracts the
-    # rows of a plain row-major matrix: 1.5-2x faster than contracting patches' rows.
+    # rows of a plain row-major matrix, which XLA:CPU's matmul runs faster than
+    # contracting the patches' rows.
     xt = jnp.transpose(x, (x.ndim - 1,) + tuple(range(x.ndim - 1)))
     xt = lax.pad(xt, jnp.zeros((), x.dtype),
                  [(0, 0, 0), (0, 0, 0)] + [(lo, hi, 0) for lo, hi in spec.padding])
@@ -459,17 +460,15 @@ def forced(name: str, spec: ConvSpec) -> Plan:
 
 def rule(spec: ConvSpec, backend: str) -> Plan:
   """The plan to use without measuring (the CPU default). Native on accelerators. On
-  CPU, from the ResNet-18 shapes (batch 128, 2 shared AMD EPYC cores, reproduce with
-  benchmarks/conv_throughput.py): 'direct' wherever it takes the conv (56-86% of the
-  matmul peak on every shape, 1.3-100x native), except on maps so small that most of its
-  patch values are padding and every (input, output) pixel pair is a real tap, where
-  'dense' does only the conv's own arithmetic (2x2x256 3x3: 69% vs 37%). Without the
+  CPU, from the ResNet-18 shapes timed by benchmarks/conv_throughput.py (figures in
+  benchmarks/README.md, "conv lowerings"): 'direct' wherever it takes the conv, except on
+  maps so small that most of its patch values are padding and every (input, output) pixel
+  pair is a real tap, where 'dense' does only the conv's own arithmetic. Without the
   compiled kernels: 'dense' there too; native for k>1 convs on maps of 64+ pixels, or 16+
-  at stride 1, where XLA's kernel is as fast as the best XLA GEMM form or faster (8x8x64
-  3x3: forward 5.5 ms vs 25 for im2col, whose concatenated patches cost more than its
-  matmul; 4x4x128 3x3: 221 vs 172 GFLOP/s); 'im2col' elsewhere (strided convs on small
-  maps, 1x1 convs: 1.8-16x native). In whole training steps this table beat per-pass
-  timing (see choose)."""
+  at stride 1, where XLA's kernel is as fast as the best XLA GEMM form or faster (im2col's
+  concatenated patches cost more than its matmul there); 'im2col' elsewhere (strided convs
+  on small maps, 1x1 convs). In whole training steps this table beat per-pass timing
+  (see choose)."""
   if backend != 'cpu':
     return Plan.uniform('native')
   direct_ok = direct_available(spec)
@@ -599,9 +598,9 @@ def choose(spec: ConvSpec, backend: str | None = None) -> Plan:
     # the whole shape would not represent: keep XLA's own convolution there.
     return Plan.uniform('native')
   if how in ('rules', 'auto'):
-    # The rule table by default: in whole ResNet-18 steps (benchmarks/conv_throughput.py,
-    # same run, 2 shared cores) it trained at 457 images/s against 251 for plans timed
-    # pass by pass, whose isolated timings on a busy machine did not carry into the step.
+    # The rule table by default: in whole ResNet-18 steps (benchmarks/conv_throughput.py)
+    # it trained faster than plans timed pass by pass, whose isolated timings on a busy
+    # machine did not carry into the step.
     return rule(spec, backend)
   key = f'{_machine_key()} | {spec.key(backend)}'
   with _LOCK:

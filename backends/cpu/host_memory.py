@@ -4,24 +4,18 @@ XLA's CPU runtime allocates each execution's temporary and output buffers afresh
 glibc's malloc hands blocks that large straight to mmap and back to the kernel on free
 (by default every block over 32 MB; a thread's own arena maps blocks over 64 MB even with
 mmap switched off). So every training step faulted its temporaries in again, page by
-page: the ResNet-18 32x32 batch-128 step maps and frees one 111 MB block per step, 88,000
-page faults and ~200 ms of kernel time per step, more than its ~160 ms of compute
-(resource.getrusage around 10 steps; strace shows the mmap/munmap pair). With freed
-memory kept in one heap the same step faults no pages after warm-up: 540-680 -> 1,300-1,575
-images/s on 2 cores, peak RSS 1.34 -> 1.40 GB.
+page, and a large step spent more time in the kernel's page-fault handler than in its
+own arithmetic (resource.getrusage around a few steps; strace shows the mmap/munmap
+pair). With freed memory kept in one heap the same step faults no pages after warm-up.
 
 The price: the process keeps its peak heap until it exits (memory freed late in a run is
 not returned to the system), and all threads share one malloc arena, so threads that
-allocate at once wait on its lock. Measured with benchmarks/throughput.py and
-gpt_throughput.py, glibc's defaults vs kept, same hour: MNIST CNN 1,301 -> 1,643-1,769
-images/s, detector 648 -> 881-895, RNN-T Conformer 104 -> 152-153 utterances/s, BiLSTM CTC
-228 -> 260-268; the digits CNN within noise; the GPT CPU config (23-30 ms steps of many
-small allocations, 4x the context switches: threads waiting on the arena's lock, with or
-without Kiln's kernels) 25,000-32,000 -> 23,000-28,000 tokens/s; XLA's multi-threaded
-compiles wait too (two speech tests 36 -> 47 s, so tests/conftest.py keeps glibc's
-defaults for the compile-bound suite). Per-thread arenas kept the GPT config's speed but
-map blocks over 64 MB anyway (the ResNet step: 29,000 faults per step, ~1,150 images/s). On GPU and TPU hosts the big buffers live on the device, so
-'auto' keeps memory only where no accelerator plugin for JAX is installed.
+allocate at once wait on its lock: steps made of many small allocations (the GPT CPU
+config) and XLA's multi-threaded compiles get slower, which is why tests/conftest.py keeps
+glibc's defaults for the compile-bound suite. Per-thread arenas would avoid the lock but
+map the largest blocks anyway. The figures of both sides are in benchmarks/README.md
+("host memory"). On GPU and TPU hosts the big buffers live on the device, so 'auto' keeps
+memory only where no accelerator plugin for JAX is installed.
 
 Scripts call `configure()` before anything starts threads (before importing JAX,
 TensorFlow or CLU; importing JAX starts one): a thread keeps the arena it first

@@ -2,10 +2,8 @@
 
 `nnx.max_pool` is a `reduce_window`, and its gradient a `select_and_scatter`
 that XLA's CPU backend expands into a variadic reduce-window over four iota index
-arrays of the padded input. Profiled in a ResNet-18 training step (32x32 images,
-ImageNet stem, batch 128, 2 CPU cores, benchmarks/conv_throughput.py): the 3x3/2
-max-pool on the 16x16x64 stem output took ~200 ms of a ~1.1 s step (the iotas ~90
-ms, the reduce-window ~75 ms, broadcasts and selects the rest). Here the forward is
+arrays of the padded input, a large share of a ResNet step (benchmarks/README.md,
+"max-pool"). Here the forward is
 the max of the window's strided slices and the backward routes each output's
 gradient to the first input in window order that equals the max (select_and_scatter's
 own tie rule), all elementwise work that XLA fuses into one loop per pass.
