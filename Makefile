@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 WORKDIR ?= runs/default
 CONFIG ?= configs/default.py
 
-.PHONY: setup train test bench clean
+.PHONY: setup train test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,10 @@ train: setup
 
 test: setup
 	$(PY) -m pytest
+
+# Everything not marked `slow` (end-to-end, notebooks, multi-host, subprocesses): < 3 min on 2 cores.
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
 
 bench: setup
 	$(PY) benchmarks/throughput.py

@@ -123,6 +123,7 @@ def test_a_family_field_on_another_family_names_the_base_to_start_from():
     fields.validate(config)
 
 
+@pytest.mark.slow  # Each case starts train.py in a fresh interpreter.
 @pytest.mark.parametrize('config_file, flag, expected', [
     ('configs/gpt_shakespeare_char_cpu.py', '--config.model.positions=foo',
      "unknown config.model.positions='foo'"),

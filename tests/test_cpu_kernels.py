@@ -140,6 +140,7 @@ def test_kernel_dropout_keeps_the_rate_and_the_mean():
   np.testing.assert_array_equal(y, again)
 
 
+@pytest.mark.slow  # Eager GPT gradients through both attention paths: ~8 s on 2 cores.
 def test_gpt_with_kernels_equals_gpt_without():
   from models.transformer import GPT
   tokens = jax.random.randint(jax.random.key(1), (2, 80), 0, 65)

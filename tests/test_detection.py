@@ -232,6 +232,7 @@ def test_bad_detection_settings_are_one_line_errors():
 
 # ---- Training ----
 
+@pytest.mark.slow  # 60 training steps on 8 devices and a full eval.
 def test_detector_learns_on_8_devices(devices):
   """A small detector on 8 data-parallel devices: the loss falls and the eval pass
   (padded, masked, with mAP over the gathered detections) runs."""

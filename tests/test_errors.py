@@ -8,6 +8,7 @@ import pytest
 from tests.tiny import REPO
 
 
+@pytest.mark.slow  # Each case starts train.py in a fresh interpreter.
 @pytest.mark.parametrize('flags, expected', [
     (['--config.no_such_key=1'], "--config.no_such_key=1: 'no_such_key'"),
     (['--config.model.widht=3'], "--config.model.widht=3: 'widht'"),

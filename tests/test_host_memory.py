@@ -50,6 +50,7 @@ def faults_over_20_calls(mode: str) -> tuple[bool, int]:
   return kept == 'True', int(faults)
 
 
+@pytest.mark.slow  # A fresh interpreter.
 @pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='tunes glibc malloc only')
 def test_kept_memory_is_reused_where_system_malloc_faults_it_in_again():
   result_pages = 64 * 2**20 // 4096

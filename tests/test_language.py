@@ -26,6 +26,7 @@ def gpt_run(gpt_workdir, devices):
   return train.train_and_evaluate(tiny_gpt_config(), gpt_workdir)
 
 
+@pytest.mark.slow  # A whole GPT run (gpt_run).
 def test_gpt_learns_shakespeare(gpt_run):
   final = gpt_run['final_eval']
   assert final['loss'] < 3.05  # Guessing from character frequencies costs 3.31 nats.
@@ -35,6 +36,7 @@ def test_gpt_learns_shakespeare(gpt_run):
   assert gpt_run['mfu'] > 0 and gpt_run['train_step_flops'] > 0
 
 
+@pytest.mark.slow  # Needs the GPT run above.
 def test_generate_continues_the_prompt_from_the_checkpoint(gpt_run, gpt_workdir):
   def run(**kwargs):
     args = dict(prompt='ROMEO:', num_tokens=24, temperature=0.8, top_k=10, top_p=1.0, seed=0,
@@ -79,6 +81,7 @@ def test_bert_masking_follows_80_10_10(devices):
   assert (np.asarray(corrupted)[~masked] < 65).all()
 
 
+@pytest.mark.slow  # A whole BERT run.
 def test_bert_learns_above_the_unigram_baseline(tmp_path, devices):
   summary = train.train_and_evaluate(tiny_bert_config(), str(tmp_path))
   final = summary['final_eval']

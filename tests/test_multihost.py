@@ -39,6 +39,7 @@ def _losses(workdir: str) -> list[float]:
   return list(run_log.read_scalars(workdir)['train_loss'][1])
 
 
+@pytest.mark.slow  # Two more interpreters, twice, plus the one-process reference.
 def test_two_processes_match_one_process_step_for_step(tmp_path, devices):
   reference = str(tmp_path / 'one_process')
   expected = train.train_and_evaluate(multihost_config(), reference)

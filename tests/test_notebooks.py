@@ -30,6 +30,7 @@ def kernel_env(runs_dir: Path) -> dict[str, str]:
   return env
 
 
+@pytest.mark.slow  # Each notebook is a fresh kernel and a few training runs.
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs_and_plots(path, tmp_path):
   assert path.stat().st_size < MAX_BYTES, f'{path.name}: strip its outputs before committing'

@@ -119,6 +119,7 @@ print(float(total.sum()))
 '''
 
 
+@pytest.mark.slow  # A fresh interpreter per strategy.
 @pytest.mark.parametrize('strategy', ['jit', 'pmap'])
 def test_back_to_back_collective_steps_on_fake_cpu_devices_do_not_deadlock(strategy):
   # Without waiting for each step, XLA:CPU's in-process all-reduce deadlocks here within a

@@ -107,6 +107,7 @@ def _short(c, steps):
   return c
 
 
+@pytest.mark.slow  # A whole training run on real recordings.
 def test_digit_classifier_learns_and_reports_groups(tmp_path):
   c = _short(speech_digits.get_config(), 60)
   c.model.model_dim = 32
@@ -142,19 +143,24 @@ def connected_config():
   return make
 
 
+@pytest.mark.slow  # A whole training run on real recordings.
 def test_ctc_lstm_loss_falls_and_wer_is_counted(tmp_path, connected_config):
-  c = connected_config(_short(speech_ctc_lstm.get_config(), 40))
+  # 120 steps: at 40 the model still emits only blanks (CER 1.0); here 0.76 on 2 cores.
+  c = connected_config(_short(speech_ctc_lstm.get_config(), 120))
   c.model.hidden_dim = 32
   c.model.num_layers = 1
+  c.optimizer.learning_rate = 1e-2
   c.decoding.beam_size = 0  # Beam search is exercised by the RNN-T run and unit tests.
   summary = train_and_evaluate(c, str(tmp_path))
   final = summary['final_eval']
-  assert np.isfinite(final['loss']) and final['loss'] < 40  # Untrained: 60 nats.
+  assert np.isfinite(final['loss']) and final['loss'] < 20  # Untrained: 60 nats; here 13.
   assert 'beam_wer' not in final
-  for key in ('wer', 'cer', 'wer_speaker_theo', 'wer_accent_GRC_Greek'):
-    assert 0.0 <= final[key] <= 2.0, key
+  assert final['cer'] < 0.9  # It emits digits, some of them right (no output at all is 1.0).
+  for key in ('wer', 'wer_speaker_theo', 'wer_accent_GRC_Greek'):
+    assert 0.0 <= final[key] <= 2.0, key  # Whole two-digit words: none right this early.
 
 
+@pytest.mark.slow  # A whole training run on real recordings.
 def test_rnnt_conformer_loss_falls(tmp_path, connected_config):
   """Also scores eval utterances padded longer than training's (eval_max_frames and
   eval_max_label_len), as the LibriSpeech config does for its 35 s test utterances."""
@@ -171,7 +177,9 @@ def test_rnnt_conformer_loss_falls(tmp_path, connected_config):
   summary = train_and_evaluate(c, str(tmp_path))
   final = summary['final_eval']
   assert np.isfinite(final['loss']) and final['loss'] < 40  # Untrained: 76 nats.
-  for key in ('wer', 'cer', 'beam_wer', 'beam_cer'):
+  # Beam search already finds some digits after 40 steps (0.87 on 2 cores); greedy not yet.
+  assert final['beam_cer'] < 0.95
+  for key in ('wer', 'cer', 'beam_wer'):
     assert 0.0 <= final[key] <= 2.0, key
 
 
@@ -315,6 +323,7 @@ def test_speech_flop_counters_agree_with_xla():
   assert abs(xla - once) <= 0.03 * once
 
 
+@pytest.mark.slow  # Several Conformer compiles.
 def test_conformer_batch_norm_ignores_padding_and_evaluates_per_utterance():
   """conv_norm='batch' (the paper's): training statistics come from valid frames only, so
   padding a batch further leaves every valid output as it was; eval uses the running

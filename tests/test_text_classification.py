@@ -233,6 +233,7 @@ def test_pmap_and_ema_start_from_the_checkpoint(mlm_workdir, devices):
     np.testing.assert_array_equal(np.asarray(params['classifier']['kernel']), head)
 
 
+@pytest.mark.slow  # A whole fine-tuning run.
 def test_fine_tuned_classifier_learns_the_speakers(mlm_workdir, classifier):
   exp, state, shardings, init = classifier
   source = pretrained.read_params(mlm_workdir)[1]

@@ -110,11 +110,13 @@ def one_device_resnet(devices):
   return [m['loss'] for m, _ in run_steps(_tiny_resnet_config(), devices[:1], num_steps=30)[2]]
 
 
+@pytest.mark.slow  # 30 ResNet steps (one_device_resnet).
 def test_resnet_learns_digits(one_device_resnet):
   losses = one_device_resnet
   assert np.mean(losses[-5:]) < 0.65 * np.mean(losses[:5])  # ~2.34 -> ~1.38.
 
 
+@pytest.mark.slow  # Needs the 30-step run above.
 def test_batchnorm_is_synchronised_across_pmap_devices(one_device_resnet, devices):
   """Under pmap each device holds 1/8 of the batch: per-device statistics would give
   other losses than the one-device run. (Under jit the batch is one global array, so
@@ -126,6 +128,7 @@ def test_batchnorm_is_synchronised_across_pmap_devices(one_device_resnet, device
 
 # ---- ResNet-50 at 224x224, DP and FSDP on 8 devices, from the ImageNet config ----
 
+@pytest.mark.slow  # Two ResNet-50 compiles at 224x224.
 def test_resnet50_imagenet_trains_a_step_under_dp_and_fsdp(devices):
   """One train step of configs/resnet50_imagenet.py (batch 8, mock ImageNet images of
   random sizes) data-parallel over 8 devices, then FSDP 2x4 from the same state. XLA's
