@@ -168,6 +168,7 @@ def test_accelerators_take_native_and_cpu_rules_pick_gemm_forms(monkeypatch):
     conv_lowering.choose(tiny, backend='cpu')
 
 
+@pytest.mark.slow  # Times each lowering (a small benchmark).
 def test_measured_choice_is_cached_on_disk(monkeypatch, tmp_path):
   monkeypatch.setenv('KILN_CACHE_DIR', str(tmp_path))
   monkeypatch.setenv(conv_lowering.MODE_ENV, 'measure')  # auto keeps native on 8 devices

@@ -78,6 +78,7 @@ def test_attention_dropout_is_inverted_dropout_on_the_probabilities():
   assert (_dropped_weights(q, k, key, 0.0) != 0).sum() == visible_count  # Rate 0 keeps all.
 
 
+@pytest.mark.slow  # Eager gradients through the kernel and through the reference.
 def test_attention_dropout_gradients_use_the_forward_mask():
   q, k, v, g = _qkv((2, 70, 2, 16), seed=1)
   key = jax.random.key(5)

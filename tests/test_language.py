@@ -89,6 +89,7 @@ def test_bert_learns_above_the_unigram_baseline(tmp_path, devices):
   assert final['accuracy'] > final['unigram_accuracy'] + 0.02
 
 
+@pytest.mark.slow  # Two BERT experiments built, compiled and evaluated in full.
 def test_bert_eval_masks_do_not_depend_on_batching(devices):
   config = tiny_bert_config()
   results = []

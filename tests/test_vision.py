@@ -293,6 +293,7 @@ def test_bad_augmentation_settings_are_one_line_errors():
 
 # ---- TFDS cifar10 under mock data ----
 
+@pytest.mark.slow  # The CIFAR-10 config end to end: augmentation, a train step, a full eval.
 def test_cifar10_config_trains_and_evaluates_under_mock_data(devices):
   """configs/resnet18_cifar10.py as a user runs it, on mock CIFAR-10, with a narrow
   ResNet so that it compiles quickly: augmented, normalised batches, one train step and
