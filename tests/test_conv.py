@@ -31,9 +31,10 @@ CASES = [
     ((2, 9, 7, 4), (3, 3), 6, (2, 2), 'VALID', (1, 1), 1),
     ((2, 8, 8, 4), (3, 3), 6, (1, 1), ((1, 1), (1, 1)), (1, 1), 1),
     ((2, 8, 8, 4), (3, 3), 6, (2, 2), ((1, 1), (1, 1)), (1, 1), 1),  # torchvision stride 2
-    ((2, 11, 11, 3), (7, 7), 4, (2, 2), 'SAME', (1, 1), 1),
+    # The 7x7 cases compile longest: the ResNet stem stays in the fast tier, the rest are slow.
+    pytest.param(((2, 11, 11, 3), (7, 7), 4, (2, 2), 'SAME', (1, 1), 1), marks=pytest.mark.slow),
     ((2, 16, 16, 3), (7, 7), 4, (2, 2), ((3, 3), (3, 3)), (1, 1), 1),  # ResNet stem
-    ((2, 12, 12, 3), (7, 7), 4, (1, 1), 'VALID', (1, 1), 1),
+    pytest.param(((2, 12, 12, 3), (7, 7), 4, (1, 1), 'VALID', (1, 1), 1), marks=pytest.mark.slow),
     ((2, 9, 9, 4), (3, 3), 6, (1, 1), 'SAME', (2, 2), 1),
     ((2, 9, 9, 4), (3, 3), 6, (2, 2), 'VALID', (2, 1), 1),
     ((2, 8, 8, 6), (3, 3), 4, (1, 1), 'SAME', (1, 1), 2),  # grouped
@@ -63,7 +64,8 @@ CASES = [
     # remainder of 16), 6-tap blocks (147, 75, 9 taps), dilation, an input that VALID
     # windows do not reach to the end of (10 wide, windows read 9), and images of more
     # pixels than one kernel-gradient sweep takes.
-    ((3, 16, 16, 3), (7, 7), 64, (2, 2), ((3, 3), (3, 3)), (1, 1), 1),  # ResNet stem
+    pytest.param(((3, 16, 16, 3), (7, 7), 64, (2, 2), ((3, 3), (3, 3)), (1, 1), 1),  # ResNet stem
+                 marks=pytest.mark.slow),
     ((2, 10, 10, 3), (5, 5), 80, (2, 2), 'VALID', (1, 1), 1),
     ((2, 11, 9, 1), (3, 3), 48, (1, 1), 'SAME', (2, 2), 1),
     ((2, 40, 2), (5,), 32, (2,), 'SAME', (1,), 1),

@@ -69,6 +69,7 @@ def test_default_cnn_exports_under_portable_and_equals_the_model(conv_rules):
   np.testing.assert_allclose(exported.call(state, x), model(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # jax.export of a GPT and a run of the exported program.
 def test_gpt_forward_exports_under_portable_and_equals_the_model():
   model = GPT(vocab_size=65, max_len=32, num_layers=2, num_heads=2, embed_dim=32,
               rngs=nnx.Rngs(0))

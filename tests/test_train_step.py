@@ -72,6 +72,7 @@ def test_eval_uses_running_averages(devices):
   np.testing.assert_allclose(np.asarray(whole[:8]), np.asarray(alone), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # Gradients of the whole default model, penalty on and off.
 def test_penalty_gradients_follow_the_mask(devices):
   exp = build_experiment(tiny_config(), devices)
   state, _ = exp.create_state()

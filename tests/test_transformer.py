@@ -120,6 +120,7 @@ def test_dropout_drops_at_its_rate_and_stays_unbiased(shape):
   np.testing.assert_array_equal(np.asarray(Dropout(0.2)(x, deterministic=True)), np.asarray(x))
 
 
+@pytest.mark.slow  # Eager attention, blocked and full, with and without key padding.
 def test_blocked_causal_attention_equals_masked_attention():
   from models.transformer import attend, causal_attend, causal_bias
   q, k, v = (jax.random.normal(jax.random.key(i), (2, 3, 12, 8)) for i in range(3))
