@@ -6,14 +6,13 @@ import tensorflow_datasets as tfds
 
 from core.errors import KilnError
 from input_pipeline import batching, sources, text, tokenizers
-from tests.tiny import tiny_config
+from configs import language
 
 SHAKESPEARE = sources.shared_datasets_dir() / 'tinyshakespeare' / 'input.txt'
 
 
 def _text_config(**overrides):
-  config = tiny_config().dataset
-  config.name = 'tiny_shakespeare'
+  config = language.get_language_config().dataset
   config.holdout_fraction = 0.1
   config.seq_len = 64
   for key, value in overrides.items():
