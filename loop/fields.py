@@ -3,8 +3,8 @@
 One table per family (keyed by dotted path under config), mirroring configs/: BASE for
 the run-wide fields of configs/base.py, then VISION, DETECTION, LANGUAGE and SPEECH for
 the fields their bases add. A run's table is BASE + its task's family + the optimizer and
-schedule tables of optim/factory.py + its model's table (models/fields.py). Fields that
-are deliberately free-form (paths, split names, the rules table) say so with F.Free.
+schedule tables of optim/factory.py + its model class's CONFIG_FIELDS (models/registry.py).
+Fields that are deliberately free-form (paths, split names, the rules table) say so with F.Free.
 Cross-field rules (a batch that divides over the mesh, min <= max) stay where the values
 are used; this layer catches a value that is wrong on its own.
 """
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from core import fields as F
 from core.errors import KilnError
 from input_pipeline import audio, augment, sources, text, tokenizers
-from models import fields as model_fields
+from models import registry as model_registry
 from optim import factory
 from parallel.strategy import STRATEGIES
 from tasks import TASKS
@@ -188,7 +188,8 @@ def _has(config, path: str) -> bool:
 
 def table(config) -> dict[str, F.Constraint]:
   """The constraints on every field of `config` outside config.model (whose keys are the
-  model's: models/fields.py); checks config.task first, as the table depends on it."""
+  model's: its CONFIG_FIELDS, via models/registry.py); checks config.task first, as the
+  table depends on it."""
   if not _has(config, 'task'):
     raise KilnError('config has no task: start it from a family base in configs/')
   BASE['task'].check('task', config.task)
@@ -205,7 +206,7 @@ def _check_all(config) -> list[str]:
   constraints = table(config)
   if not _has(config, 'model.name'):
     raise KilnError('config.model.name is missing: name a model in models.MODELS')
-  missing = model_fields.check(config.model)
+  missing = model_registry.check_fields(config.model)
   for path, value in F.leaves(config):
     if path.startswith('model.'):
       continue

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from core.errors import KilnError
+from core import fields as F
 from models import layers
 from models.cost import conv_flops, linear_flops
 from models.conv import Conv
@@ -32,6 +33,13 @@ class ConvBlock(nnx.Module):
 
 class CNN(nnx.Module):
   """Image classifier for small inputs (8x8 digits, 28x28 MNIST, 32x32 CIFAR)."""
+  # What each key under config.model may hold; checked before the model is built.
+  CONFIG_FIELDS = {
+      'features': F.Range(1, integer=True, each=True),
+      'dense_features': F.POSITIVE_INT,
+      'dropout_rate': F.RATE,
+  }
+
 
   def __init__(self, *, num_classes: int, input_shape: Sequence[int],
                features: Sequence[int] = (32, 64), dense_features: int = 128,

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from core.errors import KilnError
+from core import fields as F
 from models.conv import Conv
 from models.cost import attention_flops, conv_flops, linear_flops
 from models.recurrent import time_mask
@@ -28,6 +29,8 @@ _NORM = {'logical_axes': ('embed',)}
 def subsampled_frames(frames: jax.Array) -> jax.Array:
   """Valid frames after two 'SAME' stride-2 convs: ceil(ceil(n / 2) / 2)."""
   return -(-(-(-frames // 2)) // 2)
+
+CONV_NORMS = ('batch', 'layer')  # Norms after the depthwise conv (see the module docstring).
 
 
 class ConvSubsampling(nnx.Module):
@@ -122,6 +125,18 @@ class ConformerBlock(nnx.Module):
 class ConformerEncoder(nnx.Module):
   """`__call__(features [B, T, F], frames [B]) -> (outputs [B, ceil(T/4), D], frames' [B])`;
   D is num_outputs (a linear head) or model_dim when num_outputs is 0."""
+  # What each key under config.model may hold; checked before the model is built.
+  CONFIG_FIELDS = {
+      'num_outputs': F.NON_NEGATIVE_INT,  # 0 = no head, or taken from the data.
+      'model_dim': F.POSITIVE_INT,
+      'num_layers': F.POSITIVE_INT,
+      'num_heads': F.POSITIVE_INT,
+      'ff_ratio': F.POSITIVE_INT,
+      'conv_kernel_size': F.POSITIVE_INT,
+      'subsample_channels': F.POSITIVE_INT,
+      'dropout_rate': F.RATE,
+      'conv_norm': F.Choices(CONV_NORMS),
+  }
 
   def __init__(self, *, input_dim: int, num_outputs: int = 0, model_dim: int = 144,
                num_layers: int = 4, num_heads: int = 4, ff_ratio: int = 4,

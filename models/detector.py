@@ -20,9 +20,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from core.errors import KilnError
+from core import fields as F
 from models.conv import Conv
 from models.cost import conv_flops
-from models.resnet import Block, batch_norm, compute_dtype, conv, relu, residual_blocks_flops
+from models.resnet import (COMPUTE_DTYPES, Block, batch_norm, compute_dtype, conv, relu,
+                           residual_blocks_flops)
 
 # Prior probability of an object at an anchor when training starts (RetinaNet's 0.01):
 # the head starts out predicting background, which keeps the first steps' loss sane.
@@ -34,6 +36,15 @@ class YOLO(nnx.Module):
   `stage_sizes` / `widths`: residual blocks and channels per backbone stage.
   `stem_width`: channels of the stride-2 stem conv. `head_width`: channels of the 3x3
   head conv. `norm_axis_name`: mapped axis BatchNorm averages over (pmap)."""
+  # What each key under config.model may hold; checked before the model is built.
+  CONFIG_FIELDS = {
+      'anchors': F.Range(0, low_open=True, each=True),  # (w, h) pixel pairs.
+      'stem_width': F.POSITIVE_INT,
+      'widths': F.Range(1, integer=True, each=True),
+      'stage_sizes': F.Range(1, integer=True, each=True),
+      'head_width': F.POSITIVE_INT,
+      'dtype': F.Choices(COMPUTE_DTYPES),
+  }
 
   def __init__(self, *, num_classes: int, input_shape: Sequence[int],
                anchors: Sequence[Sequence[float]] = ((14.0, 20.0), (26.0, 30.0)),

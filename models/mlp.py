@@ -8,11 +8,18 @@ import jax.numpy as jnp
 from flax import nnx
 
 from core.errors import KilnError
+from core import fields as F
 from core.logical_axes import constrain
 from models.cost import linear_flops
 
 
 class MLP(nnx.Module):
+  # What each key under config.model may hold; checked before the model is built.
+  CONFIG_FIELDS = {
+      'hidden_features': F.Range(1, integer=True, each=True),
+      'dropout_rate': F.RATE,
+  }
+
   def __init__(self, *, num_classes: int, input_shape: Sequence[int],
                hidden_features: Sequence[int] = (128,), dropout_rate: float = 0.0,
                rngs: nnx.Rngs):

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from core.errors import KilnError
+from core import fields as F
 
 from models.cost import linear_flops
 
@@ -111,6 +112,15 @@ class LSTMEncoder(nnx.Module):
   `__call__(features [B, T, F], frames [B]) -> (outputs [B, T', D], frames' [B])` where
   T' = ceil(T / frame_stack) and D is num_outputs (or the encoder width if 0).
   """
+  # What each key under config.model may hold; checked before the model is built.
+  CONFIG_FIELDS = {
+      'num_outputs': F.NON_NEGATIVE_INT,  # 0 = no head, or taken from the data.
+      'hidden_dim': F.POSITIVE_INT,
+      'num_layers': F.POSITIVE_INT,
+      'bidirectional': F.FLAG,
+      'frame_stack': F.POSITIVE_INT,
+      'dropout_rate': F.RATE,
+  }
 
   def __init__(self, *, input_dim: int, num_outputs: int = 0, hidden_dim: int = 256,
                num_layers: int = 2, bidirectional: bool = True, frame_stack: int = 3,

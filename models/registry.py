@@ -2,7 +2,10 @@
 
 Adding a model is its module plus one `register_model` call (or a line in MODELS). A model
 counts its own cost with `forward_flops(input_shape) -> float` (see models.cost); one
-without it gets XLA's count of its compiled forward pass, with a warning.
+without it gets XLA's count of its compiled forward pass, with a warning. It declares what
+its config.model keys may hold in a `CONFIG_FIELDS` table of core.fields constraints (or a
+`config_fields(model_config)` classmethod where the table depends on the config); keys
+without one are only checked by the model's own constructor.
 """
 
 import inspect
@@ -10,7 +13,7 @@ import inspect
 from flax import nnx
 
 from core.errors import KilnError
-from models import fields as model_fields
+from core import fields as F
 from models.cnn import CNN
 from models.conformer import ConformerEncoder
 from models.detector import YOLO
@@ -46,6 +49,28 @@ def register_model(name: str, model_cls: type[nnx.Module]) -> type[nnx.Module]:
   return model_cls
 
 
+def field_constraints(model_config) -> dict[str, F.Constraint]:
+  """The constraints on `model_config`'s keys (relative to config.model), 'name' included;
+  {'name': ...} alone when the name is unknown (its check then fails)."""
+  out = {'name': F.Choices(tuple(MODELS))}
+  model_cls = MODELS.get(model_config.get('name'))
+  if model_cls is None:
+    return out
+  if hasattr(model_cls, 'config_fields'):
+    out.update(model_cls.config_fields(model_config))
+  else:
+    out.update(getattr(model_cls, 'CONFIG_FIELDS', {}))
+  return out
+
+
+def check_fields(model_config) -> list[str]:
+  """Checks config.model against its model's constraints; returns the keys they lack
+  (create_model rejects those the constructor does not take)."""
+  constraints = field_constraints(model_config)
+  constraints['name'].check('model.name', model_config.get('name'))
+  return F.check_fields(model_config, constraints, prefix='model.')
+
+
 def create_model(model_config, rngs: nnx.Rngs, **task_args) -> nnx.Module:
   """Builds `MODELS[model_config.name]` from the other keys of `model_config` plus
   what the task derives from the data (e.g. num_classes, input_shape)."""
@@ -54,7 +79,7 @@ def create_model(model_config, rngs: nnx.Rngs, **task_args) -> nnx.Module:
   if name not in MODELS:
     raise KilnError(f"unknown model '{name}': set config.model.name to one of "
                     f"{', '.join(sorted(MODELS))}")
-  model_fields.check(model_config)  # Ranges and choices of its keys, one-line errors.
+  check_fields(model_config)  # Ranges and choices of its keys, one-line errors.
   model_cls = MODELS[name]
   accepted = inspect.signature(model_cls.__init__).parameters
   unknown = sorted(set(kwargs) - set(accepted))

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from core.errors import KilnError
+from core import fields as F
 from models import layers
 from models.conv import Conv
 from models.cost import conv_flops, linear_flops
@@ -27,6 +28,7 @@ from core.logical_axes import constrain
 
 BLOCKS = ('basic', 'bottleneck')
 STEMS = ('imagenet', 'cifar')
+COMPUTE_DTYPES = ('float32', 'bfloat16')  # Names a config may give `compute_dtype`.
 _CHANNELS = {'logical_axes': ('conv_out',)}
 
 
@@ -136,6 +138,15 @@ class ResNet(nnx.Module):
   mapped axis BatchNorm averages over (pmap). `dtype`: compute dtype (parameters stay
   float32); logits are always float32.
   """
+  # What each key under config.model may hold; checked before the model is built.
+  CONFIG_FIELDS = {
+      'stage_sizes': F.Range(1, integer=True, each=True),
+      'block': F.Choices(BLOCKS),
+      'width': F.POSITIVE_INT,
+      'stem': F.Choices(STEMS),
+      'zero_init_last_bn': F.FLAG,
+      'dtype': F.Choices(COMPUTE_DTYPES),
+  }
 
   def __init__(self, *, num_classes: int, input_shape: Sequence[int],
                stage_sizes: Sequence[int] = (2, 2, 2, 2), block: str = 'basic', width: int = 64,

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from core.errors import KilnError
+from core import fields as F
 from models.conformer import ConformerEncoder
 from models.cost import linear_flops
 from models.recurrent import LSTMEncoder, LSTMLayer
@@ -23,6 +24,24 @@ ENCODERS = {'lstm': LSTMEncoder, 'conformer': ConformerEncoder}
 
 
 class Transducer(nnx.Module):
+  # What each key under config.model may hold; checked before the model is built.
+  CONFIG_FIELDS = {
+      'encoder.name': F.Choices(tuple(ENCODERS)),
+      'max_label_len': F.NON_NEGATIVE_INT,
+      'embed_dim': F.POSITIVE_INT,
+      'pred_hidden_dim': F.POSITIVE_INT,
+      'joint_dim': F.POSITIVE_INT,
+  }
+
+  @classmethod
+  def config_fields(cls, model_config) -> dict:
+    """CONFIG_FIELDS plus the chosen encoder's own, as 'encoder.<key>'."""
+    encoder = ENCODERS.get((model_config.get('encoder') or {}).get('name'))
+    nested = {f'encoder.{key}': constraint
+              for key, constraint in getattr(encoder, 'CONFIG_FIELDS', {}).items()
+              if key != 'num_outputs'}  # The transducer sets it.
+    return {**cls.CONFIG_FIELDS, **nested}
+
 
   def __init__(self, *, input_dim: int, vocab_size: int, encoder, max_label_len: int = 0,
                embed_dim: int = 128, pred_hidden_dim: int = 256, joint_dim: int = 256,

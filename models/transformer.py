@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from backends import ops
+from core import fields as F
 from core.errors import KilnError
 from models.cost import attention_flops
 from models.dropout import Dropout
@@ -26,6 +27,19 @@ REMAT_POLICIES = {
     'none': None,
     'full': jax.checkpoint_policies.nothing_saveable,
     'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+# What the keys GPT and BERT share under config.model may hold.
+TRANSFORMER_FIELDS = {
+    'num_layers': F.POSITIVE_INT,
+    'num_heads': F.POSITIVE_INT,
+    'embed_dim': F.POSITIVE_INT,
+    'mlp_ratio': F.POSITIVE_INT,
+    'dropout_rate': F.RATE,
+    'positions': F.Choices(('learned', 'rotary')),
+    'use_bias': F.FLAG,
+    'scan_layers': F.FLAG,
+    'remat_policy': F.Choices(tuple(REMAT_POLICIES)),
+    'dtype': F.Choices(tuple(DTYPES)),
 }
 _INIT = nnx.initializers.normal(0.02)  # GPT-2 / BERT initializer range.
 
@@ -345,6 +359,9 @@ class Transformer(nnx.Module):
 
 class GPT(nnx.Module):
   """Decoder-only language model (causal attention), logits over the vocabulary."""
+  # What each key under config.model may hold; checked before the model is built.
+  CONFIG_FIELDS = {**TRANSFORMER_FIELDS, 'tie_embeddings': F.FLAG}
+
 
   def __init__(self, *, vocab_size: int, max_len: int, num_layers: int = 6, num_heads: int = 6,
                embed_dim: int = 384, mlp_ratio: int = 4, dropout_rate: float = 0.0,
@@ -398,6 +415,10 @@ class GPT(nnx.Module):
 
 class BERT(nnx.Module):
   """Bidirectional encoder with a masked-LM head and an optional classification head."""
+  # What each key under config.model may hold; checked before the model is built.
+  CONFIG_FIELDS = {**TRANSFORMER_FIELDS, 'num_classes': F.NON_NEGATIVE_INT,
+                   'pooling': F.Choices(('cls', 'mean'))}
+
 
   def __init__(self, *, vocab_size: int, max_len: int, num_layers: int = 4, num_heads: int = 4,
                embed_dim: int = 256, mlp_ratio: int = 4, dropout_rate: float = 0.1,

@@ -16,7 +16,7 @@ import pytest
 from core import fields as F
 from core.errors import KilnError
 from loop import fields
-from models import fields as model_fields
+from models import registry as model_registry
 from tests.tiny import REPO
 
 # Every config module and the function that builds it; base.py alone is no runnable config
@@ -34,7 +34,7 @@ def _load(stem):
 
 def _constraint(config, path):
   if path.startswith('model.'):
-    return model_fields.table(config.model).get(path[len('model.'):])
+    return model_registry.field_constraints(config.model).get(path[len('model.'):])
   return fields.table(config).get(path)
 
 
@@ -71,7 +71,7 @@ def test_every_leaf_has_a_constraint_and_the_config_is_valid(stem):
   config = _load(stem)
   assert fields.unconstrained(config) == [], (
       f'configs/{stem}.py has fields without a constraint: add each to its family table in '
-      'loop/fields.py (or its model table in models/fields.py), as F.Free if free-form')
+      'loop/fields.py (or its model class\'s CONFIG_FIELDS), as F.Free if free-form')
 
 
 @pytest.mark.parametrize('stem', CONFIG_FILES)
