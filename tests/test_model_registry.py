@@ -8,8 +8,9 @@ import ml_collections
 import pytest
 from flax import nnx
 
+from core import fields as F
 from core.errors import KilnError
-from loop import training
+from loop import experiment, training
 from models import MODELS, create_model, register_model
 from monitor import flops, run_log
 from tests.tiny import tiny_config
@@ -32,7 +33,9 @@ class UncountedToyMLP(nnx.Module):
 
 
 class ToyMLP(UncountedToyMLP):
-  """The same model reporting its own cost."""
+  """The same model reporting its own cost and declaring what its config keys may hold."""
+
+  CONFIG_FIELDS = {'hidden_features': F.POSITIVE_INT}
 
   def forward_flops(self, input_shape) -> float:
     return 2.0 * (self.hidden.in_features * self.hidden.out_features
@@ -102,3 +105,11 @@ def test_a_taken_name_is_one_line_error(registered):
     register_model('toy_mlp', UncountedToyMLP)
   with pytest.raises(KilnError, match="'cnn' is already registered"):
     register_model('cnn', ToyMLP)
+
+
+def test_a_registered_model_s_own_constraints_are_checked_before_the_run(registered):
+  config = _toy_config('toy_mlp')
+  config.model.hidden_features = 0
+  with pytest.raises(KilnError, match=r'config\.model\.hidden_features=0') as error:
+    experiment.build_experiment(config)
+  assert '\n' not in str(error.value)
