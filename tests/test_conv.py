@@ -92,6 +92,7 @@ def _value_and_grads(fn, x, k, cotangent):
 
 @pytest.mark.parametrize('case', CASES,
                          ids=lambda c: f'{c[0]}-k{c[1]}-s{c[3]}-{c[4]}-d{c[5]}-g{c[6]}')
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_lowerings_match_native_outputs_and_gradients(case):
   shape, kernel_size, c_out, strides, padding, dilation, groups = case
   rng = np.random.default_rng(len(str(case)))
@@ -131,6 +132,7 @@ def test_dense_covers_the_small_maps_and_drops_padding_only_taps():
   assert len(big.live_taps()) == 9 and 'dense' not in conv_lowering.candidates(big)
 
 
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_conv_layer_keeps_nnx_conv_parameters_and_outputs(monkeypatch):
   x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
   reference = nnx.Conv(3, 5, (3, 3), strides=2, rngs=nnx.Rngs(0))

@@ -42,6 +42,7 @@ def _qkv(shape, seed=0):
 # 64 are left to the slow tier.
 @pytest.mark.parametrize('length', [1, pytest.param(50, marks=pytest.mark.slow),
                                     pytest.param(64, marks=pytest.mark.slow), 130])
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_attention_and_gradients_equal_xla(length):
   q, k, v, g = _qkv((2, length, 3, 16))
   np.testing.assert_allclose(cpu_kernels.causal_attention(q, k, v), _xla_attention(q, k, v),

@@ -52,6 +52,7 @@ def test_generate_continues_the_prompt_from_the_checkpoint(gpt_run, gpt_workdir)
     generate.generate(tiny_config(), gpt_workdir, 'x', 1, 0.0, 0, 1.0, 0)
 
 
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_eval_counts_every_held_out_target_once(devices):
   exp = build_experiment(tiny_gpt_config(), devices)
   state, shardings = exp.create_state()

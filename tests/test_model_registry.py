@@ -73,6 +73,7 @@ def _assert_logged_tflops_come_from(step_flops: float, summary, logged) -> None:
     assert tflops * 1e12 * seconds * summary['num_devices'] == pytest.approx(step_flops, rel=1e-6)
 
 
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_registered_toy_trains_and_reports_its_own_flops(registered, tmp_path, devices):
   summary, logged = _run('toy_mlp', str(tmp_path))
   assert logged['train_loss'][-1] < 0.7 * logged['train_loss'][0]  # 2.1 -> 1.0 here.
@@ -82,6 +83,7 @@ def test_registered_toy_trains_and_reports_its_own_flops(registered, tmp_path, d
   assert summary['mfu'] is not None and summary['mfu'] > 0
 
 
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_a_model_without_a_counter_trains_on_xla_flops_with_a_warning(
     registered, tmp_path, devices, monkeypatch):
   warnings = []

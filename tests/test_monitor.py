@@ -31,6 +31,7 @@ MLP_CONFIG = ml_collections.ConfigDict({'name': 'mlp', 'hidden_features': (256, 
     (mnist_cnn.get_config().model, (28, 28, 1)),
     (MLP_CONFIG, (28, 28, 1)),
 ], ids=['default_cnn_8x8', 'mnist_cnn_28x28', 'mlp_28x28'])
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_forward_flops_match_xla(model_config, input_shape):
   model = create_model(model_config, nnx.Rngs(0), num_classes=10, input_shape=input_shape)
   analytic = flops.forward_flops(model, input_shape)
@@ -154,6 +155,7 @@ def test_memory_on_cpu_falls_back_to_the_compiled_estimate():
   assert memory['peak_bytes'] > memory['bytes_in_use']  # Plus the temporaries.
 
 
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_train_step_flops_match_xla(devices):
   config = default.get_config()
   # One device: on 8, each device's program would also count the replicated optimizer update.

@@ -60,6 +60,7 @@ def test_cpu_lowering_does_not_export_but_portable_does_and_agrees(conv_rules):
   np.testing.assert_allclose(exported.call(state, x), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_default_cnn_exports_under_portable_and_equals_the_model(conv_rules):
   model = _cnn()
   forward, state = _forward(model), nnx.state(model)
@@ -85,6 +86,7 @@ def test_gpt_forward_exports_under_portable_and_equals_the_model():
   np.testing.assert_allclose(exported.call(state, tokens), model(tokens), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_portable_causal_attention_equals_the_models_formulation():
   q, k, v = (jax.random.normal(key, (2, 40, 3, 8)) for key in jax.random.split(jax.random.key(3),
                                                                              3))

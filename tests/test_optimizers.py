@@ -489,6 +489,7 @@ def _train_jitted(tx, loss, params, steps):
   return params
 
 
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_every_optimizer_trains_the_default_config_shape():
   """Each name builds from the base config and runs jitted, in float32, to a lower loss."""
   problem = Mlp()

@@ -52,6 +52,7 @@ def single_device(request, devices):
 
 
 @pytest.mark.parametrize('layout', LAYOUTS)
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_layout_matches_single_device(layout, single_device, devices):
   family, expected_params, expected_losses = single_device
   exp, state, outputs = run_steps(_config(*LAYOUTS[layout], family=family), devices, num_steps=5)
@@ -67,6 +68,7 @@ def test_layout_matches_single_device(layout, single_device, devices):
     assert fraction < 0.5
 
 
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_dropout_is_layout_invariant_under_jit(devices):
   _, one, one_out = run_steps(_config(dropout=0.5), devices[:1], num_steps=2)
   _, tp, tp_out = run_steps(_config('jit', 2, 2, 2, dropout=0.5), devices, num_steps=2)

@@ -77,6 +77,7 @@ def test_log_mel_matches_numpy_reference_and_is_normalized(recordings):
     assert not f[n:].any()
 
 
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_spec_augment_masks_within_bounds():
   features = jnp.ones((64, 100, 40))
   frames = jnp.arange(64) + 30
@@ -284,6 +285,7 @@ def test_tfds_spoken_digit_is_cut_by_the_official_index_rule():
 
 
 @pytest.mark.parametrize('module', ['speech_commands', 'librispeech'])
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_tfds_configs_build_their_models(module):
   """The TFDS configs' keys fit their models and FLOP counters (shapes only, no data)."""
   import importlib
@@ -297,6 +299,7 @@ def test_tfds_configs_build_their_models(module):
   assert flops.train_step_flops(model, (c.audio.max_frames, c.audio.num_mels), c.batch_size) > 0
 
 
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_speech_flop_counters_agree_with_xla():
   """Conformer: XLA's count is the analytic one plus elementwise work. LSTM: XLA counts a
   while loop's body once, so it sees the hoisted input projections in full but the hidden

@@ -139,6 +139,7 @@ def test_ctc_loss_and_gradient_equal_brute_force(vocab):
   assert checked >= 2
 
 
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_impossible_ctc_pair_is_flagged():
   # "aa" needs a blank between the two a's: 3 frames; 2 are too few.
   labels = jnp.array([[1, 1]])
@@ -157,6 +158,7 @@ def levenshtein(a, b):
   return d[-1]
 
 
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_error_counts_match_python_reference():
   from input_pipeline.audio import decode_ids, encode_text
   from tasks.speech import SPACE_ID
@@ -187,6 +189,7 @@ def test_ctc_greedy_collapses_repeats_and_blanks():
   assert int(lengths[0]) == 3 and list(np.asarray(ids[0, :3])) == [1, 1, 2]
 
 
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_ctc_beam_search_finds_most_probable_labelling():
   """With a beam as wide as the number of prefixes (31 of length <= 4 over 2 labels),
   prefix beam search is exact."""
@@ -225,6 +228,7 @@ def _toy_transducer(rng, length, vocab):
   return table, encoded, predict_fn, joint_fn, init
 
 
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_rnnt_beam_search_finds_best_one_symbol_per_frame_labelling():
   """With at most one label per frame (modified beam search's lattice) and a beam holding
   every hypothesis, the search returns the labelling of highest total probability."""

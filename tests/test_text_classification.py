@@ -191,6 +191,7 @@ def _by_path(tree):
   return {path_string(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_merge_takes_matching_leaves_and_keeps_the_head(mlm_workdir, classifier, tmp_path):
   step, source = pretrained.read_params(mlm_workdir)
   assert step == 5 and all(isinstance(x, np.ndarray) for x in jax.tree.leaves(source))
@@ -218,6 +219,7 @@ def test_merge_takes_matching_leaves_and_keeps_the_head(mlm_workdir, classifier,
       pretrained.load_pretrained(params, str(empty))
 
 
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_pmap_and_ema_start_from_the_checkpoint(mlm_workdir, devices):
   config = tiny_bert_classify_config()
   config.parallel.strategy = 'pmap'

@@ -30,6 +30,7 @@ def _scalars(workdir: str, tag: str) -> list[float]:
   return list(run_log.read_scalars(workdir)[tag][1])
 
 
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_loss_falls_and_model_learns(full_run):
   workdir, summary = full_run
   train_losses = _scalars(workdir, 'train_loss')
@@ -61,6 +62,7 @@ def test_summary_json_is_complete(full_run):
   assert on_disk['peak_memory_bytes'] > 1000 and on_disk['train_step_flops'] > 1e6
 
 
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_resumed_run_matches_uninterrupted(full_run, tmp_path):
   workdir, _ = full_run
   config = tiny_config()
@@ -85,6 +87,7 @@ def test_finished_run_is_not_retrained(full_run):
     (('model', 'dense_features', 16), 'params/classifier/kernel is (32, 10) there, (16, 10) here'),
     (('optimizer', 'name', 'sgd'), 'it has no opt_state/'),
 ])
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_resuming_another_models_checkpoint_names_the_difference(full_run, tmp_path, change,
                                                                 expected):
   workdir, _ = full_run
@@ -99,6 +102,7 @@ def test_resuming_another_models_checkpoint_names_the_difference(full_run, tmp_p
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == before
 
 
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_early_stopping_stops_and_stays_stopped(tmp_path, devices):
   config = tiny_config()
   config.eval_every_steps = 5
@@ -110,6 +114,7 @@ def test_early_stopping_stops_and_stays_stopped(tmp_path, devices):
   assert train.train_and_evaluate(config, str(tmp_path))['steps'] == 15
 
 
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_trains_from_tfds_under_mock_data(tmp_path, devices):
   config = tiny_config()
   config.dataset.name = 'tfds:mnist'
@@ -122,6 +127,7 @@ def test_trains_from_tfds_under_mock_data(tmp_path, devices):
   assert 0.0 <= summary['final_eval']['accuracy'] <= 1.0 and summary['final_eval']['loss'] > 0
 
 
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_input_wait_is_measured(full_run, tmp_path, monkeypatch):
   _, prefetched = full_run
   assert prefetched['input_wait_fraction'] < 0.10
@@ -141,6 +147,7 @@ def test_input_wait_is_measured(full_run, tmp_path, monkeypatch):
   assert slow['input_wait_fraction'] > 0.5
 
 
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_profiler_traces_the_requested_steps(tmp_path, devices):
   config = tiny_config()
   config.num_train_steps = 8

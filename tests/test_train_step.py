@@ -33,6 +33,7 @@ def _assert_trees_close(a, b, **tol):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol), a, b)
 
 
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_accumulating_four_micro_batches_equals_the_full_batch(devices):
   full_config, micro_config = _mlp_config(), _mlp_config()
   micro_config.gradient.accumulation_steps = 4
@@ -59,6 +60,7 @@ def test_batchnorm_statistics_are_global_and_identical_on_every_device(devices):
   _assert_trees_close(one_device.params, eight_devices.params, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_eval_uses_running_averages(devices):
   config = tiny_config()
   exp, state, _ = run_steps(config, devices, num_steps=2)

@@ -20,6 +20,7 @@ def _gpt(scan_layers=False, **kwargs):
 
 @pytest.mark.parametrize('scan_layers', [False, True])
 @pytest.mark.parametrize('positions', ['learned', 'rotary'])
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_cached_generation_matches_full_recomputation(scan_layers, positions):
   model = _gpt(scan_layers, positions=positions)
   prompt = jax.random.randint(jax.random.key(1), (2, 5), 0, 65)
@@ -29,6 +30,7 @@ def test_cached_generation_matches_full_recomputation(scan_layers, positions):
   np.testing.assert_allclose(step_logits, full[:, 4:-1], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_sampling_is_reproducible_and_filters_work():
   model = _gpt()
   prompt = jnp.zeros((3, 4), jnp.int32)
@@ -52,6 +54,7 @@ def test_filter_logits_by_hand():
   assert kept(sampling.filter_logits(logits, top_p=0.81)) == [True, True, True, False]
 
 
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_generation_past_the_context_slides_the_window():
   model = _gpt()  # Context 64.
   prompt = jax.random.randint(jax.random.key(1), (1, 10), 0, 65)
@@ -66,6 +69,7 @@ def test_generation_past_the_context_slides_the_window():
 
 
 @pytest.mark.parametrize('cls', [GPT, BERT])
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_forward_flops_match_xla(cls):
   model = cls(vocab_size=65, max_len=128, num_layers=2, num_heads=4, embed_dim=128,
               rngs=nnx.Rngs(0))
@@ -77,6 +81,7 @@ def test_forward_flops_match_xla(cls):
   assert analytic / xla == pytest.approx(1.0, abs=0.10)
 
 
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_scanned_and_unrolled_layers_compute_the_same_function():
   unrolled, scanned = _gpt(False), _gpt(True)
   # Copy the unrolled parameters into the stacked layout.
@@ -91,6 +96,7 @@ def test_scanned_and_unrolled_layers_compute_the_same_function():
 
 
 @pytest.mark.parametrize('pooling', ['cls', 'mean'])
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_bert_classification_ignores_padding(pooling):
   model = BERT(vocab_size=70, max_len=32, num_layers=2, num_heads=4, embed_dim=32, num_classes=3,
                pooling=pooling, rngs=nnx.Rngs(0))
@@ -140,6 +146,7 @@ def test_blocked_causal_attention_equals_masked_attention():
       np.testing.assert_allclose(g_blocked, g_ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_attention_dropout_is_dropout_on_the_softmax_probabilities():
   from models.transformer import attend, causal_attend, causal_bias
   q, k, v = (jax.random.normal(jax.random.key(i), (2, 3, 12, 8)) for i in range(3))
@@ -159,6 +166,7 @@ def test_attention_dropout_is_dropout_on_the_softmax_probabilities():
 
 
 @pytest.mark.parametrize('kernels', ['xla', 'cpu'])
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_training_block_drops_attention_weights_then_residual_branches(kernels):
   """A training block equals its parts replayed with the same dropout stream: attention
   weights dropped first, then the two residual branches, as in GPT-2/nanoGPT and BERT."""
@@ -182,6 +190,7 @@ def test_training_block_drops_attention_weights_then_residual_branches(kernels):
     assert not np.allclose(trained, replay(False), atol=1e-3)
 
 
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_baby_gpt_has_nanogpts_parameters_and_gpt2_initialisation():
   """nanoGPT's baby GPT without biases: 12 d^2 per layer, LayerNorm scales only, the tied
   embedding: 10.65M ("number of parameters: 10.65M" without its position table). GPT-2

@@ -73,6 +73,7 @@ def test_v1_5_layout():
   assert model.stem_conv.kernel_size == (7, 7) and tuple(model.stem_conv.strides) == (2, 2)
 
 
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_zero_init_last_bn_makes_blocks_start_as_identity():
   @jax.jit  # Built and applied in one trace: eager initialisation is slow.
   def forward(x):
@@ -247,6 +248,7 @@ def test_cutmix_pastes_a_box_and_weights_by_its_area():
   assert 0 < weight[0] < 1
 
 
+@pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
 def test_mixed_labels_enter_the_loss_linearly():
   config = tiny_config()
   config.model = type(config.model)({'name': 'mlp', 'hidden_features': (16,)})  # No dropout.
