@@ -54,12 +54,15 @@ def faults_over_20_calls(mode: str) -> tuple[bool, int]:
 @pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='tunes glibc malloc only')
 def test_kept_memory_is_reused_where_system_malloc_faults_it_in_again():
   result_pages = 64 * 2**20 // 4096
-  # Kept: once warm, the same memory serves every call; at most a few more growths in 20.
-  kept, faults = faults_over_20_calls('keep')
-  assert kept and faults < 4 * result_pages, faults
+  # Kept: once warm, the same memory serves nearly every call. The heap still grows now and
+  # then (0 to 5 results' worth in 20 calls seen, more on a loaded machine), so the bound
+  # leaves room for growths while failing if nothing were kept (20 results' worth).
+  kept, kept_faults = faults_over_20_calls('keep')
+  assert kept and kept_faults <= 8 * result_pages, kept_faults
   # glibc's defaults map and fault in every result afresh.
-  kept, faults = faults_over_20_calls('system')
-  assert not kept and faults > 15 * result_pages, faults
+  kept, system_faults = faults_over_20_calls('system')
+  assert not kept and system_faults > 15 * result_pages, system_faults
+  assert kept_faults < system_faults / 2, (kept_faults, system_faults)
 
 
 def test_bad_mode_names_the_choices(monkeypatch):
