@@ -3,14 +3,24 @@
 Importing this package starts nothing (no JAX): scripts call `configure_host()` first.
 """
 
+import importlib
+
+
+def installed_cpu():
+  """The backends.cpu package, or None where that folder is deleted (plain XLA then)."""
+  # importlib, not `from backends import cpu`: that form reports a missing folder as a bare
+  # ImportError, indistinguishable from a broken import inside the package.
+  try:
+    return importlib.import_module('backends.cpu')
+  except ModuleNotFoundError as error:
+    if error.name != 'backends.cpu':
+      raise
+    return None
+
 
 def configure_host() -> None:
   """Host settings that must precede JAX and TensorFlow (backends.cpu.host_memory: a bad
   KILN_HOST_MALLOC exits with one line); nothing when backends/cpu/ is absent."""
-  try:
+  if installed_cpu() is not None:
     from backends.cpu import host_memory
-  except ModuleNotFoundError as error:
-    if error.name != 'backends.cpu':
-      raise
-    return
-  host_memory.configure()
+    host_memory.configure()

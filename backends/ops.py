@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from backends import installed_cpu
 from core.errors import KilnError
 
 OPS = ('causal_attention', 'random_bits', 'conv_general_dilated', 'max_pool')
@@ -44,11 +45,18 @@ class _Entry:
   platform: str  # jax.default_backend() where it runs.
   ready: Callable[[], None] | None  # Raises KilnError where it cannot run (no compiler...).
 
-  def usable(self) -> bool:
-    if self.ready is None:
-      return True
-    try:
+  def require(self) -> None:
+    """Raises a one-line KilnError unless this implementation runs here ('cpu' asks it)."""
+    if jax.default_backend() != self.platform:
+      raise KilnError(f"config.backend.cpu_kernels='cpu' needs a CPU backend, not "
+                      f"{jax.default_backend()}: use 'auto' or 'xla'")
+    if self.ready is not None:
       self.ready()
+
+  def usable(self) -> bool:
+    """Whether it runs here ('auto' takes it then, else the portable path)."""
+    try:
+      self.require()
     except KilnError:
       return False
     return True
@@ -67,32 +75,24 @@ def register(op: str, implementation: Callable, *, platform: str,
   _REGISTRY[op] = _Entry(implementation, platform, ready)
 
 
-def _check(mode: str) -> str:
+def _checked(mode: str) -> str:
+  """`mode` if it is a setting that can hold here; for 'cpu', every registered
+  implementation must run here. Else a one-line KilnError."""
   if mode not in MODES:
     raise KilnError(f"config.backend.cpu_kernels='{mode}' must be one of {', '.join(MODES)}")
+  if mode == 'cpu':
+    if not _REGISTRY:
+      raise KilnError("config.backend.cpu_kernels='cpu' but no CPU backend is installed "
+                      "(backends/cpu/ is absent): use 'auto' or 'xla'")
+    for entry in _REGISTRY.values():
+      entry.require()
   return mode
-
-
-def _strict_check() -> None:
-  """For 'cpu': every registered implementation runs here, else a one-line KilnError."""
-  if not _REGISTRY:
-    raise KilnError("config.backend.cpu_kernels='cpu' but no CPU backend is installed "
-                    "(backends/cpu/ is absent): use 'auto' or 'xla'")
-  for entry in _REGISTRY.values():
-    if jax.default_backend() != entry.platform:
-      raise KilnError(f"config.backend.cpu_kernels='cpu' needs a CPU backend, not "
-                      f"{jax.default_backend()}: use 'auto' or 'xla'")
-    if entry.ready is not None:
-      entry.ready()
 
 
 def configure(backend) -> None:
   """Applies config.backend (its `cpu_kernels`) to this process; KilnError on bad values."""
   global _mode
-  mode = _check(backend.cpu_kernels)
-  if mode == 'cpu':
-    _strict_check()
-  _mode = mode
+  _mode = _checked(backend.cpu_kernels)
 
 
 def mode() -> str:
@@ -103,9 +103,7 @@ def mode() -> str:
 @contextlib.contextmanager
 def use(cpu_kernels: str) -> Iterator[None]:
   """config.backend.cpu_kernels=`cpu_kernels` for what is traced inside (tests, benchmarks)."""
-  if _check(cpu_kernels) == 'cpu':
-    _strict_check()
-  token = _scoped.set(cpu_kernels)
+  token = _scoped.set(_checked(cpu_kernels))
   try:
     yield
   finally:
@@ -125,15 +123,9 @@ def _chosen(op: str) -> Callable | None:
   if current == 'xla' or entry is None:
     return None
   if current == 'cpu':
-    if jax.default_backend() != entry.platform:
-      raise KilnError(f"config.backend.cpu_kernels='cpu' needs a CPU backend, not "
-                      f"{jax.default_backend()}: use 'auto' or 'xla'")
-    if entry.ready is not None:
-      entry.ready()
+    entry.require()
     return entry.implementation
-  if jax.default_backend() != entry.platform or not entry.usable():
-    return None
-  return entry.implementation
+  return entry.implementation if entry.usable() else None
 
 
 def accelerated(op: str) -> bool:
@@ -193,13 +185,9 @@ def max_pool(x: jax.Array, window_shape: Sequence[int], strides: Sequence[int] |
 
 def _register_installed_backends() -> None:
   """The one registration: backends/cpu/ when present (delete the folder for plain XLA)."""
-  try:
-    from backends import cpu
-  except ModuleNotFoundError as error:
-    if error.name != 'backends.cpu':
-      raise
-    return
-  cpu.register(register)
+  cpu = installed_cpu()
+  if cpu is not None:
+    cpu.register(register)
 
 
 _register_installed_backends()
