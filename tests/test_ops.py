@@ -2,6 +2,8 @@
 models export with jax.export (no custom calls), equal to what they compute in a run."""
 
 import importlib.util
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,7 @@ from configs import default
 from core.errors import KilnError
 from models import create_model
 from models.transformer import GPT, causal_attend
+from tests.tiny import REPO
 
 HAS_CPU_ROOM = importlib.util.find_spec('backends.cpu') is not None
 
@@ -117,3 +120,26 @@ def test_the_switch_rejects_bad_values_and_scopes_nest():
   if not HAS_CPU_ROOM:
     with pytest.raises(KilnError, match=r"cpu_kernels='cpu' but no CPU backend is installed"):
       ops.configure(ml_collections.ConfigDict({'cpu_kernels': 'cpu'}))
+
+
+# A fresh interpreter where backends/cpu/ cannot be found, as if the folder were deleted.
+_WITHOUT_CPU_ROOM = """
+import importlib.abc, sys
+class Deleted(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if name == 'backends.cpu' or name.startswith('backends.cpu.'):
+      raise ModuleNotFoundError(f"No module named '{name}'", name=name)
+sys.meta_path.insert(0, Deleted())
+import backends
+backends.configure_host()
+from backends import ops
+print(backends.installed_cpu(), sorted(ops._REGISTRY), ops.accelerated('causal_attention'))
+"""
+
+
+@pytest.mark.slow  # A fresh interpreter.
+def test_deleting_the_cpu_room_alone_leaves_plain_xla():
+  done = subprocess.run([sys.executable, '-c', _WITHOUT_CPU_ROOM], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stdout.split()[-3:] == ['None', '[]', 'False']
