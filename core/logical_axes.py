@@ -16,6 +16,22 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 Rules = dict[str, tuple[str, ...]]
 LOGICAL_AXES_KEY = 'logical_axes'
+# Param metadata: how many trailing dims are a kernel's outputs (default 1, as for Dense
+# and Conv kernels); a fused projection such as attention's [E, 3, N, H] says 3.
+FAN_OUT_KEY = 'fan_out_dims'
+
+
+def kernel_matrix_dims(shape: Sequence[int], logical_axes: Sequence[str | None] | None,
+                       fan_out_dims: int = 1) -> tuple[int, int] | None:
+  """(stacked, fan_in): a kernel of `shape` is `prod(shape[:stacked])` matrices (leading
+  dims a transform added, e.g. scanned layers) of `prod(shape[stacked:stacked + fan_in])`
+  input rows by the remaining output columns. None for vectors and scalars."""
+  own = len(logical_axes) if logical_axes is not None else len(shape)
+  stacked = len(shape) - own
+  fan_in = own - fan_out_dims
+  if own < 2 or fan_in < 1:
+    return None
+  return stacked, fan_in
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
     'kiln_sharding', default=None)

@@ -14,7 +14,7 @@ from flax import nnx, struct
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from core.logical_axes import Rules
+from core.logical_axes import FAN_OUT_KEY, LOGICAL_AXES_KEY, Rules, kernel_matrix_dims
 from parallel import sharding
 
 
@@ -46,6 +46,16 @@ class ModelTemplate:
   def logical_axes(self) -> tuple[dict, dict]:
     """Logical axis names of (params, model_state) leaves; None where a variable has none."""
     return sharding.variable_logical_axes(self._params), sharding.variable_logical_axes(self._rest)
+
+  def kernel_layout(self) -> dict:
+    """Per parameter, `core.logical_axes.kernel_matrix_dims`: (stacked, fan_in) dims of the
+    matrix a kernel multiplies its input by, or None for vectors (biases, norm scales)."""
+    def layout(variable):
+      metadata = variable.get_metadata()
+      return kernel_matrix_dims(variable.value.shape, metadata.get(LOGICAL_AXES_KEY),
+                                metadata.get(FAN_OUT_KEY, 1))
+    tree = jax.tree.map(layout, self._params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree
 
   @staticmethod
   def split(model: nnx.Module) -> tuple[dict, dict]:

@@ -44,8 +44,10 @@ TRANSFORMER_FIELDS = {
 _INIT = nnx.initializers.normal(0.02)  # GPT-2 / BERT initializer range.
 
 
-def _param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], init=_INIT):
-  return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32), logical_axes=tuple(axes))
+def _param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], init=_INIT,
+           **metadata):
+  return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32), logical_axes=tuple(axes),
+                   **metadata)
 
 
 def rotary(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> jax.Array:
@@ -121,7 +123,9 @@ class Attention(nnx.Module):
                       f'{num_heads}: change one of them')
     head_dim = embed_dim // num_heads
     self.num_heads, self.rotary_positions, self.dtype = num_heads, rotary_positions, dtype
-    self.qkv = _param(rngs, (embed_dim, 3, num_heads, head_dim), ('embed', None, 'heads', None))
+    # The [E, 3, N, H] kernel is one [E, 3E] matrix: pruning and adapters see it that way.
+    self.qkv = _param(rngs, (embed_dim, 3, num_heads, head_dim), ('embed', None, 'heads', None),
+                      fan_out_dims=3)
     self.out = _param(rngs, (num_heads, head_dim, embed_dim), ('heads', None, 'embed'), out_init)
     zeros = nnx.initializers.zeros
     self.qkv_bias = _param(rngs, (3, num_heads, head_dim), (None, 'heads', None),
