@@ -2,15 +2,26 @@
 
 import abc
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import jax
 import numpy as np
 from clu import metrics
 from flax import nnx
 
+from core.errors import KilnError
 from input_pipeline import batching
 
 Batch = dict[str, jax.Array]
+
+
+class Distilled(NamedTuple):
+  """One train forward of a student and its teacher on the same inputs (compress/distillation)."""
+  loss: jax.Array  # The task's own training loss (the hard term), from the student's logits.
+  batch_metrics: metrics.Collection  # The task's training metrics, as `Task.loss` returns them.
+  student_logits: jax.Array  # [..., C], train mode.
+  teacher_logits: jax.Array  # [..., C], eval mode, no gradient.
+  weights: jax.Array  # [...]: 1 where a position counts in the loss, 0 for padding.
 
 
 class Task(abc.ABC):
@@ -58,6 +69,12 @@ class Task(abc.ABC):
     """One pass over this host's eval split; padded examples have batch['mask'] == 0."""
     return batching.eval_batches(self.source.eval, host_batch_size)
 
+  def test_batches(self, host_batch_size: int) -> Iterator[dict[str, np.ndarray]] | None:
+    """One pass over this host's test split, padded as eval_batches is; None when the
+    source has none (reported once at the end of a run, never used to choose anything)."""
+    test = getattr(self.source, 'test', None)
+    return None if test is None else batching.eval_batches(test, host_batch_size)
+
   @abc.abstractmethod
   def loss(self, model: nnx.Module, batch: Batch, rngs: nnx.Rngs
            ) -> tuple[jax.Array, metrics.Collection]:
@@ -66,3 +83,17 @@ class Task(abc.ABC):
   @abc.abstractmethod
   def evaluate(self, model: nnx.Module, batch: Batch) -> metrics.Collection:
     """Eval metrics for one batch, in eval mode, ignoring examples with mask 0."""
+
+  # --- distillation (compress/distillation.py, loop/teacher.py) ---
+  def distillation_outputs(self, model: nnx.Module, batch: Batch, rngs: nnx.Rngs,
+                           teacher: nnx.Module) -> Distilled:
+    """What `loss` computes, from the same single forward of `model` in train mode, plus the
+    logits `teacher` (a model this task built) gives in eval mode for the very inputs the
+    student saw (after any on-device augmentation), under stop_gradient."""
+    raise KilnError(f"task '{self.config.task}' does not support distillation: set "
+                    "config.distillation.teacher_workdir='' (classification, causal_lm and "
+                    'speech_classification do)')
+
+  @classmethod
+  def supports_distillation(cls) -> bool:
+    return cls.distillation_outputs is not Task.distillation_outputs

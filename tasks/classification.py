@@ -8,7 +8,7 @@ from flax import nnx, struct
 
 from input_pipeline import augment, sources
 from models import create_model
-from tasks.base import Batch, Task
+from tasks.base import Batch, Distilled, Task
 
 
 @struct.dataclass
@@ -54,14 +54,27 @@ class ImageClassification(ImageTask):
     return per_example, ClassificationMetrics.single_from_model_output(
         loss=per_example, accuracy=correct, mask=mask)
 
-  def loss(self, model: nnx.Module, batch: Batch, rngs: nnx.Rngs):
-    logits = model(batch['image'], train=True, rngs=rngs)
+  def _train_loss(self, logits: jax.Array, batch: Batch):
     per_example, batch_metrics = self._outputs(logits, batch['label'])
     if 'mix_label' in batch:  # Mixup/CutMix: cross-entropy is linear in the target.
       weight = batch['mix_weight']
       per_example = weight * per_example + (1 - weight) * (
           optax.softmax_cross_entropy_with_integer_labels(logits, batch['mix_label']))
     return per_example.mean(), batch_metrics
+
+  def loss(self, model: nnx.Module, batch: Batch, rngs: nnx.Rngs):
+    return self._train_loss(model(batch['image'], train=True, rngs=rngs), batch)
+
+  def distillation_outputs(self, model, batch, rngs, teacher):
+    # Mixup/CutMix batches: the teacher sees the same mixed image, so its soft targets are
+    # its own view of the mixture (the "consistent teaching" of Beyer et al. 2022,
+    # arXiv:2106.05237); the hard term keeps the mixed labels of `loss`.
+    images = batch['image']
+    logits = model(images, train=True, rngs=rngs)
+    loss, batch_metrics = self._train_loss(logits, batch)
+    teacher_logits = jax.lax.stop_gradient(teacher(images, train=False))
+    return Distilled(loss, batch_metrics, logits, teacher_logits,
+                     jnp.ones(logits.shape[:-1], jnp.float32))
 
   def evaluate(self, model: nnx.Module, batch: Batch):
     logits = model(batch['image'], train=False)

@@ -11,7 +11,7 @@ from flax import nnx, struct
 
 from input_pipeline import text
 from models import create_model
-from tasks.base import Batch, Task
+from tasks.base import Batch, Distilled, Task
 
 # BERT (Devlin et al. 2019): 15% of tokens are chosen; of those 80% become [MASK],
 # 10% a random token, 10% stay as they are.
@@ -88,6 +88,14 @@ class CausalLanguageModeling(TextTask):
 
   def loss(self, model, batch: Batch, rngs: nnx.Rngs):
     return self._outputs(model(batch['tokens'][:, :-1], train=True, rngs=rngs), batch)
+
+  def distillation_outputs(self, model, batch, rngs, teacher):
+    """Per-token: every next-token distribution the LM loss scores, weighted as it is."""
+    inputs = batch['tokens'][:, :-1]
+    logits = model(inputs, train=True, rngs=rngs)
+    loss, batch_metrics = self._outputs(logits, batch)
+    teacher_logits = jax.lax.stop_gradient(teacher(inputs, train=False))
+    return Distilled(loss, batch_metrics, logits, teacher_logits, self._token_weights(batch))
 
   def evaluate(self, model, batch: Batch):
     return self._outputs(model(batch['tokens'][:, :-1], train=False), batch)[1]

@@ -19,7 +19,7 @@ from core.errors import KilnError
 from input_pipeline import audio
 from models import create_model
 from tasks import decoding
-from tasks.base import Batch, Task
+from tasks.base import Batch, Distilled, Task
 from tasks.ctc import ctc_loss, frame_mask
 from tasks.rnnt_loss import rnnt_loss
 from tasks.spec_augment import spec_augment
@@ -142,10 +142,23 @@ class SpeechClassification(SpeechTask):
     weights = frame_mask(frames, frame_logits.shape[1])[..., None]
     return (frame_logits * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
 
-  def loss(self, model, batch, rngs):
-    logits = self._logits(model, self.augment(batch, rngs), batch, True, rngs)
+  def _train_loss(self, logits, batch):
     per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
     return per_example.mean(), self.train_metrics_class.single_from_model_output(loss=per_example)
+
+  def loss(self, model, batch, rngs):
+    return self._train_loss(
+        self._logits(model, self.augment(batch, rngs), batch, True, rngs), batch)
+
+  def distillation_outputs(self, model, batch, rngs, teacher):
+    # The teacher hears the student's SpecAugmented features: the same input, so the soft
+    # term compares the two models' views of one utterance.
+    features = self.augment(batch, rngs)
+    logits = self._logits(model, features, batch, True, rngs)
+    loss, batch_metrics = self._train_loss(logits, batch)
+    teacher_logits = jax.lax.stop_gradient(self._logits(teacher, features, batch, False))
+    return Distilled(loss, batch_metrics, logits, teacher_logits,
+                     jnp.ones(logits.shape[:-1], jnp.float32))
 
   def evaluate(self, model, batch):
     logits = self._logits(model, batch['features'], batch, False)
