@@ -126,6 +126,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.init = ml_collections.ConfigDict()
   c.init.checkpoint_dir = ''  # Copy matching parameters from this run's newest checkpoint; '' = random.
 
+  # --- distillation (compress/distillation.py; Hinton et al. 2015) ---
+  c.distillation = ml_collections.ConfigDict()
+  c.distillation.teacher_workdir = ''  # Workdir of a finished run whose model teaches this one; '' disables.
+  c.distillation.alpha = 0.9  # Weight of the soft (teacher) term; 1 - alpha weighs the hard-label loss.
+  c.distillation.temperature = 4.0  # T: both softmaxes at T, the soft term scaled by T^2.
+
   c.profile = ml_collections.ConfigDict()
   c.profile.first_step = 10  # First step of the profiler trace (TensorBoard's profile tab).
   c.profile.num_steps = 0  # Steps traced from first_step; 0 disables profiling.

@@ -85,6 +85,11 @@ BASE: dict[str, F.Constraint] = {
     'distributed.num_processes': F.Range(-1, integer=True, nonzero=True),  # -1: detect.
     'distributed.process_id': F.Range(-1, integer=True),  # -1: detect.
     'init.checkpoint_dir': F.Free('a run folder; checked for a checkpoint before any write'),
+    # --- distillation ---
+    'distillation.teacher_workdir': F.Free('a run folder; its config.json and checkpoint are '
+                                           'checked before any write'),
+    'distillation.alpha': F.FRACTION,
+    'distillation.temperature': F.POSITIVE,
     'profile.first_step': F.NON_NEGATIVE_INT,
     'profile.num_steps': F.NON_NEGATIVE_INT,
     'backend.cpu_kernels': F.Choices(ops.MODES),
