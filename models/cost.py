@@ -18,7 +18,11 @@ from core.errors import KilnError
 
 
 def linear_flops(layer: nnx.Linear) -> float:
-  """One example's forward FLOPs through a dense layer (bias adds ignored)."""
+  """One example's forward FLOPs through a dense layer (bias adds ignored). A layer that
+  stands in for one (e.g. compress.low_rank's factored pair) counts itself."""
+  own = getattr(layer, 'linear_flops', None)
+  if callable(own):
+    return float(own())
   return 2.0 * layer.in_features * layer.out_features
 
 
@@ -74,7 +78,11 @@ def conv_flops(conv: nnx.Conv, spatial_shape: Sequence[int]) -> tuple[float, tup
   Only multiply-adds whose input is real data count, not those against zero padding:
   that is the model's arithmetic (and XLA's convention). On small images the
   difference is large: 'SAME' 3x3 padding is 16% of an 8x8 map's taps, 31% of a 4x4's.
+  A module that stands in for a conv (e.g. compress.low_rank's factored pair) counts itself.
   """
+  own = getattr(conv, 'conv_flops', None)
+  if callable(own):
+    return own(spatial_shape)
   kernel_sizes = tuple(conv.kernel_size)
   rank = len(kernel_sizes)
   if len(spatial_shape) != rank:
