@@ -11,7 +11,7 @@ from configs import vision
 def get_detection_config() -> ml_collections.ConfigDict:
   c = vision.get_vision_config()
   c.task = 'detection'
-  c.dataset.name = 'mnist_idx'  # The digits' source; the canvases are built from it.
+  c.dataset.name = 'mnist_t10k'  # The digits' source; the canvases are built from it.
   c.early_stopping.metric = 'map50'  # Detection has no accuracy; COCO mAP at IoU 0.5.
   c.detection = ml_collections.ConfigDict()
   c.detection.canvas_size = 96  # MNIST canvases: side of each square canvas in pixels.

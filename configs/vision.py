@@ -1,7 +1,8 @@
 """Image classification: the run-wide base plus host-side augmentation (input_pipeline/augment.py).
 
-Sources: 'digits' (scikit-learn's bundled 8x8 digits), 'mnist_idx' (local MNIST IDX files)
-or 'tfds:<name>'.
+Sources: 'digits' (scikit-learn's bundled 8x8 digits), 'mnist' (local full MNIST IDX files:
+train, held out, and the official test split), 'mnist_t10k' (the test split's files alone,
+split into train and held out) or 'tfds:<name>'.
 """
 
 import ml_collections

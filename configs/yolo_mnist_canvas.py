@@ -12,7 +12,7 @@ from configs import detection
 def get_config():
   c = detection.get_detection_config()
   c.task = 'detection'
-  c.dataset.name = 'mnist_idx'  # The digits' source; the canvases are built from it.
+  c.dataset.name = 'mnist_t10k'  # The digits' source; the canvases are built from it.
   c.dataset.holdout_fraction = 0.15
   c.model.name = 'yolo'
   c.model.anchors = ((12.0, 18.0), (24.0, 28.0))  # (w, h) px: thin digits (1s) and the rest.

@@ -119,6 +119,7 @@ def prepare_source(source: Source, config) -> Source:
     return source
   return dataclasses.replace(source, train=mapped(source.train, train_map),
                              eval=mapped(source.eval, eval_map),
+                             test=source.test and mapped(source.test, eval_map),
                              image_shape=(size, size, channels))
 
 

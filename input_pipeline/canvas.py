@@ -1,8 +1,8 @@
 """A detection dataset built from real MNIST digits: canvases of 1-5 scattered digits with
 boxes and labels.
 
-The digits are the MNIST test split's (the only MNIST on these machines), split by
-`sources.holdout_split` exactly as the 'mnist_idx' classification source splits them:
+The digits are the MNIST test split's (the 'mnist_t10k' files), split by
+`sources.holdout_split` exactly as the 'mnist_t10k' classification source splits them:
 train canvases paste only train-part digits, eval canvases only held-out digits, so a
 detector is scored on handwriting it never saw. Each digit is scaled to a random side in
 `digit_size` and pasted at a random position where its square does not overlap any
@@ -128,9 +128,9 @@ def build(config) -> tuple[Canvases, Canvases, int]:
   """(train canvases, eval canvases, number of classes) from the MNIST IDX files that
   config.dataset points at; `digits` hold indices into those files."""
   dataset, detection = config.dataset, config.detection
-  if dataset.name != 'mnist_idx':
+  if dataset.name != 'mnist_t10k':
     raise KilnError(f"detection canvases are built from MNIST IDX digits: set "
-                    f"config.dataset.name='mnist_idx' (got '{dataset.name}')")
+                    f"config.dataset.name='mnist_t10k' (got '{dataset.name}')")
   check_config(detection)
   digits, labels = sources._read_mnist_idx(sources.mnist_idx_dir(dataset.data_dir))
   train_idx, eval_idx = sources.holdout_split(len(labels), dataset.holdout_fraction,

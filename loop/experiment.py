@@ -67,11 +67,17 @@ class Experiment:
     return flops.train_step_flops(model, self.task.model_input_shape, self.config.batch_size,
                                   self.task.model_input_dtype)
 
-  def evaluate(self, eval_step, state):
-    """The task's eval metrics merged over one pass of the eval split (not yet computed)."""
+  def evaluate(self, eval_step, state, split: str = 'eval'):
+    """The task's eval metrics merged over one pass of `split` ('eval': held out, or
+    'test'; not yet computed); None for a 'test' split the task does not have."""
+    if split not in ('eval', 'test'):
+      raise ValueError(f"split must be 'eval' or 'test', got {split!r}")
+    batches = (self.task.eval_batches if split == 'eval' else self.task.test_batches)(
+        self.host_eval_batch)
+    if batches is None:
+      return None
     total = None
-    for batch in DevicePrefetcher(self.task.eval_batches(self.host_eval_batch),
-                                  self.strategy.place):
+    for batch in DevicePrefetcher(batches, self.strategy.place):
       batch_metrics = eval_step(state, batch)
       total = batch_metrics if total is None else total.merge(batch_metrics)
     return total

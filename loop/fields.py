@@ -113,7 +113,7 @@ VISION = {
 
 DETECTION = {
     **VISION,
-    'dataset.name': F.Choices(('mnist_idx',)),  # Canvases are pasted from MNIST digits.
+    'dataset.name': F.Choices(('mnist_t10k',)),  # Canvases are pasted from MNIST digits.
     'detection.canvas_size': F.POSITIVE_INT,
     'detection.min_objects': F.POSITIVE_INT,
     'detection.max_objects': F.POSITIVE_INT,

@@ -22,8 +22,9 @@ from monitor.utilization import UtilizationMeter
 from parallel.placement import DevicePrefetcher
 
 
-def _evaluate(eval_step, state, exp) -> dict[str, float]:
-  return {k: float(v) for k, v in exp.evaluate(eval_step, state).compute().items()}
+def _evaluate(eval_step, state, exp, split: str = 'eval') -> dict[str, float] | None:
+  total = exp.evaluate(eval_step, state, split)
+  return None if total is None else {k: float(v) for k, v in total.compute().items()}
 
 
 def write_train_log(writer, schedule, step: int, train_metrics, optimizer_scalars) -> None:
@@ -162,6 +163,14 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
 
   if not eval_metrics:  # Resumed a finished run, or stopped before any eval.
     eval_metrics = _evaluate(eval_step, state, exp)
+  # The test split, once, with the weights eval uses, when the run is over (not when a call
+  # stops at stop_at_step before the end); nothing during training ever reads it.
+  test_metrics = None
+  if stopped_early or exp.strategy.step_of(state) >= num_steps:
+    test_metrics = _evaluate(eval_step, state, exp, 'test')
+  if test_metrics is not None:
+    writer.write_scalars(exp.strategy.step_of(state),
+                         {f'test_{k}': v for k, v in test_metrics.items()})
   checkpointer.close()
   writer.flush()
   summary = {
@@ -183,11 +192,16 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
   }
   if summary['examples_per_sec'] is None and steps_run:  # Too short for a timed interval.
     summary['examples_per_sec'] = steps_run * config.batch_size / train_seconds
+  if test_metrics is not None:
+    summary['test'] = test_metrics
   summary_path = os.path.join(workdir, 'summary.json')
   if is_chief:
     if not steps_run and os.path.exists(summary_path):  # Nothing trained: keep its figures.
       with open(summary_path) as f:
-        summary = {**json.load(f), 'final_eval': eval_metrics, 'steps': summary['steps']}
+        summary = {**json.load(f), 'final_eval': eval_metrics, 'steps': summary['steps'],
+                   **({'test': test_metrics} if test_metrics is not None else {})}
     write_json_atomic(summary_path, summary)
   logging.info('Final eval at step %d: %s', summary['steps'], eval_metrics)
+  if test_metrics is not None:
+    logging.info('Test at step %d: %s', summary['steps'], test_metrics)
   return summary

@@ -218,7 +218,7 @@ def test_bad_detection_settings_are_one_line_errors():
     canvas.build(_canvas_config(digit_size=(20, 200)))
   config = _canvas_config()
   config.dataset.name = 'digits'
-  with pytest.raises(KilnError, match="dataset.name='mnist_idx'"):
+  with pytest.raises(KilnError, match="dataset.name='mnist_t10k'"):
     canvas.build(config)
   config = _canvas_config()
   config.parallel.strategy = 'pmap'

@@ -14,7 +14,7 @@ from tests.tiny import REPO
     (['--config.model.widht=3'], "--config.model.widht=3: 'widht'"),
     (['--config.batch_size=many'], "--config.batch_size=many"),
     (['--config.dataset.name=imagenette'], "unknown dataset 'imagenette'"),
-    (['--config.dataset.name=mnist_idx', '--config.dataset.data_dir=/no/such/dir'],
+    (['--config.dataset.name=mnist_t10k', '--config.dataset.data_dir=/no/such/dir'],
      "not found in '/no/such/dir'"),
     (['--config=configs/no_such_config.py'], 'configs/no_such_config.py'),
     (['--config.batch_size=30'], 'config.batch_size=30 must be a positive multiple'),

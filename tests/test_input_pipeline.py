@@ -71,9 +71,9 @@ def test_holdout_is_separate_from_training():
   assert not train & held_out and len(train | held_out) == 1797
 
 
-def test_mnist_idx_split_is_deterministic_and_disjoint():
+def test_mnist_t10k_split_is_deterministic_and_disjoint():
   config = tiny_config().dataset
-  config.name = 'mnist_idx'
+  config.name = 'mnist_t10k'
   config.holdout_fraction = 0.15
   source = sources.load(config, 0, 1)
   assert (source.train.num_examples, source.eval.num_examples) == (8500, 1500)
@@ -85,7 +85,7 @@ def test_mnist_idx_split_is_deterministic_and_disjoint():
 
 def test_missing_mnist_dir_is_a_clear_error(tmp_path):
   config = tiny_config().dataset
-  config.name = 'mnist_idx'
+  config.name = 'mnist_t10k'
   config.data_dir = str(tmp_path / 'absent')
   with pytest.raises(KilnError, match='not found in .*absent.*data_dir'):
     sources.load(config, 0, 1)

@@ -53,6 +53,7 @@ def test_summary_json_is_complete(full_run):
   assert on_disk['num_devices'] == 8
   assert on_disk['examples_per_sec'] > 0 and on_disk['wall_time_s'] > 0
   assert set(on_disk['final_eval']) == {'accuracy', 'loss'}
+  assert 'test' not in on_disk  # Bundled digits have no test split.
   assert on_disk['final_eval'] == pytest.approx(summary['final_eval'])
   assert not [f for f in os.listdir(workdir) if f.startswith('.tmp-')]
   for key in ('mfu', 'tflops_per_device', 'input_wait_fraction', 'peak_memory_bytes',
