@@ -19,6 +19,7 @@ not get smaller and stays whole. Then the model is fine-tuned as usual.
 import dataclasses
 import math
 import re
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -198,10 +199,11 @@ def replace(model: nnx.Module, ranks: dict, rngs: nnx.Rngs) -> None:
       setattr(parent, path[-1], factored)
 
 
-def plan(config, abstract_model: nnx.Module, source: dict) -> Plan | None:
-  """The ranks config.low_rank gives each eligible layer of `abstract_model`, from the
-  trained kernels in `source` (the checkpoint's params); None when low_rank is off.
-  Raises a one-line KilnError on bad settings."""
+def plan(config, abstract_model: Callable[[], nnx.Module], read_source: Callable[[], dict]
+         ) -> Plan | None:
+  """The ranks config.low_rank gives each eligible layer of `abstract_model()`, from the
+  trained kernels in `read_source()` (the checkpoint's params); None when low_rank is off
+  (then neither is called). Raises a one-line KilnError on bad settings."""
   settings = config.low_rank
   energy, ratio = settings.energy, settings.rank_ratio
   if not energy and not ratio:
@@ -222,7 +224,7 @@ def plan(config, abstract_model: nnx.Module, source: dict) -> Plan | None:
     except re.error as e:
       raise KilnError(f"config.low_rank.{key}='{settings[key]}' is not a valid regex ({e}): "
                       'fix the pattern') from e
-  eligible = _eligible(abstract_model)
+  eligible = _eligible(abstract_model())
   chosen = {name: layer for name, layer in eligible.items()
             if (patterns['include'] is None or patterns['include'].search(f'{name}/kernel'))
             and not (patterns['exclude'] is not None
@@ -232,7 +234,7 @@ def plan(config, abstract_model: nnx.Module, source: dict) -> Plan | None:
                     f"'{settings.exclude}') matches no Dense or Conv kernel: choose from "
                     f"{', '.join(f'{n}/kernel' for n in list(eligible)[:6])}")
   kernels = {path_string(path): leaf
-             for path, leaf in jax.tree_util.tree_flatten_with_path(source)[0]}
+             for path, leaf in jax.tree_util.tree_flatten_with_path(read_source())[0]}
   ranks, whole = {}, []
   for name, layer in chosen.items():
     kernel = kernels.get(f'{name}/kernel')

@@ -25,6 +25,9 @@ def get_config():
   c.model.pooling = 'mean'
 
   c.init.checkpoint_dir = ''  # Point at a bert_mlm_shakespeare run's workdir to fine-tune it.
+  # LoRA (--config.lora.rank=8): adapters on the fused attention projection only, as Hu et al.
+  # adapt attention weights; with fc1/fc2/out too, rank 8 would train ~5% of this small BERT.
+  c.lora.targets = r'attn/qkv'
 
   c.batch_size = 32
   c.eval_batch_size = 128
