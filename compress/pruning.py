@@ -231,6 +231,13 @@ def from_config(pruning_config, num_steps: int, layouts: dict[str, Layout | None
   if c.method == 'n_m':
     begin = 0 if c.begin_step == -1 else c.begin_step
     end = begin
+  else:
+    begin = round(0.1 * num_steps) if c.begin_step == -1 else c.begin_step
+    end = round(0.75 * num_steps) if c.end_step == -1 else c.end_step
+  if begin >= num_steps:
+    raise KilnError(f'config.pruning.begin_step={begin} is not before the last of {num_steps} '
+                    'training steps: set it lower (or -1)')
+  if c.method == 'n_m':
     if not 0 < c.n < c.m:
       raise KilnError(f'config.pruning.n={c.n} must lie in [1, config.pruning.m={c.m}): keep n '
                       'of every m weights, e.g. n=2, m=4')
@@ -241,17 +248,12 @@ def from_config(pruning_config, num_steps: int, layouts: dict[str, Layout | None
         raise KilnError(f"config.pruning.m={c.m} does not divide the {rows} input rows of "
                         f"'{path}': add it to config.pruning.exclude, or change m")
   else:
-    begin = round(0.1 * num_steps) if c.begin_step == -1 else c.begin_step
-    end = round(0.75 * num_steps) if c.end_step == -1 else c.end_step
     if not 0.0 <= c.initial_sparsity <= c.target_sparsity:
       raise KilnError(f'config.pruning.initial_sparsity={c.initial_sparsity} must lie in '
                       f'[0, target_sparsity={c.target_sparsity}]: lower it')
     if end < begin:
       raise KilnError(f'config.pruning.end_step={end} comes before begin_step={begin}: set '
                       'end_step >= begin_step (or -1 for 75% of training)')
-  if begin >= num_steps:
-    raise KilnError(f'config.pruning.begin_step={begin} is not before the last of {num_steps} '
-                    'training steps: set it lower (or -1)')
   return Pruning(method=c.method, target_sparsity=float(c.target_sparsity),
                  initial_sparsity=float(c.initial_sparsity), begin_step=int(begin),
                  end_step=int(end), update_every=int(c.update_every), scope=c.scope,
