@@ -12,6 +12,7 @@ from jax.sharding import Mesh
 
 from backends import ops
 from loop import fields, steps
+from loop import teacher as teacher_lib
 from core.errors import KilnError
 from core.logical_axes import Rules
 from loop.state import ModelTemplate, create_sharded_state
@@ -50,6 +51,7 @@ class Experiment:
   host_eval_batch: int
   rules: Rules  # Logical axis name -> mesh axes.
   strategy: JitStrategy | PmapStrategy
+  teacher: teacher_lib.Teacher | None = None  # Distillation's frozen teacher (loop/teacher.py).
 
   @property
   def use_ema(self) -> bool:
@@ -59,13 +61,24 @@ class Experiment:
     """(state, shardings): the initial train state, built sharded on the mesh."""
     state, shardings = create_sharded_state(self.template, self.tx, self.config.seed, self.mesh,
                                             self.rules, self.use_ema)
+    # --- distillation: the teacher's values join the state, in their own sharded layout ---
+    if self.teacher is not None:
+      teacher_shardings = self.teacher.shardings(self.mesh, self.rules)
+      state = state.replace(teacher=self.teacher.placed(teacher_shardings))
+      shardings = shardings.replace(teacher=teacher_shardings)
+    # --- end distillation ---
     return self.strategy.distribute(state, shardings), shardings
 
   def train_step_flops(self) -> float:
     """Analytic model FLOPs of one optimizer step over the global batch."""
     model = nnx.eval_shape(lambda: self.template.build_model(nnx.Rngs(0)))
-    return flops.train_step_flops(model, self.task.model_input_shape, self.config.batch_size,
-                                  self.task.model_input_dtype)
+    total = flops.train_step_flops(model, self.task.model_input_shape, self.config.batch_size,
+                                   self.task.model_input_dtype)
+    if self.teacher is not None:  # Distillation: plus the teacher's forward (no backward).
+      teacher = nnx.eval_shape(lambda: self.teacher.template.build_model(nnx.Rngs(0)))
+      total += self.config.batch_size * flops.forward_flops(
+          teacher, self.task.model_input_shape, self.task.model_input_dtype)
+    return total
 
   def evaluate(self, eval_step, state, split: str = 'eval'):
     """The task's eval metrics merged over one pass of `split` ('eval': held out, or
@@ -87,7 +100,7 @@ class Experiment:
     return self.strategy.compile_train(steps.train_step_fn(
         self.task, self.template, self.tx, self.step_options,
         mesh=self.mesh if self.strategy.name == 'jit' else None,
-        axis_name=self.strategy.norm_axis_name), shardings)
+        axis_name=self.strategy.norm_axis_name, teacher=self.teacher), shardings)
 
   def eval_step(self, shardings):
     """Compiled `(state, batch) -> task metrics`."""
@@ -120,7 +133,12 @@ def build_experiment(config, devices=None) -> Experiment:
   strategy = create_strategy(config.parallel.strategy, mesh, rules)
   template = ModelTemplate(
       functools.partial(task.build_model, norm_axis_name=strategy.norm_axis_name))
+  # --- distillation: the teacher run's config.json and newest checkpoint, before any write ---
+  teacher = teacher_lib.load(config, task, strategy.norm_axis_name, jax.process_index(),
+                             jax.process_count())
+  # --- end distillation ---
   return Experiment(config=config, task=task, mesh=mesh, template=template,
                     schedule=schedule, tx=build_transform(config, schedule),
                     step_options=step_options, num_steps=num_steps, host_batch=host_batch,
-                    host_eval_batch=host_eval_batch, rules=rules, strategy=strategy)
+                    host_eval_batch=host_eval_batch, rules=rules, strategy=strategy,
+                    teacher=teacher)

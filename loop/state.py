@@ -26,6 +26,9 @@ class TrainState:
   opt_state: optax.OptState
   rng: jax.Array  # Raw uint32 key; per-step keys are folded in from `step`.
   ema_params: dict | None = None  # Moving average of `params` when config.ema is on.
+  # Distillation (loop/teacher.py): the frozen teacher's {'params', 'model_state'}, sharded
+  # by its own logical axes and checkpointed with the run; None without a teacher.
+  teacher: dict | None = None
 
 
 class ModelTemplate:

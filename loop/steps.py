@@ -48,19 +48,25 @@ def split_micro_batches(batch, k: int, mesh: Mesh | None):
 
 
 def train_step_fn(task: Task, template: ModelTemplate, tx: optax.GradientTransformation,
-                  options: StepOptions, mesh: Mesh | None = None, axis_name: str | None = None):
+                  options: StepOptions, mesh: Mesh | None = None, axis_name: str | None = None,
+                  teacher=None):
   """`(state, batch) -> (state, task metrics, optimizer scalars)` as a function to compile.
 
   Under jit, `mesh` is the global mesh and XLA inserts the collectives. Under pmap,
   `axis_name` names the mapped device axis and gradients/metrics are reduced over it.
+  `teacher` (a loop.teacher.Teacher, whose values ride in `state.teacher`) turns the task's
+  loss into the distillation objective.
   """
   k = options.accumulation_steps
 
-  def loss_and_grads(params, model_state, batch, key):
+  def loss_and_grads(params, model_state, batch, key, teacher_values=None):
     def loss_fn(params):
       model = template.merge(params, model_state)
       rngs = nnx.Rngs(dropout=key)  # Made inside the trace that may advance it.
-      loss, batch_metrics = task.loss(model, batch, rngs)
+      if teacher is None:
+        loss, batch_metrics = task.loss(model, batch, rngs)
+      else:  # Distillation: the teacher's eval forward runs here, in the same step.
+        loss, batch_metrics = teacher.loss(task, model, batch, rngs, teacher_values)
       if options.l1 or options.l2:
         mask = regularization.included_mask(params, options.exclude)
         loss = loss + regularization.penalty(params, mask, options.l1, options.l2)
@@ -73,13 +79,14 @@ def train_step_fn(task: Task, template: ModelTemplate, tx: optax.GradientTransfo
       step_key = jax.random.fold_in(step_key, jax.lax.axis_index(axis_name))
     if k == 1:
       (_, (batch_metrics, model_state)), grads = loss_and_grads(
-          state.params, state.model_state, batch, step_key)
+          state.params, state.model_state, batch, step_key, state.teacher)
     else:
       def micro_step(carry, micro):
         grads_sum, model_state = carry
         index, micro_batch = micro
         (_, (micro_metrics, model_state)), grads = loss_and_grads(
-            state.params, model_state, micro_batch, jax.random.fold_in(step_key, index))
+            state.params, model_state, micro_batch, jax.random.fold_in(step_key, index),
+            state.teacher)
         return (jax.tree.map(jnp.add, grads_sum, grads), model_state), micro_metrics
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)

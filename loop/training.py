@@ -14,7 +14,7 @@ from clu import metric_writers, periodic_actions
 
 from core.errors import KilnError
 from core.io import write_json_atomic
-from loop import experiment, pretrained
+from loop import experiment, pretrained, run_config
 from loop.checkpoint import Checkpointer
 from loop.early_stopping import EarlyStopping
 from monitor import hardware
@@ -76,6 +76,8 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
   is_chief = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
   writer.write_hparams(config.to_dict())
+  if is_chief:  # So that a later run (a distillation student, an export) can rebuild the model.
+    run_config.save(config, workdir)
 
   state, shardings = exp.create_state()
   checkpointer = Checkpointer(workdir, config.keep_checkpoints)
