@@ -126,11 +126,40 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.init = ml_collections.ConfigDict()
   c.init.checkpoint_dir = ''  # Copy matching parameters from this run's newest checkpoint; '' = random.
 
+  # --- pruning (compress/pruning.py; Zhu & Gupta 2017, NVIDIA ASP) ---
+  # On for method 'n_m', or 'magnitude' with target_sparsity > 0. ASP's 2:4 flow: train dense,
+  # then rerun with init.checkpoint_dir=<that workdir> and method='n_m' (prunes at step 0).
+  c.pruning = ml_collections.ConfigDict()
+  c.pruning.method = 'magnitude'  # 'magnitude' (gradual, Zhu & Gupta 2017) or 'n_m' (N:M structured, NVIDIA ASP).
+  c.pruning.target_sparsity = 0.0  # magnitude: final fraction of prunable weights set to zero, in [0, 1); 0 disables.
+  c.pruning.initial_sparsity = 0.0  # magnitude: sparsity s_i at begin_step, the start of the cubic ramp.
+  c.pruning.begin_step = -1  # First mask update; -1: 10% of training (magnitude), 0 (n_m).
+  c.pruning.end_step = -1  # magnitude: last mask update, where the cubic ramp reaches target; -1: 75% of training.
+  c.pruning.update_every = 100  # magnitude: steps between mask updates (Zhu & Gupta's delta t).
+  c.pruning.scope = 'layer'  # 'layer': every prunable layer reaches the sparsity; 'global': one threshold across all.
+  c.pruning.exclude = r'bias$|scale$|norm|embed'  # Regex on 'a/b/kernel' paths never pruned (vectors never are).
+  c.pruning.n = 2  # n_m: weights kept in every group of m consecutive input weights.
+  c.pruning.m = 4  # n_m: group size along a kernel's input rows; must divide every prunable layer's.
+
   # --- distillation (compress/distillation.py; Hinton et al. 2015) ---
   c.distillation = ml_collections.ConfigDict()
   c.distillation.teacher_workdir = ''  # Workdir of a finished run whose model teaches this one; '' disables.
   c.distillation.alpha = 0.9  # Weight of the soft (teacher) term; 1 - alpha weighs the hard-label loss.
   c.distillation.temperature = 4.0  # T: both softmaxes at T, the soft term scaled by T^2.
+
+  # --- low-rank factoring (compress/low_rank.py; truncated SVD of init.checkpoint_dir's kernels) ---
+  c.low_rank = ml_collections.ConfigDict()
+  c.low_rank.energy = 0.0  # Factor each eligible Dense/Conv kernel keeping this fraction of its squared singular values; 0 off.
+  c.low_rank.rank_ratio = 0.0  # Or: rank = ceil(rank_ratio * min(rows, cols)); 0 off (set one of the two).
+  c.low_rank.include = r''  # Regex of 'a/b/kernel' paths eligible for factoring ('' = every Dense and Conv kernel).
+  c.low_rank.exclude = r'classifier|head'  # Regex of kernel paths never factored (output layers).
+
+  # --- LoRA (compress/lora.py; Hu et al. 2021): frozen base from init.checkpoint_dir ---
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0  # LoRA rank r; 0 disables LoRA.
+  c.lora.alpha = 16.0  # Adapter scale is alpha / r (Hu et al. 2021).
+  c.lora.targets = r'attn/qkv|attn/out|mlp/fc1|mlp/fc2'  # Regex of kernel paths that get adapters.
+  c.lora.trainable = r'classifier'  # Regex of base parameters that still train (new heads); everything else frozen.
 
   c.profile = ml_collections.ConfigDict()
   c.profile.first_step = 10  # First step of the profiler trace (TensorBoard's profile tab).

@@ -11,7 +11,11 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from backends import ops
-from loop import fields, steps
+from compress import lora as lora_lib
+from compress import low_rank as low_rank_lib
+from compress import pruning as pruning_lib
+from compress import stats as stats_lib
+from loop import fields, pretrained, steps
 from loop import teacher as teacher_lib
 from core.errors import KilnError
 from core.logical_axes import Rules
@@ -52,6 +56,8 @@ class Experiment:
   rules: Rules  # Logical axis name -> mesh axes.
   strategy: JitStrategy | PmapStrategy
   teacher: teacher_lib.Teacher | None = None  # Distillation's frozen teacher (loop/teacher.py).
+  lora: lora_lib.LoRA | None = None  # LoRA adapters' targets and scale (compress/lora.py).
+  low_rank: low_rank_lib.Plan | None = None  # Layers factored by SVD (compress/low_rank.py).
 
   @property
   def use_ema(self) -> bool:
@@ -60,7 +66,8 @@ class Experiment:
   def create_state(self):
     """(state, shardings): the initial train state, built sharded on the mesh."""
     state, shardings = create_sharded_state(self.template, self.tx, self.config.seed, self.mesh,
-                                            self.rules, self.use_ema)
+                                            self.rules, self.use_ema, self.step_options.pruning,
+                                            lora=self.lora)
     # --- distillation: the teacher's values join the state, in their own sharded layout ---
     if self.teacher is not None:
       teacher_shardings = self.teacher.shardings(self.mesh, self.rules)
@@ -68,6 +75,17 @@ class Experiment:
       shardings = shardings.replace(teacher=teacher_shardings)
     # --- end distillation ---
     return self.strategy.distribute(state, shardings), shardings
+
+  # --- pruning / model statistics ---
+  def model_stats(self, state) -> dict:
+    """compress.stats.model_stats of `state`'s params: kernels that config.pruning.exclude
+    misses count as prunable (whether or not pruning ran), N:M-stored after n_m pruning."""
+    pruning = self.step_options.pruning
+    prunable = pruning_lib.prunable_layouts(
+        pruning_lib.flat_layouts(self.template.kernel_layout()), self.config.pruning.exclude)
+    n_m = (pruning.n, pruning.m) if pruning is not None and pruning.method == 'n_m' else None
+    return stats_lib.model_stats(self.strategy.checkpoint_view(state).params, prunable, n_m)
+  # --- end pruning / model statistics ---
 
   def train_step_flops(self) -> float:
     """Analytic model FLOPs of one optimizer step over the global batch."""
@@ -100,13 +118,14 @@ class Experiment:
     return self.strategy.compile_train(steps.train_step_fn(
         self.task, self.template, self.tx, self.step_options,
         mesh=self.mesh if self.strategy.name == 'jit' else None,
-        axis_name=self.strategy.norm_axis_name, teacher=self.teacher), shardings)
+        axis_name=self.strategy.norm_axis_name, teacher=self.teacher, lora=self.lora),
+        shardings)
 
   def eval_step(self, shardings):
     """Compiled `(state, batch) -> task metrics`."""
     return self.strategy.compile_eval(steps.eval_step_fn(
         self.task, self.template, self.use_ema and self.config.ema.use_for_eval,
-        axis_name=self.strategy.norm_axis_name), shardings)
+        axis_name=self.strategy.norm_axis_name, lora=self.lora), shardings)
 
 
 def build_experiment(config, devices=None) -> Experiment:
@@ -131,14 +150,37 @@ def build_experiment(config, devices=None) -> Experiment:
                     f"eval metric of this task: choose one of {', '.join(task.eval_metric_names)}")
   rules = sharding.parse_rules(config.parallel.rules, mesh)
   strategy = create_strategy(config.parallel.strategy, mesh, rules)
-  template = ModelTemplate(
-      functools.partial(task.build_model, norm_axis_name=strategy.norm_axis_name))
+  build_model = functools.partial(task.build_model, norm_axis_name=strategy.norm_axis_name)
+  # --- low-rank: ranks from the trained checkpoint's kernels; the template is the factored
+  # model (training.py starts it from the SVD factors) ---
+  low_rank = low_rank_lib.plan(
+      config, lambda: nnx.eval_shape(lambda: build_model(nnx.Rngs(0))),
+      lambda: pretrained.read_params(config.init.checkpoint_dir)[1])
+  if low_rank is not None:
+    build_model = low_rank.build(build_model)
+  # --- end low-rank ---
+  template = ModelTemplate(build_model)
+  # --- pruning: -1 steps resolved from the run's length; N:M groups checked against the model ---
+  step_options = dataclasses.replace(step_options, pruning=pruning_lib.from_config(
+      config.pruning, num_steps, pruning_lib.flat_layouts(template.kernel_layout()),
+      pruning_lib.flat_layouts(template.param_shapes())))
+  # --- end pruning ---
   # --- distillation: the teacher run's config.json and newest checkpoint, before any write ---
   teacher = teacher_lib.load(config, task, strategy.norm_axis_name, jax.process_index(),
                              jax.process_count())
   # --- end distillation ---
+  # --- LoRA: adapters on the targeted kernels; the optimizer sees only what trains ---
+  tx = build_transform(config, schedule)
+  lora = lora_lib.build(config, jax.eval_shape(lambda: template.split(
+      template.build_model(nnx.Rngs(0)))[0]), template.kernel_layout())
+  if lora is not None:
+    if step_options.pruning is not None or step_options.ema_decay:
+      raise KilnError('config.lora.rank > 0 trains adapters on a frozen base: set '
+                      'config.pruning off and config.ema.decay=0 with it')
+    tx = lora.wrap_transform(tx)
+  # --- end LoRA ---
   return Experiment(config=config, task=task, mesh=mesh, template=template,
-                    schedule=schedule, tx=build_transform(config, schedule),
+                    schedule=schedule, tx=tx,
                     step_options=step_options, num_steps=num_steps, host_batch=host_batch,
                     host_eval_batch=host_eval_batch, rules=rules, strategy=strategy,
-                    teacher=teacher)
+                    teacher=teacher, lora=lora, low_rank=low_rank)

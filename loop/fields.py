@@ -11,6 +11,7 @@ are used; this layer catches a value that is wrong on its own.
 
 from collections.abc import Mapping
 
+from compress import pruning
 from core import fields as F
 from core.errors import KilnError
 from input_pipeline import audio, augment, sources, text, tokenizers
@@ -85,11 +86,33 @@ BASE: dict[str, F.Constraint] = {
     'distributed.num_processes': F.Range(-1, integer=True, nonzero=True),  # -1: detect.
     'distributed.process_id': F.Range(-1, integer=True),  # -1: detect.
     'init.checkpoint_dir': F.Free('a run folder; checked for a checkpoint before any write'),
+    # --- pruning (compress/pruning.py; cross-field rules checked in pruning.from_config) ---
+    'pruning.method': F.Choices(pruning.METHODS),
+    'pruning.target_sparsity': F.RATE,  # [0, 1): 1 would prune every weight.
+    'pruning.initial_sparsity': F.RATE,
+    'pruning.begin_step': F.Range(-1, integer=True),  # -1: derived from the run's length.
+    'pruning.end_step': F.Range(-1, integer=True),
+    'pruning.update_every': F.POSITIVE_INT,
+    'pruning.scope': F.Choices(pruning.SCOPES),
+    'pruning.exclude': F.Free('a regex on parameter paths', F.regex),
+    'pruning.n': F.POSITIVE_INT,
+    'pruning.m': F.Range(2, integer=True),
+    # --- end pruning ---
     # --- distillation ---
     'distillation.teacher_workdir': F.Free('a run folder; its config.json and checkpoint are '
                                            'checked before any write'),
     'distillation.alpha': F.FRACTION,
     'distillation.temperature': F.POSITIVE,
+    # --- low-rank and LoRA (cross-field rules in compress/low_rank.plan, compress/lora.build) ---
+    'low_rank.energy': F.FRACTION,  # (0, 1]; 0 off. A rank cannot exceed a layer's size.
+    'low_rank.rank_ratio': F.FRACTION,
+    'low_rank.include': F.Free('a regex on parameter paths', F.regex),
+    'low_rank.exclude': F.Free('a regex on parameter paths', F.regex),
+    'lora.rank': F.NON_NEGATIVE_INT,  # 0 off; above a targeted kernel's size fails at build.
+    'lora.alpha': F.POSITIVE,
+    'lora.targets': F.Free('a regex on parameter paths', F.regex),
+    'lora.trainable': F.Free('a regex on parameter paths', F.regex),
+    # --- end low-rank and LoRA ---
     'profile.first_step': F.NON_NEGATIVE_INT,
     'profile.num_steps': F.NON_NEGATIVE_INT,
     'backend.cpu_kernels': F.Choices(ops.MODES),

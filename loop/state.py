@@ -29,6 +29,12 @@ class TrainState:
   # Distillation (loop/teacher.py): the frozen teacher's {'params', 'model_state'}, sharded
   # by its own logical axes and checkpointed with the run; None without a teacher.
   teacher: dict | None = None
+  # Pruning (compress/pruning.py): a bool tree like params, [shape] for prunable kernels and
+  # a scalar True elsewhere; None when config.pruning is off.
+  masks: dict | None = None
+  # LoRA (compress/lora.py): adapters {..., kernel: {'a': A, 'b': B}} on the frozen `params`;
+  # with them the optimizer state is over {'params', 'lora'}. None when config.lora is off.
+  lora: dict | None = None
 
 
 class ModelTemplate:
@@ -60,6 +66,12 @@ class ModelTemplate:
     tree = jax.tree.map(layout, self._params, is_leaf=lambda x: isinstance(x, nnx.Variable))
     return nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree
 
+  def param_shapes(self) -> dict:
+    """Per parameter, its shape (nested like params), without building the model."""
+    tree = jax.tree.map(lambda v: tuple(v.value.shape), self._params,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree
+
   @staticmethod
   def split(model: nnx.Module) -> tuple[dict, dict]:
     _, params, rest = nnx.split(model, nnx.Param, ...)
@@ -67,36 +79,57 @@ class ModelTemplate:
 
 
 def init_state(template: ModelTemplate, tx: optax.GradientTransformation, seed: int,
-               use_ema: bool = False) -> TrainState:
+               use_ema: bool = False, pruning=None, lora=None) -> TrainState:
+  """`pruning`: a compress.pruning.Pruning, whose (all True) masks the state then carries.
+  `lora`: a compress.lora.LoRA, whose fresh adapters the state carries (and optimizes)."""
   init_key, train_key = jax.random.split(jax.random.key(seed))
   params, model_state = template.split(template.build_model(nnx.Rngs(params=init_key)))
+  # --- LoRA: adapters from their own key (the model's init is unchanged) ---
+  adapters = None if lora is None else lora.init(params, jax.random.fold_in(init_key, 1))
+  # --- end LoRA ---
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-                    opt_state=tx.init(params), rng=jax.random.key_data(train_key),
-                    ema_params=jax.tree.map(jnp.copy, params) if use_ema else None)
+                    opt_state=tx.init(optimized(params, adapters)),
+                    rng=jax.random.key_data(train_key), lora=adapters,
+                    ema_params=jax.tree.map(jnp.copy, params) if use_ema else None,
+                    masks=None if pruning is None else pruning.init_masks(params))
+
+
+def optimized(params: dict, adapters: dict | None):
+  """The tree the optimizer sees: the params, or {'params', 'lora'} with LoRA adapters."""
+  return params if adapters is None else {'params': params, 'lora': adapters}
 
 
 def state_specs(abstract_state: TrainState, template: ModelTemplate, mesh: Mesh,
-                rules: Rules) -> TrainState:
+                rules: Rules, lora=None) -> TrainState:
   """PartitionSpecs for every state leaf: parameters (and their EMA and optimizer
   moments) by their logical axes, everything else replicated."""
   param_axes, state_axes = template.logical_axes()
   param_specs = sharding.tree_specs(abstract_state.params, param_axes, mesh, rules)
+  # LoRA: A keeps its kernel's row axes and B its column axes (rank dim replicated).
+  lora_specs = None if abstract_state.lora is None else sharding.tree_specs(
+      abstract_state.lora, lora.adapter_axes(param_axes, abstract_state.lora), mesh, rules)
   return TrainState(
       step=P(), rng=P(), params=param_specs,
       model_state=sharding.tree_specs(abstract_state.model_state, state_axes, mesh, rules),
-      opt_state=sharding.match_by_path(abstract_state.opt_state, param_specs,
-                                       abstract_state.params),
-      ema_params=None if abstract_state.ema_params is None else param_specs)
+      opt_state=sharding.match_by_path(abstract_state.opt_state,
+                                       optimized(param_specs, lora_specs),
+                                       optimized(abstract_state.params, abstract_state.lora)),
+      lora=lora_specs,
+      ema_params=None if abstract_state.ema_params is None else param_specs,
+      # Pruning masks: a kernel's mask lives with its kernel; scalar placeholders replicated.
+      masks=None if abstract_state.masks is None else jax.tree.map(
+          lambda spec, mask: spec if mask.ndim else P(), param_specs, abstract_state.masks,
+          is_leaf=lambda x: isinstance(x, P)))
 
 
 def create_sharded_state(template: ModelTemplate, tx: optax.GradientTransformation, seed: int,
-                         mesh: Mesh, rules: Rules, use_ema: bool = False
-                         ) -> tuple[TrainState, TrainState]:
+                         mesh: Mesh, rules: Rules, use_ema: bool = False, pruning=None,
+                         lora=None) -> tuple[TrainState, TrainState]:
   """Returns the state, built on the devices in its final layout, and its shardings."""
   def init():
-    return init_state(template, tx, seed, use_ema)
+    return init_state(template, tx, seed, use_ema, pruning, lora)
   abstract = jax.eval_shape(init)
-  specs = state_specs(abstract, template, mesh, rules)
+  specs = state_specs(abstract, template, mesh, rules, lora)
   shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
                            is_leaf=lambda x: isinstance(x, P))
   fraction = sharding.replicated_fraction(abstract.params, specs.params)

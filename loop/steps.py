@@ -8,8 +8,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from compress import pruning as pruning_lib
 from core.errors import KilnError
-from loop.state import ModelTemplate, TrainState
+from loop.state import ModelTemplate, TrainState, optimized
 from optim import regularization
 from parallel import mesh as mesh_lib
 from tasks.base import Task
@@ -23,6 +24,7 @@ class StepOptions:
   exclude: str = ''  # Regex of parameter paths exempt from the L1/L2 penalty.
   accumulation_steps: int = 1
   ema_decay: float = 0.0
+  pruning: pruning_lib.Pruning | None = None  # Set by build_experiment when pruning is on.
 
   @classmethod
   def from_config(cls, config) -> 'StepOptions':
@@ -49,18 +51,23 @@ def split_micro_batches(batch, k: int, mesh: Mesh | None):
 
 def train_step_fn(task: Task, template: ModelTemplate, tx: optax.GradientTransformation,
                   options: StepOptions, mesh: Mesh | None = None, axis_name: str | None = None,
-                  teacher=None):
+                  teacher=None, lora=None):
   """`(state, batch) -> (state, task metrics, optimizer scalars)` as a function to compile.
 
   Under jit, `mesh` is the global mesh and XLA inserts the collectives. Under pmap,
   `axis_name` names the mapped device axis and gradients/metrics are reduced over it.
   `teacher` (a loop.teacher.Teacher, whose values ride in `state.teacher`) turns the task's
-  loss into the distillation objective.
+  loss into the distillation objective. `lora` (a compress.lora.LoRA, adapters in
+  `state.lora`): the model runs with W + (alpha/r) A B, and the optimizer updates only the
+  adapters and the base leaves it leaves trainable.
   """
   k = options.accumulation_steps
+  pruning = options.pruning
 
   def loss_and_grads(params, model_state, batch, key, teacher_values=None):
     def loss_fn(params):
+      if lora is not None:  # LoRA: `params` is {'params', 'lora'}; the model sees W + s A B.
+        params = lora.apply(params['params'], params['lora'])
       model = template.merge(params, model_state)
       rngs = nnx.Rngs(dropout=key)  # Made inside the trace that may advance it.
       if teacher is None:
@@ -77,19 +84,29 @@ def train_step_fn(task: Task, template: ModelTemplate, tx: optax.GradientTransfo
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     if axis_name is not None:  # Each device draws its own dropout masks.
       step_key = jax.random.fold_in(step_key, jax.lax.axis_index(axis_name))
+    # --- pruning: masks from the params as they are when the step starts (so that a run
+    # started from another's checkpoint prunes the loaded weights), only at update steps ---
+    params, masks = state.params, state.masks
+    if pruning is not None:
+      masks = pruning.update_masks(state.step, params, masks)
+      params = pruning.apply(params, masks)
+    # --- end pruning ---
+    # --- LoRA: gradients (and updates) over the tree the optimizer sees ---
+    params = optimized(params, state.lora)
+    # --- end LoRA ---
     if k == 1:
       (_, (batch_metrics, model_state)), grads = loss_and_grads(
-          state.params, state.model_state, batch, step_key, state.teacher)
+          params, state.model_state, batch, step_key, state.teacher)
     else:
       def micro_step(carry, micro):
         grads_sum, model_state = carry
         index, micro_batch = micro
         (_, (micro_metrics, model_state)), grads = loss_and_grads(
-            state.params, model_state, micro_batch, jax.random.fold_in(step_key, index),
+            params, model_state, micro_batch, jax.random.fold_in(step_key, index),
             state.teacher)
         return (jax.tree.map(jnp.add, grads_sum, grads), model_state), micro_metrics
 
-      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      zeros = jax.tree.map(jnp.zeros_like, params)
       (grads_sum, model_state), stacked_metrics = jax.lax.scan(
           micro_step, (zeros, state.model_state),
           (jnp.arange(k), split_micro_batches(batch, k, mesh)))
@@ -100,24 +117,37 @@ def train_step_fn(task: Task, template: ModelTemplate, tx: optax.GradientTransfo
       grads = jax.lax.pmean(grads, axis_name)
       batch_metrics = sum_over_devices(batch_metrics, axis_name)
 
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    if pruning is not None:  # Optimizer moments of pruned weights see no gradient.
+      grads = pruning.apply(grads, masks)
+    updates, opt_state = tx.update(grads, state.opt_state, params)
+    params = optax.apply_updates(params, updates)
+    lora_values = state.lora
+    if lora is not None:  # LoRA: back to the base params and the adapters.
+      params, lora_values = params['params'], params['lora']
     ema_params = state.ema_params
     if ema_params is not None:
       ema_params = regularization.ema_update(ema_params, params, options.ema_decay)
+    if pruning is not None:  # Momentum and weight decay may move them: pruned stays zero.
+      params = pruning.apply(params, masks)
+      ema_params = None if ema_params is None else pruning.apply(ema_params, masks)
     new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
-                              opt_state=opt_state, ema_params=ema_params)
+                              opt_state=opt_state, ema_params=ema_params, masks=masks,
+                              lora=lora_values)
     optimizer_scalars = {'grad_norm': optax.global_norm(grads),
                          'update_norm': optax.global_norm(updates)}
+    if pruning is not None:
+      optimizer_scalars.update(pruning.scalars(params))
     return new_state, batch_metrics, optimizer_scalars
 
   return train_step
 
 
 def eval_step_fn(task: Task, template: ModelTemplate, use_ema: bool = False,
-                 axis_name: str | None = None):
+                 axis_name: str | None = None, lora=None):
   def eval_step(state: TrainState, batch):
     params = state.ema_params if use_ema and state.ema_params is not None else state.params
+    if lora is not None:  # LoRA: the base with its adapters, W + (alpha/r) A B.
+      params = lora.apply(params, state.lora, freeze=False)
     batch_metrics = task.evaluate(template.merge(params, state.model_state), batch)
     return batch_metrics if axis_name is None else sum_over_devices(batch_metrics, axis_name)
   return eval_step

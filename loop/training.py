@@ -45,12 +45,25 @@ def _start_from_pretrained(exp, state, shardings, checkpoint_dir: str):
   """The fresh state with every parameter another run's checkpoint has (e.g. a pre-trained
   encoder) copied in; the rest (e.g. a new head) keeps its initialization."""
   host = exp.strategy.checkpoint_view(state)
+
+  def load(params):
+    if exp.low_rank is None:
+      return pretrained.load_pretrained(params, checkpoint_dir)
+    # --- low-rank: the factored layers start from the SVD factors of the kernels they
+    # replace (U sqrt(S), sqrt(S) V^T), every other leaf from the checkpoint as it is ---
+    step, source = pretrained.read_params(checkpoint_dir)
+    merged, loaded, kept = pretrained.merge_params(params, exp.low_rank.factored_params(source))
+    logging.info('Loaded %d parameter arrays (%d layers as SVD factors) from step %d of %s; '
+                 'kept %d as initialized: %s', len(loaded), len(exp.low_rank.ranks), step,
+                 checkpoint_dir, len(kept), ', '.join(kept) or 'none')
+    return merged
+    # --- end low-rank ---
+
   # Only replaced leaves are read from disk; kept ones stay as they are (on every host).
   # The EMA gets its own copy so that no two state leaves share a donated buffer.
   host = host.replace(
-      params=pretrained.load_pretrained(host.params, checkpoint_dir),
-      ema_params=None if host.ema_params is None else pretrained.load_pretrained(
-          host.ema_params, checkpoint_dir))
+      params=load(host.params),
+      ema_params=None if host.ema_params is None else load(host.ema_params))
   if exp.strategy.name == 'pmap':
     return exp.strategy.distribute(host, shardings)
   return pretrained.place(host, shardings)
@@ -194,6 +207,14 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
   }
   if summary['examples_per_sec'] is None and steps_run:  # Too short for a timed interval.
     summary['examples_per_sec'] = steps_run * config.batch_size / train_seconds
+  summary['model_stats'] = exp.model_stats(state)  # Of the final params (compress/stats.py).
+  if exp.lora is not None:  # LoRA: adapters and trainable base leaves against the frozen base.
+    view = exp.strategy.checkpoint_view(state)
+    summary['lora'] = exp.lora.count(view.params, view.lora)
+    logging.info('LoRA: %d of %d parameters trained (%.2f%%)',
+                 summary['lora']['adapter_params'] + summary['lora']['trainable_base_params'],
+                 summary['lora']['base_params'] + summary['lora']['adapter_params'],
+                 100 * summary['lora']['trainable_fraction'])
   if test_metrics is not None:
     summary['test'] = test_metrics
   summary_path = os.path.join(workdir, 'summary.json')
@@ -201,6 +222,7 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
     if not steps_run and os.path.exists(summary_path):  # Nothing trained: keep its figures.
       with open(summary_path) as f:
         summary = {**json.load(f), 'final_eval': eval_metrics, 'steps': summary['steps'],
+                   'model_stats': summary['model_stats'],
                    **({'test': test_metrics} if test_metrics is not None else {})}
     write_json_atomic(summary_path, summary)
   logging.info('Final eval at step %d: %s', summary['steps'], eval_metrics)
