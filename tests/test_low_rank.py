@@ -16,6 +16,7 @@ from models.cnn import CNN
 from models.conv import Conv
 from models.cost import conv_flops, linear_flops
 from loop.experiment import build_experiment
+from loop import pretrained, training
 from loop.training import train_and_evaluate
 from monitor import run_log
 from tests.tiny import tiny_config
@@ -139,6 +140,14 @@ def test_factor_a_trained_run_then_fine_tune(tmp_path):
   assert set(params['hidden']) == {'down', 'up'}
   assert params['hidden']['down']['kernel'].shape == (64, 8)
   assert params['hidden']['up']['kernel'].shape == (8, 32) and 'bias' in params['hidden']['up']
+  # The run starts from the SVD factors, every other leaf as the checkpoint has it.
+  state, shardings = exp.create_state()
+  started = jax.device_get(training._start_from_pretrained(exp, state, shardings, base_dir).params)
+  _, trained = pretrained.read_params(base_dir)
+  np.testing.assert_allclose(started['hidden']['down']['kernel'] @ started['hidden']['up']['kernel'],
+                             _truncated(trained['hidden']['kernel'], 8), rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(started['hidden']['up']['bias'], trained['hidden']['bias'])
+  np.testing.assert_array_equal(started['classifier']['kernel'], trained['classifier']['kernel'])
   summary = train_and_evaluate(config, str(tmp_path / 'factored'))
   # FLOPs: the base's less the hidden layer's 2*64*32, plus the factored pair's 2*8*(64+32).
   saved = 3 * config.batch_size * (2 * 64 * 32 - 2 * 8 * (64 + 32))
