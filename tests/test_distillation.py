@@ -202,20 +202,26 @@ def _assert_same_by_path(got, expected):
     np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
 
 
-@pytest.mark.slow  # Compiles the distilled step on one device and on a 2x4 mesh.
-def test_fsdp_distillation_matches_one_device(cnn_teacher, devices):
+@pytest.mark.slow  # Compiles the distilled step on one device and on 8.
+@pytest.mark.parametrize('layout', ['fsdp4x2', 'pmap8'])
+def test_sharded_distillation_matches_one_device(layout, cnn_teacher, devices):
   teacher_dir, _ = cnn_teacher
   _, one_state, one = run_steps(_student(teacher_dir), devices[:1], num_steps=4)
   sharded_config = _student(teacher_dir)
-  sharded_config.mesh.data, sharded_config.mesh.fsdp = 2, 4
-  _, state, many = run_steps(sharded_config, devices, num_steps=4)
+  if layout == 'fsdp4x2':
+    sharded_config.mesh.data, sharded_config.mesh.fsdp = 2, 4
+  else:  # pmap: a replica of student and teacher per device.
+    sharded_config.parallel.strategy = 'pmap'
+  exp, state, many = run_steps(sharded_config, devices, num_steps=4)
   for key in ('loss', 'distill_soft', 'distill_hard', 'distill_total'):
     np.testing.assert_allclose([m[key] for m, _ in many], [m[key] for m, _ in one], rtol=1e-5)
+  state = exp.strategy.checkpoint_view(state)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                jax.device_get(state.params), jax.device_get(one_state.params))
-  # The teacher's parameters really are sharded over fsdp, and unchanged by training.
-  specs = [str(x.sharding.spec) for x in jax.tree.leaves(state.teacher['params'])]
-  assert any('fsdp' in spec for spec in specs)
+  if layout == 'fsdp4x2':  # The teacher's parameters really are sharded over fsdp.
+    specs = [str(x.sharding.spec) for x in jax.tree.leaves(state.teacher['params'])]
+    assert any('fsdp' in spec for spec in specs)
+  # ... and unchanged by training.
   _assert_same_by_path(jax.device_get(state.teacher['params']), latest_params(teacher_dir))
 
 
@@ -228,6 +234,7 @@ def test_gpt_student_learns_from_per_token_logits(tmp_path_factory, devices):
   train.train_and_evaluate(teacher_config, teacher_dir)
   student = tiny_gpt_config()
   student.model.num_layers = 1
+  student.gradient.accumulation_steps = 2  # The teacher also runs inside the micro-batch scan.
   student.distillation.teacher_workdir = teacher_dir
   student.distillation.temperature = 2.0
   exp, state, outputs = run_steps(student, devices[:1], num_steps=12)
