@@ -69,7 +69,8 @@ def test_factored_dense_reproduces_the_truncated_kernel():
   factored = low_rank.FactoredLinear(dense, 3, rngs=nnx.Rngs(0))
   factored = _load(factored, _factored_params({'kernel': kernel, 'bias': bias}, 3))
   x = rng.normal(size=(5, 10)).astype(np.float32)
-  np.testing.assert_allclose(factored(x), x @ _truncated(kernel, 3) + bias, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(jax.jit(factored)(x), x @ _truncated(kernel, 3) + bias, rtol=1e-4,
+                             atol=1e-5)
   assert linear_flops(factored) == 2 * 3 * (10 + 6) < linear_flops(dense)
 
 
@@ -84,7 +85,7 @@ def test_factored_conv_reproduces_a_conv_by_the_truncated_kernel(strides, paddin
   reference = _load(Conv(4, 6, (3, 3), strides=strides, padding=padding, rngs=nnx.Rngs(0)),
                     {'kernel': _truncated(kernel, 2), 'bias': bias})
   x = rng.normal(size=(2, 9, 9, 4)).astype(np.float32)
-  np.testing.assert_allclose(factored(x), reference(x), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(jax.jit(factored)(x), jax.jit(reference)(x), rtol=1e-4, atol=1e-4)
   flops, shape = conv_flops(factored, (9, 9))
   dense_flops, dense_shape = conv_flops(conv, (9, 9))
   assert shape == dense_shape
