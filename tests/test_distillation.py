@@ -345,3 +345,28 @@ def test_task_without_distillation_is_an_error(tmp_path):
   config.distillation.teacher_workdir = str(tmp_path)
   with pytest.raises(KilnError, match="task 'speech_ctc' does not support distillation"):
     teacher_lib.load(config, create_task(config))
+
+
+@pytest.mark.slow  # Trains a tiny speech-digits teacher on real recordings, then a student.
+def test_speech_digits_student_distils(tmp_path_factory, devices):
+  from configs import speech_digits
+
+  def tiny(steps, dim, layers):
+    c = speech_digits.get_config()
+    c.model.model_dim, c.model.num_layers, c.model.num_heads = dim, layers, 2
+    c.model.subsample_channels = 8
+    c.batch_size, c.eval_batch_size = 32, 64
+    c.num_train_steps = steps
+    c.schedule.warmup_steps = 2
+    c.log_every_steps = c.eval_every_steps = c.checkpoint_every_steps = steps
+    return c
+  teacher_dir = str(tmp_path_factory.mktemp('speech_teacher'))
+  train.train_and_evaluate(tiny(10, 32, 1), teacher_dir)
+  student = tiny(10, 16, 1)
+  student.distillation.teacher_workdir = teacher_dir
+  exp, state, outputs = run_steps(student, devices[:1], num_steps=3)
+  assert exp.teacher.task.source is exp.task.source  # Same data: shared, not reloaded.
+  for metrics, _ in outputs:
+    assert np.isfinite(metrics['distill_total']) and metrics['distill_soft'] > 0
+    np.testing.assert_allclose(metrics['distill_total'], 0.9 * metrics['distill_soft']
+                               + 0.1 * metrics['distill_hard'], rtol=1e-5)
