@@ -22,7 +22,7 @@ def get_config():
   c.model.width = 16  # Stage widths 16-128 instead of 64-512, for CPU speed.
   c.model.zero_init_last_bn = True  # Each block starts as the identity.
   c.batch_size = 128
-  c.num_epochs = 5.0
+  c.num_epochs = 8.0
   c.optimizer.name = 'sgd'
   c.optimizer.learning_rate = 0.1
   c.optimizer.sgd.nesterov = True
