@@ -20,7 +20,7 @@ from core.errors import KilnError
 from core.paths import path_string
 from loop.checkpoint import Checkpointer
 from loop.experiment import build_experiment
-from tests.stepping import host_batches
+from tests.stepping import host_batches, run_steps
 from tests.tiny import tiny_config
 
 FIRST_CONV = 'stages/0/0/conv'  # 3x3x1 = 9 input rows: no group of 4 divides it.
@@ -313,14 +313,8 @@ def _sharded_config(strategy, data, fsdp, scope):
 
 
 def _run(config, devices, num_steps):
-  exp = build_experiment(config, devices)
-  state, shardings = exp.create_state()
-  train_step = exp.train_step(shardings)
-  losses = []
-  for batch in host_batches(exp, num_steps):
-    state, batch_metrics, _ = train_step(state, exp.strategy.place(batch))
-    losses.append(float(jax.device_get(batch_metrics.compute())['loss']))
-  return exp, state, losses
+  exp, state, outputs = run_steps(config, devices, num_steps)
+  return exp, state, [float(metrics['loss']) for metrics, _ in outputs]
 
 
 @pytest.mark.slow  # Compiles a sharded train step per layout.
