@@ -2,7 +2,7 @@
 distillation, each run through train.py with config flags, then one table and three plots.
 
   .venv/bin/python benchmarks/compression.py [--root runs/compression] [--only mnist,gpt,bert]
-      [--dry_run] [--plots docs]
+      [--runs mnist_dense,mnist_2of4] [--dry_run] [--plots docs]
 
 Every run trains into --root/<name> with the command shown in the table; a run whose
 summary.json exists is not run again, so an interrupted sweep continues where it stopped
@@ -204,13 +204,19 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--root', default='runs/compression', help='folder of the run workdirs')
   parser.add_argument('--only', default='mnist,gpt,bert', help='comma-separated groups to run')
+  parser.add_argument('--runs', default='',
+                      help='comma-separated run names to run (default: all in --only)')
   parser.add_argument('--dry_run', action='store_true', help='print the commands, run nothing')
   parser.add_argument('--plots', default='docs', help="folder for the PNGs ('' for none)")
   args = parser.parse_args(argv)
   groups = set(args.only.split(','))
   runs = [run for run in sweep() if run.group in groups]
+  names = set(filter(None, args.runs.split(',')))
+  unknown = names - {run.name for run in runs}
+  if unknown:
+    parser.error(f'--runs names unknown runs {sorted(unknown)}; --dry_run lists the names')
   for run in runs:
-    if read_summary(args.root, run) is not None:
+    if read_summary(args.root, run) is not None or (names and run.name not in names):
       continue
     print('$', display_command(run, args.root), flush=True)
     if not args.dry_run:

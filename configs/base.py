@@ -161,6 +161,17 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.lora.targets = r'attn/qkv|attn/out|mlp/fc1|mlp/fc2'  # Regex of kernel paths that get adapters.
   c.lora.trainable = r'classifier'  # Regex of base parameters that still train (new heads); everything else frozen.
 
+  # --- export (export.py): each artifact is checked against the JAX model on held-out data ---
+  c.export = ml_collections.ConfigDict()
+  c.export.calibration_batches = 8  # Training batches that calibrate int8 activation ranges.
+  c.export.max_eval_examples = 0  # Held-out examples each artifact is scored on; 0 = the whole split.
+  c.export.latency_runs = 100  # Single-example calls timed for the latency p50/p99.
+  # Lowest share of held-out examples (tokens, anchors) whose predicted label matches JAX's.
+  c.export.min_agreement = ml_collections.ConfigDict({
+      'jax': 1.0, 'saved_model': 0.999, 'tflite': 0.999, 'onnx': 0.999, 'tflite_fp16': 0.99,
+      'tflite_dynamic': 0.97, 'tflite_int8': 0.95, 'jax_int8': 0.97, 'jax_int8_dynamic': 0.97,
+      'jax_bf16': 0.98, 'jax_fp16': 0.99})
+
   c.profile = ml_collections.ConfigDict()
   c.profile.first_step = 10  # First step of the profiler trace (TensorBoard's profile tab).
   c.profile.num_steps = 0  # Steps traced from first_step; 0 disables profiling.

@@ -49,7 +49,7 @@ TFDS_SPEECH = {  # TFDS name -> (audio feature, label feature or None, transcrip
 }
 FSDD_TEST_INDICES = range(0, 5)  # The official FSDD split: recordings 0-4 of each are test.
 _FSDD_NAME = re.compile(r'^(?P<digit>\d)_(?P<speaker>[A-Za-z]+)_(?P<index>\d+)\.wav$')
-_LOG_FLOOR = 1e-6  # Added to mel energies before the log, so digital silence stays finite.
+LOG_FLOOR = 1e-6  # Added to mel energies before the log, so digital silence stays finite.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,13 +84,18 @@ class FeatureSpec:
   def for_eval(self, audio) -> 'FeatureSpec':
     """The spec of eval utterances: config.audio.eval_max_frames frames (0: max_frames), so
     that long test utterances can be scored whole while training keeps shorter windows."""
-    return dataclasses.replace(self, max_frames=_eval_size(audio, 'max_frames'))
+    return dataclasses.replace(self, max_frames=eval_max_frames(audio))
 
 
 def eval_label_len(audio) -> int:
   """Characters per padded eval transcript: config.audio.eval_max_label_len (0: the
   training max_label_len), so that references are scored uncut."""
   return _eval_size(audio, 'max_label_len')
+
+
+def eval_max_frames(audio) -> int:
+  """Frames per padded eval utterance: config.audio.eval_max_frames (0: max_frames)."""
+  return _eval_size(audio, 'max_frames')
 
 
 def _eval_size(audio, field: str) -> int:
@@ -146,7 +151,7 @@ def log_mel(waveforms: tf.Tensor, spec: FeatureSpec) -> tf.Tensor:
   power = tf.math.square(tf.abs(stft))
   weights = tf.signal.linear_to_mel_weight_matrix(
       spec.num_mels, spec.fft_length // 2 + 1, spec.sample_rate, 20.0, spec.sample_rate / 2)
-  return tf.math.log(tf.tensordot(power, weights, 1) + _LOG_FLOOR)
+  return tf.math.log(tf.tensordot(power, weights, 1) + LOG_FLOOR)
 
 
 def normalize_and_pad(features: tf.Tensor, frames: tf.Tensor, max_frames: int) -> tf.Tensor:

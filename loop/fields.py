@@ -113,6 +113,12 @@ BASE: dict[str, F.Constraint] = {
     'lora.targets': F.Free('a regex on parameter paths', F.regex),
     'lora.trainable': F.Free('a regex on parameter paths', F.regex),
     # --- end low-rank and LoRA ---
+    'export.calibration_batches': F.POSITIVE_INT,
+    'export.max_eval_examples': F.NON_NEGATIVE_INT,
+    'export.latency_runs': F.POSITIVE_INT,
+    **{f'export.min_agreement.{name}': F.Range(0, 1) for name in (
+        'jax', 'saved_model', 'tflite', 'onnx', 'tflite_fp16', 'tflite_dynamic', 'tflite_int8',
+        'jax_int8', 'jax_int8_dynamic', 'jax_bf16', 'jax_fp16')},
     'profile.first_step': F.NON_NEGATIVE_INT,
     'profile.num_steps': F.NON_NEGATIVE_INT,
     'backend.cpu_kernels': F.Choices(ops.MODES),

@@ -1,8 +1,9 @@
 """The seam that keeps the training loop generic."""
 
 import abc
-from collections.abc import Iterator
-from typing import NamedTuple
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -22,6 +23,26 @@ class Distilled(NamedTuple):
   student_logits: jax.Array  # [..., C], train mode.
   teacher_logits: jax.Array  # [..., C], eval mode, no gradient.
   weights: jax.Array  # [...]: 1 where a position counts in the loss, 0 for padding.
+
+
+@dataclasses.dataclass(frozen=True)
+class Serving:
+  """What a trained model answers outside the training loop (export/, serve/): the inputs a
+  client sends, the forward pass that maps them to named outputs (what an exported artifact
+  computes), and the task's eval metrics recomputed from those outputs, so an artifact is
+  scored by the very code that scores the live model.
+
+  Pre-processing a client cannot be expected to do (image normalisation) happens inside
+  `forward`; what stays with the client or server (decoding files, resizing, log-mel
+  features, tokenisation) is described in `preprocessing` (JSON)."""
+  inputs: dict[str, tuple[tuple[int, ...], str]]  # name -> (one example's shape, dtype name).
+  forward: Callable[[nnx.Module, dict], dict]  # (model, batched inputs) -> named outputs; eval mode.
+  inputs_from_batch: Callable[[Batch], dict]  # An eval batch -> the inputs `forward` takes.
+  score: Callable[[nnx.Module, dict, Batch], metrics.Collection]  # Eval metrics from outputs.
+  # Outputs -> the labels they predict (class per example, token, anchor), for agreement.
+  predicted_labels: Callable[[dict], Any]
+  preprocessing: dict[str, Any]  # JSON: what a client does to raw data before calling.
+  metric: str  # The eval metric that judges an artifact (accuracy, map50, wer, loss).
 
 
 class Task(abc.ABC):
@@ -83,6 +104,12 @@ class Task(abc.ABC):
   @abc.abstractmethod
   def evaluate(self, model: nnx.Module, batch: Batch) -> metrics.Collection:
     """Eval metrics for one batch, in eval mode, ignoring examples with mask 0."""
+
+  def serving(self) -> Serving:
+    """The task's serving signature (export.py, serve.py); load_data must have run."""
+    raise KilnError(f"task '{self.config.task}' has no serving signature yet: export and "
+                    'serve cover classification, detection, speech_classification, '
+                    'speech_ctc, sequence_classification and causal_lm')
 
   # --- distillation (compress/distillation.py, loop/teacher.py) ---
   def distillation_outputs(self, model: nnx.Module, batch: Batch, rngs: nnx.Rngs,

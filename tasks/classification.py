@@ -2,13 +2,14 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from clu import metrics
 from flax import nnx, struct
 
 from input_pipeline import augment, sources
 from models import create_model
-from tasks.base import Batch, Distilled, Task
+from tasks.base import Batch, Distilled, Serving, Task
 
 
 @struct.dataclass
@@ -28,6 +29,33 @@ class ImageTask(Task):
   def build_model(self, rngs, norm_axis_name=None):
     return create_model(self.config.model, rngs, num_classes=self.source.num_classes,
                         input_shape=self.source.image_shape, norm_axis_name=norm_axis_name)
+
+  # --- serving: clients send [0, 1] pixels; the per-channel normalisation is the model's ---
+  def _image_serving(self, forward, score, predicted_labels, metric: str) -> Serving:
+    a = self.config.augment
+    mean, std = np.asarray(a.mean or [0.0], np.float32), np.asarray(a.std or [1.0], np.float32)
+    shape = tuple(int(d) for d in self.source.image_shape)
+    if a.image_size:
+      shape = (a.image_size, a.image_size, shape[-1])
+
+    def normalized_forward(model, inputs):
+      return forward(model, augment.normalize(inputs['image'], a.mean, a.std))
+
+    def inputs_from_batch(batch):  # Eval images arrive normalised: undo it, exactly invertibly.
+      return {'image': (np.asarray(batch['image'], np.float32) * std + mean).astype(np.float32)}
+
+    steps = ['decode to float32 pixels in [0, 1], channels last']
+    if a.image_size:
+      steps.append(f'resize the shorter side to {int(round(a.image_size / a.eval_crop_fraction))}'
+                   f' and take the central {a.image_size}x{a.image_size} crop')
+    return Serving(
+        inputs={'image': (shape, 'float32')}, forward=normalized_forward,
+        inputs_from_batch=inputs_from_batch, score=score, predicted_labels=predicted_labels,
+        preprocessing={'image': {'shape': list(shape), 'range': [0.0, 1.0], 'steps': steps,
+                                 'normalization_in_model': {'mean': list(a.mean),
+                                                            'std': list(a.std)}}},
+        metric=metric)
+  # --- end serving ---
 
 
 class ImageClassification(ImageTask):
@@ -79,3 +107,10 @@ class ImageClassification(ImageTask):
   def evaluate(self, model: nnx.Module, batch: Batch):
     logits = model(batch['image'], train=False)
     return self._outputs(logits, batch['label'], batch['mask'])[1]
+
+  def serving(self):
+    return self._image_serving(
+        lambda model, images: {'logits': model(images, train=False)},
+        lambda model, outputs, batch: self._outputs(outputs['logits'], batch['label'],
+                                                    batch['mask'])[1],
+        lambda outputs: np.argmax(outputs['logits'], -1), metric='accuracy')

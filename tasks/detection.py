@@ -281,7 +281,18 @@ class Detection(ImageTask):
         loss=total, box_loss=box, objectness_loss=obj, class_loss=cls)
 
   def evaluate(self, model: nnx.Module, batch: Batch):
-    raw = model(batch['image'], train=False)
+    return self._score(model, model(batch['image'], train=False), batch)
+
+  def serving(self):
+    # The artifact answers the grid's raw outputs; decoding (sigmoid, anchors, NMS) is the
+    # server's, with the same `decode` as eval, so no converter has to handle NMS.
+    return self._image_serving(lambda model, images: {'raw': model(images, train=False)},
+                               lambda model, outputs, batch: self._score(model, outputs['raw'],
+                                                                         batch),
+                               lambda outputs: np.argmax(outputs['raw'][..., 5:], -1),
+                               metric='map50')
+
+  def _score(self, model, raw, batch):
     total = self._weighted(model, raw, batch)[0]
     boxes, scores, classes = decode(model, raw, self.config.detection)
     return DetectionMetrics.single_from_model_output(

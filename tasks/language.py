@@ -11,7 +11,7 @@ from flax import nnx, struct
 
 from input_pipeline import text
 from models import create_model
-from tasks.base import Batch, Distilled, Task
+from tasks.base import Batch, Distilled, Serving, Task
 
 # BERT (Devlin et al. 2019): 15% of tokens are chosen; of those 80% become [MASK],
 # 10% a random token, 10% stay as they are.
@@ -65,6 +65,17 @@ class TextTask(Task):
     return create_model(self.config.model, rngs, vocab_size=self.tokenizer.vocab_size,
                         max_len=self.source.seq_len, norm_axis_name=norm_axis_name)
 
+  def _text_serving(self, inputs, forward, score, metric: str) -> Serving:
+    return Serving(
+        inputs=inputs, forward=forward,
+        inputs_from_batch=lambda batch: {name: np.asarray(batch[name][:, :shape[0]], dtype)
+                                         for name, (shape, dtype) in inputs.items()},
+        score=score, predicted_labels=lambda outputs: np.argmax(outputs['logits'], -1),
+        metric=metric,
+        preprocessing={'tokens': {'tokenizer': self.config.dataset.tokenizer,
+                                  'vocab_size': self.tokenizer.vocab_size,
+                                  'note': 'tokenisation stays with the server (serve/)'}})
+
   @staticmethod
   def _token_weights(batch):
     """1 for every target that counts: real tokens of real (unpadded) examples."""
@@ -99,6 +110,13 @@ class CausalLanguageModeling(TextTask):
 
   def evaluate(self, model, batch: Batch):
     return self._outputs(model(batch['tokens'][:, :-1], train=False), batch)[1]
+
+  def serving(self):
+    # A fixed-length logits function: seq_len tokens in, next-token logits at each position.
+    return self._text_serving(
+        {'tokens': ((self.source.seq_len,), 'int32')},
+        lambda model, inputs: {'logits': model(inputs['tokens'], train=False)},
+        lambda model, outputs, batch: self._outputs(outputs['logits'], batch)[1], metric='loss')
 
 
 class MaskedLanguageModeling(TextTask):

@@ -11,6 +11,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from clu import metrics
 from flax import nnx, struct
@@ -19,7 +20,7 @@ from core.errors import KilnError
 from input_pipeline import audio
 from models import create_model
 from tasks import decoding
-from tasks.base import Batch, Distilled, Task
+from tasks.base import Batch, Distilled, Serving, Task
 from tasks.ctc import ctc_loss, frame_mask
 from tasks.rnnt_loss import rnnt_loss
 from tasks.spec_augment import spec_augment
@@ -130,6 +131,26 @@ class SpeechTask(Task):
   def _speaker(self, batch):
     return batch.get('speaker', jnp.full(batch['frames'].shape, -1, jnp.int32))
 
+  # --- serving: clients send log-mel features (input_pipeline.audio.batch_features) ---
+  def _speech_serving(self, forward, score, predicted_labels, metric: str) -> Serving:
+    a = self.config.audio
+    max_frames = audio.eval_max_frames(a)
+    return Serving(
+        inputs={'features': ((max_frames, self.source.num_mels), 'float32'),
+                'frames': ((), 'int32')},
+        forward=forward,
+        inputs_from_batch=lambda batch: {'features': np.asarray(batch['features'], np.float32),
+                                         'frames': np.asarray(batch['frames'], np.int32)},
+        score=score, predicted_labels=predicted_labels, metric=metric,
+        preprocessing={'features': {
+            'function': 'input_pipeline.audio.batch_features', 'kind': 'log-mel power',
+            'num_mels': a.num_mels, 'window_ms': a.window_ms, 'hop_ms': a.hop_ms,
+            'max_frames': max_frames, 'window': 'hann', 'log_floor': audio.LOG_FLOOR,
+            'normalization': 'per utterance and mel bin: zero mean, unit variance over the '
+                             'valid frames; zero past them'},
+            'frames': 'valid frames of each utterance (at most max_frames)'})
+  # --- end serving ---
+
 
 class SpeechClassification(SpeechTask):
   """One label per utterance: frame logits averaged over the valid frames (the same as
@@ -161,7 +182,15 @@ class SpeechClassification(SpeechTask):
                      jnp.ones(logits.shape[:-1], jnp.float32))
 
   def evaluate(self, model, batch):
-    logits = self._logits(model, batch['features'], batch, False)
+    return self._score(self._logits(model, batch['features'], batch, False), batch)
+
+  def serving(self):
+    return self._speech_serving(
+        lambda model, inputs: {'logits': self._logits(model, inputs['features'], inputs, False)},
+        lambda model, outputs, batch: self._score(outputs['logits'], batch),
+        lambda outputs: np.argmax(outputs['logits'], -1), metric='accuracy')
+
+  def _score(self, logits, batch):
     per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
     correct = jnp.argmax(logits, -1) == batch['label']
     return self.metrics_class.single_from_model_output(
@@ -206,6 +235,9 @@ class SpeechCTC(_Transcription):
 
   def _loss(self, model, features, batch, train, rngs=None):
     logits, frames = model(features, batch['frames'], train=train, rngs=rngs)
+    return self._ctc(logits, frames, batch)
+
+  def _ctc(self, logits, frames, batch):
     per_utterance, feasible = ctc_loss(logits, frames, batch['labels'], batch['label_len'])
     return logits, frames, jnp.where(feasible, per_utterance, 0.0), feasible
 
@@ -216,7 +248,20 @@ class SpeechCTC(_Transcription):
         loss=per_utterance, mask=feasible)
 
   def evaluate(self, model, batch):
-    logits, frames, per_utterance, _ = self._loss(model, batch['features'], batch, False)
+    return self._score(*model(batch['features'], batch['frames'], train=False), batch)
+
+  def serving(self):
+    # Frame logits and their valid count; greedy or beam decoding is the server's.
+    def forward(model, inputs):
+      logits, frames = model(inputs['features'], inputs['frames'], train=False)
+      return {'logits': logits, 'frames': frames}
+    return self._speech_serving(
+        forward, lambda model, outputs, batch: self._score(outputs['logits'], outputs['frames'],
+                                                           batch),
+        lambda outputs: np.argmax(outputs['logits'], -1), metric='wer')
+
+  def _score(self, logits, frames, batch):
+    logits, frames, per_utterance, _ = self._ctc(logits, frames, batch)
     log_probs = jax.nn.log_softmax(logits, -1)
     greedy = decoding.ctc_greedy(log_probs, frames)
     beam = None

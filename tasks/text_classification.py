@@ -49,6 +49,9 @@ class SequenceClassification(TextTask):
   def _outputs(self, model, batch, train, rngs=None, mask=None):
     key_mask = batch['token_mask'] > 0
     logits = model.classify(batch['tokens'], key_mask=key_mask, train=train, rngs=rngs)
+    return self._scores(logits, batch, mask)
+
+  def _scores(self, logits, batch, mask):
     labels = batch['label']
     per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
@@ -63,3 +66,12 @@ class SequenceClassification(TextTask):
 
   def evaluate(self, model: nnx.Module, batch: Batch) -> metrics.Collection:
     return self._outputs(model, batch, train=False, mask=batch['mask'])[1]
+
+  def serving(self):
+    seq_len = self.source.seq_len
+    return self._text_serving(
+        {'tokens': ((seq_len,), 'int32'), 'token_mask': ((seq_len,), 'int32')},
+        lambda model, inputs: {'logits': model.classify(
+            inputs['tokens'], key_mask=inputs['token_mask'] > 0, train=False)},
+        lambda model, outputs, batch: self._scores(outputs['logits'], batch, batch['mask'])[1],
+        metric='accuracy')

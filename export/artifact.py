@@ -1,0 +1,93 @@
+"""A trained workdir as one pure function of its serving inputs: what every format exports.
+
+The function closes over the trained parameters as host constants (an artifact needs no
+checkpoint beside it) and is traced under `backends.ops.portable()`, so every op takes its
+plain-XLA path: `jax.export` and the converters refuse Kiln's compiled CPU kernels (custom
+calls). Inputs and outputs are dicts keyed as `Task.serving()` names them.
+"""
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from backends import ops
+from configs import base
+from core.errors import KilnError
+from loop import experiment as experiment_lib
+from loop import run_config, trained
+from tasks.base import Serving
+
+
+@dataclasses.dataclass
+class Trained:
+  """A finished run, loaded for export: its config, experiment, model and signature."""
+  workdir: str
+  config: ml_collections.ConfigDict
+  exp: experiment_lib.Experiment
+  model: nnx.Module
+  serving: Serving
+  step: int
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The run's config.json, with sections added since it ran (e.g. `export`) at their
+  defaults; a one-line error when the workdir holds no run."""
+  try:
+    config = run_config.load(workdir)
+  except FileNotFoundError:
+    raise KilnError(f"'{workdir}' holds no {run_config.CONFIG_FILE}: point --workdir at a "
+                    'folder that train.py trained into') from None
+  defaults = base.get_base_config()
+  with config.unlocked():
+    for section in ('export', 'quantization'):
+      if section in defaults and section not in config:
+        config[section] = defaults[section]
+  return config
+
+
+def load(workdir: str, config: ml_collections.ConfigDict | None = None) -> Trained:
+  """The newest checkpoint of `workdir` as a model ready to export (LoRA merged, EMA used
+  where the run evaluated with it)."""
+  config = config or read_config(workdir)
+  model, exp, step = trained.load_model(config, workdir)
+  return Trained(workdir, config, exp, model, exp.task.serving(), step)
+
+
+def host_model(model: nnx.Module, weight_dtype=None) -> nnx.Module:
+  """`model` with every array on the host (NumPy: constants in a traced function, not
+  sharded device buffers); float weights cast to `weight_dtype` when given."""
+  graphdef, state = nnx.split(model)
+
+  def to_host(x):
+    x = np.asarray(jax.device_get(x))
+    if weight_dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
+      x = x.astype(weight_dtype)
+    return x
+  return nnx.merge(graphdef, jax.tree.map(to_host, state))
+
+
+def predict_fn(model: nnx.Module, serving: Serving) -> Callable[[dict], dict]:
+  """inputs dict -> outputs dict, the model's parameters baked in, portable ops only."""
+  model = host_model(model)
+
+  def predict(inputs: dict) -> dict:
+    with ops.portable():  # Acts on tracing: export and the converters trace this body.
+      outputs = serving.forward(model, inputs)
+    return {name: jnp.asarray(value) for name, value in outputs.items()}
+  return predict
+
+
+def input_specs(serving: Serving, batch: int | str = 'b') -> dict:
+  """ShapeDtypeStructs of the inputs with a batch dim: a size, or a symbolic name that
+  jax.export keeps polymorphic."""
+  if isinstance(batch, str):
+    (size,) = jax.export.symbolic_shape(batch)
+  else:
+    size = batch
+  return {name: jax.ShapeDtypeStruct((size, *shape), np.dtype(dtype))
+          for name, (shape, dtype) in serving.inputs.items()}
