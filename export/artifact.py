@@ -59,15 +59,17 @@ def load(workdir: str, config: ml_collections.ConfigDict | None = None) -> Train
 
 
 def host_model(model: nnx.Module, weight_dtype=None) -> nnx.Module:
-  """`model` with every array on the host (NumPy: constants in a traced function, not
-  sharded device buffers); float weights cast to `weight_dtype` when given."""
+  """`model` with every array gathered onto one device (constants in a traced function,
+  not buffers sharded over a training mesh); float weights cast to `weight_dtype` when
+  given. JAX arrays, not NumPy: `embedding[tokens]` must trace."""
   graphdef, state = nnx.split(model)
+  device = jax.local_devices()[0]
 
   def to_host(x):
     x = np.asarray(jax.device_get(x))
     if weight_dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
       x = x.astype(weight_dtype)
-    return x
+    return jax.device_put(x, device)
   return nnx.merge(graphdef, jax.tree.map(to_host, state))
 
 

@@ -16,6 +16,7 @@ Routes (the pinned versions decide them):
                 onnxruntime.
 """
 
+import contextlib
 import os
 import re
 import shutil
@@ -29,7 +30,6 @@ from core.errors import KilnError
 from export.artifact import input_specs
 from tasks.base import Serving
 
-FLOAT_FORMATS = ('jax', 'saved_model', 'tflite', 'onnx')
 TFLITE_FORMATS = ('tflite', 'tflite_fp16', 'tflite_dynamic', 'tflite_int8')
 FORMATS = ('jax', 'saved_model', *TFLITE_FORMATS, 'onnx')
 SAVED_MODEL_VERSION = '1'  # TF Serving serves DIR/<version>/; a first export is version 1.
@@ -61,12 +61,28 @@ def _unsupported(fmt: str, error: Exception) -> KilnError:
   """A converter's failure as one line naming the operation it could not handle."""
   text = ' '.join(str(error).split())
   op = (re.search(r"failed to legalize operation '([^']+)'", text)
-        or re.search(r"'([a-z_]+\.[A-Za-z_.]+)' op", text)
+        or re.search(r"'([a-z_]+\.[A-Za-z0-9_.]+)' op", text)
         or re.search(r'[Oo]p(?:eration)? type (?:not supported|unsupported)[^A-Za-z]*(\w+)', text)
         or re.search(r'(\w+) is not supported', text))
   what = f"operation '{op.group(1)}'" if op else f'this model ({text[:160]})'
+  # TFLite failing rules out ONNX too: ONNX is converted from the TFLite model.
+  others = ('jax',) if fmt == 'saved_model' else ('jax', 'saved_model')
   return KilnError(f"format '{fmt}' cannot convert {what}: export another format "
-                   f"(e.g. {', '.join(f for f in FLOAT_FORMATS if f != fmt)}) or change the model")
+                   f"({', '.join(others)}) or change the model")
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+  """Silences C++ diagnostics written straight to fd 2 (the MLIR converter prints each
+  failing op's whole call stack there); the exception still carries the message."""
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as sink:
+    os.dup2(sink.fileno(), 2)
+    try:
+      yield
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
 
 
 # ----------------------------------------------------------------------------- jax
@@ -140,7 +156,8 @@ def tflite_model(saved_model: str, fmt: str, calibration: Iterable[dict]) -> byt
     # signature stays the fp32 one.
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
   try:
-    return converter.convert()
+    with _quiet_stderr():
+      return converter.convert()
   except Exception as e:  # The converter raises ConverterError, RuntimeError, ValueError...
     raise _unsupported(fmt, e) from e
 

@@ -56,7 +56,9 @@ def rotary(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> jax.Ar
   frequencies = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
   angles = positions[..., None, None].astype(jnp.float32) * frequencies  # [B, T, 1, half]
   sin, cos = jnp.sin(angles).astype(x.dtype), jnp.cos(angles).astype(x.dtype)
-  x1, x2 = x[..., :half], x[..., half:]
+  # split, not x[..., :half]: indexing under a symbolic batch dim (jax.export) lowers to a
+  # dynamic gather that the TFLite converter cannot read.
+  x1, x2 = jnp.split(x, 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
