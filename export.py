@@ -22,6 +22,7 @@ backends.configure_host()
 
 from absl import app, flags  # noqa: E402
 
+from configs import base  # noqa: E402
 from core.errors import KilnError  # noqa: E402
 from export import exporter, formats  # noqa: E402
 
@@ -42,7 +43,8 @@ def main(argv):
       sys.exit(f'error: --{flag.name} is required: {flag.help}')
   try:
     report = exporter.export(_WORKDIR.value, _FORMAT.value, _OUT.value,
-                             max_examples=_MAX_EXAMPLES.value, min_agreement=_MIN_AGREEMENT.value)
+                             max_examples=_MAX_EXAMPLES.value, min_agreement=_MIN_AGREEMENT.value,
+                             defaults=base.get_base_config())
   except KilnError as e:
     sys.exit(f'error: {e}')
   print(exporter.summary_line(report))

@@ -20,12 +20,13 @@ import backends  # noqa: E402  First: before JAX or TF start threads.
 
 backends.configure_host()
 
+from configs import base  # noqa: E402
 from core.errors import KilnError  # noqa: E402
 from export import artifact, exporter, formats  # noqa: E402
 
 
 def export_all(name: str, workdir: str, fmts: list[str], root: str) -> list[dict]:
-  trained = artifact.load(workdir)
+  trained = artifact.load(workdir, base.get_base_config())
   rows = []
   for fmt in fmts:
     out = os.path.join(root, name, fmt)

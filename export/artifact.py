@@ -16,7 +16,6 @@ import numpy as np
 from flax import nnx
 
 from backends import ops
-from configs import base
 from core.errors import KilnError
 from loop import experiment as experiment_lib
 from loop import run_config, trained
@@ -34,26 +33,31 @@ class Trained:
   step: int
 
 
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """The run's config.json, with sections added since it ran (e.g. `export`) at their
-  defaults; a one-line error when the workdir holds no run."""
+def read_config(workdir: str, defaults: ml_collections.ConfigDict | None = None
+                ) -> ml_collections.ConfigDict:
+  """The run's config.json, with sections added since it ran (e.g. `export`) taken from
+  `defaults` (entry points pass configs/base.py's); a one-line error when the workdir
+  holds no run."""
   try:
     config = run_config.load(workdir)
   except FileNotFoundError:
     raise KilnError(f"'{workdir}' holds no {run_config.CONFIG_FILE}: point --workdir at a "
                     'folder that train.py trained into') from None
-  defaults = base.get_base_config()
-  with config.unlocked():
-    for section in ('export', 'quantization'):
-      if section in defaults and section not in config:
-        config[section] = defaults[section]
+  if defaults is not None:
+    with config.unlocked():
+      for section in defaults:
+        if section not in config:
+          config[section] = defaults[section]
+  if 'export' not in config:
+    raise KilnError(f"'{workdir}' was trained before config.export existed: export it with "
+                    'export.py, which fills in the defaults')
   return config
 
 
-def load(workdir: str, config: ml_collections.ConfigDict | None = None) -> Trained:
+def load(workdir: str, defaults: ml_collections.ConfigDict | None = None) -> Trained:
   """The newest checkpoint of `workdir` as a model ready to export (LoRA merged, EMA used
-  where the run evaluated with it)."""
-  config = config or read_config(workdir)
+  where the run evaluated with it); `defaults` as read_config takes them."""
+  config = read_config(workdir, defaults)
   model, exp, step = trained.load_model(config, workdir)
   return Trained(workdir, config, exp, model, exp.task.serving(), step)
 

@@ -46,13 +46,15 @@ def signature(trained: artifact.Trained, predict) -> dict:
 
 
 def export(workdir: str, fmt: str, out_dir: str, *, max_examples: int | None = None,
-           min_agreement: float | None = None, trained: artifact.Trained | None = None) -> dict:
+           min_agreement: float | None = None, trained: artifact.Trained | None = None,
+           defaults=None) -> dict:
   """Writes `fmt` of `workdir`'s newest checkpoint to `out_dir` and returns export.json's
-  content. `trained` reuses a loaded run (benchmarks export one run many ways)."""
+  content. `trained` reuses a loaded run (benchmarks export one run many ways); `defaults`
+  fill config sections the run predates (artifact.read_config)."""
   if fmt not in formats.FORMATS:
     raise KilnError(f"--format={fmt} is not a format: choose one of "
                     f"{', '.join(formats.FORMATS)}")
-  trained = trained or artifact.load(workdir)
+  trained = trained or artifact.load(workdir, defaults)
   settings = trained.config.export
   threshold = settings.min_agreement[fmt] if min_agreement is None else min_agreement
   max_examples = settings.max_eval_examples if max_examples is None else max_examples
