@@ -6,7 +6,8 @@ Models call these instead of the JAX functions they stand for:
   [B, T, N, H] arrays (q already scaled), dropout on the weights when `key` is given;
 - `random_bits(key, shape)`: uniform uint32 words (dropout masks);
 - `conv_general_dilated(...)`: `jax.lax.conv_general_dilated`, as `nnx.Conv` calls it;
-- `max_pool(x, window_shape, strides, padding)`: `nnx.max_pool`.
+- `max_pool(x, window_shape, strides, padding)`: `nnx.max_pool`;
+- `erf(x)`: `jax.lax.erf`, in plain StableHLO arithmetic on the portable path.
 
 Each has a portable implementation here in plain JAX: what accelerators run, what
 `jax.export` sees, and all there is when no backend package is installed. A backend package
@@ -23,6 +24,7 @@ its blocked attention and its own dropout stream when nothing faster runs).
 """
 
 import contextlib
+import functools
 import contextvars
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
@@ -181,6 +183,28 @@ def max_pool(x: jax.Array, window_shape: Sequence[int], strides: Sequence[int] |
   if chosen is not None:
     return chosen(x, window_shape, strides, padding)
   return nnx.max_pool(x, window_shape=tuple(window_shape), strides=strides, padding=padding)
+
+
+# Eigen's / XLA's float32 erf: x * P(x^2) / Q(x^2) on x clamped to [-4, 4] (|error| < 1e-6
+# against float64 erf), highest power first.
+_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
+          -5.69250639462346e-05, -7.34990630326855e-04, -2.95459980854025e-03,
+          -1.60960333262415e-02)
+_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
+          -7.37332916720468e-03, -1.42647390514189e-02)
+
+
+def erf(x: jax.Array) -> jax.Array:
+  """`jax.lax.erf`; on the portable path the rational approximation XLA's CPU erf expands to,
+  written in plain ops. `lax.erf` lowers to chlo.erf, which a serialized artifact carries as
+  a StableHLO composite that TensorFlow 2.21's XlaCallModule cannot read (export fails)."""
+  if mode() != 'xla':
+    return jax.lax.erf(x)
+  clamped = jnp.clip(x.astype(jnp.float32), -4.0, 4.0)
+  square = clamped * clamped
+  numerator = functools.reduce(lambda acc, c: acc * square + c, _ERF_P, jnp.zeros_like(square))
+  denominator = functools.reduce(lambda acc, c: acc * square + c, _ERF_Q, jnp.zeros_like(square))
+  return (clamped * numerator / denominator).astype(x.dtype)
 
 
 def _register_installed_backends() -> None:

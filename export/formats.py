@@ -171,27 +171,47 @@ def run_tflite(path: str) -> Runner:
 
 # ----------------------------------------------------------------------------- ONNX
 
-def _tflite_io_names(path: str) -> tuple[dict, dict]:
-  """{TFLite tensor name: signature name} of the inputs and of the outputs."""
+def _tflite_tensors(path: str) -> tuple[dict, dict, dict]:
+  """({TFLite tensor name: signature name} of the inputs, of the outputs,
+  {tensor name: shape signature (-1 for the batch-dependent dims)})."""
   from ai_edge_litert.interpreter import Interpreter
   interpreter = Interpreter(model_path=path)
   runner = interpreter.get_signature_runner(SIGNATURE)
-  tensors = {t['index']: t['name'] for t in interpreter.get_tensor_details()}
+  details = interpreter.get_tensor_details()
+  tensors = {t['index']: t['name'] for t in details}
   return ({tensors[d['index']]: name for name, d in runner.get_input_details().items()},
-          {tensors[d['index']]: name for name, d in runner.get_output_details().items()})
+          {tensors[d['index']]: name for name, d in runner.get_output_details().items()},
+          {t['name']: [int(d) for d in t['shape_signature']] for t in details})
+
+
+def _static_reshapes(graph, shapes: dict) -> None:
+  """Gives every Reshape whose TFLite shape has at most one batch-dependent dim a constant
+  target (that dim -1). tf2onnx rebuilds TFLite's run-time shape arithmetic for a dynamic
+  batch wrongly (e.g. [B, 4, 32, 16] asked for [B, 4, 2048, 2048] in attention), so the
+  ONNX model failed at any batch size; a constant target with one -1 is exact."""
+  import onnx
+  for node in graph.node:
+    shape = shapes.get(node.output[0]) if node.op_type == 'Reshape' else None
+    if shape is None or sum(d < 0 for d in shape) > 1 or 0 in shape:
+      continue
+    target = f'{node.output[0]}/static_shape'
+    graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(shape, np.int64), target))
+    node.input[1] = target
 
 
 def onnx_from_tflite(tflite_path: str, path: str) -> None:
   import onnx
   import tf2onnx
 
-  inputs, outputs = _tflite_io_names(tflite_path)
+  inputs, outputs, shapes = _tflite_tensors(tflite_path)
   try:
-    proto, _ = tf2onnx.convert.from_tflite(tflite_path, opset=17)
+    with _quiet_stderr():
+      proto, _ = tf2onnx.convert.from_tflite(tflite_path, opset=17)
   except Exception as e:
     raise _unsupported('onnx', e) from e
-  renames = {**inputs, **outputs}  # Clients call the model with the signature's names.
   graph = proto.graph
+  _static_reshapes(graph, shapes)
+  renames = {**inputs, **outputs}  # Clients call the model with the signature's names.
   for value in [*graph.input, *graph.output]:
     value.name = renames.get(value.name, value.name)
   for node in graph.node:

@@ -195,8 +195,9 @@ class Attention(nnx.Module):
 def gelu(x: jax.Array) -> jax.Array:
   """Exact (erf) GELU, x * Phi(x), as published (nanoGPT's nn.GELU()). Through lax.erf rather
   than jax.nn.gelu(approximate=False), whose erfc expansion XLA fuses into a transposing
-  copy in the backward pass (step gain: benchmarks/README.md, "GELU")."""
-  return 0.5 * x * (1 + jax.lax.erf(x * 0.7071067811865476))
+  copy in the backward pass (step gain: benchmarks/README.md, "GELU"); `ops.erf` is lax.erf
+  except on the portable path, where it is spelled in ops an exported artifact can carry."""
+  return 0.5 * x * (1 + ops.erf(x * 0.7071067811865476))
 
 
 class MLP(nnx.Module):

@@ -143,3 +143,14 @@ def test_deleting_the_cpu_room_alone_leaves_plain_xla():
                         capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
   assert done.stdout.split()[-3:] == ['None', '[]', 'False']
+
+
+def test_portable_erf_matches_float64_erf_and_uses_no_chlo():
+  import math
+  x = np.linspace(-6.0, 6.0, 20001, dtype=np.float32)
+  expected = np.array([math.erf(v) for v in x.astype(np.float64)])
+  with ops.portable():
+    portable = jax.jit(ops.erf).lower(x)
+  np.testing.assert_allclose(np.asarray(portable.compile()(x)), expected, atol=1e-6, rtol=0)
+  assert 'chlo' not in portable.as_text()  # chlo.erf would serialize as a composite.
+  np.testing.assert_array_equal(np.asarray(ops.erf(x)), np.asarray(jax.lax.erf(x)))
