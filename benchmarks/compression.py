@@ -85,8 +85,8 @@ def sweep() -> list[Run]:
     runs += [
         Run(f'bert_full_seed{seed}', 'bert', 'full fine-tuning', f'seed {seed}', classify, base,
             after=('bert_mlm',)),
-        Run(f'bert_lora8_seed{seed}', 'bert', 'LoRA', f'rank 8, seed {seed}', classify,
-            {**base, 'lora.rank': 8}, after=('bert_mlm',)),
+        Run(f'bert_lora8_seed{seed}', 'bert', 'LoRA', f'rank 8, lr 3e-3, seed {seed}', classify,
+            {**base, 'lora.rank': 8, 'optimizer.learning_rate': 3e-3}, after=('bert_mlm',)),
     ]
   return runs
 
