@@ -161,6 +161,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.lora.targets = r'attn/qkv|attn/out|mlp/fc1|mlp/fc2'  # Regex of kernel paths that get adapters.
   c.lora.trainable = r'classifier'  # Regex of base parameters that still train (new heads); everything else frozen.
 
+  # --- quantisation-aware training (compress/quantize.py; qwix fake quant, straight-through gradients) ---
+  c.quantization = ml_collections.ConfigDict()
+  c.quantization.mode = 'none'  # 'none', or 'int8': train and evaluate with int8 fake-quant weights (per channel) and activations (calibrated scales).
+  c.quantization.exclude = r'bias$|scale$|norm|embed'  # Regex on 'a/b/kernel' paths whose layers stay float.
+
   # --- export (export.py): each artifact is checked against the JAX model on held-out data ---
   c.export = ml_collections.ConfigDict()
   c.export.calibration_batches = 8  # Training batches that calibrate int8 activation ranges.

@@ -6,6 +6,7 @@ import math
 
 import jax
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
@@ -14,6 +15,7 @@ from backends import ops
 from compress import lora as lora_lib
 from compress import low_rank as low_rank_lib
 from compress import pruning as pruning_lib
+from compress import quantize as quantize_lib
 from compress import stats as stats_lib
 from loop import fields, pretrained, steps
 from loop import teacher as teacher_lib
@@ -128,6 +130,19 @@ class Experiment:
         axis_name=self.strategy.norm_axis_name, lora=self.lora), shardings)
 
 
+def example_forward(task: Task):
+  """model -> one eval forward on a batch of zeros shaped like the task's serving inputs (or
+  its one model input): what quantisation-aware training runs to create its statistics."""
+  def forward(model):
+    try:
+      serving = task.serving()
+    except KilnError:  # A task without a serving signature.
+      return model(np.zeros((1, *task.model_input_shape), task.model_input_dtype), train=False)
+    return serving.forward(model, {name: np.zeros((1, *shape), dtype)
+                                   for name, (shape, dtype) in serving.inputs.items()})
+  return forward
+
+
 def build_experiment(config, devices=None) -> Experiment:
   """Validates `config` against the data and devices; raises KilnError on bad input."""
   fields.validate(config)  # Every field against its range or choices, before any data is read.
@@ -159,6 +174,9 @@ def build_experiment(config, devices=None) -> Experiment:
   if low_rank is not None:
     build_model = low_rank.build(build_model)
   # --- end low-rank ---
+  # --- quantisation-aware training: the model trains and evaluates with int8 fake quant ---
+  build_model = quantize_lib.qat(config.quantization, build_model, example_forward(task))
+  # --- end quantisation-aware training ---
   template = ModelTemplate(build_model)
   # --- pruning: -1 steps resolved from the run's length; N:M groups checked against the model ---
   step_options = dataclasses.replace(step_options, pruning=pruning_lib.from_config(

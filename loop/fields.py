@@ -12,6 +12,7 @@ are used; this layer catches a value that is wrong on its own.
 from collections.abc import Mapping
 
 from compress import pruning
+from compress import quantize
 from core import fields as F
 from core.errors import KilnError
 from input_pipeline import audio, augment, sources, text, tokenizers
@@ -113,6 +114,8 @@ BASE: dict[str, F.Constraint] = {
     'lora.targets': F.Free('a regex on parameter paths', F.regex),
     'lora.trainable': F.Free('a regex on parameter paths', F.regex),
     # --- end low-rank and LoRA ---
+    'quantization.mode': F.Choices(quantize.QAT_MODES),
+    'quantization.exclude': F.Free('a regex on parameter paths', F.regex),
     'export.calibration_batches': F.POSITIVE_INT,
     'export.max_eval_examples': F.NON_NEGATIVE_INT,
     'export.latency_runs': F.POSITIVE_INT,
