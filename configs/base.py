@@ -175,7 +175,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.export.min_agreement = ml_collections.ConfigDict({
       'jax': 1.0, 'saved_model': 0.999, 'tflite': 0.999, 'onnx': 0.999, 'tflite_fp16': 0.99,
       'tflite_dynamic': 0.97, 'tflite_int8': 0.95, 'jax_int8': 0.97, 'jax_int8_dynamic': 0.97,
-      'jax_bf16': 0.98, 'jax_fp16': 0.99})
+      'jax_int8_static': 0.95, 'jax_bf16': 0.98, 'jax_fp16': 0.99})
 
   c.profile = ml_collections.ConfigDict()
   c.profile.first_step = 10  # First step of the profiler trace (TensorBoard's profile tab).

@@ -45,13 +45,21 @@ def read_config(workdir: str, defaults: ml_collections.ConfigDict | None = None
                     'folder that train.py trained into') from None
   if defaults is not None:
     with config.unlocked():
-      for section in defaults:
-        if section not in config:
-          config[section] = defaults[section]
+      _fill_missing(config, defaults)
   if 'export' not in config:
     raise KilnError(f"'{workdir}' was trained before config.export existed: export it with "
                     'export.py, which fills in the defaults')
   return config
+
+
+def _fill_missing(config: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict) -> None:
+  """Adds every key of `defaults` that `config` lacks, at any depth."""
+  for key, value in defaults.items():
+    if key not in config:
+      config[key] = value
+    elif isinstance(value, ml_collections.ConfigDict) and isinstance(
+        config[key], ml_collections.ConfigDict):
+      _fill_missing(config[key], value)
 
 
 def load(workdir: str, defaults: ml_collections.ConfigDict | None = None) -> Trained:
@@ -86,6 +94,35 @@ def predict_fn(model: nnx.Module, serving: Serving) -> Callable[[dict], dict]:
       outputs = serving.forward(model, inputs)
     return {name: jnp.asarray(value) for name, value in outputs.items()}
   return predict
+
+
+class _CallRecorder:
+  """Stands in for a model inside `Serving.forward` and records the positional arguments of
+  each direct call: the model's own inputs (e.g. normalised images) for quantisation."""
+
+  def __init__(self, model: nnx.Module):
+    self._model, self.calls = model, []
+
+  def __call__(self, *args, **kwargs):
+    self.calls.append(args)
+    return self._model(*args, **kwargs)
+
+  def __getattr__(self, name):  # Methods other than __call__ (e.g. classify) are not recorded.
+    return getattr(self._model, name)
+
+
+def model_inputs(trained: Trained, inputs: dict) -> tuple:
+  """The positional arguments `trained.serving.forward` calls the model with on `inputs`;
+  a one-line error for a task whose forward calls another method (quantising in JAX hooks
+  the model's __call__)."""
+  recorder = _CallRecorder(trained.model)
+  with ops.portable():
+    trained.serving.forward(recorder, inputs)
+  if len(recorder.calls) != 1:
+    raise KilnError(f"task '{trained.config.task}' does not call its model directly, so the "
+                    "model cannot be quantised in JAX: export 'tflite_int8' or "
+                    "'tflite_dynamic' instead")
+  return tuple(np.asarray(x) for x in recorder.calls[0])
 
 
 def input_specs(serving: Serving, batch: int | str = 'b') -> dict:

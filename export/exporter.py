@@ -16,6 +16,7 @@ import jax
 
 from core.errors import KilnError
 from core.io import write_json_atomic
+from compress import quantize
 from export import artifact, formats, verify
 
 EXPORT_JSON = 'export.json'
@@ -28,6 +29,17 @@ def calibration_inputs(trained: artifact.Trained, batches: int) -> list[dict]:
   stream = exp.task.train_batches(exp.host_batch, 0)
   return [trained.serving.inputs_from_batch(batch)
           for batch in itertools.islice(stream, batches)]
+
+
+def quantized_model(trained: artifact.Trained, mode: str):
+  """The trained model quantised in JAX by `mode` (compress/quantize.py); int8_static
+  calibrates on config.export.calibration_batches training batches (a QAT run brings its
+  own statistics)."""
+  calibration = calibration_inputs(trained, trained.config.export.calibration_batches)
+  args = [artifact.model_inputs(trained, inputs) for inputs in calibration]
+  return quantize.quantize(trained.model, mode, args[0], args,
+                           exclude=trained.config.quantization.exclude,
+                           layout=trained.exp.template.kernel_layout())
 
 
 def signature(trained: artifact.Trained, predict) -> dict:
@@ -58,7 +70,11 @@ def export(workdir: str, fmt: str, out_dir: str, *, max_examples: int | None = N
   settings = trained.config.export
   threshold = settings.min_agreement[fmt] if min_agreement is None else min_agreement
   max_examples = settings.max_eval_examples if max_examples is None else max_examples
-  predict = artifact.predict_fn(trained.model, trained.serving)
+  live = artifact.predict_fn(trained.model, trained.serving)
+  predict = live
+  if fmt in formats.QUANTIZED_JAX_FORMATS:
+    predict = artifact.predict_fn(quantized_model(trained, formats.QUANTIZED_JAX_FORMATS[fmt]),
+                                  trained.serving)
   parent = os.path.dirname(os.path.abspath(out_dir))
   os.makedirs(parent, exist_ok=True)
   tmp_dir = tempfile.mkdtemp(prefix='.tmp-export-', dir=parent)
@@ -70,7 +86,7 @@ def export(workdir: str, fmt: str, out_dir: str, *, max_examples: int | None = N
     report = {
         'format': fmt, 'workdir': os.path.abspath(workdir), 'step': trained.step,
         'bytes': formats.artifact_bytes(path),
-        **verify.compare(trained, run, jax.jit(predict), max_examples),
+        **verify.compare(trained, run, jax.jit(live), max_examples),
         **verify.latency_ms(run, verify.first_example(trained), settings.latency_runs),
         'min_agreement': threshold, 'host': platform.processor() or platform.machine(),
         'jax': jax.__version__,

@@ -31,7 +31,11 @@ from export.artifact import input_specs
 from tasks.base import Serving
 
 TFLITE_FORMATS = ('tflite', 'tflite_fp16', 'tflite_dynamic', 'tflite_int8')
-FORMATS = ('jax', 'saved_model', *TFLITE_FORMATS, 'onnx')
+# jax_<mode>: the model quantised in JAX (compress/quantize.py) and exported as `jax` is.
+QUANTIZED_JAX_FORMATS = {'jax_int8': 'int8', 'jax_int8_dynamic': 'int8_dynamic',
+                         'jax_int8_static': 'int8_static', 'jax_fp16': 'fp16',
+                         'jax_bf16': 'bf16'}
+FORMATS = ('jax', 'saved_model', *TFLITE_FORMATS, 'onnx', *QUANTIZED_JAX_FORMATS)
 SAVED_MODEL_VERSION = '1'  # TF Serving serves DIR/<version>/; a first export is version 1.
 SIGNATURE = 'serving_default'
 
@@ -41,7 +45,7 @@ Runner = Callable[[dict], dict]
 
 def artifact_path(fmt: str, out_dir: str) -> str:
   """The file (or SavedModel folder) a format writes inside `out_dir`."""
-  if fmt == 'jax':
+  if fmt == 'jax' or fmt in QUANTIZED_JAX_FORMATS:
     return os.path.join(out_dir, 'model.jax')
   if fmt == 'saved_model':
     return os.path.join(out_dir, SAVED_MODEL_VERSION)
@@ -236,7 +240,7 @@ def write(fmt: str, predict: Predict, serving: Serving, out_dir: str,
   if fmt not in FORMATS:
     raise KilnError(f"--format={fmt} is not a format: choose one of {', '.join(FORMATS)}")
   path = artifact_path(fmt, out_dir)
-  if fmt == 'jax':
+  if fmt == 'jax' or fmt in QUANTIZED_JAX_FORMATS:  # `predict` already runs the quantised model.
     write_jax(predict, serving, path)
   elif fmt == 'saved_model':
     write_saved_model(predict, serving, path)
@@ -258,7 +262,7 @@ def write(fmt: str, predict: Predict, serving: Serving, out_dir: str,
 
 def runner(fmt: str, path: str) -> Runner:
   """A callable that runs the artifact at `path` on a dict of batched NumPy inputs."""
-  if fmt == 'jax':
+  if fmt == 'jax' or fmt in QUANTIZED_JAX_FORMATS:
     return run_jax(path)
   if fmt == 'saved_model':
     return run_saved_model(path)

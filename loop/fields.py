@@ -121,7 +121,7 @@ BASE: dict[str, F.Constraint] = {
     'export.latency_runs': F.POSITIVE_INT,
     **{f'export.min_agreement.{name}': F.Range(0, 1) for name in (
         'jax', 'saved_model', 'tflite', 'onnx', 'tflite_fp16', 'tflite_dynamic', 'tflite_int8',
-        'jax_int8', 'jax_int8_dynamic', 'jax_bf16', 'jax_fp16')},
+        'jax_int8', 'jax_int8_dynamic', 'jax_int8_static', 'jax_bf16', 'jax_fp16')},
     'profile.first_step': F.NON_NEGATIVE_INT,
     'profile.num_steps': F.NON_NEGATIVE_INT,
     'backend.cpu_kernels': F.Choices(ops.MODES),

@@ -157,3 +157,17 @@ def test_export_cli_writes_and_reports(trained_dir, tmp_path):
                          f'--out={out}'], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert done.returncode != 0
   assert done.stderr.strip().splitlines()[-1].startswith('error: ')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('fmt,max_ratio', [('jax_int8', 0.4), ('jax_int8_dynamic', 0.4),
+                                           ('jax_int8_static', 0.4), ('jax_fp16', 0.6),
+                                           ('jax_bf16', 0.6)])
+def test_models_quantised_in_jax_export_smaller_and_agree(exports, fmt, max_ratio):
+  fp32 = exports('jax')[1]
+  out, report = exports(fmt)
+  assert report['bytes'] < max_ratio * fp32['bytes']
+  assert report['label_agreement'] >= 0.95 and report['passed']
+  assert report['accuracy'] >= report['jax_accuracy'] - 0.03
+  assert report['max_abs_diff'] > 0  # Quantised: compared with the float JAX model.
+  assert os.path.basename(report['path']) == 'model.jax'
