@@ -170,6 +170,7 @@ def test_int8_keeps_excluded_layers_float_and_stores_codes_and_scales(trained):
   np.testing.assert_allclose(scales['hidden/kernel'], _numpy_int8(kernel, (0,))[1], rtol=1e-6)
 
 
+@pytest.mark.slow  # jax.export per mode; the fast tier keeps the fast check of each mode above.
 @pytest.mark.parametrize('mode', quantize_lib.MODES)
 def test_jax_export_of_a_quantized_predict_fn(mode, trained):
   exp, model, images, calibration = trained
@@ -209,6 +210,7 @@ def _qat_config():
   return config
 
 
+@pytest.mark.slow  # A QAT training run.
 def test_qat_trains_and_int8_static_of_it_is_its_eval_forward(devices):
   exp, state, outputs = run_steps(_qat_config(), devices[:1], num_steps=12)
   losses = [float(metrics['loss']) for metrics, _ in outputs]
