@@ -6,10 +6,12 @@ JAX, single-example latency; one table per run and a size-vs-metric plot.
 
 Each artifact goes to --root/<run>/<format> with its export.json (export.py's own checks;
 a format that fails them or cannot convert the model is a row saying why, and the sweep
-goes on). Figures are from this host, in this run.
+goes on). An export.json already there for the same run and step is reused, so an
+interrupted sweep continues (delete the folder to measure again). Figures are from this host.
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -25,13 +27,24 @@ from core.errors import KilnError  # noqa: E402
 from export import artifact, exporter, formats  # noqa: E402
 
 
+def _done(out: str, workdir: str, step: int) -> dict | None:
+  path = os.path.join(out, exporter.EXPORT_JSON)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    report = json.load(f)
+  same = report.get('workdir') == os.path.abspath(workdir) and report.get('step') == step
+  return report if same else None
+
+
 def export_all(name: str, workdir: str, fmts: list[str], root: str) -> list[dict]:
   trained = artifact.load(workdir, base.get_base_config())
   rows = []
   for fmt in fmts:
     out = os.path.join(root, name, fmt)
     try:
-      report = exporter.export(workdir, fmt, out, trained=trained)
+      report = _done(out, workdir, trained.step) or exporter.export(workdir, fmt, out,
+                                                                   trained=trained)
     except KilnError as e:
       report = {'format': fmt, 'error': str(e)}
     print(exporter.summary_line(report) if 'error' not in report
