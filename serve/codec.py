@@ -1,0 +1,249 @@
+"""Request bodies -> input arrays, and output arrays -> response bodies, with TF Serving's
+conventions: `instances` (row format, one object per example; a bare value where the model
+has one input) or `inputs` (columnar, one batched value per input), answered by
+`predictions` or `outputs` alike. Binary values come as {"b64": "..."}.
+
+Task-aware inputs: an image input takes a base64 PNG/JPEG ({"b64": ...}; decoded to [0, 1]
+pixels, resized to the model's size); a text classifier takes {"text": "..."} instead of
+tokens (tokenised here as its training data was). Every bad value is a RequestError naming
+the field (`instances[3].image`), answered 4xx, never 500.
+"""
+
+import base64
+import binascii
+import io
+import json
+import math
+from typing import Any
+
+import numpy as np
+
+from input_pipeline import labeled_text
+from serve.model import ServedModel
+
+MAX_IMAGE_PIXELS = 4096 * 4096  # Decoded images above this are refused (decompression bombs).
+
+
+class RequestError(Exception):
+  """A client error: HTTP `status` with `message` (the response's {"error": ...})."""
+
+  def __init__(self, status: int, message: str):
+    super().__init__(message)
+    self.status, self.message = status, message
+
+
+def _reject_constant(name: str):
+  raise RequestError(400, f'body: {name} is not a JSON number (send finite numbers)')
+
+
+def loads(body: bytes) -> Any:
+  """JSON -> Python, refusing NaN / Infinity (Python's json accepts them)."""
+  try:
+    return json.loads(body, parse_constant=_reject_constant)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise RequestError(400, f'body is not valid JSON: {e}') from None
+  except RecursionError:
+    raise RequestError(400, 'body is nested too deeply') from None
+
+
+def dumps(payload: Any) -> bytes:
+  return json.dumps(payload, separators=(',', ':')).encode()
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def _text_inputs(model: ServedModel) -> bool:
+  """Whether the model takes {"text": ...}: a text classifier whose tokenizer came along."""
+  return model.tokenizer is not None and set(model.inputs) == {'tokens', 'token_mask'}
+
+
+def _encode_text(model: ServedModel, texts: list[str]) -> dict[str, np.ndarray]:
+  seq_len = model.inputs['tokens'][0][0]
+  tokens, token_mask = labeled_text.encode_examples(texts, model.tokenizer, seq_len)
+  return {'tokens': tokens.astype(model.inputs['tokens'][1]),
+          'token_mask': token_mask.astype(model.inputs['token_mask'][1])}
+
+
+def _decode_image(field: str, value: dict, shape: tuple[int, ...]) -> np.ndarray:
+  from PIL import Image, UnidentifiedImageError
+  if set(value) != {'b64'} or not isinstance(value['b64'], str):
+    raise RequestError(400, f'{field}: a binary value is {{"b64": "<base64 string>"}}')
+  try:
+    data = base64.b64decode(value['b64'], validate=True)
+  except (binascii.Error, ValueError):
+    raise RequestError(400, f'{field}: b64 is not valid base64') from None
+  if len(shape) != 3 or shape[-1] not in (1, 3):
+    raise RequestError(400, f'{field}: this input takes arrays of shape {list(shape)}, not images')
+  try:
+    image = Image.open(io.BytesIO(data))
+    if image.size[0] * image.size[1] > MAX_IMAGE_PIXELS:
+      raise RequestError(413, f'{field}: image of {image.size[0]}x{image.size[1]} pixels is '
+                         f'over {MAX_IMAGE_PIXELS} pixels')
+    image = image.convert('L' if shape[-1] == 1 else 'RGB')
+    height, width = shape[:2]
+    if image.size != (width, height):
+      image = image.resize((width, height), Image.Resampling.BILINEAR)
+    pixels = np.asarray(image, np.float32) / 255.0
+  except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+    raise RequestError(400, f'{field}: b64 is not a PNG or JPEG image') from None
+  return pixels.reshape(shape)
+
+
+def _array(field: str, value: Any, shape: tuple[int, ...], dtype: np.dtype,
+           vocab_size: int | None) -> np.ndarray:
+  """One example's value as an array of exactly `shape` and `dtype`."""
+  if isinstance(value, dict):
+    return _decode_image(field, value, shape).astype(dtype)
+  try:
+    array = np.array(value)
+  except (ValueError, TypeError):
+    raise RequestError(400, f'{field}: ragged nested lists (expected shape {list(shape)})') from None
+  if array.dtype.kind not in 'biuf':
+    raise RequestError(400, f'{field}: expected numbers of dtype {dtype.name}, shape '
+                       f'{list(shape)}')
+  if array.shape != shape:
+    raise RequestError(400, f'{field}: shape {list(array.shape)} != expected {list(shape)}')
+  if dtype.kind in 'iu':
+    if array.dtype.kind == 'f' and not np.all(np.isfinite(array) & (array == np.round(array))):
+      raise RequestError(400, f'{field}: expected integers ({dtype.name})')
+    info = np.iinfo(dtype)
+    if array.size and (array.min() < info.min or array.max() > info.max):
+      raise RequestError(400, f'{field}: values outside {dtype.name}')
+    if vocab_size is not None and array.size and (array.min() < 0 or array.max() >= vocab_size):
+      raise RequestError(400, f'{field}: token ids must be in [0, {vocab_size})')
+  elif array.dtype.kind == 'f' and not np.all(np.isfinite(array)):
+    raise RequestError(400, f'{field}: values must be finite')
+  elif array.dtype.kind == 'f' and np.any(np.abs(array) > np.finfo(dtype).max):
+    raise RequestError(400, f'{field}: values overflow {dtype.name}')
+  return array.astype(dtype)
+
+
+def _check_count(field: str, n: int, model: ServedModel) -> None:
+  if n == 0:
+    raise RequestError(400, f'{field}: no examples')
+  if n > model.max_batch_size:
+    raise RequestError(413, f'{field}: {n} examples exceed max_batch_size={model.max_batch_size}'
+                       ': split the request')
+
+
+def _vocab(model: ServedModel, name: str) -> int | None:
+  return model.tokenizer.vocab_size if model.tokenizer is not None and name == 'tokens' else None
+
+
+def _rows(payload: list, model: ServedModel) -> dict[str, np.ndarray]:
+  _check_count('instances', len(payload), model)
+  names = list(model.inputs)
+  text = _text_inputs(model)
+  columns: dict[str, list] = {name: [] for name in names}
+  texts = []
+  for i, instance in enumerate(payload):
+    field = f'instances[{i}]'
+    if text and isinstance(instance, dict) and 'text' in instance:
+      if set(instance) != {'text'} or not isinstance(instance['text'], str):
+        raise RequestError(400, f'{field}: give {{"text": "<string>"}} or the token inputs')
+      texts.append((i, instance['text']))
+      continue
+    if len(names) == 1 and not (isinstance(instance, dict) and set(instance) != {'b64'}):
+      instance = {names[0]: instance}
+    if not isinstance(instance, dict):
+      raise RequestError(400, f'{field}: expected an object with inputs {names}')
+    missing, unknown = set(names) - set(instance), set(instance) - set(names)
+    if missing or unknown:
+      what = (f"missing input '{sorted(missing)[0]}'" if missing
+              else f"unknown input '{sorted(unknown)[0]}'")
+      raise RequestError(400, f'{field}: {what} (inputs: {names}'
+                         f"{', or text' if text else ''})")
+    for name in names:
+      shape, dtype = model.inputs[name]
+      columns[name].append((i, _array(f'{field}.{name}', instance[name], shape, dtype,
+                                      _vocab(model, name))))
+  if texts:
+    encoded = _encode_text(model, [t for _, t in texts])
+    for name in names:
+      columns[name].extend((i, encoded[name][row]) for row, (i, _) in enumerate(texts))
+  return {name: np.stack([a for _, a in sorted(columns[name], key=lambda x: x[0])])
+          for name in names}
+
+
+def _columns(payload: Any, model: ServedModel) -> dict[str, np.ndarray]:
+  names = list(model.inputs)
+  if _text_inputs(model) and isinstance(payload, dict) and set(payload) == {'text'}:
+    texts = payload['text']
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+      raise RequestError(400, 'inputs.text: expected a list of strings')
+    _check_count('inputs.text', len(texts), model)
+    return _encode_text(model, texts)
+  if len(names) == 1 and not isinstance(payload, dict):
+    payload = {names[0]: payload}
+  if not isinstance(payload, dict):
+    raise RequestError(400, f'inputs: expected an object with inputs {names}')
+  missing, unknown = set(names) - set(payload), set(payload) - set(names)
+  if missing:
+    raise RequestError(400, f"inputs: missing input '{sorted(missing)[0]}' (inputs: {names})")
+  if unknown:
+    raise RequestError(400, f"inputs: unknown input '{sorted(unknown)[0]}' (inputs: {names})")
+  arrays, count = {}, None
+  for name in names:
+    value, field = payload[name], f'inputs.{name}'
+    if not isinstance(value, list):
+      raise RequestError(400, f'{field}: expected a list with one entry per example')
+    _check_count(field, len(value), model)
+    if count is not None and len(value) != count:
+      raise RequestError(400, f'{field}: {len(value)} examples, but other inputs have {count}')
+    count = len(value)
+    shape, dtype = model.inputs[name]
+    arrays[name] = np.stack([_array(f'{field}[{i}]', v, shape, dtype, _vocab(model, name))
+                             for i, v in enumerate(value)])
+  return arrays
+
+
+def parse_predict(payload: Any, model: ServedModel) -> tuple[dict[str, np.ndarray], bool]:
+  """(batched input arrays, columnar?) from a :predict body already parsed from JSON."""
+  if not isinstance(payload, dict):
+    raise RequestError(400, 'body: expected a JSON object with "instances" or "inputs"')
+  signature = payload.get('signature_name', 'serving_default')
+  if signature != 'serving_default':
+    raise RequestError(400, f"signature_name: '{signature}' is not a signature of this model "
+                       "(it has 'serving_default')")
+  unknown = set(payload) - {'instances', 'inputs', 'signature_name'}
+  if unknown:
+    raise RequestError(400, f"body: unknown field '{sorted(unknown)[0]}'")
+  if ('instances' in payload) == ('inputs' in payload):
+    raise RequestError(400, 'body: give exactly one of "instances" (row format) or "inputs" '
+                       '(columnar format)')
+  if 'instances' in payload:
+    if not isinstance(payload['instances'], list):
+      raise RequestError(400, 'instances: expected a list with one entry per example')
+    return _rows(payload['instances'], model), False
+  return _columns(payload['inputs'], model), True
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def _named(model: ServedModel, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
+  """Outputs as JSON-ready lists, with class names where the data has them."""
+  named = {name: value.tolist() for name, value in outputs.items()}
+  if model.label_names and 'classes' in outputs:
+    named['labels'] = [model.label_names[c] for c in outputs['classes'].tolist()]
+  return named
+
+
+def format_outputs(model: ServedModel, outputs: dict[str, np.ndarray], columnar: bool) -> dict:
+  """TF Serving's answer: {"outputs": ...} for columnar requests, {"predictions": [...]} for
+  row requests; a bare value where there is one output."""
+  named = _named(model, outputs)
+  if columnar:
+    return {'outputs': next(iter(named.values())) if len(named) == 1 else named}
+  if len(named) == 1:
+    return {'predictions': next(iter(named.values()))}
+  n = len(next(iter(named.values())))
+  return {'predictions': [{name: value[i] for name, value in named.items()} for i in range(n)]}
+
+
+def finite(value: Any, field: str, low: float, high: float) -> float:
+  """A number in [low, high] for a request field, or a RequestError naming it."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    raise RequestError(400, f'{field}: expected a number')
+  if not low <= value <= high:
+    raise RequestError(400, f'{field}: {value} is outside [{low}, {high}]')
+  return value
