@@ -1,0 +1,436 @@
+"""serve/ and serve.py: a real server on a loopback port, called over HTTP.
+
+Fast tier: an in-process uvicorn server (a thread) on a tiny digits CNN built from the
+template (no training needed to compare a server with its model): predictions equal the
+model's own on held-out inputs in row and columnar format and from PNGs, metadata and status
+in TF Serving's JSON, 400/401/404/413 answers, readiness only after warm-up, concurrent
+requests batched, the batcher's bounded queue. Slow tier: serve.py as a subprocess on a
+trained run (predictions, API keys from a file, SIGTERM: not ready first, in-flight answered),
+the BERT classifier from text and the GPT's greedy and sampled generation against
+models/sampling.
+"""
+
+import asyncio
+import base64
+import contextlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import jax
+import numpy as np
+import pytest
+import uvicorn
+from flax import nnx
+
+from loop import trained as trained_lib
+from loop.experiment import build_experiment
+from serve import app as app_lib, batching, model as model_lib
+from tests.tiny import REPO, tiny_bert_classify_config, tiny_config, tiny_gpt_config
+
+KEY = 'test-key-1'
+AUTH = {'Authorization': f'Bearer {KEY}'}
+
+
+def _built(config):
+  """(experiment, untrained model, Trained) for `config`: a model to compare a server with."""
+  config.compilation_cache_dir = ''
+  exp = build_experiment(config)
+  model = exp.template.build_model(nnx.Rngs(0))
+  return exp, model, trained_lib.Trained('', config, exp, model, exp.task.serving(), 0)
+
+
+@contextlib.contextmanager
+def running(settings: app_lib.Settings, served: model_lib.ServedModel | None = None,
+            wait_ready: bool = True):
+  """A uvicorn server for `settings` on a free loopback port, in a thread: yields its URL."""
+  sock = socket.socket()
+  sock.bind(('127.0.0.1', 0))
+  port = sock.getsockname()[1]
+  server = uvicorn.Server(uvicorn.Config(app_lib.create_app(settings, served),
+                                         log_level='warning'))
+  thread = threading.Thread(target=server.run, kwargs={'sockets': [sock]}, daemon=True)
+  thread.start()
+  url = f'http://127.0.0.1:{port}'
+  try:
+    _wait(url, '/v2/health/ready' if wait_ready else '/v2/health/live')
+    yield url
+  finally:
+    server.should_exit = True
+    thread.join(30)
+    sock.close()
+
+
+def _wait(url, path, timeout=120):
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    try:
+      if httpx.get(url + path, timeout=5).status_code == 200:
+        return
+    except httpx.TransportError:
+      pass
+    time.sleep(0.1)
+  raise TimeoutError(f'{url}{path} not 200 within {timeout} s')
+
+
+@pytest.fixture(scope='module')
+def digits():
+  """(Trained, held-out serving inputs, the model's own logits on them) for a tiny CNN."""
+  _, _, trained = _built(tiny_config())
+  batch = next(iter(trained.exp.task.eval_batches(64)))
+  inputs = trained.serving.inputs_from_batch(batch)
+  own = jax.jit(trained_lib.predict_fn(trained.model, trained.serving))(inputs)
+  return trained, inputs, np.asarray(own['logits'])
+
+
+@pytest.fixture(scope='module')
+def server(digits):
+  trained, _, _ = digits
+  served = model_lib.from_trained(trained, 'digits', max_batch_size=8)
+  settings = app_lib.Settings(path='unused', name='digits', max_batch_size=8,
+                              batch_timeout_ms=20, api_keys=(KEY, 'other-key'),
+                              max_body_bytes=200_000)
+  with running(settings, served) as url:
+    yield url
+
+
+def _post(url, path, payload, headers=AUTH):
+  return httpx.post(url + path, content=json.dumps(payload), headers=headers, timeout=60)
+
+
+def test_predictions_equal_the_models_own_in_row_and_columnar_format(server, digits):
+  _, inputs, own = digits
+  images = inputs['image']
+  rows = _post(server, '/v1/models/digits:predict', {'instances': images[:3].tolist()})
+  assert rows.status_code == 200, rows.text
+  predictions = rows.json()['predictions']
+  assert len(predictions) == 3 and set(predictions[0]) == {'logits', 'probabilities', 'classes'}
+  np.testing.assert_allclose([p['logits'] for p in predictions], own[:3], rtol=1e-5, atol=1e-5)
+  assert [p['classes'] for p in predictions] == own[:3].argmax(-1).tolist()
+  np.testing.assert_allclose(np.sum([p['probabilities'] for p in predictions], -1), 1, rtol=1e-5)
+
+  named = _post(server, '/v1/models/digits:predict',
+                {'instances': [{'image': x} for x in images[3:5].tolist()]})
+  np.testing.assert_allclose([p['logits'] for p in named.json()['predictions']], own[3:5],
+                             rtol=1e-5, atol=1e-5)
+
+  columns = _post(server, '/v1/models/digits:predict', {'inputs': images[5:12].tolist(),
+                                                        'signature_name': 'serving_default'})
+  assert columns.status_code == 200, columns.text
+  outputs = columns.json()['outputs']
+  np.testing.assert_allclose(outputs['logits'], own[5:12], rtol=1e-5, atol=1e-5)
+  assert outputs['classes'] == own[5:12].argmax(-1).tolist()
+  named = _post(server, '/v1/models/digits:predict', {'inputs': {'image': images[:1].tolist()}})
+  np.testing.assert_allclose(named.json()['outputs']['logits'], own[:1], rtol=1e-5, atol=1e-5)
+
+
+def test_a_base64_png_is_classified_as_its_pixels_are(server, digits):
+  from PIL import Image
+  trained, inputs, _ = digits
+  pixels = np.round(inputs['image'][:2, :, :, 0] * 255).astype(np.uint8)
+  pngs = []
+  for image in pixels:
+    buffer = io.BytesIO()
+    Image.fromarray(image, 'L').save(buffer, format='PNG')
+    pngs.append(base64.b64encode(buffer.getvalue()).decode())
+  answer = _post(server, '/v1/models/digits:predict', {'instances': [{'b64': p} for p in pngs]})
+  assert answer.status_code == 200, answer.text
+  own = jax.jit(trained_lib.predict_fn(trained.model, trained.serving))(
+      {'image': (pixels[..., None] / 255.0).astype(np.float32)})
+  np.testing.assert_allclose([p['logits'] for p in answer.json()['predictions']],
+                             own['logits'], rtol=1e-5, atol=1e-5)
+
+
+def test_status_and_metadata_in_tf_servings_json(server):
+  status = httpx.get(server + '/v1/models/digits', headers=AUTH).json()
+  assert status == {'model_version_status': [{'version': '0', 'state': 'AVAILABLE', 'status': {
+      'error_code': 'OK', 'error_message': ''}}]}
+  meta = httpx.get(server + '/v1/models/digits/metadata', headers=AUTH).json()
+  assert meta['model_spec'] == {'name': 'digits', 'signature_name': '', 'version': '0'}
+  signature = meta['metadata']['signature_def']['signature_def']['serving_default']
+  assert signature['method_name'] == 'tensorflow/serving/predict'
+  image = signature['inputs']['image']
+  assert image['dtype'] == 'DT_FLOAT'
+  assert [d['size'] for d in image['tensor_shape']['dim']] == ['-1', '8', '8', '1']
+  assert [d['size'] for d in signature['outputs']['logits']['tensor_shape']['dim']] == ['-1', '10']
+  assert signature['outputs']['classes']['dtype'] == 'DT_INT32'
+  assert meta['kiln']['task'] == 'classification' and meta['kiln']['buckets'] == [1, 2, 4, 8]
+
+
+@pytest.mark.parametrize('payload, status, field', [
+    ({'instances': [[[[float('nan')]] * 8] * 8]}, 400, 'NaN'),
+    ({'instances': [[[[1e999]] * 8] * 8]}, 400, 'Infinity'),
+    ({'instances': [[[0.5] * 8] * 8]}, 400, 'instances[0].image: shape [8, 8] != expected'),
+    ({'instances': [[[['a']] * 8] * 8]}, 400, 'instances[0].image'),
+    ({'instances': [{'picture': 1}]}, 400, "instances[0]: missing input 'image'"),
+    ({'instances': [{'b64': 'not base64!'}]}, 400, 'instances[0].image: b64 is not valid'),
+    ({'instances': [{'b64': base64.b64encode(b'not a png').decode()}]}, 400, 'not a PNG'),
+    ({'inputs': {'image': [[[[0.5]] * 8] * 8], 'extra': 1}}, 400, "unknown input 'extra'"),
+    ({'inputs': [[[[0.5]] * 8] * 8], 'instances': []}, 400, 'exactly one of'),
+    ({'instances': []}, 400, 'instances: no examples'),
+    ({'instances': 'x'}, 400, 'instances: expected a list'),
+    ({}, 400, 'exactly one of'),
+    ([1, 2], 400, 'expected a JSON object'),
+    ({'instances': [[[[0.5]] * 8] * 8], 'signature_name': 'other'}, 400, 'signature_name'),
+    ({'instances': [[[[0.5]] * 8] * 8] * 9}, 413, 'max_batch_size=8'),
+])
+def test_malformed_requests_get_4xx_naming_the_field(server, payload, status, field):
+  answer = httpx.post(server + '/v1/models/digits:predict',
+                      content=json.dumps(payload).replace('1e+999', '1e999'), headers=AUTH)
+  assert answer.status_code == status, answer.text
+  assert set(answer.json()) == {'error'} and field in answer.json()['error']
+
+
+def test_bad_json_wrong_names_big_bodies_and_keys(server):
+  predict = server + '/v1/models/digits:predict'
+  assert httpx.post(predict, content=b'{"instances": [', headers=AUTH).status_code == 400
+  assert 'not valid JSON' in httpx.post(predict, content=b'\xff', headers=AUTH).json()['error']
+  wrong = _post(server, '/v1/models/mnist:predict', {'instances': []})
+  assert wrong.status_code == 404 and "'digits'" in wrong.json()['error']
+  assert httpx.get(server + '/v1/models/mnist', headers=AUTH).status_code == 404
+  missing = httpx.get(server + '/nowhere', headers=AUTH)
+  assert missing.status_code == 404 and 'error' in missing.json()
+  big = httpx.post(predict, content=b'[' + b'0,' * 150_000 + b'0]', headers=AUTH)
+  assert big.status_code == 413 and 'limit' in big.json()['error']
+
+  def chunks():  # No Content-Length: the limit holds for a streamed body too.
+    for _ in range(30):
+      yield b' ' * 10_000
+  assert httpx.post(predict, content=chunks(), headers=AUTH).status_code == 413
+
+  body = {'instances': [[[[0.5]] * 8] * 8]}
+  assert _post(server, '/v1/models/digits:predict', body, headers={}).status_code == 401
+  no_key = _post(server, '/v1/models/digits:predict', body, headers={'X-API-Key': 'guess'})
+  assert no_key.status_code == 401 and no_key.json() == {'error': 'wrong API key'}
+  assert httpx.get(server + '/metrics').status_code == 401
+  assert _post(server, '/v1/models/digits:predict', body,
+               headers={'X-API-Key': 'other-key'}).status_code == 200
+  for path in ('/v2/health/live', '/v2/health/ready'):  # Probes need no key.
+    assert httpx.get(server + path).status_code == 200
+
+
+def test_concurrent_requests_are_batched(server, digits):
+  _, inputs, own = digits
+
+  async def many():
+    async with httpx.AsyncClient(headers=AUTH, timeout=60) as client:
+      return await asyncio.gather(*[
+          client.post(server + '/v1/models/digits:predict',
+                      content=json.dumps({'instances': inputs['image'][i:i + 1].tolist()}))
+          for i in range(16)])
+  answers = asyncio.run(many())
+  assert [a.status_code for a in answers] == [200] * 16
+  logits = [a.json()['predictions'][0]['logits'] for a in answers]
+  np.testing.assert_allclose(logits, own[:16], rtol=1e-5, atol=1e-5)  # Each gets its own row.
+  metrics = httpx.get(server + '/metrics', headers=AUTH).text
+  count = _metric(metrics, 'kiln_batch_size_count')
+  assert 0 < count < _metric(metrics, 'kiln_batch_size_sum'), 'no batch held more than one'
+  assert _metric(metrics, 'kiln_requests_total{code="200",route="predict"}') >= 16
+  assert 'kiln_request_latency_seconds_bucket' in metrics and 'kiln_queue_depth 0.0' in metrics
+
+
+def _metric(text: str, name: str) -> float:
+  for line in text.splitlines():
+    if line.startswith(name + ' '):
+      return float(line.split()[-1])
+  raise AssertionError(f'{name} not in metrics')
+
+
+def test_ready_only_after_every_bucket_is_compiled(digits):
+  trained, inputs, own = digits
+  served = model_lib.from_trained(trained, 'digits', max_batch_size=2)
+  release = threading.Event()
+  compile_buckets = served.compile
+
+  def slow_compile():
+    release.wait(60)
+    compile_buckets()
+  served.compile = slow_compile
+  with running(app_lib.Settings(path='unused', name='digits', max_batch_size=2), served,
+               wait_ready=False) as url:
+    assert httpx.get(url + '/v2/health/live').status_code == 200
+    assert httpx.get(url + '/v2/health/ready').status_code == 503
+    assert httpx.get(url + '/v1/models/digits').json()['model_version_status'][0][
+        'state'] == 'LOADING'
+    early = _post(url, '/v1/models/digits:predict', {'instances': inputs['image'][:1].tolist()})
+    assert early.status_code == 503 and 'loading' in early.json()['error']
+    release.set()
+    _wait(url, '/v2/health/ready')
+    answer = _post(url, '/v1/models/digits:predict', {'instances': inputs['image'][:2].tolist()})
+    np.testing.assert_allclose([p['logits'] for p in answer.json()['predictions']], own[:2],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_batcher_merges_pads_order_and_refuses_past_its_queue():
+  calls = []
+  gate = threading.Event()
+
+  def run(inputs):
+    gate.wait(10)
+    calls.append(len(inputs['x']))
+    return {'y': inputs['x'] * 2}
+
+  async def scenario():
+    batcher = batching.Batcher(run, max_batch_size=4, timeout_s=0.05, max_queue=6)
+    batcher.start()
+    first = asyncio.ensure_future(batcher.submit({'x': np.array([0])}))
+    await asyncio.sleep(0.1)  # `first` runs alone (blocked on the gate); the rest queue up.
+    rest = [asyncio.ensure_future(batcher.submit({'x': np.arange(i, i + 2)})) for i in (1, 3)]
+    await asyncio.sleep(0.01)
+    with pytest.raises(batching.QueueFull):  # 1 + 2 + 2 queued; 2 more would make 7 > 6.
+      await batcher.submit({'x': np.arange(2)})
+    gate.set()
+    results = await asyncio.gather(first, *rest)
+    await batcher.close()
+    return results
+  results = asyncio.run(scenario())
+  assert calls == [1, 4]  # The two queued requests ran as one batch.
+  assert [r['y'].tolist() for r in results] == [[0], [2, 4], [6, 8]]
+
+
+def test_buckets_and_keys(tmp_path, monkeypatch):
+  assert model_lib.buckets(1) == (1,)
+  assert model_lib.buckets(8) == (1, 2, 4, 8)
+  assert model_lib.buckets(12) == (1, 2, 4, 8, 12)
+  keys = tmp_path / 'keys'
+  keys.write_text('# ops team\nalpha\n\n beta \n')
+  assert app_lib.read_api_keys(str(keys)) == ('alpha', 'beta')
+  monkeypatch.setenv(app_lib.API_KEYS_ENV, 'one, two,')
+  assert app_lib.read_api_keys(None) == ('one', 'two')
+  settings = app_lib.Settings(path='/runs/mnist/', api_keys=('k',))
+  assert settings.model_name == 'mnist'
+  assert app_lib.Settings.from_json(settings.to_json()) == settings
+
+
+# ----------------------------------------------------------------------------- slow tier
+
+@pytest.fixture(scope='module')
+def trained_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('run') / 'digits')
+  from loop.training import train_and_evaluate
+  c = tiny_config()
+  c.compilation_cache_dir = ''
+  train_and_evaluate(c, workdir)
+  return workdir
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _serve(*args, env=None):
+  return subprocess.Popen([sys.executable, 'serve.py', *args], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow  # Trains a run and starts serve.py (~40 s).
+def test_serve_py_answers_as_the_trained_model_and_drains_on_sigterm(trained_run, tmp_path):
+  trained = trained_lib.load(trained_run)
+  batch = next(iter(trained.exp.task.eval_batches(64)))
+  inputs = trained.serving.inputs_from_batch(batch)
+  own = np.asarray(jax.jit(trained_lib.predict_fn(trained.model, trained.serving))(
+      inputs)['logits'])
+  keys = tmp_path / 'keys'
+  keys.write_text(KEY + '\n')
+  port = _free_port()
+  url = f'http://127.0.0.1:{port}'
+  process = _serve(f'--workdir={trained_run}', f'--port={port}', '--host=127.0.0.1',
+                   f'--api_keys_file={keys}', '--max_batch_size=16', '--drain_seconds=2')
+  try:
+    _wait(url, '/v2/health/ready')
+    status = httpx.get(url + '/v1/models/digits', headers=AUTH).json()
+    assert status['model_version_status'][0]['version'] == '40'
+    answer = _post(url, '/v1/models/digits:predict', {'inputs': inputs['image'][:16].tolist()})
+    np.testing.assert_allclose(answer.json()['outputs']['logits'], own[:16], rtol=1e-5,
+                               atol=1e-5)
+    assert _post(url, '/v1/models/digits:predict', {'inputs': []}, headers={}).status_code == 401
+
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert httpx.get(url + '/v2/health/ready').status_code == 503  # Not ready first ...
+    during = _post(url, '/v1/models/digits:predict', {'instances': inputs['image'][:1].tolist()})
+    assert during.status_code == 200  # ... while still answering.
+    assert process.wait(30) == 0
+  finally:
+    if process.poll() is None:
+      process.kill()
+  output = process.stdout.read()
+  assert 'SIGTERM: not ready' in output and 'Application shutdown complete' in output
+
+
+@pytest.mark.slow  # Starts Python + JAX in a subprocess.
+def test_serve_py_refuses_the_network_without_keys_and_bad_folders(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != app_lib.API_KEYS_ENV}
+  exposed = _serve(f'--workdir={tmp_path}', '--host=0.0.0.0', env=env)
+  output = exposed.communicate(timeout=120)[0]
+  assert exposed.returncode == 1 and output.strip().splitlines()[-1].startswith(
+      'error: --host=0.0.0.0 without API keys')
+  empty = _serve(f'--workdir={tmp_path}', env=env)
+  output = empty.communicate(timeout=120)[0]
+  assert empty.returncode == 1 and 'holds no config.json' in output.strip().splitlines()[-1]
+
+
+@pytest.mark.slow  # Builds and compiles a BERT (~15 s).
+def test_bert_classifies_text_as_the_model_does():
+  _, _, trained = _built(tiny_bert_classify_config())
+  served = model_lib.from_trained(trained, 'speakers', max_batch_size=4)
+  from input_pipeline import labeled_text
+  texts = ['Now is the winter of our discontent', 'But soft, what light through yonder window']
+  tokens, token_mask = labeled_text.encode_examples(texts, trained.exp.task.tokenizer,
+                                                    served.inputs['tokens'][0][0])
+  own = jax.jit(trained_lib.predict_fn(trained.model, trained.serving))(
+      {'tokens': tokens, 'token_mask': token_mask.astype(np.int32)})
+  with running(app_lib.Settings(path='unused', name='speakers', max_batch_size=4),
+               served) as url:
+    rows = _post(url, '/v1/models/speakers:predict', {'instances': [{'text': t} for t in texts]})
+    assert rows.status_code == 200, rows.text
+    predictions = rows.json()['predictions']
+    np.testing.assert_allclose([p['logits'] for p in predictions], own['logits'], rtol=1e-4,
+                               atol=1e-5)
+    names = trained.exp.task.source.label_names
+    assert [p['labels'] for p in predictions] == [names[c] for c in np.argmax(own['logits'], -1)]
+    columns = _post(url, '/v1/models/speakers:predict', {'inputs': {'text': texts}})
+    assert columns.json()['outputs']['classes'] == [p['classes'] for p in predictions]
+    tokens_in = _post(url, '/v1/models/speakers:predict', {'instances': [
+        {'tokens': tokens[0].tolist(), 'token_mask': token_mask[0].astype(int).tolist()}]})
+    assert tokens_in.json()['predictions'][0]['classes'] == predictions[0]['classes']
+    bad = _post(url, '/v1/models/speakers:predict', {'instances': [{'text': 3}]})
+    assert bad.status_code == 400 and 'instances[0]' in bad.json()['error']
+    assert _post(url, '/v1/models/speakers:generate', {'prompt': 'x'}).status_code == 400
+
+
+@pytest.mark.slow  # Builds and compiles a GPT and samples twice with models/sampling (~20 s).
+def test_gpt_generates_what_models_sampling_generates():
+  from models import sampling
+  _, model, trained = _built(tiny_gpt_config())
+  served = model_lib.from_trained(trained, 'gpt', max_batch_size=2)
+  tokenizer = trained.exp.task.tokenizer
+  prompt = 'ROMEO:'
+  max_len = served.inputs['tokens'][0][0]
+  with running(app_lib.Settings(path='unused', name='gpt', max_batch_size=2), served) as url:
+    for settings in ({'temperature': 0.0}, {'temperature': 0.8, 'top_k': 10, 'seed': 3}):
+      num_tokens = max_len + 8  # Past the context: the re-read of the last half context too.
+      answer = _post(url, '/v1/models/gpt:generate',
+                     {'prompt': prompt, 'max_tokens': num_tokens, **settings})
+      assert answer.status_code == 200, answer.text
+      tokens, _ = sampling.sample(model, tokenizer.encode(prompt)[None], num_tokens,
+                                  jax.random.key(settings.get('seed', 0)),
+                                  settings['temperature'], settings.get('top_k', 0), 1.0)
+      assert answer.json()['tokens'] == np.asarray(tokens)[0].tolist(), settings
+      assert answer.json()['text'] == prompt + tokenizer.decode(np.asarray(tokens)[0])
+    for bad, field in (({'prompt': 'x', 'max_tokens': 0}, 'max_tokens'),
+                       ({'prompt': 'x', 'top_p': 2}, 'top_p'),
+                       ({'prompt': 7}, 'prompt'), ({'prompt': ''}, 'prompt'),
+                       ({'prompt': 'x', 'temperature': 'hot'}, 'temperature'),
+                       ({'prompt': 'x', 'beam': 2}, 'beam')):
+      answer = _post(url, '/v1/models/gpt:generate', bad)
+      assert answer.status_code == 400 and field in answer.json()['error'], (bad, answer.text)
