@@ -99,8 +99,9 @@ def main(argv):
     uvicorn.run(app_lib.create_app(settings, model), **options)
   else:
     os.environ[app_lib.SETTINGS_ENV] = settings.to_json()
+    # Each worker imports JAX and TensorFlow before it can answer the supervisor's pings.
     uvicorn.run('serve.app:create_app_from_env', factory=True, workers=_WORKERS.value,
-                **options)
+                timeout_worker_healthcheck=120, **options)
 
 
 if __name__ == '__main__':

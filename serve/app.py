@@ -398,4 +398,5 @@ def _hook_sigterm(state: _State) -> None:
 
 def create_app_from_env() -> FastAPI:
   """uvicorn's factory for worker processes: Settings from $KILN_SERVE_SETTINGS."""
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s %(message)s')
   return create_app(Settings.from_json(os.environ[SETTINGS_ENV]))
