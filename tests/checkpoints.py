@@ -3,11 +3,16 @@
 from loop.checkpoint import Checkpointer
 
 
-def latest_params(workdir: str) -> dict:
-  """The parameters of the newest checkpoint in `workdir`, as NumPy arrays (whatever the
-  mesh or number of processes that wrote it)."""
+def latest_state(workdir: str) -> dict:
+  """The whole train state of the newest checkpoint in `workdir`, as NumPy arrays (whatever
+  the mesh or number of processes that wrote it)."""
   reader = Checkpointer(workdir, reading=True)
   try:
-    return reader.read_host(reader.latest_step())['params']
+    return reader.read_host(reader.latest_step())
   finally:
     reader.close()
+
+
+def latest_params(workdir: str) -> dict:
+  """The parameters of the newest checkpoint in `workdir`, as NumPy arrays."""
+  return latest_state(workdir)['params']

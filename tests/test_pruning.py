@@ -18,7 +18,7 @@ from compress import pruning as pruning_lib
 from compress import stats
 from core.errors import KilnError
 from core.paths import path_string
-from loop.checkpoint import Checkpointer
+from tests.checkpoints import latest_state
 from loop.experiment import build_experiment
 from tests.stepping import host_batches, run_steps
 from tests.tiny import tiny_config
@@ -266,14 +266,6 @@ def test_masked_weights_stay_exactly_zero_after_every_update(optimizer, devices)
   assert float(scalars['sparsity']) == pytest.approx(0.7, abs=1e-3)
 
 
-def _read_state(workdir):
-  reader = Checkpointer(workdir, reading=True)
-  try:
-    return reader.read_host(reader.latest_step())
-  finally:
-    reader.close()
-
-
 @pytest.mark.slow  # Three tiny runs per optimizer.
 @pytest.mark.parametrize('optimizer', ['sgd', 'adamw'])
 def test_resumed_pruned_run_matches_uninterrupted(optimizer, tmp_path, devices):
@@ -283,7 +275,7 @@ def test_resumed_pruned_run_matches_uninterrupted(optimizer, tmp_path, devices):
   assert half['steps'] == 7  # Between the updates at 6 and 10.
   twice = train.train_and_evaluate(config, str(tmp_path / 'twice'))
   assert once['steps'] == twice['steps'] == 16
-  a, b = _read_state(str(tmp_path / 'once')), _read_state(str(tmp_path / 'twice'))
+  a, b = latest_state(str(tmp_path / 'once')), latest_state(str(tmp_path / 'twice'))
   jax.tree.map(np.testing.assert_array_equal, a['masks'], b['masks'])
   jax.tree.map(np.testing.assert_array_equal, a['params'], b['params'])
   _check_masked_zero(a['params'], a['masks'])
@@ -343,7 +335,7 @@ def test_n_m_prunes_the_loaded_checkpoint_at_step_zero(tmp_path, devices):
   dense_dir = str(tmp_path / 'dense')
   dense_summary = train.train_and_evaluate(dense, dense_dir)
   assert dense_summary['model_stats']['sparsity'] == 0.0
-  loaded = _read_state(dense_dir)['params']
+  loaded = latest_state(dense_dir)['params']
 
   config = tiny_config()
   config.num_train_steps = 6
@@ -351,7 +343,7 @@ def test_n_m_prunes_the_loaded_checkpoint_at_step_zero(tmp_path, devices):
   config.pruning.method = 'n_m'
   config.pruning.exclude = N_M_EXCLUDE
   summary = train.train_and_evaluate(config, str(tmp_path / 'sparse'))
-  state = _read_state(str(tmp_path / 'sparse'))
+  state = latest_state(str(tmp_path / 'sparse'))
   flat_loaded = {path_string(k): v for k, v in jax.tree_util.tree_flatten_with_path(loaded)[0]}
   layouts = build_experiment(config, devices[:1]).step_options.pruning.prunable
   for k, mask in jax.tree_util.tree_flatten_with_path(state['masks'])[0]:

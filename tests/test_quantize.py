@@ -14,7 +14,7 @@ from compress import quantize as quantize_lib
 from core.errors import KilnError
 from export import artifact
 from loop import fields
-from loop.checkpoint import Checkpointer
+from tests.checkpoints import latest_state
 from loop.state import ModelTemplate
 from loop.training import train_and_evaluate
 from models.conv import Conv
@@ -227,14 +227,6 @@ def test_qat_trains_and_int8_static_of_it_is_its_eval_forward(devices):
   np.testing.assert_allclose(_outputs(served, images), qat_eval, rtol=1e-4, atol=1e-4)
 
 
-def _read_state(workdir):
-  reader = Checkpointer(workdir, reading=True)
-  try:
-    return reader.read_host(reader.latest_step())
-  finally:
-    reader.close()
-
-
 @pytest.mark.slow  # Three tiny QAT runs (straight, stopped, resumed).
 def test_qat_run_resumes_exactly(tmp_path, devices):
   config = _qat_config()
@@ -243,7 +235,7 @@ def test_qat_run_resumes_exactly(tmp_path, devices):
   train_and_evaluate(config, str(tmp_path / 'twice'), stop_at_step=5)
   twice = train_and_evaluate(config, str(tmp_path / 'twice'))
   assert once['steps'] == twice['steps'] == 10
-  a, b = _read_state(str(tmp_path / 'once')), _read_state(str(tmp_path / 'twice'))
+  a, b = latest_state(str(tmp_path / 'once')), latest_state(str(tmp_path / 'twice'))
   jax.tree.map(np.testing.assert_array_equal, a['params'], b['params'])
   jax.tree.map(np.testing.assert_array_equal, a['model_state'], b['model_state'])
   counts = [int(c) for k, c in jax.tree_util.tree_flatten_with_path(a['model_state'])[0]
