@@ -1,7 +1,7 @@
 """Serves a trained run (or a `jax` export) over HTTP with TF Serving's REST API.
 
   python serve.py --workdir=runs/mnist [--name=mnist] [--port=8501] [--host=...]
-      [--workers=1] [--max_batch_size=32] [--batch_timeout_ms=2] [--api_keys_file=keys.txt]
+      [--workers=1] [--max_batch_size=32] [--batch_timeout_ms=0] [--api_keys_file=keys.txt]
 
   curl -X POST localhost:8501/v1/models/mnist:predict -d '{"instances": [...]}'
 
@@ -38,8 +38,9 @@ _PORT = flags.DEFINE_integer('port', 8501, "Port (TF Serving's REST port by defa
 _WORKERS = flags.DEFINE_integer('workers', 1, 'Server processes sharing the port (each loads '
                                 'and compiles its own model).')
 _MAX_BATCH = flags.DEFINE_integer('max_batch_size', 32, 'Largest batch (and request) size.')
-_TIMEOUT = flags.DEFINE_float('batch_timeout_ms', 2.0, 'How long a batch waits for more '
-                              'requests after its first.')
+_TIMEOUT = flags.DEFINE_float('batch_timeout_ms', 0.0, 'How long a batch waits for more '
+                              'requests after its first (0: it runs as soon as the model is '
+                              'free; requests that arrive while it runs make the next batch).')
 _BATCHING = flags.DEFINE_boolean('batching', True, 'Merge concurrent requests into batches.')
 _MAX_QUEUE = flags.DEFINE_integer('max_queue', 1024, 'Examples queued before 503 answers.')
 _MAX_BODY = flags.DEFINE_integer('max_body_bytes', 8 << 20, 'Largest request body (413 above).')

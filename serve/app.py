@@ -52,7 +52,7 @@ class Settings:
   path: str  # A trained workdir, or a jax export folder.
   name: str = ''  # The model's name in URLs; '' = the folder's base name.
   max_batch_size: int = 32  # Largest compiled bucket, and most examples in one request.
-  batch_timeout_ms: float = 2.0  # How long a batch waits for more requests after its first.
+  batch_timeout_ms: float = 0.0  # How long a batch waits for more after its first (0: none).
   batching: bool = True  # False: every request runs alone (the baseline).
   max_queue: int = 1024  # Examples queued or running before requests are refused (503).
   api_keys: tuple[str, ...] = ()  # Accepted keys; empty = no auth (the server binds loopback).
