@@ -7,6 +7,7 @@
   GET  /v1/models/{name}/metadata   signature: inputs and outputs, dtypes, shapes
   GET  /v2/health/live, /v2/health/ready   (exempt from API keys; ready after warm-up)
   GET  /metrics                     Prometheus text format
+  GET  /                            a demo page: draw or upload a digit, type text or a prompt
 
 Every error is {"error": "..."} with a 4xx code (5xx only for the server's own state:
 not ready, queue full, draining failures). The model loads and compiles on a thread after the
@@ -43,6 +44,8 @@ logger = logging.getLogger('kiln.serve')
 SETTINGS_ENV = 'KILN_SERVE_SETTINGS'  # JSON Settings for worker processes (--workers > 1).
 API_KEYS_ENV = 'KILN_API_KEYS'  # Comma-separated keys, when no keys file is given.
 HEALTH_PATHS = ('/v2/health/live', '/v2/health/ready')  # Never need a key (probes).
+DEMO_PAGE = os.path.join(os.path.dirname(__file__), 'static', 'index.html')
+PUBLIC_PATHS = (*HEALTH_PATHS, '/')  # The demo page holds no data: it asks for a key to call.
 MAX_GENERATE_TOKENS = 4096
 
 
@@ -166,7 +169,7 @@ class _Guard:
 
   def _deny(self, scope) -> Response | None:
     keys = self.state.settings.api_keys
-    if not keys or scope['path'] in HEALTH_PATHS:
+    if not keys or scope['path'] in PUBLIC_PATHS:
       return None
     headers = {k.decode('latin-1').lower(): v.decode('latin-1') for k, v in scope['headers']}
     given = headers.get('x-api-key', '')
@@ -301,6 +304,13 @@ def create_app(settings: Settings, model: model_lib.ServedModel | None = None) -
     if not state.compiled:
       raise codec.RequestError(503, 'the model is still loading: wait for /v2/health/ready')
     return state.model
+
+  @app.get('/')
+  async def demo():
+    with open(DEMO_PAGE) as f:
+      page = f.read()
+    name = json.dumps(settings.model_name).replace('<', '\\u003c')
+    return Response(page.replace('"{{MODEL_NAME}}"', name), media_type='text/html')
 
   @app.get('/v2/health/live')
   async def live():

@@ -214,6 +214,8 @@ def test_bad_json_wrong_names_big_bodies_and_keys(server):
                headers={'X-API-Key': 'other-key'}).status_code == 200
   for path in ('/v2/health/live', '/v2/health/ready'):  # Probes need no key.
     assert httpx.get(server + path).status_code == 200
+  page = httpx.get(server + '/')  # Nor does the demo page (it asks for a key to call the API).
+  assert page.status_code == 200 and 'const NAME = "digits";' in page.text
 
 
 def test_concurrent_requests_are_batched(server, digits):
@@ -435,3 +437,81 @@ def test_gpt_generates_what_models_sampling_generates():
                        ({'prompt': 'x', 'beam': 2}, 'beam')):
       answer = _post(url, '/v1/models/gpt:generate', bad)
       assert answer.status_code == 400 and field in answer.json()['error'], (bad, answer.text)
+
+
+def _chromium() -> tuple[str, str]:
+  """(browser path, its LD_LIBRARY_PATH) from ../shared/tools/chromium, or a skip."""
+  tool = REPO.parent / 'shared' / 'tools' / 'chromium'
+  if not tool.exists():
+    pytest.skip(f'no {tool} beside the checkout')
+  result = subprocess.run(['bash', str(tool)], capture_output=True, text=True, timeout=600)
+  if result.returncode:
+    pytest.skip(f'chromium unavailable: {result.stderr.strip()}')
+  found = dict(line.removeprefix('export ').split('=', 1) for line in result.stdout.splitlines())
+  return found['CHROMIUM'], found['LD_LIBRARY_PATH'].split('${', 1)[0]
+
+
+@pytest.mark.slow  # A real browser, and a GPT compiled for its server (~40 s).
+def test_the_demo_page_classifies_a_drawn_and_an_uploaded_digit_and_generates_text(
+    server, digits, tmp_path):
+  sync_api = pytest.importorskip('playwright.sync_api')
+  from PIL import Image
+  browser_path, libraries = _chromium()
+  trained, inputs, _ = digits
+  pixels = np.round(inputs['image'][7, :, :, 0] * 255).astype(np.uint8)
+  png = tmp_path / 'digit.png'
+  Image.fromarray(pixels, 'L').save(png)
+  own = jax.jit(trained_lib.predict_fn(trained.model, trained.serving))(
+      {'image': (pixels[None, :, :, None] / 255.0).astype(np.float32)})
+  own_class = int(np.argmax(own['logits'][0]))
+
+  _, _, gpt = _built(tiny_gpt_config())
+  gpt_served = model_lib.from_trained(gpt, 'gpt', max_batch_size=1)
+  with sync_api.sync_playwright() as playwright, running(
+      app_lib.Settings(path='unused', name='gpt', max_batch_size=1), gpt_served) as gpt_url:
+    browser = playwright.chromium.launch(
+        executable_path=browser_path, args=['--no-sandbox'],
+        env={**os.environ, 'LD_LIBRARY_PATH': libraries})
+    page = browser.new_page()
+    page.goto(server + '/')
+    assert page.text_content('#model-name') == 'digits'
+    page.fill('#key', 'wrong')
+    page.dispatch_event('#key', 'change')
+    page.wait_for_function("document.getElementById('error').textContent.startsWith('401')")
+    page.fill('#key', KEY)
+    page.dispatch_event('#key', 'change')
+    page.wait_for_function("document.getElementById('status').textContent === 'connected'")
+    assert page.is_visible('#image-panel') and not page.is_visible('#generate-panel')
+
+    page.set_input_files('#upload', str(png))  # An uploaded held-out digit.
+    page.wait_for_function("document.getElementById('answer').dataset.class !== undefined")
+    assert page.get_attribute('#answer', 'data-class') == str(own_class)
+    assert len(page.query_selector_all('#bars .bar')) == 5
+
+    page.click('#clear')
+    box = page.locator('#canvas').bounding_box()  # A drawn "1": one vertical stroke.
+    x = box['x'] + box['width'] / 2
+    page.mouse.move(x, box['y'] + 40)
+    page.mouse.down()
+    for step in range(1, 11):
+      page.mouse.move(x, box['y'] + 40 + step * 20)
+    page.mouse.up()
+    page.click('#classify')
+    page.wait_for_function("document.getElementById('answer').dataset.class !== undefined")
+    drawn = page.evaluate("document.getElementById('canvas').toDataURL('image/png').split(',')[1]")
+    api = _post(server, '/v1/models/digits:predict', {'instances': [{'b64': drawn}]}).json()
+    assert page.get_attribute('#answer', 'data-class') == str(api['predictions'][0]['classes'])
+    assert page.text_content('#answer') == f"Class: {api['predictions'][0]['classes']}"
+
+    page.goto(gpt_url + '/')  # No keys on this server.
+    page.wait_for_function("document.getElementById('status').textContent === 'connected'")
+    assert page.is_visible('#generate-panel') and not page.is_visible('#image-panel')
+    page.fill('#prompt', 'ROMEO:')
+    page.fill('#max-tokens', '12')
+    page.fill('#temperature', '0')
+    page.click('#generate')
+    page.wait_for_function("!['', '…'].includes(document.getElementById('generated').textContent)")
+    expected = _post(gpt_url, '/v1/models/gpt:generate', {'prompt': 'ROMEO:', 'max_tokens': 12,
+                                                          'temperature': 0})
+    assert page.text_content('#generated') == expected.json()['text']
+    browser.close()
