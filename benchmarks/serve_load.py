@@ -80,8 +80,9 @@ def start_server(workdir: str, workers: int, batching: bool, args) -> tuple[subp
     if process.poll() is not None:
       raise SystemExit(f'error: serve.py exited with {process.returncode} (run it by hand to '
                        'see why)')
-    try:
-      if httpx.get(url + '/v2/health/ready', timeout=2).status_code == 200:
+    try:  # Each worker answers for itself: wait for many ready answers on fresh connections.
+      if all(httpx.get(url + '/v2/health/ready', timeout=2).status_code == 200
+             for _ in range(10 * workers)):
         return process, url
     except httpx.TransportError:
       pass
