@@ -110,8 +110,10 @@ def read_summary(root: str, run: Run) -> dict | None:
 
 
 def quality(summary: dict) -> tuple[str, float]:
-  """(metric name, value): test accuracy where the run has a test split, else the
-  validation figure its task reports (accuracy, or loss for language models)."""
+  """(metric name, value): a language model's validation loss; else test accuracy where
+  the run has a test split, else validation accuracy."""
+  if 'bits_per_char' in summary['final_eval']:  # Language models: judged by their loss.
+    return 'final_eval loss', summary['final_eval']['loss']
   for split in ('test', 'final_eval'):
     metrics = summary.get(split) or {}
     if 'accuracy' in metrics:
