@@ -197,6 +197,7 @@ def plot(runs: list[Run], root: str, folder: str) -> list[str]:
       ax.axhline(value('mnist_dense'), color='gray', linestyle=':', label='teacher')
     ax.set(xscale='log', xticks=[2, 4, 8], xticklabels=['2', '4', '8'], xlabel='temperature T',
            ylabel='MNIST test accuracy (%)', title='Distillation: same student, same steps')
+    ax.minorticks_off()  # Log-axis minor labels (3x10^0) would clutter the three temperatures.
     ax.legend()
     save(fig, 'compression_distillation.png')
   return written
