@@ -5,9 +5,9 @@ template (no training needed to compare a server with its model): predictions eq
 model's own on held-out inputs in row and columnar format and from PNGs, metadata and status
 in TF Serving's JSON, 400/401/404/413 answers, fuzzed requests (hypothesis) answered 4xx
 only, readiness only after warm-up, concurrent requests batched, the batcher's bounded queue.
-Slow tier: serve.py as a subprocess on a trained run (predictions, API keys from a file, SIGTERM: not ready first, in-flight answered),
-the BERT classifier from text, the GPT's greedy and sampled generation against
-models/sampling, and the demo page in Chromium (Playwright).
+Slow tier: serve.py as a subprocess on a trained run (predictions, API keys from a file,
+SIGTERM: not ready first, in-flight answered), the BERT classifier from text, the GPT's greedy
+and sampled generation against models/sampling, and the demo page in Chromium (Playwright).
 """
 
 import asyncio
