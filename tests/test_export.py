@@ -171,3 +171,21 @@ def test_models_quantised_in_jax_export_smaller_and_agree(exports, fmt, max_rati
   assert report['accuracy'] >= report['jax_accuracy'] - 0.03
   assert report['max_abs_diff'] > 0  # Quantised: compared with the float JAX model.
   assert os.path.basename(report['path']) == 'model.jax'
+
+
+@pytest.mark.slow  # Trains a tiny GPT, then TensorFlow, TFLite and ONNX conversions.
+def test_gpt_logits_export_to_onnx_at_any_batch_size(tmp_path):
+  """The Transformer's route through TFLite to ONNX: GELU's erf in plain ops and reshape
+  targets fixed from TFLite's shape signatures (tf2onnx mis-built them for a free batch)."""
+  from tests.tiny import tiny_gpt_config
+  c = tiny_gpt_config()
+  c.num_train_steps = c.eval_every_steps = c.checkpoint_every_steps = 10
+  c.compilation_cache_dir = ''
+  train_and_evaluate(c, str(tmp_path / 'gpt'))
+  report = exporter.export(str(tmp_path / 'gpt'), 'onnx', str(tmp_path / 'onnx'))
+  assert report['metric'] == 'loss' and report['label_agreement'] == 1.0
+  assert report['max_abs_diff'] < 1e-4
+  assert report['loss'] == pytest.approx(report['jax_loss'], rel=1e-5)
+  run = formats.runner('onnx', report['path'])
+  tokens = np.zeros((3, 32), np.int32)
+  assert run({'tokens': tokens})['logits'].shape[:2] == (3, 32)
