@@ -356,11 +356,31 @@ def test_serve_py_answers_as_the_trained_model_and_drains_on_sigterm(trained_run
                                atol=1e-5)
     assert _post(url, '/v1/models/digits:predict', {'inputs': []}, headers={}).status_code == 401
 
-    process.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
+    statuses, stop = [], threading.Event()
+
+    def client():  # Like a load balancer's client: sends until the server reports unready.
+      body = json.dumps({'instances': inputs['image'][:2].tolist()})
+      while not stop.is_set():
+        try:
+          statuses.append(httpx.post(url + '/v1/models/digits:predict', content=body,
+                                     headers=AUTH, timeout=60).status_code)
+          if httpx.get(url + '/v2/health/ready', timeout=60).status_code == 503:
+            return
+        except httpx.HTTPError as e:  # A dropped or refused request fails the test.
+          statuses.append(type(e).__name__)
+          return
+    clients = [threading.Thread(target=client) for _ in range(4)]
+    for thread in clients:
+      thread.start()
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)  # During load.
+    for thread in clients:
+      thread.join(30)
+    stop.set()
+    assert len(statuses) > 4 and set(statuses) == {200}  # Every request sent was answered.
     assert httpx.get(url + '/v2/health/ready').status_code == 503  # Not ready first ...
     during = _post(url, '/v1/models/digits:predict', {'instances': inputs['image'][:1].tolist()})
-    assert during.status_code == 200  # ... while still answering.
+    assert during.status_code == 200  # ... while still answering for --drain_seconds.
     # uvicorn re-raises the signal once it has stopped gracefully: the exit is by SIGTERM.
     assert process.wait(30) in (0, -signal.SIGTERM)
   finally:
