@@ -390,6 +390,29 @@ def test_serve_py_answers_as_the_trained_model_and_drains_on_sigterm(trained_run
   assert 'SIGTERM: not ready' in output and 'Application shutdown complete' in output
 
 
+@pytest.mark.slow  # Exports the trained run (jax) and compiles the artifact per bucket.
+def test_a_jax_export_serves_what_the_run_serves(trained_run, tmp_path):
+  from export import exporter
+  out = str(tmp_path / 'digits_jax')
+  exporter.export(trained_run, 'jax', out)
+  trained = trained_lib.load(trained_run)
+  batch = next(iter(trained.exp.task.eval_batches(64)))
+  images = trained.serving.inputs_from_batch(batch)['image'][:5]
+  own = np.asarray(jax.jit(trained_lib.predict_fn(trained.model, trained.serving))(
+      {'image': images})['logits'])
+  assert model_lib.is_export(out) and not model_lib.is_export(trained_run)
+  served = model_lib.load(out, 'digits', max_batch_size=4)
+  assert served.task == 'classification' and served.version == 40
+  assert served.inputs == {'image': ((8, 8, 1), np.dtype('float32'))}
+  with running(app_lib.Settings(path=out, name='digits', max_batch_size=8)) as url:  # Loads it.
+    answer = _post(url, '/v1/models/digits:predict', {'instances': images.tolist()})
+    np.testing.assert_allclose([p['logits'] for p in answer.json()['predictions']], own,
+                               rtol=1e-5, atol=1e-5)
+    assert [p['classes'] for p in answer.json()['predictions']] == own.argmax(-1).tolist()
+    meta = httpx.get(url + '/v1/models/digits/metadata').json()
+    assert meta['model_spec']['version'] == '40' and meta['kiln']['task'] == 'classification'
+
+
 @pytest.mark.slow  # Starts Python + JAX in a subprocess.
 def test_serve_py_refuses_the_network_without_keys_and_bad_folders(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != app_lib.API_KEYS_ENV}
