@@ -413,6 +413,21 @@ def test_a_jax_export_serves_what_the_run_serves(trained_run, tmp_path):
     assert meta['model_spec']['version'] == '40' and meta['kiln']['task'] == 'classification'
 
 
+@pytest.mark.slow  # benchmarks/serve_load.py starts serve.py twice (~60 s).
+def test_the_load_benchmark_batches_and_counts_no_errors(trained_run, tmp_path):
+  rows_path = tmp_path / 'rows.json'
+  result = subprocess.run(
+      [sys.executable, 'benchmarks/serve_load.py', f'--workdir={trained_run}', '--clients=8',
+       '--seconds=2', '--examples=64', '--setups=batched,unbatched', f'--json={rows_path}'],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  rows = {row['setup']: row for row in json.loads(rows_path.read_text())}
+  for setup, row in rows.items():
+    assert row['errors'] == 0 and row['requests'] > 8, row  # Answers checked against the model.
+    assert f'{setup:>14}: ' in result.stdout
+  assert rows['batched']['mean_batch'] > 1 and rows['unbatched']['mean_batch'] == 1
+
+
 @pytest.mark.slow  # Starts Python + JAX in a subprocess.
 def test_serve_py_refuses_the_network_without_keys_and_bad_folders(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != app_lib.API_KEYS_ENV}
