@@ -118,6 +118,7 @@ class SpeechSource:
   accents: tuple[str, ...] = ()  # Accent groups from speakers.json.
   speaker_accent: tuple[int, ...] = ()  # Accent index of each speaker.
   class_names: tuple[str, ...] = ()
+  sample_rate: int = 0  # Hz of the waveforms the features came from (serve/ reads WAVs at it).
 
   @property
   def transcribed(self) -> bool:
@@ -331,7 +332,7 @@ def load_fsdd(config, process_index: int, process_count: int) -> SpeechSource:
     raise KilnError(f"FSDD in '{root}' needs recordings with index 0-4 (test) and 5-49 "
                     '(train): restore the missing files')
   common = dict(num_mels=spec.num_mels, max_frames=spec.max_frames, speakers=tuple(speakers),
-                accents=accents, speaker_accent=speaker_accent)
+                accents=accents, speaker_accent=speaker_accent, sample_rate=spec.sample_rate)
 
   if dataset.name == 'fsdd':
     def split(recs, split_spec):
@@ -426,10 +427,10 @@ def load_tfds(config, process_index: int, process_count: int) -> SpeechSource:
                        eval_label_len(audio))
   if transcribed:
     return SpeechSource(train, eval_, spec.num_mels, spec.max_frames, VOCAB_SIZE,
-                        audio.max_label_len)
+                        audio.max_label_len, sample_rate=spec.sample_rate)
   labels = info.features[label_key]
   return SpeechSource(train, eval_, spec.num_mels, spec.max_frames, labels.num_classes, 0,
-                      class_names=tuple(labels.names))
+                      class_names=tuple(labels.names), sample_rate=spec.sample_rate)
 
 
 def load(config, process_index: int, process_count: int) -> SpeechSource:

@@ -5,8 +5,11 @@ has one input) or `inputs` (columnar, one batched value per input), answered by
 
 Task-aware inputs: an image input takes a base64 PNG/JPEG ({"b64": ...}; decoded to [0, 1]
 pixels, resized to the model's size); a text classifier takes {"text": "..."} instead of
-tokens (tokenised here as its training data was). Every bad value is a RequestError naming
-the field (`instances[3].image`), answered 4xx, never 500.
+tokens (tokenised here as its training data was); a speech model takes {"wav": {"b64": ...}}
+(or a bare {"b64": ...}) instead of features: mono 16-bit PCM at the training data's rate,
+turned into log-mel features by input_pipeline/audio.py as training did. Outputs gain class
+names where the data has them and, for CTC models, greedy transcripts. Every bad value is a
+RequestError naming the field (`instances[3].image`), answered 4xx, never 500.
 """
 
 import base64
@@ -14,11 +17,12 @@ import binascii
 import io
 import json
 import math
+import wave
 from typing import Any
 
 import numpy as np
 
-from input_pipeline import labeled_text
+from input_pipeline import audio, labeled_text
 from serve.model import ServedModel
 
 MAX_IMAGE_PIXELS = 4096 * 4096  # Decoded images above this are refused (decompression bombs).
@@ -64,14 +68,51 @@ def _encode_text(model: ServedModel, texts: list[str]) -> dict[str, np.ndarray]:
           'token_mask': token_mask.astype(model.inputs['token_mask'][1])}
 
 
-def _decode_image(field: str, value: dict, shape: tuple[int, ...]) -> np.ndarray:
-  from PIL import Image, UnidentifiedImageError
-  if set(value) != {'b64'} or not isinstance(value['b64'], str):
+def _binary(field: str, value: Any) -> bytes:
+  if not isinstance(value, dict) or set(value) != {'b64'} or not isinstance(value['b64'], str):
     raise RequestError(400, f'{field}: a binary value is {{"b64": "<base64 string>"}}')
   try:
-    data = base64.b64decode(value['b64'], validate=True)
+    return base64.b64decode(value['b64'], validate=True)
   except (binascii.Error, ValueError):
     raise RequestError(400, f'{field}: b64 is not valid base64') from None
+
+
+def _wav_inputs(model: ServedModel) -> bool:
+  """Whether the model takes {"wav": ...}: a speech model whose feature settings came along."""
+  return model.audio_spec is not None and set(model.inputs) == {'features', 'frames'}
+
+
+def _decode_wav(field: str, value: Any, spec: audio.FeatureSpec) -> np.ndarray:
+  """A base64 WAV -> float32 samples in [-1, 1), only as many as max_frames frames use."""
+  data = _binary(field, value)
+  try:
+    with wave.open(io.BytesIO(data)) as f:
+      width, channels, rate = f.getsampwidth(), f.getnchannels(), f.getframerate()
+      raw = f.readframes(f.getnframes())
+  except (wave.Error, EOFError, ValueError):
+    raise RequestError(400, f'{field}: b64 is not a WAV file') from None
+  if width != 2 or channels != 1:
+    raise RequestError(400, f'{field}: WAV must be mono 16-bit PCM (got {channels} channel(s) '
+                       f'of {8 * width} bits)')
+  if rate != spec.sample_rate:
+    raise RequestError(400, f'{field}: WAV at {rate} Hz; this model hears {spec.sample_rate} Hz '
+                       '(resample it)')
+  needed = spec.window + spec.hop * (spec.max_frames - 1)  # Later samples make no kept frame.
+  samples = np.frombuffer(raw[:2 * needed], '<i2').astype(np.float32) / 32768.0
+  if not len(samples):
+    raise RequestError(400, f'{field}: WAV holds no samples')
+  return samples
+
+
+def _wav_features(model: ServedModel, waveforms: list[np.ndarray]) -> dict[str, np.ndarray]:
+  features, frames = audio.batch_features(waveforms, model.audio_spec)
+  return {'features': features.astype(model.inputs['features'][1]),
+          'frames': frames.astype(model.inputs['frames'][1])}
+
+
+def _decode_image(field: str, value: dict, shape: tuple[int, ...]) -> np.ndarray:
+  from PIL import Image, UnidentifiedImageError
+  data = _binary(field, value)
   if len(shape) != 3 or shape[-1] not in (1, 3):
     raise RequestError(400, f'{field}: this input takes arrays of shape {list(shape)}, not images')
   try:
@@ -133,15 +174,21 @@ def _vocab(model: ServedModel, name: str) -> int | None:
 def _rows(payload: list, model: ServedModel) -> dict[str, np.ndarray]:
   _check_count('instances', len(payload), model)
   names = list(model.inputs)
-  text = _text_inputs(model)
+  text, wav = _text_inputs(model), _wav_inputs(model)
   columns: dict[str, list] = {name: [] for name in names}
-  texts = []
+  texts, waves = [], []
   for i, instance in enumerate(payload):
     field = f'instances[{i}]'
     if text and isinstance(instance, dict) and 'text' in instance:
       if set(instance) != {'text'} or not isinstance(instance['text'], str):
         raise RequestError(400, f'{field}: give {{"text": "<string>"}} or the token inputs')
       texts.append((i, instance['text']))
+      continue
+    if wav and isinstance(instance, dict) and ('wav' in instance or set(instance) == {'b64'}):
+      if 'wav' in instance and set(instance) != {'wav'}:
+        raise RequestError(400, f'{field}: give {{"wav": {{"b64": ...}}}} or the feature inputs')
+      waves.append((i, _decode_wav(f'{field}.wav', instance.get('wav', instance),
+                                   model.audio_spec)))
       continue
     if len(names) == 1 and not (isinstance(instance, dict) and set(instance) != {'b64'}):
       instance = {names[0]: instance}
@@ -157,10 +204,11 @@ def _rows(payload: list, model: ServedModel) -> dict[str, np.ndarray]:
       shape, dtype = model.inputs[name]
       columns[name].append((i, _array(f'{field}.{name}', instance[name], shape, dtype,
                                       _vocab(model, name))))
-  if texts:
-    encoded = _encode_text(model, [t for _, t in texts])
-    for name in names:
-      columns[name].extend((i, encoded[name][row]) for row, (i, _) in enumerate(texts))
+  for done, encode in ((texts, _encode_text), (waves, _wav_features)):
+    if done:
+      encoded = encode(model, [x for _, x in done])
+      for name in names:
+        columns[name].extend((i, encoded[name][row]) for row, (i, _) in enumerate(done))
   return {name: np.stack([a for _, a in sorted(columns[name], key=lambda x: x[0])])
           for name in names}
 
@@ -173,6 +221,12 @@ def _columns(payload: Any, model: ServedModel) -> dict[str, np.ndarray]:
       raise RequestError(400, 'inputs.text: expected a list of strings')
     _check_count('inputs.text', len(texts), model)
     return _encode_text(model, texts)
+  if _wav_inputs(model) and isinstance(payload, dict) and set(payload) == {'wav'}:
+    if not isinstance(payload['wav'], list):
+      raise RequestError(400, 'inputs.wav: expected a list of {"b64": ...} values')
+    _check_count('inputs.wav', len(payload['wav']), model)
+    return _wav_features(model, [_decode_wav(f'inputs.wav[{i}]', v, model.audio_spec)
+                                 for i, v in enumerate(payload['wav'])])
   if len(names) == 1 and not isinstance(payload, dict):
     payload = {names[0]: payload}
   if not isinstance(payload, dict):
@@ -225,7 +279,18 @@ def _named(model: ServedModel, outputs: dict[str, np.ndarray]) -> dict[str, Any]
   named = {name: value.tolist() for name, value in outputs.items()}
   if model.label_names and 'classes' in outputs:
     named['labels'] = [model.label_names[c] for c in outputs['classes'].tolist()]
+  if model.task == 'speech_ctc' and {'logits', 'frames'} <= set(outputs):
+    named['transcripts'] = [ctc_greedy_text(logits, frames)
+                            for logits, frames in zip(outputs['logits'], outputs['frames'])]
   return named
+
+
+def ctc_greedy_text(logits: np.ndarray, frames: int) -> str:
+  """Best class per valid frame, repeats merged, blanks (0) dropped: tasks/decoding's
+  ctc_greedy for one utterance, as text."""
+  best = np.argmax(logits[:int(frames)], -1)
+  keep = (best != 0) & (best != np.concatenate([[-1], best[:-1]]))
+  return audio.decode_ids(best[keep].tolist())
 
 
 def format_outputs(model: ServedModel, outputs: dict[str, np.ndarray], columnar: bool) -> dict:

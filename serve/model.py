@@ -19,10 +19,12 @@ import numpy as np
 from absl import logging
 
 from core.errors import KilnError
+from input_pipeline import audio
 from loop import trained as trained_lib
 
 # Tasks whose `logits` name a class per example: the server adds probabilities and classes.
 CLASSIFIERS = ('classification', 'sequence_classification', 'speech_classification')
+SPEECH = ('speech_classification', 'speech_ctc')  # Tasks on log-mel features: they take WAVs.
 EXPORT_FILE, SIGNATURE_FILE = 'model.jax', 'signature.json'  # What export.py --format=jax writes.
 
 
@@ -61,6 +63,7 @@ class ServedModel:
   preprocessing: dict[str, Any] = dataclasses.field(default_factory=dict)
   label_names: tuple[str, ...] | None = None  # Class i's name, where the data has names.
   tokenizer: Any = None  # Text tasks: turns request text into tokens (and generated ids back).
+  audio_spec: audio.FeatureSpec | None = None  # Speech tasks: how a WAV becomes features.
   outputs: dict[str, tuple[tuple[int, ...], np.dtype]] = dataclasses.field(default_factory=dict)
   _compiled: dict[int, Any] = dataclasses.field(default_factory=dict)
 
@@ -114,13 +117,18 @@ def from_trained(trained: trained_lib.Trained, name: str, max_batch_size: int) -
   if task in CLASSIFIERS:
     predict = with_class_outputs(predict)
   source = getattr(trained.exp.task, 'source', None)
-  label_names = getattr(source, 'label_names', None)
+  label_names = getattr(source, 'label_names', None) or getattr(source, 'class_names', None)
+  audio_spec = None
+  if task in SPEECH and getattr(source, 'sample_rate', 0):
+    config_audio = trained.config.audio
+    audio_spec = audio.FeatureSpec.from_config(config_audio, source.sample_rate).for_eval(
+        config_audio)
   return ServedModel(
       name=name, version=int(trained.step), task=task,
       inputs={k: (tuple(shape), np.dtype(dtype)) for k, (shape, dtype) in serving.inputs.items()},
       predict=predict, max_batch_size=max_batch_size, preprocessing=serving.preprocessing,
       label_names=tuple(label_names) if label_names else None,
-      tokenizer=getattr(trained.exp.task, 'tokenizer', None))
+      tokenizer=getattr(trained.exp.task, 'tokenizer', None), audio_spec=audio_spec)
 
 
 def from_export(folder: str, name: str, max_batch_size: int) -> ServedModel:

@@ -509,6 +509,68 @@ def _chromium() -> tuple[str, str]:
   return found['CHROMIUM'], found['LD_LIBRARY_PATH'].split('${', 1)[0]
 
 
+def _speech_config(get_config):
+  c = get_config()
+  c.model.dropout_rate = 0.0
+  c.batch_size = c.eval_batch_size = 8
+  if c.model.name == 'conformer':
+    c.model.model_dim, c.model.num_layers, c.model.num_heads = 32, 1, 2
+    c.model.subsample_channels = 8
+  else:
+    c.model.hidden_dim, c.model.num_layers = 32, 1
+    c.audio.num_train_utterances, c.audio.num_eval_utterances = 32, 8
+  return c
+
+
+@pytest.mark.slow  # Reads FSDD's 3,000 recordings into features, compiles two speech models.
+def test_speech_models_hear_wavs_as_the_eval_pipeline_does():
+  from configs import speech_ctc_lstm, speech_digits
+  from input_pipeline import audio
+  from tasks import decoding
+  _, _, trained = _built(_speech_config(speech_digits.get_config))
+  served = model_lib.from_trained(trained, 'digits', max_batch_size=4)
+  assert served.audio_spec.sample_rate == 8000 and served.label_names[3] == 'three'
+  _, test = audio.official_split(audio.list_recordings(
+      audio.fsdd_dir(trained.config.dataset.data_dir)))
+  batch = next(iter(trained.exp.task.eval_batches(8)))
+  assert batch['label'][:3].tolist() == [r.digit for r in test[:3]]  # Eval rows are `test`.
+  own = np.asarray(jax.jit(trained_lib.predict_fn(trained.model, trained.serving))(
+      trained.serving.inputs_from_batch(batch))['logits'])
+  wavs = [{'b64': base64.b64encode(r.path.read_bytes()).decode()} for r in test[:3]]
+  with running(app_lib.Settings(path='unused', name='digits', max_batch_size=4), served) as url:
+    rows = _post(url, '/v1/models/digits:predict', {'instances': [
+        {'wav': wavs[0]}, wavs[1], {'wav': wavs[2]}]})
+    assert rows.status_code == 200, rows.text
+    predictions = rows.json()['predictions']
+    np.testing.assert_allclose([p['logits'] for p in predictions], own[:3], rtol=1e-4,
+                               atol=1e-4)
+    assert [p['labels'] for p in predictions] == [
+        audio.DIGIT_WORDS[c] for c in own[:3].argmax(-1)]
+    columns = _post(url, '/v1/models/digits:predict', {'inputs': {'wav': wavs[:2]}})
+    assert columns.json()['outputs']['classes'] == own[:2].argmax(-1).tolist()
+    meta = httpx.get(url + '/v1/models/digits/metadata').json()['kiln']
+    assert meta['wav_inputs'] and meta['sample_rate'] == 8000
+    for bad, message in ((base64.b64encode(b'RIFF....').decode(), 'not a WAV'),
+                         ('%%%', 'not valid base64')):
+      answer = _post(url, '/v1/models/digits:predict', {'instances': [{'wav': {'b64': bad}}]})
+      assert answer.status_code == 400 and message in answer.json()['error']
+
+  _, _, ctc = _built(_speech_config(speech_ctc_lstm.get_config))
+  served = model_lib.from_trained(ctc, 'ctc', max_batch_size=2)
+  waveforms = [audio.read_wav(r.path) for r in test[:2]]
+  features, frames = audio.batch_features(waveforms, served.audio_spec)
+  own = jax.jit(trained_lib.predict_fn(ctc.model, ctc.serving))(
+      {'features': features, 'frames': frames})
+  ids, lengths = decoding.ctc_greedy(own['logits'], own['frames'])
+  expected = [audio.decode_ids(np.asarray(ids)[i, :int(lengths[i])]) for i in range(2)]
+  with running(app_lib.Settings(path='unused', name='ctc', max_batch_size=2), served) as url:
+    answer = _post(url, '/v1/models/ctc:predict', {'instances': wavs[:2]})
+    assert answer.status_code == 200, answer.text
+    assert [p['transcripts'] for p in answer.json()['predictions']] == expected
+    np.testing.assert_allclose([p['logits'] for p in answer.json()['predictions']],
+                               own['logits'], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.slow  # A real browser, and a GPT compiled for its server (~40 s).
 def test_the_demo_page_classifies_a_drawn_and_an_uploaded_digit_and_generates_text(
     server, digits, tmp_path):
