@@ -277,7 +277,7 @@ def parse_predict(payload: Any, model: ServedModel) -> tuple[dict[str, np.ndarra
 def _named(model: ServedModel, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
   """Outputs as JSON-ready lists, with class names where the data has them."""
   named = {name: value.tolist() for name, value in outputs.items()}
-  if model.label_names and 'classes' in outputs:
+  if model.label_names and 'classes' in outputs and outputs['classes'].ndim == 1:
     named['labels'] = [model.label_names[c] for c in outputs['classes'].tolist()]
   if model.task == 'speech_ctc' and {'logits', 'frames'} <= set(outputs):
     named['transcripts'] = [ctc_greedy_text(logits, frames)

@@ -21,6 +21,7 @@ from absl import logging
 from core.errors import KilnError
 from input_pipeline import audio
 from loop import trained as trained_lib
+from tasks import detection
 
 # Tasks whose `logits` name a class per example: the server adds probabilities and classes.
 CLASSIFIERS = ('classification', 'sequence_classification', 'speech_classification')
@@ -49,6 +50,17 @@ def with_class_outputs(predict: Callable[[dict], dict]) -> Callable[[dict], dict
     outputs['classes'] = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return outputs
   return predict_with_classes
+
+
+def with_detections(predict: Callable[[dict], dict], model, config) -> Callable[[dict], dict]:
+  """`predict` plus the detector's boxes, scores and classes after NMS (tasks/detection's
+  `decode`, the eval's own; empty slots have score 0 and class -1), in the same program."""
+  def predict_with_boxes(inputs):
+    outputs = dict(predict(inputs))
+    outputs['boxes'], outputs['scores'], outputs['classes'] = detection.decode(
+        model, outputs['raw'], config)
+    return outputs
+  return predict_with_boxes
 
 
 @dataclasses.dataclass
@@ -116,6 +128,9 @@ def from_trained(trained: trained_lib.Trained, name: str, max_batch_size: int) -
   predict = trained_lib.predict_fn(trained.model, serving)
   if task in CLASSIFIERS:
     predict = with_class_outputs(predict)
+  elif task == 'detection':
+    predict = with_detections(predict, trained_lib.host_model(trained.model),
+                              trained.config.detection)
   source = getattr(trained.exp.task, 'source', None)
   label_names = getattr(source, 'label_names', None) or getattr(source, 'class_names', None)
   audio_spec = None

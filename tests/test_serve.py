@@ -571,6 +571,37 @@ def test_speech_models_hear_wavs_as_the_eval_pipeline_does():
                                own['logits'], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # Compiles the detector for its buckets (~20 s).
+def test_the_detector_answers_its_evals_boxes_from_a_png():
+  from configs import yolo_mnist_canvas
+  from PIL import Image
+  from tasks import detection
+  c = yolo_mnist_canvas.get_config()
+  c.detection.num_train_canvases, c.detection.num_eval_canvases = 16, 8
+  c.batch_size = c.eval_batch_size = 8
+  _, model, trained = _built(c)
+  served = model_lib.from_trained(trained, 'yolo', max_batch_size=2)
+  batch = next(iter(trained.exp.task.eval_batches(8)))
+  images = trained.serving.inputs_from_batch(batch)['image'][:2]
+  pixels = np.round(np.clip(images, 0, 1) * 255).astype(np.uint8)
+  pngs = []
+  for image in pixels:
+    buffer = io.BytesIO()
+    Image.fromarray(image[..., 0], 'L').save(buffer, format='PNG')
+    pngs.append({'b64': base64.b64encode(buffer.getvalue()).decode()})
+  own = jax.jit(trained_lib.predict_fn(model, trained.serving))(
+      {'image': (pixels / 255.0).astype(np.float32)})
+  boxes, scores, classes = detection.decode(model, own['raw'], c.detection)
+  with running(app_lib.Settings(path='unused', name='yolo', max_batch_size=2), served) as url:
+    answer = _post(url, '/v1/models/yolo:predict', {'instances': pngs})
+    assert answer.status_code == 200, answer.text
+    predictions = answer.json()['predictions']
+    assert {'raw', 'boxes', 'scores', 'classes'} <= set(predictions[0])
+    np.testing.assert_allclose([p['scores'] for p in predictions], scores, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose([p['boxes'] for p in predictions], boxes, rtol=1e-4, atol=1e-3)
+    assert [p['classes'] for p in predictions] == np.asarray(classes).tolist()
+
+
 @pytest.mark.slow  # A real browser, and a GPT compiled for its server (~40 s).
 def test_the_demo_page_classifies_a_drawn_and_an_uploaded_digit_and_generates_text(
     server, digits, tmp_path):
