@@ -6,6 +6,8 @@
   GET  /v1/models/{name}            version status (TF Serving's JSON)
   GET  /v1/models/{name}/metadata   signature: inputs and outputs, dtypes, shapes
   GET  /v2/health/live, /v2/health/ready   (exempt from API keys; ready after warm-up)
+  GET  /v2/models/{name}, /v2/models/{name}/ready, POST /v2/models/{name}/infer
+                                    the Open Inference Protocol (KServe v2) on the same model
   GET  /metrics                     Prometheus text format
   GET  /                            a demo page: draw or upload a digit, type text or a prompt
 
@@ -125,6 +127,13 @@ def _route(path: str) -> str:
       if path.endswith(suffix):
         return suffix.strip(':/')
     return 'status'
+  if path.startswith('/v2/models/'):
+    for suffix in ('/infer', '/ready'):
+      if path.endswith(suffix):
+        return 'v2_' + suffix.strip('/')
+    return 'v2_metadata'
+  if path == '/':
+    return 'demo'
   if path in HEALTH_PATHS or path == '/metrics':
     return path.rsplit('/', 1)[-1]
   return 'other'
@@ -353,6 +362,30 @@ def create_app(settings: Settings, model: model_lib.ServedModel | None = None) -
     inputs, columnar = codec.parse_predict(payload, model)
     outputs = await state.batcher.submit(inputs)
     return _json(codec.format_outputs(model, outputs, columnar))
+
+  @app.get('/v2/models/{name}')
+  async def v2_metadata(name: str):
+    model = served(name)
+    def tensors(specs):
+      return [{'name': k, 'datatype': codec.v2_datatype(d), 'shape': [-1, *s]}
+              for k, (s, d) in specs.items()]
+    return _json({'name': model.name, 'versions': [str(model.version)], 'platform': 'jax',
+                  'inputs': tensors(model.inputs), 'outputs': tensors(model.outputs)})
+
+  @app.get('/v2/models/{name}/ready')
+  async def v2_ready(name: str):
+    if name != settings.model_name:
+      raise codec.RequestError(404, f"no model '{name}' here: this server has "
+                               f"'{settings.model_name}'")
+    return _json({'name': name, 'ready': state.ready}, 200 if state.ready else 503)
+
+  @app.post('/v2/models/{name}/infer')
+  async def v2_infer(name: str, request: Request):
+    model = served(name)
+    payload = codec.loads(await request.body())
+    inputs, names = codec.parse_v2(payload, model)
+    outputs = await state.batcher.submit(inputs)
+    return _json(codec.format_v2(model, outputs, names, payload.get('id')))
 
   @app.post('/v1/models/{name}:generate')
   async def generate(name: str, request: Request):

@@ -131,8 +131,9 @@ def _decode_image(field: str, value: dict, shape: tuple[int, ...]) -> np.ndarray
 
 
 def _array(field: str, value: Any, shape: tuple[int, ...], dtype: np.dtype,
-           vocab_size: int | None) -> np.ndarray:
-  """One example's value as an array of exactly `shape` and `dtype`."""
+           vocab_size: int | None, flat: bool = False) -> np.ndarray:
+  """One example's value as an array of exactly `shape` and `dtype`; `flat` also takes the
+  values in row-major order as one list (the v2 protocol's `data`)."""
   if isinstance(value, dict):
     return _decode_image(field, value, shape).astype(dtype)
   try:
@@ -142,6 +143,8 @@ def _array(field: str, value: Any, shape: tuple[int, ...], dtype: np.dtype,
   if array.dtype.kind not in 'biuf':
     raise RequestError(400, f'{field}: expected numbers of dtype {dtype.name}, shape '
                        f'{list(shape)}')
+  if flat and array.ndim == 1 and array.size == math.prod(shape):
+    array = array.reshape(shape)
   if array.shape != shape:
     raise RequestError(400, f'{field}: shape {list(array.shape)} != expected {list(shape)}')
   if dtype.kind in 'iu':
@@ -270,6 +273,80 @@ def parse_predict(payload: Any, model: ServedModel) -> tuple[dict[str, np.ndarra
       raise RequestError(400, 'instances: expected a list with one entry per example')
     return _rows(payload['instances'], model), False
   return _columns(payload['inputs'], model), True
+
+
+# ----------------------------------------------------------------------------- KServe v2
+
+V2_DATATYPES = {'float32': 'FP32', 'float16': 'FP16', 'bfloat16': 'BF16', 'int32': 'INT32',
+                'int64': 'INT64', 'bool': 'BOOL'}
+
+
+def v2_datatype(dtype: np.dtype) -> str:
+  return V2_DATATYPES.get(np.dtype(dtype).name, np.dtype(dtype).name.upper())
+
+
+def parse_v2(payload: Any, model: ServedModel) -> tuple[dict[str, np.ndarray], list[str] | None]:
+  """(batched inputs, requested output names or None for all) from an Open Inference Protocol
+  (KServe v2) infer body: {"inputs": [{"name", "shape", "datatype", "data"}], "outputs"?}."""
+  if not isinstance(payload, dict):
+    raise RequestError(400, 'body: expected a JSON object with "inputs"')
+  unknown = set(payload) - {'id', 'inputs', 'outputs', 'parameters'}
+  if unknown:
+    raise RequestError(400, f"body: unknown field '{sorted(unknown)[0]}'")
+  tensors = payload.get('inputs')
+  if not isinstance(tensors, list) or not all(isinstance(t, dict) for t in tensors):
+    raise RequestError(400, 'inputs: expected a list of {"name", "shape", "datatype", "data"}')
+  arrays, count = {}, None
+  for i, tensor in enumerate(tensors):
+    field = f'inputs[{i}]'
+    name = tensor.get('name')
+    if name not in model.inputs:
+      raise RequestError(400, f"{field}.name: {name!r} is not an input ({list(model.inputs)})")
+    if name in arrays:
+      raise RequestError(400, f"{field}.name: '{name}' given twice")
+    example_shape, dtype = model.inputs[name]
+    if tensor.get('datatype') != v2_datatype(dtype):
+      raise RequestError(400, f"{field}.datatype: {tensor.get('datatype')!r} != "
+                         f"'{v2_datatype(dtype)}'")
+    shape = tensor.get('shape')
+    if (not isinstance(shape, list) or not shape or
+        not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)):
+      raise RequestError(400, f'{field}.shape: expected a list of sizes, batch first')
+    if tuple(shape[1:]) != example_shape:
+      raise RequestError(400, f'{field}.shape: {shape} != [batch, '
+                         f"{', '.join(map(str, example_shape))}]")
+    _check_count(f'{field}.shape[0]', shape[0], model)
+    if count is not None and shape[0] != count:
+      raise RequestError(400, f'{field}.shape: batch {shape[0]}, but other inputs have {count}')
+    count = shape[0]
+    arrays[name] = _array(f'{field}.data', tensor.get('data'), tuple(shape), dtype,
+                          _vocab(model, name), flat=True)
+  missing = set(model.inputs) - set(arrays)
+  if missing:
+    raise RequestError(400, f"inputs: missing input '{sorted(missing)[0]}'")
+  requested = payload.get('outputs')
+  if requested is None:
+    return arrays, None
+  if not isinstance(requested, list) or not all(
+      isinstance(r, dict) and isinstance(r.get('name'), str) for r in requested):
+    raise RequestError(400, 'outputs: expected a list of {"name": ...}')
+  names = [r['name'] for r in requested]
+  for i, name in enumerate(names):
+    if name not in model.outputs:
+      raise RequestError(400, f"outputs[{i}].name: {name!r} is not an output "
+                         f'({list(model.outputs)})')
+  return arrays, names
+
+
+def format_v2(model: ServedModel, outputs: dict[str, np.ndarray], names: list[str] | None,
+              request_id: Any) -> dict:
+  answer = {'model_name': model.name, 'model_version': str(model.version), 'outputs': [
+      {'name': name, 'datatype': v2_datatype(value.dtype), 'shape': list(value.shape),
+       'data': value.reshape(-1).tolist()}
+      for name, value in outputs.items() if names is None or name in names]}
+  if isinstance(request_id, str):
+    answer['id'] = request_id
+  return answer
 
 
 # ----------------------------------------------------------------------------- outputs

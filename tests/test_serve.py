@@ -164,6 +164,42 @@ def test_status_and_metadata_in_tf_servings_json(server):
   assert meta['kiln']['task'] == 'classification' and meta['kiln']['buckets'] == [1, 2, 4, 8]
 
 
+def test_kserve_v2_infer_metadata_and_readiness(server, digits):
+  _, inputs, own = digits
+  images = inputs['image'][:3]
+  flat = _post(server, '/v2/models/digits/infer', {'id': 'r1', 'inputs': [
+      {'name': 'image', 'shape': [3, 8, 8, 1], 'datatype': 'FP32',
+       'data': images.reshape(-1).tolist()}]})
+  assert flat.status_code == 200, flat.text
+  answer = flat.json()
+  assert answer['model_name'] == 'digits' and answer['id'] == 'r1'
+  outputs = {o['name']: o for o in answer['outputs']}
+  assert outputs['logits']['shape'] == [3, 10] and outputs['logits']['datatype'] == 'FP32'
+  np.testing.assert_allclose(np.reshape(outputs['logits']['data'], (3, 10)), own[:3],
+                             rtol=1e-5, atol=1e-5)
+  assert outputs['classes']['datatype'] == 'INT32'
+  nested = _post(server, '/v2/models/digits/infer', {
+      'inputs': [{'name': 'image', 'shape': [1, 8, 8, 1], 'datatype': 'FP32',
+                  'data': images[:1].tolist()}], 'outputs': [{'name': 'classes'}]})
+  assert nested.json()['outputs'] == [{'name': 'classes', 'datatype': 'INT32', 'shape': [1],
+                                       'data': [int(own[0].argmax())]}]
+  meta = httpx.get(server + '/v2/models/digits', headers=AUTH).json()
+  assert meta['inputs'] == [{'name': 'image', 'datatype': 'FP32', 'shape': [-1, 8, 8, 1]}]
+  assert httpx.get(server + '/v2/models/digits/ready', headers=AUTH).json()['ready'] is True
+  assert httpx.get(server + '/v2/models/other/ready', headers=AUTH).status_code == 404
+  good = {'name': 'image', 'shape': [1, 8, 8, 1], 'datatype': 'FP32', 'data': [0.5] * 64}
+  for tensor, field in (({**good, 'datatype': 'INT32'}, 'inputs[0].datatype'),
+                        ({**good, 'shape': [1, 8, 8]}, 'inputs[0].shape'),
+                        ({**good, 'data': [0.5] * 63}, 'inputs[0].data'),
+                        ({**good, 'name': 'pixels'}, 'inputs[0].name'),
+                        ({**good, 'shape': [9, 8, 8, 1]}, 'inputs[0].shape[0]')):
+    bad = _post(server, '/v2/models/digits/infer', {'inputs': [tensor]})
+    assert bad.status_code in (400, 413) and bad.json()['error'].startswith(field), bad.text
+  bad = _post(server, '/v2/models/digits/infer', {'inputs': [good], 'outputs': [{'name': 'x'}]})
+  assert bad.status_code == 400 and 'outputs[0].name' in bad.json()['error']
+  assert _post(server, '/v2/models/digits/infer', {'inputs': []}).status_code == 400
+
+
 @pytest.mark.parametrize('payload, status, field', [
     ({'instances': [[[[float('nan')]] * 8] * 8]}, 400, 'NaN'),
     ({'instances': [[[[1e999]] * 8] * 8]}, 400, 'Infinity'),
@@ -684,24 +720,32 @@ def test_fuzzed_requests_get_only_4xx_and_the_server_keeps_answering(server, dig
   b64 = st.builds(lambda raw: {'b64': base64.b64encode(raw).decode()}, st.binary(max_size=64))
   instances = st.lists(st.one_of(image, b64, values, st.fixed_dictionaries({'image': image})),
                        max_size=10)
+  v2 = st.fixed_dictionaries({'inputs': st.lists(st.fixed_dictionaries({
+      'name': st.sampled_from(['image', 'x']), 'datatype': st.sampled_from(['FP32', 'INT32']),
+      'shape': st.one_of(st.just([1, 8, 8, 1]), st.lists(st.integers(-2, 10), max_size=5)),
+      'data': st.one_of(st.lists(st.floats(-2, 2), min_size=64, max_size=64), values)}),
+      max_size=2)})
   bodies = st.one_of(
-      st.fixed_dictionaries({'instances': instances}),
+      st.fixed_dictionaries({'instances': instances}), v2,
       st.fixed_dictionaries({'inputs': st.one_of(st.lists(image, max_size=3), values)}),
       st.dictionaries(st.sampled_from(['instances', 'inputs', 'signature_name', 'x']), values,
                       max_size=3),
       values)
   raw = st.one_of(bodies.map(lambda b: json.dumps(b).encode()), st.binary(max_size=200))
   keys = st.sampled_from([AUTH, {}, {'X-API-Key': 'nope'}, {'Authorization': 'Basic x'}])
-  names = st.sampled_from(['digits', 'digits', 'other', 'digits:predict', ''])
+  paths = st.sampled_from(['/v1/models/digits:predict', '/v1/models/digits:predict',
+                           '/v2/models/digits/infer', '/v2/models/digits/infer',
+                           '/v1/models/digits:generate', '/v1/models/other:predict',
+                           '/v1/models/digits:predict:predict', '/v1/models/:predict'])
 
   with httpx.Client(timeout=60) as client:
     # A fixed set in the suite; KILN_FUZZ_EXAMPLES=2000 searches afresh (passed on 2000).
     @settings(max_examples=int(os.environ.get('KILN_FUZZ_EXAMPLES', 150)), deadline=None,
               derandomize=not os.environ.get('KILN_FUZZ_EXAMPLES'),
               suppress_health_check=list(HealthCheck))
-    @given(body=raw, headers=keys, name=names)
-    def fuzz(body, headers, name):
-      answer = client.post(f'{server}/v1/models/{name}:predict', content=body, headers=headers)
+    @given(body=raw, headers=keys, path=paths)
+    def fuzz(body, headers, path):
+      answer = client.post(server + path, content=body, headers=headers)
       assert answer.status_code < 500, (body[:200], answer.text)
       if answer.status_code >= 400:
         assert set(answer.json()) == {'error'}
