@@ -83,11 +83,16 @@ def export(workdir: str, fmt: str, out_dir: str, *, max_examples: int | None = N
                          lambda: calibration_inputs(trained, settings.calibration_batches))
     write_json_atomic(os.path.join(tmp_dir, SIGNATURE_JSON), signature(trained, predict))
     run = formats.runner(fmt, path)
+    try:
+      measured = {**verify.compare(trained, run, jax.jit(live), max_examples),
+                  **verify.latency_ms(run, verify.first_example(trained), settings.latency_runs)}
+    except (RuntimeError, ValueError) as e:  # The runtime refused what the converter wrote.
+      message = ' '.join(str(e).split())[:200]
+      raise KilnError(f"the {fmt} artifact fails in its own runtime ({message}): export "
+                      'another format') from e
     report = {
         'format': fmt, 'workdir': os.path.abspath(workdir), 'step': trained.step,
-        'bytes': formats.artifact_bytes(path),
-        **verify.compare(trained, run, jax.jit(live), max_examples),
-        **verify.latency_ms(run, verify.first_example(trained), settings.latency_runs),
+        'bytes': formats.artifact_bytes(path), **measured,
         'min_agreement': threshold, 'host': platform.processor() or platform.machine(),
         'jax': jax.__version__,
     }
