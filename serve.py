@@ -77,7 +77,7 @@ def main(argv):
     sys.exit(f'error: unexpected arguments {argv[1:]}')
   if not _WORKDIR.value:
     sys.exit('error: --workdir is required: pass the folder of a trained run or a jax export')
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s %(message)s')
+  app_lib.configure_logging()
   import uvicorn
   try:
     settings, host = settings_and_host()
@@ -95,7 +95,7 @@ def main(argv):
         'listens on %s only. Give --api_keys_file or $%s to serve other hosts.', host,
         app_lib.API_KEYS_ENV)
   options = dict(host=host, port=_PORT.value, timeout_graceful_shutdown=60,
-                 log_level='info')
+                 log_level='info', access_log=False)  # serve/app.py logs JSON lines instead.
   if model is not None:
     uvicorn.run(app_lib.create_app(settings, model), **options)
   else:

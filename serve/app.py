@@ -2,7 +2,8 @@
 
   POST /v1/models/{name}:predict    {"instances": [...]} or {"inputs": ...}
   POST /v1/models/{name}:generate   causal LMs: {"prompt", "max_tokens", "temperature",
-                                    "top_k", "top_p", "seed"}
+                                    "top_k", "top_p", "seed", "stream"} (stream: server-sent
+                                    events, one per token, then the whole text)
   GET  /v1/models/{name}            version status (TF Serving's JSON)
   GET  /v1/models/{name}/metadata   signature: inputs and outputs, dtypes, shapes
   GET  /v2/health/live, /v2/health/ready   (exempt from API keys; ready after warm-up)
@@ -35,13 +36,14 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from core.errors import KilnError
 from serve import batching, codec, generation, model as model_lib
 from serve.metrics import Metrics
 
 logger = logging.getLogger('kiln.serve')
+access_logger = logging.getLogger('kiln.access')  # One JSON line per request.
 
 SETTINGS_ENV = 'KILN_SERVE_SETTINGS'  # JSON Settings for worker processes (--workers > 1).
 API_KEYS_ENV = 'KILN_API_KEYS'  # Comma-separated keys, when no keys file is given.
@@ -63,6 +65,7 @@ class Settings:
   api_keys: tuple[str, ...] = ()  # Accepted keys; empty = no auth (the server binds loopback).
   max_body_bytes: int = 8 << 20  # Larger request bodies are refused (413).
   drain_seconds: float = 0.0  # After SIGTERM: not ready, still serving, this long.
+  access_log: bool = True  # One JSON line per request on the 'kiln.access' logger.
   defaults_json: str = ''  # configs/base.py's config as JSON (sections older runs lack).
 
   @property
@@ -149,11 +152,13 @@ class _Guard:
   async def __call__(self, scope, receive, send):
     if scope['type'] != 'http':
       return await self.app(scope, receive, send)
-    start, status = time.perf_counter(), [500]
+    start, status, sizes = time.perf_counter(), [500], [0, 0]  # sizes: bytes in, out.
 
     async def send_and_record(message):
       if message['type'] == 'http.response.start':
         status[0] = message['status']
+      elif message['type'] == 'http.response.body':
+        sizes[1] += len(message.get('body', b''))
       await send(message)
 
     try:
@@ -162,6 +167,8 @@ class _Guard:
         body = await self._read_body(scope, receive)
         if isinstance(body, Response):
           denied = body
+        else:
+          sizes[0] = len(body)
       if denied is not None:
         await denied(scope, receive, send_and_record)
         return
@@ -174,7 +181,16 @@ class _Guard:
         return {'type': 'http.request', 'body': chunk, 'more_body': False}
       await self.app(scope, replay, send_and_record)
     finally:
-      self.state.metrics.observe(_route(scope['path']), status[0], time.perf_counter() - start)
+      seconds = time.perf_counter() - start
+      route = _route(scope['path'])
+      self.state.metrics.observe(route, status[0], seconds)
+      if self.state.settings.access_log:
+        client = scope.get('client') or ('', 0)
+        access_logger.info(json.dumps({
+            'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'client': client[0],
+            'method': scope['method'], 'path': scope['path'], 'route': route,
+            'status': status[0], 'ms': round(seconds * 1000, 3), 'bytes_in': sizes[0],
+            'bytes_out': sizes[1]}))
 
   def _deny(self, scope) -> Response | None:
     keys = self.state.settings.api_keys
@@ -396,7 +412,8 @@ def create_app(settings: Settings, model: model_lib.ServedModel | None = None) -
     payload = codec.loads(await request.body())
     if not isinstance(payload, dict):
       raise codec.RequestError(400, 'body: expected a JSON object with "prompt"')
-    unknown = set(payload) - {'prompt', 'max_tokens', 'temperature', 'top_k', 'top_p', 'seed'}
+    unknown = set(payload) - {'prompt', 'max_tokens', 'temperature', 'top_k', 'top_p', 'seed',
+                              'stream'}
     if unknown:
       raise codec.RequestError(400, f"body: unknown field '{sorted(unknown)[0]}'")
     prompt = payload.get('prompt')
@@ -413,9 +430,27 @@ def create_app(settings: Settings, model: model_lib.ServedModel | None = None) -
     for field in ('max_tokens', 'top_k', 'seed'):
       if field in payload and payload[field] != int(payload[field]):
         raise codec.RequestError(400, f'{field}: expected an integer')
-    result = await asyncio.get_running_loop().run_in_executor(
-        None, lambda: generation.generate(model, prompt, **args))
-    return _json(result)
+    stream = payload.get('stream', False)
+    if not isinstance(stream, bool):
+      raise codec.RequestError(400, 'stream: expected true or false')
+    loop = asyncio.get_running_loop()
+    if not stream:
+      return _json(await loop.run_in_executor(None, lambda: generation.generate(
+          model, prompt, **args)))
+    generation.encode_prompt(model, prompt)  # A bad prompt is a 400, before the stream starts.
+    tokens = generation.tokens(model, prompt, **args)
+
+    async def events():  # Server-sent events: one per token, then the whole text.
+      done, generated = object(), []
+      while (token := await loop.run_in_executor(None, next, tokens, done)) is not done:
+        generated.append(token)
+        yield f"data: {json.dumps({'token': token, 'text': model.tokenizer.decode([token])})}\n\n"
+      completion = model.tokenizer.decode(generated)
+      final = {'done': True, 'text': prompt + completion, 'completion': completion,
+               'tokens': generated}
+      yield f'data: {json.dumps(final)}\n\n'
+    return StreamingResponse(events(), media_type='text/event-stream',
+                             headers={'Cache-Control': 'no-cache'})
 
   app.add_middleware(_Guard, state=state)
   return app
@@ -441,7 +476,17 @@ def _hook_sigterm(state: _State) -> None:
   signal.signal(signal.SIGTERM, on_sigterm)
 
 
+def configure_logging() -> None:
+  """The server's lines with a time stamp; access lines as bare JSON (one object per line)."""
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s %(message)s')
+  if not access_logger.handlers:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter('%(message)s'))
+    access_logger.addHandler(handler)
+    access_logger.propagate = False
+
+
 def create_app_from_env() -> FastAPI:
   """uvicorn's factory for worker processes: Settings from $KILN_SERVE_SETTINGS."""
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s %(message)s')
+  configure_logging()
   return create_app(Settings.from_json(os.environ[SETTINGS_ENV]))

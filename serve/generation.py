@@ -9,6 +9,8 @@ no request compiles anything (sample's cached decoder compiles per prompt length
 settings).
 """
 
+from collections.abc import Iterator
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,16 +28,29 @@ def supports(model: ServedModel) -> bool:
 def generate(model: ServedModel, prompt: str, max_tokens: int, temperature: float, top_k: int,
              top_p: float, seed: int) -> dict:
   """{'text': prompt + continuation, 'completion': the continuation, 'tokens': its ids}."""
-  tokenizer = model.tokenizer
-  ids = [int(i) for i in tokenizer.encode(prompt)]
+  generated = list(tokens(model, prompt, max_tokens, temperature, top_k, top_p, seed))
+  completion = model.tokenizer.decode(generated)
+  return {'text': prompt + completion, 'completion': completion, 'tokens': generated}
+
+
+def encode_prompt(model: ServedModel, prompt: str) -> list[int]:
+  ids = [int(i) for i in model.tokenizer.encode(prompt)]
   if not ids:
     raise RequestError(400, 'prompt: encodes to no tokens (send a non-empty prompt)')
+  return ids
+
+
+def tokens(model: ServedModel, prompt: str, max_tokens: int, temperature: float, top_k: int,
+           top_p: float, seed: int) -> Iterator[int]:
+  """The generated token ids, one at a time (streaming sends each as it comes)."""
+  tokenizer = model.tokenizer
+  ids = encode_prompt(model, prompt)
   max_len = model.inputs['tokens'][0][0]
   keep = max(max_len // 2, 1)
   key = jax.random.key(seed)
   context = ids[-keep:] if len(ids) >= max_len else ids
   window = np.full((1, max_len), tokenizer.pad_id, np.int32)
-  generated, remaining, chunk = [], max_tokens, 0
+  remaining, chunk = max_tokens, 0
   while remaining:
     count = min(remaining, max_len - len(context))
     keys = jax.random.split(jax.random.fold_in(key, chunk), count)
@@ -44,9 +59,7 @@ def generate(model: ServedModel, prompt: str, max_tokens: int, temperature: floa
       logits = model.run({'tokens': window})['logits'][:, len(context) - 1]
       token = int(sampling.choose(jnp.asarray(logits), keys[i], temperature, top_k, top_p)[0])
       context.append(token)
-      generated.append(token)
+      yield token
     remaining -= count
     chunk += 1
     context = context[-keep:]
-  completion = tokenizer.decode(generated)
-  return {'text': prompt + completion, 'completion': completion, 'tokens': generated}

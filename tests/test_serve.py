@@ -15,6 +15,7 @@ import base64
 import contextlib
 import io
 import json
+import logging
 import os
 import signal
 import socket
@@ -148,8 +149,12 @@ def test_a_base64_png_is_classified_as_its_pixels_are(server, digits):
                              own['logits'], rtol=1e-5, atol=1e-5)
 
 
-def test_status_and_metadata_in_tf_servings_json(server):
-  status = httpx.get(server + '/v1/models/digits', headers=AUTH).json()
+def test_status_and_metadata_in_tf_servings_json(server, caplog):
+  with caplog.at_level(logging.INFO, logger='kiln.access'):
+    status = httpx.get(server + '/v1/models/digits', headers=AUTH).json()
+  line = json.loads(next(r.getMessage() for r in caplog.records if r.name == 'kiln.access'))
+  assert line['path'] == '/v1/models/digits' and line['route'] == 'status'  # Access log.
+  assert line['status'] == 200 and line['bytes_out'] > 0 and KEY not in json.dumps(line)
   assert status == {'model_version_status': [{'version': '0', 'state': 'AVAILABLE', 'status': {
       'error_code': 'OK', 'error_message': ''}}]}
   meta = httpx.get(server + '/v1/models/digits/metadata', headers=AUTH).json()
@@ -524,6 +529,16 @@ def test_gpt_generates_what_models_sampling_generates():
                                   settings['temperature'], settings.get('top_k', 0), 1.0)
       assert answer.json()['tokens'] == np.asarray(tokens)[0].tolist(), settings
       assert answer.json()['text'] == prompt + tokenizer.decode(np.asarray(tokens)[0])
+    streamed = _post(url, '/v1/models/gpt:generate', {'prompt': prompt, 'max_tokens': 5,
+                                                      'temperature': 0.0, 'stream': True})
+    assert streamed.headers['content-type'].startswith('text/event-stream')
+    events = [json.loads(line.removeprefix('data: ')) for line in streamed.text.split('\n\n')
+              if line]
+    assert len(events) == 6
+    whole = _post(url, '/v1/models/gpt:generate', {'prompt': prompt, 'max_tokens': 5,
+                                                   'temperature': 0.0}).json()
+    assert [e['token'] for e in events[:-1]] == whole['tokens']
+    assert events[-1] == {'done': True, **whole}
     for bad, field in (({'prompt': 'x', 'max_tokens': 0}, 'max_tokens'),
                        ({'prompt': 'x', 'top_p': 2}, 'top_p'),
                        ({'prompt': 7}, 'prompt'), ({'prompt': ''}, 'prompt'),
