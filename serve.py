@@ -5,8 +5,11 @@
 
   curl -X POST localhost:8501/v1/models/mnist:predict -d '{"instances": [...]}'
 
-The model is compiled for batch sizes 1, 2, 4, ... --max_batch_size when the server starts;
-/v2/health/ready answers 200 once that is done. Concurrent requests are batched dynamically.
+--workdir is a train.py run, a `jax` export (export.py --format=jax), or a folder of numbered
+versions of either (TF Serving's DIR/<version>/; the highest is served). The model is compiled
+for batch sizes 1, 2, 4, ... --max_batch_size when the server starts; /v2/health/ready answers
+200 once that is done. A newer checkpoint or version folder is picked up while serving
+(--poll_seconds). Concurrent requests are batched dynamically.
 API keys come from --api_keys_file (one per line) or $KILN_API_KEYS (comma-separated);
 clients send `Authorization: Bearer <key>` or `X-API-Key: <key>`. Without keys the server
 answers anyone, so it listens on 127.0.0.1 only and refuses another --host. serve/app.py
@@ -46,6 +49,8 @@ _MAX_QUEUE = flags.DEFINE_integer('max_queue', 1024, 'Examples queued before 503
 _MAX_BODY = flags.DEFINE_integer('max_body_bytes', 8 << 20, 'Largest request body (413 above).')
 _KEYS = flags.DEFINE_string('api_keys_file', None, 'File of API keys, one per line (else '
                             f'${app_lib.API_KEYS_ENV}, comma-separated).')
+_POLL = flags.DEFINE_float('poll_seconds', 30.0, 'How often to look for a newer version (a '
+                           'newer checkpoint, or a new --workdir/<version>/); 0 = never.')
 _DRAIN = flags.DEFINE_float('drain_seconds', 0.0, 'After SIGTERM: seconds not ready but still '
                             'serving (for a load balancer to notice) before stopping.')
 
@@ -61,13 +66,14 @@ def settings_and_host() -> tuple[app_lib.Settings, str]:
   for flag, low in ((_PORT, 0), (_WORKERS, 1), (_MAX_QUEUE, 1), (_MAX_BODY, 1)):
     if flag.value < low:
       raise KilnError(f'--{flag.name}={flag.value} must be at least {low}')
-  if _TIMEOUT.value < 0 or _DRAIN.value < 0:
-    raise KilnError('--batch_timeout_ms and --drain_seconds must be >= 0')
+  if _TIMEOUT.value < 0 or _DRAIN.value < 0 or _POLL.value < 0:
+    raise KilnError('--batch_timeout_ms, --drain_seconds and --poll_seconds must be >= 0')
   model_lib.buckets(_MAX_BATCH.value)
   settings = app_lib.Settings(
       path=os.path.abspath(_WORKDIR.value), name=_NAME.value, max_batch_size=_MAX_BATCH.value,
       batch_timeout_ms=_TIMEOUT.value, batching=_BATCHING.value, max_queue=_MAX_QUEUE.value,
       api_keys=keys, max_body_bytes=_MAX_BODY.value, drain_seconds=_DRAIN.value,
+      poll_seconds=_POLL.value,
       defaults_json=base.get_base_config().to_json())
   return settings, host
 
@@ -85,7 +91,7 @@ def main(argv):
     if _WORKERS.value == 1:  # Loads here, so that a bad folder fails with one line.
       model = model_lib.load(settings.path, settings.model_name, settings.max_batch_size,
                              base.get_base_config())
-    elif not model_lib.is_export(settings.path):
+    elif not model_lib.is_export(settings.path) and not model_lib.version_folders(settings.path):
       trained.read_config(settings.path, base.get_base_config())  # Checked once, not per worker.
   except KilnError as e:
     sys.exit(f'error: {e}')

@@ -15,7 +15,9 @@
 Every error is {"error": "..."} with a 4xx code (5xx only for the server's own state:
 not ready, queue full, draining failures). The model loads and compiles on a thread after the
 server starts listening, so liveness answers at once and readiness turns true when every
-bucket is compiled. On SIGTERM readiness turns false first; after `drain_seconds` the server
+bucket is compiled. With `poll_seconds`, a newer version (a newer checkpoint of a workdir, or
+a new DIR/<version>/) is loaded and compiled beside the serving one, then swapped in between
+batches: no request is dropped or waits on a compile. On SIGTERM readiness turns false first; after `drain_seconds` the server
 stops accepting connections and answers every request it already accepted.
 """
 
@@ -66,6 +68,7 @@ class Settings:
   max_body_bytes: int = 8 << 20  # Larger request bodies are refused (413).
   drain_seconds: float = 0.0  # After SIGTERM: not ready, still serving, this long.
   access_log: bool = True  # One JSON line per request on the 'kiln.access' logger.
+  poll_seconds: float = 0.0  # How often to look for a newer version (0: never).
   defaults_json: str = ''  # configs/base.py's config as JSON (sections older runs lack).
 
   @property
@@ -112,6 +115,12 @@ class _State:
   @property
   def ready(self) -> bool:
     return self.compiled and not self.draining and self.failed is None
+
+
+def _defaults(settings: Settings) -> ml_collections.ConfigDict | None:
+  if not settings.defaults_json:
+    return None
+  return ml_collections.ConfigDict(json.loads(settings.defaults_json))
 
 
 def _error(status: int, message: str, headers: dict | None = None) -> Response:
@@ -262,10 +271,8 @@ def create_app(settings: Settings, model: model_lib.ServedModel | None = None) -
     try:
       served = model
       if served is None:
-        defaults = (ml_collections.ConfigDict(json.loads(settings.defaults_json))
-                    if settings.defaults_json else None)
         served = model_lib.load(settings.path, settings.model_name, settings.max_batch_size,
-                                defaults)
+                                _defaults(settings))
       state.model = served
       if not served.ready:
         served.compile()
@@ -281,6 +288,29 @@ def create_app(settings: Settings, model: model_lib.ServedModel | None = None) -
   def run(inputs):
     return state.model.run(inputs)
 
+  stop_polling = threading.Event()
+
+  def poll():
+    """Swaps in newer versions as they appear; a version that fails to load is retried at
+    the next poll (it may still be being written) and the current one keeps serving."""
+    while not stop_polling.wait(settings.poll_seconds):
+      if not state.compiled:
+        continue
+      try:
+        latest = model_lib.latest_version(settings.path)
+        if latest is None or latest == state.model.version:
+          continue
+        logger.info('Loading version %d of %s', latest, settings.model_name)
+        newer = model_lib.load(settings.path, settings.model_name, settings.max_batch_size,
+                               _defaults(settings))
+        newer.compile()
+        previous, state.model = state.model, newer  # The next batch runs the new version.
+        logger.info('Serving version %d of %s (was %d)', newer.version, newer.name,
+                    previous.version)
+      except Exception as e:  # noqa: BLE001  The serving version stays.
+        logger.warning('A newer version of %s did not load (%s); still serving version %d',
+                       settings.model_name, e, state.model.version)
+
   @contextlib.asynccontextmanager
   async def lifespan(app):
     state.batcher = batching.Batcher(
@@ -290,7 +320,10 @@ def create_app(settings: Settings, model: model_lib.ServedModel | None = None) -
     _hook_sigterm(state)
     loader = threading.Thread(target=load_and_compile, name='kiln-load', daemon=True)
     loader.start()
+    if settings.poll_seconds > 0:
+      threading.Thread(target=poll, name='kiln-poll', daemon=True).start()
     yield
+    stop_polling.set()
     state.draining = True
     metrics.ready.set(0)
     await state.batcher.close()

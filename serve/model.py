@@ -180,10 +180,52 @@ def is_export(path: str) -> bool:
   return os.path.isfile(os.path.join(path, EXPORT_FILE))
 
 
+def _numbered(folder: str) -> dict[int, str]:
+  """Sub-folders named by a number (written elsewhere and renamed into place when complete,
+  as Orbax and TF Serving's version folders are)."""
+  try:
+    names = os.listdir(folder)
+  except OSError:
+    return {}
+  return {int(n): os.path.join(folder, n) for n in names
+          if n.isdigit() and os.path.isdir(os.path.join(folder, n))}
+
+
+def version_folders(path: str) -> dict[int, str]:
+  """TF Serving's layout, DIR/<version>/, each a jax export or a trained workdir; {} when
+  `path` is itself a model."""
+  if is_export(path) or os.path.isfile(os.path.join(path, 'config.json')):
+    return {}
+  return _numbered(path)
+
+
+def latest_version(path: str) -> int | None:
+  """The version `load(path)` would serve now: the newest DIR/<version>/, else a workdir's
+  newest checkpoint step, else an export's step; None when there is none yet."""
+  versions = version_folders(path)
+  if versions:
+    return max(versions)
+  if is_export(path):
+    try:
+      with open(os.path.join(path, 'export.json')) as f:
+        return int(json.load(f).get('step', 1))
+    except (OSError, ValueError):
+      return 1
+  steps = _numbered(os.path.join(path, 'checkpoints'))
+  return max(steps) if steps else None
+
+
 def load(path: str, name: str, max_batch_size: int, defaults=None) -> ServedModel:
-  """A trained workdir or a jax export folder, uncompiled; `defaults` fill config sections
-  an older run predates (the entry point passes configs/base.py's)."""
+  """A trained workdir, a jax export folder, or the newest DIR/<version>/ of either,
+  uncompiled; `defaults` fill config sections an older run predates (the entry point passes
+  configs/base.py's)."""
   buckets(max_batch_size)  # Checks it before the (slow) load.
+  versions = version_folders(path)
+  if versions:
+    version = max(versions)
+    model = load(versions[version], name, max_batch_size, defaults)
+    model.version = version
+    return model
   if is_export(path):
     return from_export(path, name, max_batch_size)
   return from_trained(trained_lib.load(path, defaults), name, max_batch_size)

@@ -338,6 +338,23 @@ def test_batcher_merges_pads_order_and_refuses_past_its_queue():
   assert [r['y'].tolist() for r in results] == [[0], [2, 4], [6, 8]]
 
 
+def test_versions_are_found_as_tf_serving_and_orbax_lay_them_out(tmp_path):
+  run = tmp_path / 'run'
+  (run / 'checkpoints' / '20').mkdir(parents=True)
+  (run / 'checkpoints' / '40').mkdir()
+  (run / 'checkpoints' / '60.orbax-checkpoint-tmp-1').mkdir()  # Still being written.
+  (run / 'config.json').write_text('{}')
+  assert model_lib.version_folders(str(run)) == {} and model_lib.latest_version(str(run)) == 40
+  versions = tmp_path / 'models'
+  for name in ('1', '3', 'x', '.tmp-4'):
+    (versions / name).mkdir(parents=True)
+    (versions / name / model_lib.EXPORT_FILE).write_bytes(b'')
+  assert sorted(model_lib.version_folders(str(versions))) == [1, 3]
+  assert model_lib.latest_version(str(versions)) == 3
+  assert model_lib.latest_version(str(versions / '1')) == 1  # An export without export.json.
+  assert model_lib.latest_version(str(tmp_path / 'empty')) is None
+
+
 def test_buckets_and_keys(tmp_path, monkeypatch):
   assert model_lib.buckets(1) == (1,)
   assert model_lib.buckets(8) == (1, 2, 4, 8)
@@ -467,6 +484,45 @@ def test_the_load_benchmark_batches_and_counts_no_errors(trained_run, tmp_path):
     assert row['errors'] == 0 and row['requests'] > 8, row  # Answers checked against the model.
     assert f'{setup:>14}: ' in result.stdout
   assert rows['batched']['mean_batch'] > 1 and rows['unbatched']['mean_batch'] == 1
+
+
+@pytest.mark.slow  # Exports the run and compiles it twice while serving.
+def test_a_new_version_is_swapped_in_without_dropping_requests(trained_run, tmp_path):
+  import shutil
+  from export import exporter
+  models = tmp_path / 'digits'
+  exporter.export(trained_run, 'jax', str(models / '1'))
+  trained = trained_lib.load(trained_run)
+  images = trained.serving.inputs_from_batch(next(iter(trained.exp.task.eval_batches(64))))[
+      'image'][:2]
+  settings = app_lib.Settings(path=str(models), max_batch_size=2, poll_seconds=0.2)
+  statuses, stop = [], threading.Event()
+  with running(settings) as url:
+    assert httpx.get(url + '/v1/models/digits').json()['model_version_status'][0][
+        'version'] == '1'
+    first = _post(url, '/v1/models/digits:predict', {'instances': images.tolist()}).json()
+
+    def client():
+      while not stop.is_set():
+        statuses.append(_post(url, '/v1/models/digits:predict',
+                              {'instances': images.tolist()}).status_code)
+    thread = threading.Thread(target=client)
+    thread.start()
+    shutil.copytree(models / '1', models / '.incoming')  # Written aside, renamed when whole.
+    os.rename(models / '.incoming', models / '7')
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+      status = httpx.get(url + '/v1/models/digits').json()['model_version_status'][0]
+      if status['version'] == '7':
+        break
+      time.sleep(0.2)
+    stop.set()
+    thread.join(60)
+    assert status == {'version': '7', 'state': 'AVAILABLE', 'status': {
+        'error_code': 'OK', 'error_message': ''}}
+    assert len(statuses) > 2 and set(statuses) == {200}  # None dropped during the swap.
+    assert _post(url, '/v1/models/digits:predict',
+                 {'instances': images.tolist()}).json() == first  # The same weights.
 
 
 @pytest.mark.slow  # Starts Python + JAX in a subprocess.
