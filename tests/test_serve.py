@@ -709,8 +709,8 @@ def test_the_detector_answers_its_evals_boxes_from_a_png():
     assert [p['classes'] for p in predictions] == np.asarray(classes).tolist()
 
 
-@pytest.mark.slow  # A real browser, and a GPT compiled for its server (~40 s).
-def test_the_demo_page_classifies_a_drawn_and_an_uploaded_digit_and_generates_text(
+@pytest.mark.slow  # A real browser; a GPT and a speech model compiled for servers (~60 s).
+def test_the_demo_page_classifies_digits_drawn_uploaded_and_spoken_and_generates_text(
     server, digits, tmp_path):
   sync_api = pytest.importorskip('playwright.sync_api')
   from PIL import Image
@@ -772,6 +772,23 @@ def test_the_demo_page_classifies_a_drawn_and_an_uploaded_digit_and_generates_te
     expected = _post(gpt_url, '/v1/models/gpt:generate', {'prompt': 'ROMEO:', 'max_tokens': 12,
                                                           'temperature': 0})
     assert page.text_content('#generated') == expected.json()['text']
+
+    from configs import speech_digits
+    from input_pipeline import audio
+    _, _, speech = _built(_speech_config(speech_digits.get_config))
+    speech_served = model_lib.from_trained(speech, 'spoken', max_batch_size=1)
+    _, test = audio.official_split(audio.list_recordings(
+        audio.fsdd_dir(speech.config.dataset.data_dir)))
+    with running(app_lib.Settings(path='unused', name='spoken', max_batch_size=1),
+                 speech_served) as speech_url:
+      page.goto(speech_url + '/')
+      page.wait_for_function("document.getElementById('status').textContent === 'connected'")
+      assert page.is_visible('#wav-panel') and not page.is_visible('#image-panel')
+      page.set_input_files('#wav', str(test[0].path))  # An uploaded FSDD recording.
+      page.wait_for_function("document.getElementById('wav-answer').dataset.class !== undefined")
+      api = _post(speech_url, '/v1/models/spoken:predict', {'instances': [{'wav': {
+          'b64': base64.b64encode(test[0].path.read_bytes()).decode()}}]}).json()
+      assert page.text_content('#wav-answer') == f"Class: {api['predictions'][0]['labels']}"
     browser.close()
 
 
