@@ -12,6 +12,7 @@ and sampled generation against models/sampling, and the demo page in Chromium (P
 
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import io
 import json
@@ -308,6 +309,28 @@ def test_ready_only_after_every_bucket_is_compiled(digits):
     _wait(url, '/v2/health/ready')
     answer = _post(url, '/v1/models/digits:predict', {'instances': inputs['image'][:2].tolist()})
     np.testing.assert_allclose([p['logits'] for p in answer.json()['predictions']], own[:2],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_a_full_queue_answers_503_with_retry_after(digits):
+  trained, inputs, own = digits
+  served = model_lib.from_trained(trained, 'digits', max_batch_size=2)
+  served.compile()
+  gate, run = threading.Event(), served.run
+  served.run = lambda batch: (gate.wait(30), run(batch))[1]  # The model is busy until set.
+  settings = app_lib.Settings(path='unused', name='digits', max_batch_size=2, max_queue=2)
+  body = {'instances': inputs['image'][:2].tolist()}
+  with running(settings, served) as url:
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      first = pool.submit(_post, url, '/v1/models/digits:predict', body)
+      time.sleep(0.5)  # `first` holds both places of the queue.
+      busy = _post(url, '/v1/models/digits:predict', body)
+      gate.set()
+      assert first.result().status_code == 200
+    assert busy.status_code == 503 and busy.headers['retry-after'] == '1'
+    assert 'max_queue=2' in busy.json()['error']
+    after = _post(url, '/v1/models/digits:predict', body)
+    np.testing.assert_allclose([p['logits'] for p in after.json()['predictions']], own[:2],
                                rtol=1e-5, atol=1e-5)
 
 
