@@ -256,8 +256,8 @@ def _metadata(model: model_lib.ServedModel) -> dict:
       'kiln': {'task': model.task, 'preprocessing': model.preprocessing,
                'max_batch_size': model.max_batch_size, 'buckets': list(model.buckets),
                'label_names': list(model.label_names) if model.label_names else None,
-               'text_inputs': codec._text_inputs(model), 'generate': generation.supports(model),
-               'wav_inputs': codec._wav_inputs(model),
+               'text_inputs': codec.text_inputs(model), 'generate': generation.supports(model),
+               'wav_inputs': codec.wav_inputs(model),
                'sample_rate': model.audio_spec.sample_rate if model.audio_spec else None},
   }
 

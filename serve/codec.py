@@ -56,7 +56,7 @@ def dumps(payload: Any) -> bytes:
 
 # ----------------------------------------------------------------------------- inputs
 
-def _text_inputs(model: ServedModel) -> bool:
+def text_inputs(model: ServedModel) -> bool:
   """Whether the model takes {"text": ...}: a text classifier whose tokenizer came along."""
   return model.tokenizer is not None and set(model.inputs) == {'tokens', 'token_mask'}
 
@@ -77,7 +77,7 @@ def _binary(field: str, value: Any) -> bytes:
     raise RequestError(400, f'{field}: b64 is not valid base64') from None
 
 
-def _wav_inputs(model: ServedModel) -> bool:
+def wav_inputs(model: ServedModel) -> bool:
   """Whether the model takes {"wav": ...}: a speech model whose feature settings came along."""
   return model.audio_spec is not None and set(model.inputs) == {'features', 'frames'}
 
@@ -177,7 +177,7 @@ def _vocab(model: ServedModel, name: str) -> int | None:
 def _rows(payload: list, model: ServedModel) -> dict[str, np.ndarray]:
   _check_count('instances', len(payload), model)
   names = list(model.inputs)
-  text, wav = _text_inputs(model), _wav_inputs(model)
+  text, wav = text_inputs(model), wav_inputs(model)
   columns: dict[str, list] = {name: [] for name in names}
   texts, waves = [], []
   for i, instance in enumerate(payload):
@@ -218,13 +218,13 @@ def _rows(payload: list, model: ServedModel) -> dict[str, np.ndarray]:
 
 def _columns(payload: Any, model: ServedModel) -> dict[str, np.ndarray]:
   names = list(model.inputs)
-  if _text_inputs(model) and isinstance(payload, dict) and set(payload) == {'text'}:
+  if text_inputs(model) and isinstance(payload, dict) and set(payload) == {'text'}:
     texts = payload['text']
     if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
       raise RequestError(400, 'inputs.text: expected a list of strings')
     _check_count('inputs.text', len(texts), model)
     return _encode_text(model, texts)
-  if _wav_inputs(model) and isinstance(payload, dict) and set(payload) == {'wav'}:
+  if wav_inputs(model) and isinstance(payload, dict) and set(payload) == {'wav'}:
     if not isinstance(payload['wav'], list):
       raise RequestError(400, 'inputs.wav: expected a list of {"b64": ...} values')
     _check_count('inputs.wav', len(payload['wav']), model)
