@@ -12,13 +12,14 @@
   GET  /metrics                     Prometheus text format
   GET  /                            a demo page: draw or upload a digit, type text or a prompt
 
-Every error is {"error": "..."} with a 4xx code (5xx only for the server's own state:
-not ready, queue full, draining failures). The model loads and compiles on a thread after the
+Every error is {"error": "..."} with a 4xx code (5xx only for the server's own state: still
+loading, failed to load, queue full). The model loads and compiles on a thread after the
 server starts listening, so liveness answers at once and readiness turns true when every
 bucket is compiled. With `poll_seconds`, a newer version (a newer checkpoint of a workdir, or
 a new DIR/<version>/) is loaded and compiled beside the serving one, then swapped in between
-batches: no request is dropped or waits on a compile. On SIGTERM readiness turns false first; after `drain_seconds` the server
-stops accepting connections and answers every request it already accepted.
+batches: no request is dropped or waits on a compile. On SIGTERM readiness turns false
+first; after `drain_seconds` the server stops accepting connections and answers every
+request it already accepted.
 """
 
 import asyncio

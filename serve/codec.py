@@ -139,7 +139,8 @@ def _array(field: str, value: Any, shape: tuple[int, ...], dtype: np.dtype,
   try:
     array = np.array(value)
   except (ValueError, TypeError):
-    raise RequestError(400, f'{field}: ragged nested lists (expected shape {list(shape)})') from None
+    raise RequestError(400, f'{field}: ragged nested lists (expected shape {list(shape)})'
+                       ) from None
   if array.dtype.kind not in 'biuf':
     raise RequestError(400, f'{field}: expected numbers of dtype {dtype.name}, shape '
                        f'{list(shape)}')

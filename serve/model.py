@@ -98,7 +98,8 @@ class ServedModel:
     jitted = jax.jit(self.predict)
     for size in self.buckets:
       compiled = jitted.lower(self.specs(size)).compile()
-      zeros = {name: np.zeros((size, *shape), dtype) for name, (shape, dtype) in self.inputs.items()}
+      zeros = {name: np.zeros((size, *shape), dtype)
+               for name, (shape, dtype) in self.inputs.items()}
       jax.block_until_ready(compiled(zeros))
       self._compiled[size] = compiled
       logging.info('Compiled %s for batch %d', self.name, size)

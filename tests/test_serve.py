@@ -791,7 +791,8 @@ def test_the_demo_page_classifies_digits_drawn_uploaded_and_spoken_and_generates
     page.fill('#max-tokens', '12')
     page.fill('#temperature', '0')
     page.click('#generate')
-    page.wait_for_function("!['', '…'].includes(document.getElementById('generated').textContent)")
+    page.wait_for_function(
+        "!['', '…'].includes(document.getElementById('generated').textContent)")
     expected = _post(gpt_url, '/v1/models/gpt:generate', {'prompt': 'ROMEO:', 'max_tokens': 12,
                                                           'temperature': 0})
     assert page.text_content('#generated') == expected.json()['text']
