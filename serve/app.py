@@ -356,22 +356,27 @@ def create_app(settings: Settings, model: model_lib.ServedModel | None = None) -
     logger.error('error answering %s: %s', request.url.path, exc, exc_info=exc)
     return _error(500, f'internal error: {type(exc).__name__}')
 
-  def served(name: str) -> model_lib.ServedModel:
+  def known(name: str) -> None:
+    """404 for a model name this server does not serve (status and readiness included)."""
     if name != settings.model_name:
       raise codec.RequestError(404, f"no model '{name}' here: this server has "
                                f"'{settings.model_name}'")
+
+  def served(name: str) -> model_lib.ServedModel:
+    known(name)
     if state.failed:
       raise codec.RequestError(503, f'the model failed to load: {state.failed}')
     if not state.compiled:
       raise codec.RequestError(503, 'the model is still loading: wait for /v2/health/ready')
     return state.model
 
+  with open(DEMO_PAGE) as f:  # Read once: the page is the same for every request.
+    demo_page = f.read().replace(
+        '"{{MODEL_NAME}}"', json.dumps(settings.model_name).replace('<', '\\u003c'))
+
   @app.get('/')
   async def demo():
-    with open(DEMO_PAGE) as f:
-      page = f.read()
-    name = json.dumps(settings.model_name).replace('<', '\\u003c')
-    return Response(page.replace('"{{MODEL_NAME}}"', name), media_type='text/html')
+    return Response(demo_page, media_type='text/html')
 
   @app.get('/v2/health/live')
   async def live():
@@ -390,9 +395,7 @@ def create_app(settings: Settings, model: model_lib.ServedModel | None = None) -
 
   @app.get('/v1/models/{name}')
   async def status(name: str):
-    if name != settings.model_name:
-      raise codec.RequestError(404, f"no model '{name}' here: this server has "
-                               f"'{settings.model_name}'")
+    known(name)
     version = str(state.model.version) if state.model else '0'
     if state.failed:
       code, message, stage = 'UNKNOWN', state.failed, 'END'
@@ -424,9 +427,7 @@ def create_app(settings: Settings, model: model_lib.ServedModel | None = None) -
 
   @app.get('/v2/models/{name}/ready')
   async def v2_ready(name: str):
-    if name != settings.model_name:
-      raise codec.RequestError(404, f"no model '{name}' here: this server has "
-                               f"'{settings.model_name}'")
+    known(name)
     return _json({'name': name, 'ready': state.ready}, 200 if state.ready else 503)
 
   @app.post('/v2/models/{name}/infer')
