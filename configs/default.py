@@ -20,3 +20,22 @@ def get_config():
   c.eval_every_steps = 100
   c.checkpoint_every_steps = 200
   return c
+
+
+def get_search_space():
+  """What tune.py searches (tune/space.py has the form): the four knobs that move this CNN most."""
+  return {
+      'params': {
+          # Adam's peak rate: good values span decades, so sampled on a log scale.
+          'optimizer.learning_rate': {'type': 'float', 'low': 1e-4, 'high': 3e-2, 'log': True,
+                                      'grid': (3e-4, 3e-3, 3e-2)},
+          # Decoupled decay, also log-spread; tiny values mean "off" in effect.
+          'regularization.weight_decay': {'type': 'float', 'low': 1e-6, 'high': 1e-1,
+                                          'log': True, 'grid': (1e-5, 1e-2)},
+          'model.dropout_rate': {'type': 'float', 'low': 0.0, 'high': 0.5,  # Before the classifier.
+                                 'grid': (0.0, 0.3)},
+          'model.dense_features': {'type': 'int', 'low': 16, 'high': 256, 'log': True,  # Width.
+                                   'grid': (32, 128)},
+      },
+      'objectives': (('accuracy', 'max'),),  # Held-out accuracy at the end of the run.
+  }

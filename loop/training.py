@@ -7,6 +7,7 @@ the coming search and debugging entry points call.
 import json
 import os
 import time
+from collections.abc import Callable
 
 import jax
 from absl import logging
@@ -69,11 +70,14 @@ def _start_from_pretrained(exp, state, shardings, checkpoint_dir: str):
   return pretrained.place(host, shardings)
 
 
-def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) -> dict:
+def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None,
+                       on_eval: Callable[[int, dict[str, float]], bool] | None = None) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
   `stop_at_step` ends this call early (with a checkpoint) as a preemption would;
-  calling again continues exactly where it stopped. Returns the run summary.
+  calling again continues exactly where it stopped. `on_eval(step, eval_metrics)` hears
+  every eval and ends the run (checkpointed, no test split; summary 'halted': True) by
+  returning True: a search's pruner. Returns the run summary.
   """
   started = time.perf_counter()
   exp = experiment.build_experiment(config)  # Rejects bad input before anything is written.
@@ -94,7 +98,7 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
 
   state, shardings = exp.create_state()
   checkpointer = Checkpointer(workdir, config.keep_checkpoints)
-  start_step, stopped_early = 0, False
+  start_step, stopped_early, halted = 0, False, False
   if checkpointer.latest_step() is not None:
     try:
       restored, loop_state = checkpointer.restore(
@@ -130,7 +134,7 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
   eval_seconds, steps_run, compile_seconds = 0.0, 0, None
   loop_started = time.perf_counter()
   step = start_step
-  while step < last_step and not stopped_early:
+  while step < last_step and not stopped_early and not halted:
     batch = next(train_batches)
     step_started = time.perf_counter()
     state, batch_metrics, optimizer_scalars = train_step(state, batch)
@@ -163,7 +167,9 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
       if stopped_early:
         logging.info('Early stopping at step %d: %s has not improved for %d evals',
                      step, config.early_stopping.metric, config.early_stopping.patience)
-    if step % config.checkpoint_every_steps == 0 or final or stopped_early or step == last_step:
+      halted = on_eval is not None and bool(on_eval(step, eval_metrics))
+    if (step % config.checkpoint_every_steps == 0 or final or stopped_early or halted
+        or step == last_step):
       checkpointer.save(step, exp.strategy.checkpoint_view(state),
                         {'early_stopping': early_stopping.to_json(), 'stopped_early': stopped_early})
   train_seconds = time.perf_counter() - loop_started - eval_seconds
@@ -181,7 +187,7 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
   # The test split, once, with the weights eval uses, when the run is over (not when a call
   # stops at stop_at_step before the end); nothing during training ever reads it.
   test_metrics = None
-  if stopped_early or exp.strategy.step_of(state) >= num_steps:
+  if (stopped_early or exp.strategy.step_of(state) >= num_steps) and not halted:
     test_metrics = _evaluate(eval_step, state, exp, 'test')
   if test_metrics is not None:
     writer.write_scalars(exp.strategy.step_of(state),
@@ -193,6 +199,7 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
       'steps': exp.strategy.step_of(state),
       'num_train_steps': num_steps,
       'stopped_early': bool(stopped_early),
+      'halted': halted,
       'best_eval': {config.early_stopping.metric: early_stopping.best},
       'wall_time_s': time.perf_counter() - started,
       'train_time_s': train_seconds,

@@ -1,0 +1,86 @@
+"""Hyper-parameter search over a config's get_search_space(), with Optuna.
+
+  python tune.py --config=configs/default.py --study_dir=studies/digits --n_trials=30 \
+      [--sampler=tpe|gp|cmaes|nsga2|random|grid] [--pruner=median|hyperband|none] \
+      [--storage=postgresql://...] [--seed=0] [--config.KEY=VALUE ...]
+
+Each trial trains in <study_dir>/trials/<number>. --n_trials counts the whole study: start
+the same command several times (one per core group, GPU or host) and the workers share it.
+When the last trial ends, the worker writes <study_dir>/trials.csv, best.json (with a
+command line that reproduces the best trial) and the plots.
+"""
+
+import functools
+import os
+import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+
+import train  # noqa: E402  First (it configures the host before JAX or TF start threads).
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from core.errors import KilnError  # noqa: E402
+from tune import results, space as space_lib, study as study_lib  # noqa: E402
+
+_STUDY_DIR = flags.DEFINE_string('study_dir', None, 'Folder of the study: journal, trials, results.')
+_N_TRIALS = flags.DEFINE_integer('n_trials', None, 'Trials in the whole study (all workers).',
+                                 lower_bound=0)
+_SAMPLER = flags.DEFINE_enum('sampler', 'tpe', list(study_lib.SAMPLERS), 'Optuna sampler.')
+_PRUNER = flags.DEFINE_enum('pruner', 'auto', ['auto', *study_lib.PRUNERS],
+                            'auto: median for one eval-metric objective, none otherwise.')
+_STORAGE = flags.DEFINE_string('storage', '', 'RDB URL for workers on many hosts; empty: the '
+                               'journal file in --study_dir (workers on one host).')
+_STUDY_NAME = flags.DEFINE_string('study_name', 'kiln', 'Study name inside the storage.')
+_SEED = flags.DEFINE_integer('seed', 0, "Seeds the sampler (trial k draws from (seed, k)).")
+_POPULATION = flags.DEFINE_integer('population_size', 0, 'nsga2: individuals per generation '
+                                   "(0: Optuna's 50).", lower_bound=0)
+
+
+def main(argv, config_flag):
+  logging.get_absl_handler().addFilter(train._OwnLinesOnly())
+  if len(argv) > 1:
+    sys.exit(f'error: unexpected arguments {argv[1:]}: pass settings as --config.KEY=VALUE')
+  for flag in (_STUDY_DIR, _N_TRIALS):
+    if flag.value is None:
+      sys.exit(f'error: --{flag.name} is required: {flag.help}')
+  try:
+    config = config_flag.value
+    config.to_dict()
+  except OSError as e:
+    sys.exit(f"error: {' '.join(str(e).split())}: pass an existing file to --config")
+  config_path = config_flags.get_config_filename(flags.FLAGS['config'])
+  overrides = tuple(a for a in sys.argv[1:] if a.startswith('--config.'))
+  try:
+    space = space_lib.read_search_space(config_path, config)
+    pruner = _PRUNER.value
+    if pruner == 'auto':
+      single = len(space.objectives) == 1 and space.objectives[0].is_eval_metric
+      pruner = 'median' if single else 'none'
+    spec = study_lib.StudySpec(
+        config_path=config_path, config=config, config_overrides=overrides, space=space,
+        study_dir=_STUDY_DIR.value, study_name=_STUDY_NAME.value, storage_url=_STORAGE.value,
+        sampler=_SAMPLER.value, pruner=pruner, seed=_SEED.value,
+        population_size=_POPULATION.value)
+    study = study_lib.run_worker(spec, _N_TRIALS.value)
+    summary = results.write_results(study, _STUDY_DIR.value)
+  except KilnError as e:
+    sys.exit(f'error: {e}')
+  logging.info('Study %s: %s', study.study_name, summary['trials'])
+  if 'best' in summary:
+    print(f"best trial {summary['best']['trial']}: {summary['best']['values']}")
+    print(f"reproduce: {summary['best']['command']}")
+  elif 'pareto_front' in summary:
+    print(f"Pareto front: {len(summary['pareto_front'])} trials")
+  print(f'results in {os.path.abspath(_STUDY_DIR.value)}: {results.TRIALS_CSV}, '
+        f'{results.BEST_JSON}, plots')
+
+
+if __name__ == '__main__':
+  try:
+    config_flag = config_flags.DEFINE_config_file(
+        'config', 'configs/default.py', 'Config file with get_config() and get_search_space().',
+        lock_config=True)
+  except train._FLAG_ERRORS as e:
+    train._bad_flag_exit(e, sys.argv)
+  app.run(functools.partial(main, config_flag=config_flag), flags_parser=train._parse_flags)
