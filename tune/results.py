@@ -57,7 +57,7 @@ def write_trials_csv(study: optuna.Study, path: str) -> None:
   for t in study.trials:
     values = list(t.values) if t.values else [''] * len(names)
     duration = t.duration.total_seconds() if t.duration is not None else ''
-    retry_of = optuna.storages.RetryFailedTrialCallback.retried_trial_number(t)
+    retry_of = study_lib.retry_of(t)
     writer.writerow([t.number, t.state.name, *values, *[t.params.get(k, '') for k in keys],
                      t.user_attrs.get(study_lib.STEPS, ''), t.user_attrs.get('train_time_s', ''),
                      '' if retry_of is None else retry_of, t.user_attrs.get(study_lib.ERROR, ''),

@@ -16,6 +16,7 @@ import math
 import os
 import socket
 import traceback
+import warnings
 
 import ml_collections
 import numpy as np
@@ -55,9 +56,12 @@ def storage_for(study_dir: str, url: str = '') -> optuna.storages.BaseStorage:
     raise KilnError(f"--storage='{url}': use postgresql://, mysql:// (many hosts) or sqlite:/// "
                     '(one process), or leave it empty for the journal file in --study_dir')
   try:
+    with warnings.catch_warnings():  # Experimental since Optuna 2.8; pinned by pyproject.
+      warnings.simplefilter('ignore', optuna.exceptions.ExperimentalWarning)
+      retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
     return optuna.storages.RDBStorage(
         url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
-        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3))
+        failed_trial_callback=retry)
   except (ImportError, ModuleNotFoundError) as e:
     raise KilnError(f"--storage='{url}': {e}: install its driver (psycopg2-binary or pymysql)"
                     ) from None
@@ -72,9 +76,9 @@ def make_sampler(name: str, seed: int, space: SearchSpace, population_size: int 
     try:
       import torch  # noqa: F401  Optuna's GP sampler fits its kernel with torch.
     except ImportError:
-      raise KilnError("--sampler=gp needs torch (Optuna fits the Gaussian process with it): "
-                      "pip install 'torch>=2.15,<2.16' (the CPU build suffices), or pick "
-                      'another --sampler') from None
+      raise KilnError('--sampler=gp needs torch (Optuna fits the Gaussian process with it): '
+                      'pip install torch (the CPU build suffices), or pick another --sampler'
+                      ) from None
     return optuna.samplers.GPSampler(seed=seed)
   if name == 'cmaes':
     if several:
@@ -90,7 +94,8 @@ def make_sampler(name: str, seed: int, space: SearchSpace, population_size: int 
   raise KilnError(f"--sampler='{name}': choose one of {', '.join(SAMPLERS)}")
 
 
-def make_pruner(name: str, space: SearchSpace, config) -> optuna.pruners.BasePruner:
+def make_pruner(name: str, space: SearchSpace, config, startup_trials: int = 5
+                ) -> optuna.pruners.BasePruner:
   if name == 'none':
     return optuna.pruners.NopPruner()
   if name not in PRUNERS:
@@ -98,8 +103,8 @@ def make_pruner(name: str, space: SearchSpace, config) -> optuna.pruners.BasePru
   if len(space.objectives) > 1 or not space.objectives[0].is_eval_metric:
     raise KilnError(f'--pruner={name} needs one eval-metric objective (Optuna prunes on a single '
                     'reported value): pass --pruner=none')
-  if name == 'median':  # Halves of the first trials run whole, so the median means something.
-    return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0)
+  if name == 'median':  # The first trials run whole, so that the median means something.
+    return optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=0)
   return optuna.pruners.HyperbandPruner(min_resource=config.eval_every_steps,
                                         max_resource='auto')
 
@@ -161,12 +166,13 @@ class StudySpec:
   pruner: str = 'median'
   seed: int = 0
   population_size: int = 0
+  pruner_startup_trials: int = 5  # median: trials that finish unpruned before pruning starts.
 
 
 def open_study(spec: StudySpec) -> optuna.Study:
   """The study, created on first use (a second creator loads it instead)."""
   sampler = make_sampler(spec.sampler, spec.seed, spec.space, spec.population_size)
-  pruner = make_pruner(spec.pruner, spec.space, spec.config)
+  pruner = make_pruner(spec.pruner, spec.space, spec.config, spec.pruner_startup_trials)
   study = optuna.create_study(
       storage=storage_for(spec.study_dir, spec.storage_url), study_name=spec.study_name,
       sampler=_PerTrialSeed(sampler, spec.seed), pruner=pruner, load_if_exists=True,
@@ -214,12 +220,22 @@ def _retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     return  # Another worker got there first.
   logging.info('Trial %d: its worker %s is gone; marked interrupted and queued again',
                trial.number, trial.user_attrs.get(WORKER))
-  optuna.storages.RetryFailedTrialCallback()(study, study._storage.get_trial(trial._trial_id))
+  with warnings.catch_warnings():  # Experimental since Optuna 2.8; pinned by pyproject.
+    warnings.simplefilter('ignore', optuna.exceptions.ExperimentalWarning)
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback()
+  retry(study, study._storage.get_trial(trial._trial_id))
+
+
+def retry_of(trial) -> int | None:
+  """The number of the interrupted trial that `trial` retries, if it is a retry."""
+  with warnings.catch_warnings():  # Experimental since Optuna 2.8; pinned by pyproject.
+    warnings.simplefilter('ignore', optuna.exceptions.ExperimentalWarning)
+    return optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
 
 
 def origin_number(trial) -> int:
   """The number of the trial whose workdir this one uses (a retry resumes its original's)."""
-  original = optuna.storages.RetryFailedTrialCallback.retried_trial_number(trial)
+  original = retry_of(trial)
   return trial.number if original is None else original
 
 

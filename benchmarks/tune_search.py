@@ -1,0 +1,55 @@
+"""TPE with median pruning against random search without pruning, same space, same trial count:
+best validation accuracy and total train steps of each study, in one table.
+
+  .venv/bin/python benchmarks/tune_search.py [--root studies/bench] [--n_trials 30]
+      [--config configs/default.py] [--set num_epochs=10 --set eval_every_steps=25]
+
+Each study runs `tune.py` in --root/<name>; a study that already holds its trials is only
+read (its journal continues an interrupted one).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STUDIES = (('tpe_median', 'tpe', 'median'), ('random', 'random', 'none'))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--root', default='studies/bench')
+  parser.add_argument('--n_trials', type=int, default=30)
+  parser.add_argument('--config', default='configs/default.py')
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--set', action='append', default=[],
+                      help='KEY=VALUE config override for every trial of both studies')
+  args = parser.parse_args()
+  rows = []
+  for name, sampler, pruner in STUDIES:
+    study_dir = os.path.join(args.root, name)
+    command = [sys.executable, os.path.join(REPO_ROOT, 'tune.py'), f'--config={args.config}',
+               f'--study_dir={study_dir}', f'--n_trials={args.n_trials}', f'--sampler={sampler}',
+               f'--pruner={pruner}', f'--seed={args.seed}',
+               *[f'--config.{kv}' for kv in args.set]]
+    print('$', ' '.join(command), flush=True)
+    subprocess.run(command, check=True, cwd=REPO_ROOT)
+    with open(os.path.join(study_dir, 'best.json')) as f:
+      best = json.load(f)
+    rows.append((name, best))
+  print('\n| study | best accuracy | trials complete / pruned / failed | total train steps |')
+  print('| --- | --- | --- | --- |')
+  for name, best in rows:
+    t = best['trials']
+    print(f"| {name} | {best['best']['values']['accuracy']:.4f} | {t['complete']} / {t['pruned']} "
+          f"/ {t['fail']} | {best['total_steps']:,} |")
+  (_, tpe), (_, rnd) = rows
+  print(f"\nTPE+median best - random best: "
+        f"{tpe['best']['values']['accuracy'] - rnd['best']['values']['accuracy']:+.4f}; "
+        f"steps TPE / random: {tpe['total_steps'] / rnd['total_steps']:.1%}")
+
+
+if __name__ == '__main__':
+  main()

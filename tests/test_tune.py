@@ -1,0 +1,281 @@
+"""tune/: search spaces read from config files, Optuna studies on a real journal file, trials
+that train, prune, fail and resume, workers in separate processes sharing one study."""
+
+import csv
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import ml_collections
+import optuna
+import pytest
+from absl import flags
+from ml_collections import config_flags
+from optuna.trial import TrialState
+
+from core.errors import KilnError
+from loop.training import train_and_evaluate
+from tests.tiny import REPO, tiny_config
+from tune import results, space as space_lib, study as study_lib
+
+LR = 'optimizer.learning_rate'
+
+
+def _space(params, objectives=(('accuracy', 'max'),), config=None):
+  return space_lib.parse_search_space({'params': params, 'objectives': objectives},
+                                      config or tiny_config())
+
+
+@pytest.mark.parametrize('params, objectives, message', [
+    ({'optimizer.learning_rat': {'type': 'float', 'low': 1e-3, 'high': 1e-1}}, None,
+     "optimizer has no field 'learning_rat'"),
+    ({LR: {'type': 'float', 'low': 1e-1, 'high': 1e-3}}, None, 'empty range [0.1, 0.001]'),
+    ({LR: {'type': 'float', 'low': 0.0, 'high': 1e-1, 'log': True}}, None,
+     'log scale needs a positive range'),
+    ({'model.dense_features': {'type': 'float', 'low': 8, 'high': 64}}, None,
+     "config field is an int: use type 'int'"),
+    ({LR: {'type': 'uniform', 'low': 1e-3, 'high': 1e-1}}, None, "'type' one of"),
+    ({'model.features': {'type': 'categorical', 'choices': ()}}, None, "'choices' is empty"),
+    ({LR: {'type': 'float', 'low': 1e-3, 'high': 1e-1}}, (('acuracy', 'max'),),
+     "'acuracy' is not an eval metric of this task: choose one of loss, accuracy"),
+    ({LR: {'type': 'float', 'low': 1e-3, 'high': 1e-1}}, (('accuracy', 'up'),),
+     "give (metric, 'max' or 'min')"),
+])
+def test_a_bad_space_fails_with_one_line_naming_it(params, objectives, message):
+  with pytest.raises(KilnError) as error:
+    _space(params, objectives or (('accuracy', 'max'),))
+  assert message in str(error.value) and '\n' not in str(error.value)
+
+
+def test_the_default_config_declares_a_valid_four_knob_space():
+  path = str(REPO / 'configs/default.py')
+  space = space_lib.read_search_space(path, space_lib.load_config_module(path).get_config())
+  assert [p.key for p in space.params] == [LR, 'regularization.weight_decay',
+                                           'model.dropout_rate', 'model.dense_features']
+  assert space.objectives[0].name == 'accuracy' and space.params[0].log
+
+
+def test_tuple_choices_reach_the_config_as_tuples():
+  space = _space({'model.features': {'type': 'categorical', 'choices': ((8, 16), (16, 32))}})
+  study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+  overrides = space.suggest(study.ask())
+  assert overrides['model.features'] in ((8, 16), (16, 32))
+  config = space_lib.apply_overrides(tiny_config(), overrides)
+  assert config.model.features == overrides['model.features']
+  assert tiny_config().model.features == (8, 16)  # The base config is left alone.
+
+
+# tests.tiny.tiny_config as train.py flags on configs/default.py (what a study records).
+TINY_FLAGS = ('--config.model.features=(8, 16)', '--config.model.dense_features=32',
+              '--config.batch_size=32', '--config.eval_batch_size=64',
+              '--config.num_train_steps=40', '--config.schedule.warmup_steps=5',
+              '--config.optimizer.learning_rate=0.01', '--config.log_every_steps=10',
+              '--config.eval_every_steps=20', '--config.checkpoint_every_steps=20')
+
+
+def _spec(tmp_path, space, **kwargs):
+  return study_lib.StudySpec(config_path='configs/default.py', config=tiny_config(),
+                             config_overrides=TINY_FLAGS, space=space, study_dir=str(tmp_path),
+                             study_name='test', **kwargs)
+
+
+def _asked_params(tmp_path, sampler, seed, n=4):
+  """The params a fresh journal study proposes for its first n trials (told a fixed value)."""
+  space = _space({LR: {'type': 'float', 'low': 1e-4, 'high': 1e-1, 'log': True},
+                  'model.dropout_rate': {'type': 'float', 'low': 0.0, 'high': 0.5}})
+  study = study_lib.open_study(_spec(tmp_path, space, sampler=sampler, seed=seed))
+  params = []
+  for i in range(n):
+    trial = study.ask()
+    space.suggest(trial)
+    study.tell(trial, 0.5 + 0.1 * (i % 3))
+    params.append(trial.params)
+  return params
+
+
+@pytest.mark.parametrize('sampler', ['random', 'tpe', 'nsga2', 'cmaes'])
+def test_a_seed_repeats_a_study_and_another_seed_does_not(tmp_path, sampler):
+  first = _asked_params(tmp_path / 'a', sampler, seed=3)
+  assert first == _asked_params(tmp_path / 'b', sampler, seed=3)
+  assert first != _asked_params(tmp_path / 'c', sampler, seed=4)
+  assert len({tuple(p.values()) for p in first}) == len(first)
+
+
+@pytest.mark.slow
+def test_gp_fits_past_its_random_start_or_says_what_to_install(tmp_path):
+  """With torch: 12 trials, the last two proposed by the fitted Gaussian process, repeat with
+  their seed. Without: one line naming the package."""
+  try:
+    import torch  # noqa: F401
+  except ImportError:
+    with pytest.raises(KilnError, match='--sampler=gp needs torch'):
+      study_lib.make_sampler('gp', 0, _space({LR: {'type': 'float', 'low': 1e-3, 'high': 1e-1}}))
+    return
+  first = _asked_params(tmp_path / 'a', 'gp', seed=3, n=12)
+  assert first == _asked_params(tmp_path / 'b', 'gp', seed=3, n=12)
+
+
+def test_grid_needs_values_for_continuous_params():
+  space = _space({LR: {'type': 'float', 'low': 1e-3, 'high': 1e-1}})
+  with pytest.raises(KilnError, match="grid sampler needs its values: add 'grid'"):
+    study_lib.make_sampler('grid', 0, space)
+
+
+def test_pruning_several_objectives_is_refused():
+  space = _space({LR: {'type': 'float', 'low': 1e-3, 'high': 1e-1}},
+                 (('accuracy', 'max'), ('model_stats.params', 'min')))
+  with pytest.raises(KilnError, match='pass --pruner=none'):
+    study_lib.make_pruner('median', space, tiny_config())
+
+
+def test_a_dead_workers_trial_is_retried_in_its_workdir_and_the_count_holds(tmp_path):
+  space = _space({LR: {'type': 'float', 'low': 1e-4, 'high': 1e-1, 'log': True}})
+  spec = _spec(tmp_path, space, sampler='random')
+  study = study_lib.open_study(spec)
+  dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+  dead.wait()
+  first = study_lib._next_trial(study, spec, n_trials=2)
+  space.suggest(first)
+  first.set_user_attr(study_lib.WORKER, f'{os.uname().nodename}:{dead.pid}')
+  retry = study_lib._next_trial(study, spec, n_trials=2)  # Sees trial 0's worker gone.
+  trials = study.get_trials()
+  assert trials[0].state == TrialState.FAIL and study_lib.ERROR not in trials[0].user_attrs
+  assert retry.params == trials[0].params
+  frozen = study._storage.get_trial(retry._trial_id)
+  assert study_lib.origin_number(frozen) == 0 and frozen.number == 1
+  study.tell(retry, 0.9)
+  last = study_lib._next_trial(study, spec, n_trials=2)  # The retry took trial 0's place.
+  study.tell(last, 0.8)
+  assert study_lib._next_trial(study, spec, n_trials=2) is None
+
+
+def _parse_train_command(command: str, monkeypatch) -> ml_collections.ConfigDict:
+  """The config train.py builds from `command` (its flags parsed as train.py parses them:
+  ml_collections reads the overrides from sys.argv while the flag is defined)."""
+  words = shlex.split(command)
+  assert words[:2] == ['python', 'train.py']
+  monkeypatch.setattr(sys, 'argv', words[1:])
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, flag_values=values, lock_config=True)
+  flags.DEFINE_string('workdir', None, '', flag_values=values)
+  values(words[1:])
+  return values.config
+
+
+@pytest.mark.slow
+def test_a_study_trains_prunes_fails_and_reports(tmp_path, monkeypatch):
+  """Three trials, queued in order: a good rate completes; a rate 1000x too small is pruned at
+  the first eval; a dropout the config rejects fails, and the study goes on. best.json's
+  command reproduces the best trial's accuracy."""
+  space = _space({LR: {'type': 'categorical', 'choices': (1e-2, 1e-5)},
+                  'model.dropout_rate': {'type': 'categorical', 'choices': (0.0, 1.5)}})
+  spec = _spec(tmp_path, space, sampler='tpe', pruner='median', pruner_startup_trials=1)
+  study = study_lib.open_study(spec)
+  for lr, dropout in ((1e-2, 0.0), (1e-5, 0.0), (1e-2, 1.5)):
+    study.enqueue_trial({LR: lr, 'model.dropout_rate': dropout})
+  study = study_lib.run_worker(spec, n_trials=3)
+  best = results.write_results(study, str(tmp_path))
+  complete, pruned, failed = study.get_trials()
+  assert complete.state == TrialState.COMPLETE and complete.user_attrs['steps'] == 40
+  assert pruned.state == TrialState.PRUNED and pruned.user_attrs['steps'] == 20
+  assert pruned.intermediate_values[20] < complete.intermediate_values[20]
+  assert failed.state == TrialState.FAIL and 'dropout_rate' in failed.user_attrs['error']
+  assert best['trials'] == {'complete': 1, 'pruned': 1, 'fail': 1}
+  assert best['total_steps'] == 60 and best['best']['trial'] == 0
+  with open(tmp_path / results.TRIALS_CSV) as f:
+    rows = list(csv.DictReader(f))
+  assert [r['state'] for r in rows] == ['COMPLETE', 'PRUNED', 'FAIL']
+  assert float(rows[0]['accuracy']) == complete.value
+  assert os.path.getsize(tmp_path / results.PLOTS['history']) > 10_000
+  # The printed command is what train.py would run: the trial's config, the same accuracy.
+  monkeypatch.chdir(REPO)
+  config = _parse_train_command(best['best']['command'], monkeypatch)
+  assert config.to_dict() == space_lib.apply_overrides(
+      tiny_config(), {LR: 1e-2, 'model.dropout_rate': 0.0}).to_dict()
+  again = train_and_evaluate(config, str(tmp_path / 'again'))
+  assert again['final_eval']['accuracy'] == pytest.approx(complete.value, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_nsga2_returns_a_pareto_front_and_draws_it(tmp_path):
+  space = _space({'model.dense_features': {'type': 'categorical', 'choices': (4, 16, 64)}},
+                 (('accuracy', 'max'), ('model_stats.params', 'min')))
+  spec = _spec(tmp_path, space, sampler='nsga2', pruner='none', population_size=2)
+  spec.config.num_train_steps = 20
+  spec.config.eval_every_steps = 20
+  study = study_lib.open_study(spec)
+  for width in (4, 16, 64):
+    study.enqueue_trial({'model.dense_features': width})
+  best = results.write_results(study_lib.run_worker(spec, n_trials=3), str(tmp_path))
+  front = best['pareto_front']
+  assert front and all(study_lib.OVERRIDES in t or 'overrides' in t for t in front)
+  values = [(t['values']['accuracy'], t['values']['model_stats.params']) for t in front]
+  for a in values:  # No member of the front is dominated by another.
+    assert not any(b != a and b[0] >= a[0] and b[1] <= a[1] for b in values)
+  assert min(v[1] for v in values) == min(t.values[1] for t in study.trials)
+  assert os.path.getsize(tmp_path / results.PLOTS['pareto']) > 10_000
+
+
+def _tune_command(study_dir, n_trials):
+  return [sys.executable, str(REPO / 'tune.py'), '--config=configs/default.py',
+          f'--study_dir={study_dir}', f'--n_trials={n_trials}', '--sampler=random',
+          '--pruner=none', '--config.num_train_steps=30', '--config.eval_every_steps=15',
+          '--config.checkpoint_every_steps=5', '--config.model.features=(8, 16)',
+          '--config.model.dense_features=32', '--config.batch_size=32',
+          '--config.schedule.warmup_steps=5', '--config.log_every_steps=10']
+
+
+@pytest.mark.slow
+def test_two_workers_share_a_study_and_a_killed_one_is_replaced(tmp_path):
+  """Two tune.py processes on one journal; one is killed mid-trial and started again: the
+  study ends with exactly N finished trials, none twice, and the killed trial's retry resumed
+  from its checkpoint."""
+  n = 4
+  env = {**os.environ, 'KILN_TUNE_TEST': '1'}
+  logs = [open(tmp_path / f'worker{i}.log', 'w') for i in range(3)]
+  workers = [subprocess.Popen(_tune_command(tmp_path, n), cwd=REPO, env=env, stdout=logs[i],
+                              stderr=subprocess.STDOUT) for i in range(2)]
+  storage = None
+  victim_trial = None
+  deadline = time.monotonic() + 240
+  while victim_trial is None and time.monotonic() < deadline:
+    time.sleep(0.5)
+    if storage is None and os.path.exists(tmp_path / study_lib.JOURNAL_FILE):
+      storage = study_lib.storage_for(str(tmp_path))
+    if storage is None:
+      continue
+    try:
+      study = optuna.load_study(study_name='kiln', storage=storage)
+    except KeyError:
+      continue
+    for t in study.get_trials(states=(TrialState.RUNNING,)):
+      workdir = t.user_attrs.get(study_lib.WORKDIR, '')
+      ckpt = os.path.join(workdir, 'checkpoints')
+      if (t.user_attrs.get(study_lib.WORKER, '').endswith(f':{workers[0].pid}')
+          and os.path.isdir(ckpt) and any(d.isdigit() for d in os.listdir(ckpt))):
+        victim_trial = t
+  assert victim_trial is not None, 'worker 0 never started a trial'
+  workers[0].send_signal(signal.SIGKILL)
+  workers[0].wait()
+  workers.append(subprocess.Popen(_tune_command(tmp_path, n), cwd=REPO, env=env, stdout=logs[2],
+                                  stderr=subprocess.STDOUT))
+  for w in workers[1:]:
+    assert w.wait(timeout=400) == 0, (tmp_path / 'worker1.log').read_text()[-2000:]
+  study = optuna.load_study(study_name='kiln', storage=study_lib.storage_for(str(tmp_path)))
+  trials = study.get_trials()
+  done = [t for t in trials if t.state == TrialState.COMPLETE]
+  assert len(done) == n
+  assert len({t.params[LR] if LR in t.params else None for t in done}) == n
+  killed = [t for t in trials if t.number == victim_trial.number][0]
+  assert killed.state == TrialState.FAIL and study_lib.ERROR not in killed.user_attrs
+  retry = [t for t in done if study_lib.retry_of(t) == victim_trial.number]
+  assert len(retry) == 1 and retry[0].params == killed.params
+  assert retry[0].user_attrs[study_lib.WORKDIR] == killed.user_attrs[study_lib.WORKDIR]
+  log = '\n'.join((tmp_path / f'worker{i}.log').read_text() for i in (1, 2))
+  assert 'Resumed from step' in log
+  with open(tmp_path / results.BEST_JSON) as f:
+    assert json.load(f)['trials'] == {'complete': n, 'pruned': 0, 'fail': 1}
