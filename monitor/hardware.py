@@ -113,7 +113,8 @@ def peak_flops_per_device(device=None,
   return flops, f'{name} bf16 dense peak from the table ({flops / 1e12:.0f} TFLOP/s)'
 
 
-def _memory_analysis_bytes(compiled) -> tuple[int, int] | None:
+def memory_analysis_bytes(compiled) -> tuple[int, int] | None:
+  """(resident, peak) bytes of one device for a compiled step, from XLA's memory analysis."""
   analysis = compiled.memory_analysis()
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0] if analysis else None
@@ -145,7 +146,7 @@ def device_memory(compiled=None) -> dict:
             'peak_bytes': max(s.get('peak_bytes_in_use', s['bytes_in_use']) for s in stats),
             'source': 'memory_stats'}
   if compiled is not None:
-    estimate = _memory_analysis_bytes(compiled)
+    estimate = memory_analysis_bytes(compiled)
     if estimate is not None:
       return {'bytes_in_use': estimate[0], 'peak_bytes': estimate[1], 'source': 'memory_analysis'}
   return {'bytes_in_use': None, 'peak_bytes': None, 'source': 'unavailable'}
