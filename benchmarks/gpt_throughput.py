@@ -109,10 +109,9 @@ def _compiled_step(shape: str, accumulation: int, args):
   schedule = build_schedule(config.schedule, config.optimizer.learning_rate,
                             config.num_train_steps, 1000)
   tx = build_transform(config, schedule)
-  train_step = jax.jit(
-      steps.train_step_fn(task, template, tx, steps.StepOptions.from_config(config)),
-      donate_argnums=0)
-  state = init_state(template, tx, config.seed)
+  options = steps.StepOptions.from_config(config)
+  train_step = jax.jit(steps.train_step_fn(task, template, tx, options), donate_argnums=0)
+  state = init_state(template, tx, config.seed, guard=options.guard)
   tokens = jax.random.randint(jax.random.key(0), (batch_size, length + 1), 0, VOCAB_SIZE)
   batch = {'tokens': tokens, 'token_mask': jnp.ones((batch_size, length), jnp.float32)}
   model = nnx.eval_shape(lambda: template.build_model(nnx.Rngs(0)))

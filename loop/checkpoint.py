@@ -1,16 +1,24 @@
 """Orbax checkpoints of the train state plus a small JSON of loop bookkeeping."""
 
+import contextlib
 import os
+import shutil
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from absl import logging
 
 from core.errors import KilnError
 from loop.state import TrainState
 from core.paths import path_string
 
 CHECKPOINTS_FOLDER = 'checkpoints'  # Inside a run's workdir.
+
+
+class CorruptCheckpoint(KilnError):
+  """A checkpoint whose layout matches but whose files cannot be read."""
 
 
 class Checkpointer:
@@ -35,34 +43,89 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state: TrainState, loop_state: dict) -> None:
-    """Saves asynchronously; the next save or `close` waits for this one."""
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop_state)), force=True)
+    """Saves asynchronously; the next save or `close` waits for this one. A write that fails
+    (a full disk, a folder gone read-only) raises a one-line KilnError; Orbax writes into a
+    temporary folder and renames it, so earlier checkpoints stay as they were."""
+    with self._write_errors(step):
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop_state)), force=True)
+
+  @contextlib.contextmanager
+  def _write_errors(self, step):
+    try:
+      yield
+    except Exception as error:  # noqa: BLE001  Orbax wraps the OSError in its own types.
+      cause = error
+      while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+      if cause is None:
+        raise
+      raise KilnError(f"a checkpoint (step {step}) could not be written in "
+                      f"'{self.manager.directory}' ({cause.strerror or cause}): free disk space or "
+                      'pass a writable --workdir (earlier checkpoints are intact)') from error
 
   def restore(self, step: int, abstract_state: TrainState, shardings: TrainState):
     """Restores onto the devices directly in the layout given by `shardings`; a checkpoint
     written by another model or optimizer raises a KilnError naming the first difference."""
     target = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings)
+    # A checkpoint from before the numerics guard: its window starts afresh (`abstract_state`'s).
+    fresh_guard = None
+    if target.guard is not None and not self._has_guard(step):
+      fresh_guard, target = abstract_state.guard, target.replace(guard=None)
     # Checked before restoring: a failed Orbax restore also floods stderr from its I/O threads.
     difference = self._difference(step, target)
     if difference is None:
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), loop=ocp.args.JsonRestore()))
-        return restored['state'], restored['loop']
-      except (ValueError, KeyError, TypeError) as error:
-        difference = ' '.join(str(error).split())[:300]
+        state = restored['state']
+        return (state if fresh_guard is None else state.replace(guard=fresh_guard),
+                restored['loop'])
+      except Exception as error:  # noqa: BLE001  The layout matched: the files are bad.
+        raise CorruptCheckpoint(
+            f"checkpoint {step} in '{self.manager.directory}' cannot be read "
+            f"({' '.join(str(error).split())[:200]})") from error
     raise KilnError(f"checkpoint {step} in '{self.manager.directory}' was not written by this "
                     f'model and optimizer ({difference}): resume with the config that wrote it, '
                     'or pass a new --workdir')
+
+  def restore_newest(self, abstract_state: TrainState, shardings: TrainState):
+    """(state, loop state) of the newest readable checkpoint. One that cannot be read (a
+    truncated or corrupted write) is moved aside to `<workdir>/corrupt_checkpoints/`, with a
+    warning naming its step, and the one before it is tried."""
+    while True:
+      step = self.latest_step()
+      try:
+        return self.restore(step, abstract_state, shardings)
+      except CorruptCheckpoint as error:
+        if jax.process_index() == 0:
+          aside = os.path.join(os.path.dirname(str(self.manager.directory)),
+                               'corrupt_checkpoints', str(step))
+          os.makedirs(os.path.dirname(aside), exist_ok=True)
+          shutil.rmtree(aside, ignore_errors=True)
+          shutil.move(os.path.join(str(self.manager.directory), str(step)), aside)
+        self.manager.reload()
+        older = self.latest_step()
+        if older is None:
+          raise KilnError(f'{error}, and no earlier checkpoint is left: delete '
+                          f"'{self.manager.directory}' to start again") from error
+        logging.warning('%s: moved aside; resuming from checkpoint %d instead', error, older)
+
+  def _has_guard(self, step: int) -> bool:
+    try:
+      return any(p.startswith('guard/') for p in
+                 _shapes_by_path(self.manager.item_metadata(step)['state']))
+    except Exception:  # noqa: BLE001  Unreadable: _difference reports it.
+      return True
 
   def _difference(self, step: int, target) -> str | None:
     """The first leaf whose shape or presence differs between the checkpoint and `target`."""
     try:
       stored = _shapes_by_path(self.manager.item_metadata(step)['state'])
-    except Exception:  # Metadata unreadable here: let the restore itself judge.
-      return None
+    except Exception as error:  # noqa: BLE001  Metadata unreadable: the files are bad.
+      raise CorruptCheckpoint(f"checkpoint {step} in '{self.manager.directory}' has unreadable "
+                              f"metadata ({' '.join(str(error).split())[:200]})") from error
     wanted = _shapes_by_path(target)
     for path, shape in wanted.items():
       if path in stored and stored[path] != shape:
@@ -87,8 +150,11 @@ class Checkpointer:
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))['state']
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      with self._write_errors(self.manager.latest_step()):
+        self.manager.wait_until_finished()
+    finally:
+      self.manager.close()
 
 
 def _shapes_by_path(tree) -> dict[str, tuple[int, ...]]:

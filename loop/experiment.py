@@ -69,7 +69,7 @@ class Experiment:
     """(state, shardings): the initial train state, built sharded on the mesh."""
     state, shardings = create_sharded_state(self.template, self.tx, self.config.seed, self.mesh,
                                             self.rules, self.use_ema, self.step_options.pruning,
-                                            lora=self.lora)
+                                            lora=self.lora, guard=self.step_options.guard)
     # --- distillation: the teacher's values join the state, in their own sharded layout ---
     if self.teacher is not None:
       teacher_shardings = self.teacher.shardings(self.mesh, self.rules)

@@ -14,6 +14,7 @@ from flax import nnx, struct
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from loop import guard as guard_lib
 from core.logical_axes import FAN_OUT_KEY, LOGICAL_AXES_KEY, Rules, kernel_matrix_dims
 from parallel import sharding
 
@@ -35,6 +36,9 @@ class TrainState:
   # LoRA (compress/lora.py): adapters {..., kernel: {'a': A, 'b': B}} on the frozen `params`;
   # with them the optimizer state is over {'params', 'lora'}. None when config.lora is off.
   lora: dict | None = None
+  # The numerics guard (loop/guard.py): recent accepted losses and the rollback learning-rate
+  # scale, replicated; None when config.guard.policy is 'off'.
+  guard: dict | None = None
 
 
 class ModelTemplate:
@@ -79,9 +83,10 @@ class ModelTemplate:
 
 
 def init_state(template: ModelTemplate, tx: optax.GradientTransformation, seed: int,
-               use_ema: bool = False, pruning=None, lora=None) -> TrainState:
+               use_ema: bool = False, pruning=None, lora=None, guard=None) -> TrainState:
   """`pruning`: a compress.pruning.Pruning, whose (all True) masks the state then carries.
-  `lora`: a compress.lora.LoRA, whose fresh adapters the state carries (and optimizes)."""
+  `lora`: a compress.lora.LoRA, whose fresh adapters the state carries (and optimizes).
+  `guard`: a loop.guard.GuardOptions, whose window the state carries when it is on."""
   init_key, train_key = jax.random.split(jax.random.key(seed))
   params, model_state = template.split(template.build_model(nnx.Rngs(params=init_key)))
   # --- LoRA: adapters from their own key (the model's init is unchanged) ---
@@ -91,7 +96,8 @@ def init_state(template: ModelTemplate, tx: optax.GradientTransformation, seed: 
                     opt_state=tx.init(optimized(params, adapters)),
                     rng=jax.random.key_data(train_key), lora=adapters,
                     ema_params=jax.tree.map(jnp.copy, params) if use_ema else None,
-                    masks=None if pruning is None else pruning.init_masks(params))
+                    masks=None if pruning is None else pruning.init_masks(params),
+                    guard=None if guard is None else guard_lib.init_state(guard))
 
 
 def optimized(params: dict, adapters: dict | None):
@@ -115,6 +121,8 @@ def state_specs(abstract_state: TrainState, template: ModelTemplate, mesh: Mesh,
                                        optimized(param_specs, lora_specs),
                                        optimized(abstract_state.params, abstract_state.lora)),
       lora=lora_specs,
+      guard=None if abstract_state.guard is None else jax.tree.map(lambda _: P(),
+                                                                   abstract_state.guard),
       ema_params=None if abstract_state.ema_params is None else param_specs,
       # Pruning masks: a kernel's mask lives with its kernel; scalar placeholders replicated.
       masks=None if abstract_state.masks is None else jax.tree.map(
@@ -124,10 +132,10 @@ def state_specs(abstract_state: TrainState, template: ModelTemplate, mesh: Mesh,
 
 def create_sharded_state(template: ModelTemplate, tx: optax.GradientTransformation, seed: int,
                          mesh: Mesh, rules: Rules, use_ema: bool = False, pruning=None,
-                         lora=None) -> tuple[TrainState, TrainState]:
+                         lora=None, guard=None) -> tuple[TrainState, TrainState]:
   """Returns the state, built on the devices in its final layout, and its shardings."""
   def init():
-    return init_state(template, tx, seed, use_ema, pruning, lora)
+    return init_state(template, tx, seed, use_ema, pruning, lora, guard)
   abstract = jax.eval_shape(init)
   specs = state_specs(abstract, template, mesh, rules, lora)
   shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,

@@ -10,6 +10,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from compress import pruning as pruning_lib
 from core.errors import KilnError
+from loop import guard as guard_lib
 from loop.state import ModelTemplate, TrainState, optimized
 from optim import regularization
 from parallel import mesh as mesh_lib
@@ -25,6 +26,7 @@ class StepOptions:
   accumulation_steps: int = 1
   ema_decay: float = 0.0
   pruning: pruning_lib.Pruning | None = None  # Set by build_experiment when pruning is on.
+  guard: guard_lib.GuardOptions = guard_lib.GuardOptions()  # config.guard (loop/guard.py).
 
   @classmethod
   def from_config(cls, config) -> 'StepOptions':
@@ -35,7 +37,8 @@ class StepOptions:
       raise KilnError(f'config.ema.decay={config.ema.decay} must lie in [0, 1) (0 disables)')
     return cls(l1=config.regularization.l1, l2=config.regularization.l2,
                exclude=config.regularization.exclude,
-               accumulation_steps=config.gradient.accumulation_steps, ema_decay=config.ema.decay)
+               accumulation_steps=config.gradient.accumulation_steps, ema_decay=config.ema.decay,
+               guard=guard_lib.GuardOptions.from_config(config))
 
 
 def split_micro_batches(batch, k: int, mesh: Mesh | None):
@@ -62,7 +65,7 @@ def train_step_fn(task: Task, template: ModelTemplate, tx: optax.GradientTransfo
   adapters and the base leaves it leaves trainable.
   """
   k = options.accumulation_steps
-  pruning = options.pruning
+  pruning, guard = options.pruning, options.guard
 
   def loss_and_grads(params, model_state, batch, key, teacher_values=None):
     def loss_fn(params):
@@ -81,6 +84,9 @@ def train_step_fn(task: Task, template: ModelTemplate, tx: optax.GradientTransfo
     return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
   def train_step(state: TrainState, batch):
+    if guard.on and state.guard is None:
+      raise KilnError(f'config.guard.policy={guard.policy!r} but the train state has no guard '
+                      'window: build it with init_state(..., guard=options.guard)')
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     if axis_name is not None:  # Each device draws its own dropout masks.
       step_key = jax.random.fold_in(step_key, jax.lax.axis_index(axis_name))
@@ -95,31 +101,36 @@ def train_step_fn(task: Task, template: ModelTemplate, tx: optax.GradientTransfo
     params = optimized(params, state.lora)
     # --- end LoRA ---
     if k == 1:
-      (_, (batch_metrics, model_state)), grads = loss_and_grads(
+      (loss, (batch_metrics, model_state)), grads = loss_and_grads(
           params, state.model_state, batch, step_key, state.teacher)
     else:
       def micro_step(carry, micro):
         grads_sum, model_state = carry
         index, micro_batch = micro
-        (_, (micro_metrics, model_state)), grads = loss_and_grads(
+        (micro_loss, (micro_metrics, model_state)), grads = loss_and_grads(
             params, model_state, micro_batch, jax.random.fold_in(step_key, index),
             state.teacher)
-        return (jax.tree.map(jnp.add, grads_sum, grads), model_state), micro_metrics
+        return (jax.tree.map(jnp.add, grads_sum, grads), model_state), (micro_metrics,
+                                                                        micro_loss)
 
       zeros = jax.tree.map(jnp.zeros_like, params)
-      (grads_sum, model_state), stacked_metrics = jax.lax.scan(
+      (grads_sum, model_state), (stacked_metrics, micro_losses) = jax.lax.scan(
           micro_step, (zeros, state.model_state),
           (jnp.arange(k), split_micro_batches(batch, k, mesh)))
       # Equal-sized micro-batches: the mean of their mean losses is the full-batch mean.
       grads = jax.tree.map(lambda g: g / k, grads_sum)
       batch_metrics = stacked_metrics.reduce()
+      loss = jnp.mean(micro_losses)
     if axis_name is not None:
       grads = jax.lax.pmean(grads, axis_name)
       batch_metrics = sum_over_devices(batch_metrics, axis_name)
+      loss = jax.lax.pmean(loss, axis_name)  # Every replica must take the same decision.
 
     if pruning is not None:  # Optimizer moments of pruned weights see no gradient.
       grads = pruning.apply(grads, masks)
     updates, opt_state = tx.update(grads, state.opt_state, params)
+    if guard.on:  # Rollbacks may have cut the rate: scaling Adam's update scales its rate.
+      updates = jax.tree.map(lambda u: u * state.guard['lr_scale'].astype(u.dtype), updates)
     params = optax.apply_updates(params, updates)
     lora_values = state.lora
     if lora is not None:  # LoRA: back to the base params and the adapters.
@@ -135,6 +146,15 @@ def train_step_fn(task: Task, template: ModelTemplate, tx: optax.GradientTransfo
                               lora=lora_values)
     optimizer_scalars = {'grad_norm': optax.global_norm(grads),
                          'update_norm': optax.global_norm(updates)}
+    # --- guard: a non-finite or spiking step keeps the state it started from ---
+    if guard.on:
+      ok, guard_state, guard_scalars = guard_lib.check(guard, state.guard, loss,
+                                                      optimizer_scalars['grad_norm'])
+      kept = ('params', 'model_state', 'opt_state', 'ema_params', 'masks', 'lora')
+      new_state = new_state.replace(guard=guard_state, **guard_lib.keep_if(
+          ok, {f: getattr(new_state, f) for f in kept}, {f: getattr(state, f) for f in kept}))
+      optimizer_scalars.update(guard_scalars)
+    # --- end guard ---
     if pruning is not None:
       optimizer_scalars.update(pruning.scalars(params))
     return new_state, batch_metrics, optimizer_scalars

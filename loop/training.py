@@ -6,6 +6,7 @@ the coming search and debugging entry points call.
 
 import json
 import os
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -16,7 +17,9 @@ from clu import metric_writers, periodic_actions
 from core.errors import KilnError
 from core.io import write_json_atomic
 from loop import experiment, pretrained, run_config
+from loop import guard as guard_lib
 from loop.checkpoint import Checkpointer
+from loop.preemption import Preemption
 from loop.early_stopping import EarlyStopping
 from monitor import hardware
 from monitor.utilization import UtilizationMeter
@@ -70,15 +73,35 @@ def _start_from_pretrained(exp, state, shardings, checkpoint_dir: str):
   return pretrained.place(host, shardings)
 
 
+def _check_writable(workdir: str) -> None:
+  """A workdir that cannot hold files fails here, in one line, before any training."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix='.tmp-writable-'):
+      pass
+  except OSError as error:
+    raise KilnError(f'--workdir {workdir} cannot be written ({error.strerror or error}): pass a '
+                    'writable folder, or free disk space') from error
+
+
 def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None,
                        on_eval: Callable[[int, dict[str, float]], bool] | None = None) -> dict:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
+  """Trains `config` in `workdir`, resuming from its newest readable checkpoint if any.
+
+  SIGTERM or SIGINT (a preemption) checkpoints the step in progress and returns (summary
+  'preempted'); the numerics guard (config.guard, loop/guard.py) answers NaN/Inf and loss
+  spikes, and its 'stop' policy ends the run with a KilnError after writing summary.json.
 
   `stop_at_step` ends this call early (with a checkpoint) as a preemption would;
   calling again continues exactly where it stopped. `on_eval(step, eval_metrics)` hears
   every eval and ends the run (checkpointed, no test split; summary 'halted': True) by
   returning True: a search's pruner. Returns the run summary.
   """
+  with Preemption() as preemption:
+    return _train_and_evaluate(config, workdir, stop_at_step, on_eval, preemption)
+
+
+def _train_and_evaluate(config, workdir, stop_at_step, on_eval, preemption) -> dict:
   started = time.perf_counter()
   exp = experiment.build_experiment(config)  # Rejects bad input before anything is written.
   if config.init.checkpoint_dir:
@@ -87,7 +110,7 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None,
   early_stopping = EarlyStopping(config.early_stopping.metric, config.early_stopping.mode,
                                  config.early_stopping.patience)
 
-  os.makedirs(workdir, exist_ok=True)
+  _check_writable(workdir)
   if config.compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.compilation_cache_dir))
   is_chief = jax.process_index() == 0
@@ -99,17 +122,24 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None,
   state, shardings = exp.create_state()
   checkpointer = Checkpointer(workdir, config.keep_checkpoints)
   start_step, stopped_early, halted = 0, False, False
-  if checkpointer.latest_step() is not None:
+  guard = guard_lib.Guard(exp.step_options.guard)
+  data_offset = 0  # Batches skipped by rollbacks: step s trains on batch s + data_offset.
+
+  def restore_newest():
     try:
-      restored, loop_state = checkpointer.restore(
-          checkpointer.latest_step(), exp.strategy.checkpoint_view(state),
-          exp.strategy.restore_shardings(shardings))
+      return checkpointer.restore_newest(exp.strategy.checkpoint_view(state),
+                                         exp.strategy.restore_shardings(shardings))
     except KilnError:
       checkpointer.close()  # An open manager's background threads would outlive the exit.
       raise
+
+  if checkpointer.latest_step() is not None:
+    restored, loop_state = restore_newest()
     state = exp.strategy.distribute(restored, shardings)
     early_stopping.load_json(loop_state['early_stopping'])
     stopped_early = loop_state['stopped_early']
+    data_offset = loop_state.get('data_offset', 0)
+    guard = guard_lib.Guard(exp.step_options.guard, loop_state.get('guard_events'))
     start_step = exp.strategy.step_of(state)
     logging.info('Resumed from step %d in %s', start_step, workdir)
   elif config.init.checkpoint_dir:
@@ -127,19 +157,72 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None,
       every_secs=None) if config.profile.num_steps and is_chief else None
 
   last_step = min(num_steps, stop_at_step) if stop_at_step is not None else num_steps
-  train_batches = DevicePrefetcher(task.train_batches(exp.host_batch, start_step), exp.strategy.place,
-                                   config.dataset.prefetch_batches)
+
+  def batches_from(first_batch: int) -> DevicePrefetcher:
+    return DevicePrefetcher(
+        guard_lib.inject(guard.options, task.train_batches(exp.host_batch, first_batch),
+                         first_batch),
+        exp.strategy.place, config.dataset.prefetch_batches)
+
+  train_batches = batches_from(start_step + data_offset)
+  guard_stop = None  # The guard event that ended the run (policy 'stop').
   eval_metrics: dict[str, float] = {}
   train_metrics, pending_log = None, None
   eval_seconds, steps_run, compile_seconds = 0.0, 0, None
   loop_started = time.perf_counter()
   step = start_step
-  while step < last_step and not stopped_early and not halted:
+  preempted = False
+  while step < last_step and not stopped_early and not halted and not preempted and not guard_stop:
     batch = next(train_batches)
     step_started = time.perf_counter()
     state, batch_metrics, optimizer_scalars = train_step(state, batch)
+    optimizer_scalars, guard_scalars = guard.split_scalars(optimizer_scalars)
     step += 1
     steps_run += 1
+    # --- guard: the step before this one judged now (this one too at the last step) ---
+    rollback = None
+    for event, bad_batch in guard.review(step, step - 1 + data_offset, guard_scalars, batch,
+                                         last=step == last_step):
+      if event.kind == 'nonfinite':
+        event.layer = guard_lib.locate_in_run(exp, state, bad_batch)
+      guard.record(event)
+      logging.warning('%s', event.line())
+      writer.write_scalars(event.step, {f'guard_{event.kind}': 1.0,
+                                        'guard_events': float(len(guard.events))})
+      if event.action == 'stop':
+        guard_stop = event
+      elif event.action == 'rollback' and rollback is None:
+        rollback = event
+    if guard_stop:
+      break
+    if rollback is not None:
+      checkpointer.manager.wait_until_finished()
+      if checkpointer.latest_step() is None:  # Nothing saved yet: back to the initial state.
+        fresh, _ = exp.create_state()
+        if config.init.checkpoint_dir:
+          fresh = _start_from_pretrained(exp, fresh, shardings, config.init.checkpoint_dir)
+        restored, loop_state = exp.strategy.checkpoint_view(fresh), {
+            'early_stopping': EarlyStopping(config.early_stopping.metric,
+                                            config.early_stopping.mode,
+                                            config.early_stopping.patience).to_json()}
+      else:
+        restored, loop_state = restore_newest()
+      lr_scale = restored.guard['lr_scale'] * guard.options.rollback_lr_factor
+      restored = restored.replace(guard={**restored.guard, 'lr_scale': jax.device_put(
+          lr_scale, exp.strategy.restore_shardings(shardings).guard['lr_scale'])})
+      state = exp.strategy.distribute(restored, shardings)
+      early_stopping.load_json(loop_state['early_stopping'])
+      step = exp.strategy.step_of(state)
+      # PaLM: past the offending batch, plus the configured number more.
+      data_offset = rollback.batch + 1 + guard.options.rollback_skip_batches - step
+      train_batches.close()
+      train_batches = batches_from(step + data_offset)
+      guard.forget_pending()
+      train_metrics, pending_log = None, None
+      logging.warning('guard: rolled back to step %d; training resumes at batch %d with the '
+                      'learning rate scaled by %.3g', step, step + data_offset, float(lr_scale))
+      continue
+    # --- end guard ---
     if steps_run == 1:  # Compiles; timed alone so that it stays out of the throughput.
       jax.block_until_ready(state)
       compile_seconds = time.perf_counter() - step_started
@@ -168,10 +251,12 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None,
         logging.info('Early stopping at step %d: %s has not improved for %d evals',
                      step, config.early_stopping.metric, config.early_stopping.patience)
       halted = on_eval is not None and bool(on_eval(step, eval_metrics))
+    preempted = preemption.requested  # Read once: a signal now still gets its checkpoint.
     if (step % config.checkpoint_every_steps == 0 or final or stopped_early or halted
-        or step == last_step):
+        or step == last_step or preempted):
       checkpointer.save(step, exp.strategy.checkpoint_view(state),
-                        {'early_stopping': early_stopping.to_json(), 'stopped_early': stopped_early})
+                        {'early_stopping': early_stopping.to_json(), 'stopped_early': stopped_early,
+                         'data_offset': data_offset, 'guard_events': guard.to_json()})
   train_seconds = time.perf_counter() - loop_started - eval_seconds
   train_batches.close()
   if pending_log is not None:
@@ -187,7 +272,8 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None,
   # The test split, once, with the weights eval uses, when the run is over (not when a call
   # stops at stop_at_step before the end); nothing during training ever reads it.
   test_metrics = None
-  if (stopped_early or exp.strategy.step_of(state) >= num_steps) and not halted:
+  run_over = stopped_early or exp.strategy.step_of(state) >= num_steps
+  if run_over and not halted and not guard_stop:
     test_metrics = _evaluate(eval_step, state, exp, 'test')
   if test_metrics is not None:
     writer.write_scalars(exp.strategy.step_of(state),
@@ -200,6 +286,8 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None,
       'num_train_steps': num_steps,
       'stopped_early': bool(stopped_early),
       'halted': halted,
+      'preempted': preempted,  # SIGTERM/SIGINT: checkpointed at 'steps'; run again to go on.
+      'guard_events': guard.to_json(),  # Steps whose update the numerics guard dropped.
       'best_eval': {config.early_stopping.metric: early_stopping.best},
       'wall_time_s': time.perf_counter() - started,
       'train_time_s': train_seconds,
@@ -235,4 +323,8 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None,
   logging.info('Final eval at step %d: %s', summary['steps'], eval_metrics)
   if test_metrics is not None:
     logging.info('Test at step %d: %s', summary['steps'], test_metrics)
+  if guard_stop:
+    raise KilnError(f'{guard_stop.line()}: training stopped (config.guard.policy=stop); '
+                    f"summary.json and the checkpoints in {workdir} are from before it. Look for "
+                    "the cause with doctor.py, or set config.guard.policy='skip' or 'rollback'")
   return summary

@@ -96,3 +96,15 @@ def tiny_bert_classify_config():
   c.eval_every_steps = 50
   c.checkpoint_every_steps = 50
   return c
+
+
+def fault_config():
+  """tiny_config checkpointing every 2 steps, without dropout (runs killed at random steps are
+  compared with an uninterrupted one)."""
+  c = tiny_config()
+  c.model.dropout_rate = 0.0
+  c.num_train_steps = 30
+  c.checkpoint_every_steps = 2
+  c.keep_checkpoints = 3
+  c.eval_every_steps = 30
+  return c

@@ -1,0 +1,55 @@
+"""Checks a config before a long run and names what is wrong: its data (labels, leakage,
+normalisation, NaN/Inf, vocabulary, masks), its initialisation (initial loss against the
+uniform-prediction loss, output and activation scales, dead units, frozen layers) and its
+optimisation (overfitting one batch, a learning-rate range test, the largest batch that fits).
+
+  python doctor.py --config=configs/default.py [--workdir=runs/doctor] [--config.KEY=VALUE ...]
+
+Each finding is one line: what, the evidence, the fix. The report is <workdir>/doctor.json,
+with TensorBoard curves (overfit loss, range test) and doctor_lr_range.png beside it. Exits
+with status 1 when any finding is an error or a warning.
+"""
+
+import functools
+import os
+import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+
+import train  # noqa: E402  First (it configures the host before JAX or TF start threads).
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from core.errors import KilnError  # noqa: E402
+from doctor import run  # noqa: E402
+
+_WORKDIR = flags.DEFINE_string('workdir', 'runs/doctor', 'Folder for doctor.json and its plots.')
+
+
+def main(argv, config_flag):
+  logging.get_absl_handler().addFilter(train._OwnLinesOnly())
+  if len(argv) > 1:
+    sys.exit(f'error: unexpected arguments {argv[1:]}: pass settings as --config.KEY=VALUE')
+  try:
+    config = config_flag.value
+    config.to_dict()
+  except OSError as e:
+    sys.exit(f"error: {' '.join(str(e).split())}: pass an existing file to --config")
+  try:
+    report = run.diagnose(config, _WORKDIR.value)
+  except KilnError as e:
+    sys.exit(f'error: {e}')
+  for finding in report['findings']:
+    print(finding.line())
+  path = os.path.join(os.path.abspath(_WORKDIR.value), 'doctor.json')
+  print(f"{report['problems']} problem(s) in {len(report['findings'])} findings; report: {path}")
+  sys.exit(1 if report['problems'] else 0)
+
+
+if __name__ == '__main__':
+  try:
+    config_flag = config_flags.DEFINE_config_file(
+        'config', 'configs/default.py', 'Experiment config file.', lock_config=True)
+  except train._FLAG_ERRORS as e:
+    train._bad_flag_exit(e, sys.argv)
+  app.run(functools.partial(main, config_flag=config_flag), flags_parser=train._parse_flags)

@@ -1,0 +1,338 @@
+"""Initialisation and optimisation checks: one probed forward/backward at initialisation,
+overfitting one batch, a learning-rate range test (Smith 2017) and the largest batch that
+fits device memory. All run the task's real loss and the run's real compiled train step."""
+
+import dataclasses
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from core.paths import path_string
+from doctor.findings import Finding
+from loop import guard as guard_lib
+from loop import layer_probe, steps
+from loop.state import create_sharded_state
+from monitor import hardware
+from optim.chain import build_transform
+
+INITIAL_LOSS_TOLERANCE = 0.25  # Initial loss more than this fraction off the uniform loss.
+OUTPUT_STD_LIMIT = 5.0  # Output (logit) std at initialisation above this: overconfident init.
+DEAD_LIMIT = 0.5  # Share of a layer's channels negative for every input: dead under ReLU.
+ACTIVATION_RMS = (1e-4, 1e3)  # A layer output RMS outside this: vanishing or exploding.
+INPUT_SENSITIVITY = 1e-4  # Outputs of two different batches closer than this: input ignored.
+
+
+def _stats(x) -> dict:
+  """RMS, finiteness and (for [..., C] outputs) the share of channels never positive."""
+  x = x.astype(jnp.float32)
+  out = {'rms': jnp.sqrt(jnp.mean(jnp.square(x))), 'finite': jnp.all(jnp.isfinite(x))}
+  if x.ndim >= 2 and x.shape[-1] > 1:
+    out['dead'] = jnp.mean(jnp.all(x.reshape(-1, x.shape[-1]) <= 0, axis=0))
+  return out
+
+
+def probe(task, template, params, model_state, batch, key):
+  """Jitted: the loss, the uniform-prediction loss (the root output replaced by zeros: ln C
+  for C classes, the CTC/RNN-T loss of uniform predictions), per-layer output statistics in
+  call order, the root output's std and every parameter's gradient."""
+  paths = []
+
+  def loss_fn(params):
+    model = template.merge(params, model_state)
+    with layer_probe.recording(model) as records:
+      loss, _ = task.loss(model, batch, nnx.Rngs(dropout=key))
+    paths[:] = [path for path, _ in records]
+    layer_stats = [[_stats(x) for x in layer_probe.array_leaves(out)][:1] for _, out in records]
+    root = layer_probe.array_leaves(records[-1][1]) if records else []
+    root_std = jnp.std(root[0].astype(jnp.float32)) if root else jnp.float32(0)
+    return loss, (layer_stats, root_std)
+
+  def uniform_loss(params):
+    model = template.merge(params, model_state)
+    with layer_probe.recording(model, replace_root_output=lambda out: jax.tree.map(
+        lambda x: jnp.zeros_like(x) if jnp.issubdtype(x.dtype, jnp.inexact) else x, out)):
+      return task.loss(model, batch, nnx.Rngs(dropout=key))[0]
+
+  def both(params):
+    (loss, (layer_stats, root_std)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, uniform_loss(params), layer_stats, root_std, grads
+
+  loss, uniform, layer_stats, root_std, grads = jax.jit(both)(params)
+  return {'loss': float(loss), 'uniform_loss': float(uniform), 'output_std': float(root_std),
+          'layers': [(path, {k: float(v) for k, v in s[0].items()} if s else {})
+                     for path, s in zip(paths, layer_stats)],
+          'grads': grads}
+
+
+def init_findings(probed: dict) -> list[Finding]:
+  out = []
+  loss, uniform = probed['loss'], probed['uniform_loss']
+  if not math.isfinite(loss):
+    out.append(Finding('initial_loss', 'error', f'the initial loss is {loss}',
+                       'look for NaN inputs, a log of zero or a division in the loss'))
+  elif uniform > 0 and abs(loss - uniform) > INITIAL_LOSS_TOLERANCE * uniform:
+    out.append(Finding('initial_loss', 'warning' if loss < uniform else 'error',
+                       f'initial loss {loss:.4g}, but uniform predictions score {uniform:.4g} '
+                       f'(ln C for C classes): the initial outputs are '
+                       f"{'confidently wrong' if loss > uniform else 'already informed'}",
+                       'initialise the output layer small (or zero) and check the labels and '
+                       'the loss', {'loss': loss, 'uniform_loss': uniform}))
+  if probed['output_std'] > OUTPUT_STD_LIMIT:
+    out.append(Finding('output_scale', 'warning',
+                       f"initial outputs have std {probed['output_std']:.3g} (> "
+                       f'{OUTPUT_STD_LIMIT}): the model starts overconfident',
+                       'scale down the output layer initialisation'))
+  layers = [(p, s) for p, s in probed['layers'] if s and p != '<model>']
+  bad = [p for p, s in layers if not s['finite']]
+  if bad:
+    out.append(Finding('nonfinite_activations', 'error', f'layer {bad[0]} outputs NaN/Inf at '
+                       'initialisation', 'check its initialisation and its inputs'))
+  scale = [(p, s['rms']) for p, s in layers if s['finite']
+           and not ACTIVATION_RMS[0] <= s['rms'] <= ACTIVATION_RMS[1]]
+  if scale:
+    out.append(Finding('activation_scale', 'warning',
+                       'layer outputs vanish or explode at initialisation: ' + ', '.join(
+                           f'{p} rms {r:.3g}' for p, r in scale[:5]),
+                       'use fan-in scaled initialisation and normalisation layers'))
+  dead = [(p, s['dead']) for p, s in layers[:-1] if s.get('dead', 0) > DEAD_LIMIT]
+  if dead:
+    out.append(Finding('dead_units', 'warning',
+                       'channels negative for every example of a batch (dead under ReLU): ' +
+                       ', '.join(f'{p} {d:.0%}' for p, d in dead[:5]),
+                       'lower the learning rate, check biases and the input scale, or use a '
+                       'leaky activation', {'layers': dict(dead)}))
+  return out
+
+
+def layer_grad_norms(grads) -> dict[str, float]:
+  """Global gradient norm per layer (a parameter's parent path)."""
+  norms: dict[str, float] = {}
+  for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+    layer = path_string(path).rsplit('/', 1)[0]
+    norms[layer] = norms.get(layer, 0.0) + float(jnp.sum(jnp.square(g.astype(jnp.float32))))
+  return {k: math.sqrt(v) for k, v in norms.items()}
+
+
+def frozen_findings(norms: dict[str, float]) -> list[Finding]:
+  frozen = [layer for layer, n in norms.items() if n == 0.0]
+  if not frozen or len(frozen) == len(norms):
+    return []
+  return [Finding('frozen_layer', 'error',
+                  f"{len(frozen)} of {len(norms)} layers get exactly zero gradient after a few "
+                  f"steps: {', '.join(frozen[:6])}",
+                  'look for stop_gradient, a detached branch, an output multiplied by zero or '
+                  'parameters the optimizer masks', {'layers': frozen})]
+
+
+@dataclasses.dataclass
+class Trained:
+  """What the overfit check leaves for the checks that need a trained model."""
+  state: object
+  losses: list
+
+
+def _step_loss(batch_metrics, scalars) -> float:
+  values = batch_metrics.compute()
+  if 'loss' in values:
+    return float(values['loss'])
+  return float(scalars['guard_loss'])
+
+
+def overfit_one_batch(exp, host_batch, num_steps: int, target: float, uniform: float
+                      ) -> tuple[list[Finding], Trained]:
+  """Trains the run's own step on one batch; the loss should fall near zero."""
+  state, shardings = exp.create_state()
+  train_step = exp.train_step(shardings)
+  batch = exp.strategy.place(host_batch)
+  losses = []
+  for _ in range(num_steps):
+    state, batch_metrics, scalars = train_step(state, batch)
+    losses.append(_step_loss(batch_metrics, scalars))
+    if len(losses) >= 10 and max(losses[-5:]) < target * uniform:
+      break
+  trained = Trained(state, losses)
+  first, last = losses[0], float(np.mean(losses[-5:]))
+  data = {'first_loss': first, 'last_loss': last, 'steps': len(losses), 'target': target * uniform}
+  if math.isfinite(last) and last < target * uniform:
+    return [Finding('overfit_one_batch', 'info', f'one batch memorised: loss {first:.3g} -> '
+                    f'{last:.3g} in {len(losses)} steps', data=data)], trained
+  if not math.isfinite(last) or last > first:
+    suspect = ('the learning rate is too high (the loss rose or diverged)', 'lower the learning '
+               'rate (see learning_rate_range) and add warmup or gradient clipping')
+  elif last > 0.9 * first:
+    suspect = ('the model barely learns: a learning rate far too low, frozen layers, or outputs '
+               'that ignore the input', 'see the other findings; raise the learning rate')
+  else:
+    suspect = ('learning is slow: capacity, regularisation (dropout, weight decay) or the '
+               'learning rate', 'raise capacity or the learning rate, lower regularisation')
+  return [Finding('overfit_failed', 'error',
+                  f'one batch not memorised in {len(losses)} steps: loss {first:.3g} -> '
+                  f'{last:.3g} (target < {target * uniform:.3g}); suspect: {suspect[0]}',
+                  suspect[1], data)], trained
+
+
+def input_sensitivity(exp, state, batches) -> list[Finding]:
+  """Outputs on two different batches: identical outputs mean the input is ignored."""
+  view = exp.strategy.checkpoint_view(state)
+  params, model_state = view.params, view.model_state
+
+  def root_output(batch):
+    model = exp.template.merge(params, model_state)
+    with layer_probe.recording(model) as records:
+      exp.task.evaluate(model, batch)
+    return layer_probe.array_leaves(records[-1][1])[0].astype(jnp.float32)
+
+  a, b = (jax.jit(root_output)(batch) for batch in batches)
+  n = min(a.shape[0], b.shape[0])
+  difference = float(jnp.mean(jnp.abs(a[:n] - b[:n])) / (jnp.mean(jnp.abs(a[:n])) + 1e-12))
+  if difference >= INPUT_SENSITIVITY:
+    return []
+  return [Finding('input_ignored', 'error',
+                  f'the trained model gives the same outputs for two different batches '
+                  f'(relative difference {difference:.2g}): its outputs ignore the input',
+                  'check that the forward pass uses its input (a wrong variable, a zeroed or '
+                  'detached input path, a constant fed instead of the batch)',
+                  {'relative_difference': difference})]
+
+
+def learning_rate_range(exp, batches, low: float, high: float, num_steps: int, workdir: str,
+                        writer=None) -> tuple[list[Finding], dict]:
+  """Smith (2017): the rate grows exponentially from `low` to `high` over successive training
+  batches; the suggestion is a tenth of the rate at the lowest smoothed loss."""
+  config = exp.config
+  rates = low * (high / low) ** (np.arange(num_steps) / max(num_steps - 1, 1))
+  tx = build_transform(config, lambda step: low * (high / low) ** (
+      step / max(num_steps - 1, 1)))
+  options = dataclasses.replace(exp.step_options, guard=guard_lib.GuardOptions())
+  state, shardings = create_sharded_state(exp.template, tx, config.seed, exp.mesh, exp.rules,
+                                          exp.use_ema, options.pruning, lora=exp.lora)
+  state = exp.strategy.distribute(state, shardings)
+  train_step = exp.strategy.compile_train(steps.train_step_fn(
+      exp.task, exp.template, tx, options,
+      mesh=exp.mesh if exp.strategy.name == 'jit' else None,
+      axis_name=exp.strategy.norm_axis_name, lora=exp.lora), shardings)
+  losses, smoothed, average = [], [], 0.0
+  for i, host_batch in zip(range(num_steps), batches):
+    state, batch_metrics, scalars = train_step(state, exp.strategy.place(host_batch))
+    loss = _step_loss(batch_metrics, scalars)
+    losses.append(loss)
+    average = 0.9 * average + 0.1 * loss
+    smoothed.append(average / (1 - 0.9 ** (i + 1)))
+    if not math.isfinite(loss) or (i > 10 and smoothed[-1] > 4 * min(smoothed)):
+      break
+  best = int(np.nanargmin(smoothed))
+  suggested = float(rates[best] / 10)
+  data = {'rates': rates[:len(losses)].tolist(), 'losses': losses, 'smoothed': smoothed,
+          'suggested': suggested, 'lowest_loss_rate': float(rates[best])}
+  if writer is not None:
+    for i, (rate, loss) in enumerate(zip(rates, smoothed)):
+      writer.write_scalars(i, {'doctor/lr_range_rate': float(rate),
+                               'doctor/lr_range_loss': float(loss)})
+  plot = _plot_range(data, os.path.join(workdir, 'doctor_lr_range.png'))
+  findings = [Finding('learning_rate_range', 'info',
+                      f'smoothed loss lowest at rate {rates[best]:.3g}; suggested rate '
+                      f'{suggested:.3g} (a tenth of it){f"; plot: {plot}" if plot else ""}',
+                      data=data)]
+  configured = config.optimizer.learning_rate
+  if config.optimizer.name != 'adafactor':  # Its "rate" is a relative step size.
+    ratio = configured / suggested
+    if ratio > 10:
+      findings.append(Finding('learning_rate', 'error',
+                              f'config.optimizer.learning_rate={configured:g} is {ratio:.0f}x the '
+                              f'range test\'s suggestion {suggested:.3g}: too high',
+                              f'set --config.optimizer.learning_rate={suggested:.2g}',
+                              {'configured': configured, 'suggested': suggested}))
+    elif ratio < 0.02:
+      findings.append(Finding('learning_rate', 'warning',
+                              f'config.optimizer.learning_rate={configured:g} is 1/{1 / ratio:.0f} '
+                              f'of the range test\'s suggestion {suggested:.3g}: likely too low',
+                              f'try --config.optimizer.learning_rate={suggested:.2g}',
+                              {'configured': configured, 'suggested': suggested}))
+  return findings, data
+
+
+def _plot_range(data: dict, path: str) -> str:
+  try:
+    import matplotlib
+    matplotlib.use('Agg')
+    from matplotlib import pyplot as plt
+  except ImportError:
+    return ''
+  figure, axis = plt.subplots(figsize=(6, 4))
+  axis.semilogx(data['rates'], data['smoothed'][:len(data['rates'])], label='smoothed loss')
+  axis.axvline(data['suggested'], color='g', linestyle='--', label='suggested')
+  axis.set_xlabel('learning rate')
+  axis.set_ylabel('training loss')
+  axis.legend()
+  figure.tight_layout()
+  tmp = path + '.tmp.png'
+  figure.savefig(tmp)
+  plt.close(figure)
+  os.replace(tmp, path)
+  return path
+
+
+def memory_budget(gigabytes: float) -> tuple[float, str]:
+  """Bytes one device may use: the configured budget, the device's limit, or (CPU) the
+  host's memory shared by its devices."""
+  if gigabytes > 0:
+    return gigabytes * 2 ** 30, 'config.doctor.memory_budget_gb'
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if 'bytes_limit' in stats:
+    return float(stats['bytes_limit']), 'device memory_stats'
+  host = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  return host / jax.local_device_count(), 'host memory / local devices'
+
+
+def largest_batch(exp, state, shardings, host_batch, budget_gb: float, limit: int,
+                  scaling: str) -> list[Finding]:
+  """Doubles the global batch until the compiled step's peak memory (XLA's memory analysis)
+  exceeds the budget, then bisects; the learning rate scales by `scaling`."""
+  if exp.strategy.name != 'jit':
+    return [Finding('largest_batch', 'info', 'not measured: needs parallel.strategy=jit')]
+  budget, source = memory_budget(budget_gb)
+  train_step = exp.train_step(shardings)
+  base = exp.config.batch_size
+
+  def peak(size: int) -> float:
+    batch = {k: jax.ShapeDtypeStruct((size * v.shape[0] // base, *v.shape[1:]), v.dtype,
+                                     sharding=exp.strategy.batch_sharding)
+             for k, v in host_batch.items()}
+    compiled = train_step.lower(state, batch).compile()
+    return float(hardware.memory_analysis_bytes(compiled)[1])
+
+  fits, fails, measured = None, None, {}
+  size = base
+  while size <= limit:
+    measured[size] = peak(size)
+    if measured[size] > budget:
+      fails = size
+      break
+    fits, size = size, size * 2
+  if fits is not None and fails is not None:
+    for _ in range(3):  # Bisection between the last fit and the first failure.
+      middle = (fits + fails) // 2 // base * base
+      if middle in (fits, fails):
+        break
+      measured[middle] = peak(middle)
+      fits, fails = (middle, fails) if measured[middle] <= budget else (fits, middle)
+  if fits is None:
+    return [Finding('largest_batch', 'warning',
+                    f'config.batch_size={base} needs {measured[base] / 2**30:.2f} GiB per device, '
+                    f'over the budget of {budget / 2**30:.2f} GiB ({source})',
+                    'lower the batch size or use gradient accumulation', {'measured': measured})]
+  factor = fits / base
+  rate = exp.config.optimizer.learning_rate * (factor if scaling == 'linear' else math.sqrt(factor))
+  bound = 'the search limit' if fails is None else f'{fails} does not'
+  return [Finding('largest_batch', 'info',
+                  f'global batch {fits} fits ({measured[fits] / 2**30:.2f} GiB peak per device of '
+                  f'{budget / 2**30:.2f} GiB, {source}; {bound}); with the {scaling} rule its '
+                  f'learning rate is {rate:.3g}',
+                  data={'batch_size': fits, 'learning_rate': rate,
+                        'measured_bytes': {str(k): v for k, v in measured.items()},
+                        'budget_bytes': budget})]
+

@@ -1,0 +1,40 @@
+"""Preemption: SIGTERM (a scheduler reclaiming the machine) or SIGINT (Ctrl-C) asks the loop
+to checkpoint the step it is on and return, instead of dying between checkpoints.
+
+The handlers only set a flag; the loop reads it between steps. A second signal of the same
+kind is not caught again (Ctrl-C twice still interrupts at once).
+"""
+
+import signal
+import threading
+
+from absl import logging
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Preemption:
+  """Within `with Preemption() as preemption:`, `preemption.requested` turns True on a signal."""
+
+  def __init__(self):
+    self.requested = False
+    self.signal_name = ''
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    self.requested = True
+    self.signal_name = signal.Signals(signum).name
+    logging.warning('%s received: checkpointing the current step, then stopping',
+                    self.signal_name)
+    signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():  # Handlers live there only.
+      for signum in SIGNALS:
+        self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    return False
