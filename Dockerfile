@@ -18,22 +18,9 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY deploy/constraints.txt deploy/constraints.txt
-COPY backends backends
-COPY compress compress
-COPY configs configs
-COPY core core
-COPY export export
-COPY input_pipeline input_pipeline
-COPY loop loop
-COPY models models
-COPY monitor monitor
-COPY optim optim
-COPY parallel parallel
-COPY serve serve
-COPY tasks tasks
-COPY train.py serve.py export.py generate.py ./
+# The whole context less .dockerignore's list: a package added to the repository is in the image
+# without an edit here (tests/test_deploy.py checks that everything imported is copied).
+COPY . .
 RUN pip install --constraint deploy/constraints.txt .
 
 # --- runtime: the virtualenv and the entry points, as a non-root user ---
