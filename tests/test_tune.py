@@ -202,15 +202,14 @@ def test_a_study_trains_prunes_fails_and_reports(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_nsga2_returns_a_pareto_front_and_draws_it(tmp_path):
-  space = _space({'model.dense_features': {'type': 'categorical', 'choices': (4, 16, 64)}},
+  space = _space({'model.dense_features': {'type': 'categorical', 'choices': (4, 64)}},
                  (('accuracy', 'max'), ('model_stats.params', 'min')))
   spec = _spec(tmp_path, space, sampler='nsga2', pruner='none', population_size=2)
-  spec.config.num_train_steps = 20
-  spec.config.eval_every_steps = 20
+  spec.config.num_train_steps = spec.config.eval_every_steps = 10
   study = study_lib.open_study(spec)
-  for width in (4, 16, 64):
+  for width in (4, 64):
     study.enqueue_trial({'model.dense_features': width})
-  best = results.write_results(study_lib.run_worker(spec, n_trials=3), str(tmp_path))
+  best = results.write_results(study_lib.run_worker(spec, n_trials=2), str(tmp_path))
   front = best['pareto_front']
   assert front and all(study_lib.OVERRIDES in t or 'overrides' in t for t in front)
   values = [(t['values']['accuracy'], t['values']['model_stats.params']) for t in front]
@@ -220,13 +219,30 @@ def test_nsga2_returns_a_pareto_front_and_draws_it(tmp_path):
   assert os.path.getsize(tmp_path / results.PLOTS['pareto']) > 10_000
 
 
+# A study whose trials differ only in the seed: every trial after the first reuses the
+# compiled steps, so the test pays for processes and storage, not compiles.
+SEED_STUDY_CONFIG = """
+from tests.tiny import tiny_config
+
+
+def get_config():
+  c = tiny_config()
+  c.num_train_steps = 30  # Long enough to be killed after a checkpoint, before the end.
+  c.eval_every_steps = 15  # Two evals a trial.
+  c.checkpoint_every_steps = 5  # A killed trial has a checkpoint to resume from.
+  return c
+
+
+def get_search_space():
+  return {'params': {'seed': {'type': 'int', 'low': 0, 'high': 1000000}},  # Init and data order.
+          'objectives': (('accuracy', 'max'),)}  # Held-out accuracy.
+"""
+
+
 def _tune_command(study_dir, n_trials):
-  return [sys.executable, str(REPO / 'tune.py'), '--config=configs/default.py',
+  return [sys.executable, str(REPO / 'tune.py'), f'--config={study_dir}/seed_study.py',
           f'--study_dir={study_dir}', f'--n_trials={n_trials}', '--sampler=random',
-          '--pruner=none', '--config.num_train_steps=30', '--config.eval_every_steps=15',
-          '--config.checkpoint_every_steps=5', '--config.model.features=(8, 16)',
-          '--config.model.dense_features=32', '--config.batch_size=32',
-          '--config.schedule.warmup_steps=5', '--config.log_every_steps=10']
+          '--pruner=none']
 
 
 @pytest.mark.slow
@@ -234,8 +250,9 @@ def test_two_workers_share_a_study_and_a_killed_one_is_replaced(tmp_path):
   """Two tune.py processes on one journal; one is killed mid-trial and started again: the
   study ends with exactly N finished trials, none twice, and the killed trial's retry resumed
   from its checkpoint."""
-  n = 4
-  env = {**os.environ, 'KILN_TUNE_TEST': '1'}
+  n = 3
+  (tmp_path / 'seed_study.py').write_text(SEED_STUDY_CONFIG)
+  env = dict(os.environ)
   logs = [open(tmp_path / f'worker{i}.log', 'w') for i in range(3)]
   workers = [subprocess.Popen(_tune_command(tmp_path, n), cwd=REPO, env=env, stdout=logs[i],
                               stderr=subprocess.STDOUT) for i in range(2)]
@@ -269,7 +286,7 @@ def test_two_workers_share_a_study_and_a_killed_one_is_replaced(tmp_path):
   trials = study.get_trials()
   done = [t for t in trials if t.state == TrialState.COMPLETE]
   assert len(done) == n
-  assert len({t.params[LR] if LR in t.params else None for t in done}) == n
+  assert len({t.params['seed'] for t in done}) == n
   killed = [t for t in trials if t.number == victim_trial.number][0]
   assert killed.state == TrialState.FAIL and study_lib.ERROR not in killed.user_attrs
   retry = [t for t in done if study_lib.retry_of(t) == victim_trial.number]
@@ -279,3 +296,51 @@ def test_two_workers_share_a_study_and_a_killed_one_is_replaced(tmp_path):
   assert 'Resumed from step' in log
   with open(tmp_path / results.BEST_JSON) as f:
     assert json.load(f)['trials'] == {'complete': n, 'pruned': 0, 'fail': 1}
+
+
+CANDIDATE_CONFIG = """
+from tests.tiny import tiny_config
+
+
+def get_config():
+  c = tiny_config()
+  c.num_train_steps = -1  # Lengths come from select's epoch budgets.
+  c.eval_every_steps = 1000  # One eval, at the end.
+  {model}
+  return c
+"""
+
+
+@pytest.mark.slow
+def test_successive_halving_ranks_equal_budgets_and_repeats_with_its_seed(tmp_path):
+  """A CNN and a one-hidden-unit MLP on the digits: the first round trains both for half the
+  budget, the better goes on to the full budget; the leaderboard is the same when run again."""
+  from tune import selection
+  paths = []
+  for name, model in (('cnn', "c.model.dense_features = 32  # Tiny."),
+                      ('mlp1', "c.model = c.model.__class__({'name': 'mlp', "
+                               "'hidden_features': (1,)})  # One hidden unit: a poor model.")):
+    path = tmp_path / f'{name}.py'
+    path.write_text(CANDIDATE_CONFIG.format(model=model))
+    paths.append(str(path))
+  candidates = selection.load_candidates(paths)
+  assert selection.round_budgets(2, 1.0) == [0.5, 1.0]
+  board = selection.successive_halving(candidates, 1.0, str(tmp_path / 'a'), seed=1)
+  assert [r['candidate'] for r in board] == ['cnn', 'mlp1']
+  assert [r['round'] for r in board] == [1, 0] and board[0]['epochs'] == 1.0
+  assert abs(board[0]['steps'] - 2 * board[1]['steps']) <= 1  # Epochs: twice the examples.
+  assert board[0]['params'] > board[1]['params'] and board[0]['latency_ms_per_example'] > 0
+  text = selection.write_leaderboard(board, str(tmp_path / 'a'), 'accuracy')
+  assert text.splitlines()[2].startswith('| 1 | cnn | 1 |')
+  again = selection.successive_halving(candidates, 1.0, str(tmp_path / 'b'), seed=1)
+  keys = ('candidate', 'round', 'steps', 'val_accuracy', 'params', 'seed')
+  assert [{k: r[k] for k in keys} for r in again] == [{k: r[k] for k in keys} for r in board]
+
+
+def test_candidates_must_share_task_and_data(tmp_path):
+  from tune import selection
+  with pytest.raises(KilnError, match='give two or more'):
+    selection.load_candidates([str(REPO / 'configs/default.py')])
+  with pytest.raises(KilnError, match='same task and dataset'):
+    selection.load_candidates([str(REPO / 'configs/default.py'),
+                               str(REPO / 'configs/mnist_cnn.py')])
