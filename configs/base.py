@@ -189,6 +189,17 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.quantization.mode = 'none'  # 'none', or 'int8': train and evaluate with int8 fake-quant weights (per channel) and activations (calibrated scales).
   c.quantization.exclude = r'bias$|scale$|norm|embed'  # Regex on 'a/b/kernel' paths whose layers stay float.
 
+  # --- differential privacy (trust/training/privacy.py; DP-SGD, Abadi et al. 2016) ---
+  # Batches are Poisson samples with q = batch_size / train examples, padded to a fixed shape.
+  c.privacy = ml_collections.ConfigDict()
+  c.privacy.enabled = False  # Train with DP-SGD: per-example clipping, Gaussian noise, Poisson-sampled batches.
+  c.privacy.clip_norm = 1.0  # C: each example's gradient is scaled down to L2 norm <= C (its influence bound).
+  c.privacy.noise_multiplier = 1.1  # sigma: noise std is sigma * C on each step's summed gradient; target_epsilon > 0 overrides.
+  c.privacy.target_epsilon = 0.0  # > 0: calibrate noise_multiplier before training so the whole run spends this epsilon.
+  c.privacy.delta = 1e-5  # delta of the (epsilon, delta) guarantee; must be below 1 / train examples.
+  c.privacy.accountant = 'pld'  # 'pld' (tighter) or 'rdp': the accountant epsilon is reported and calibrated with.
+  c.privacy.max_batch_size = -1  # Rows Poisson samples are padded to; -1: the size a sample exceeds with probability <= delta per run.
+
   # --- export (export.py): each artifact is checked against the JAX model on held-out data ---
   c.export = ml_collections.ConfigDict()
   c.export.calibration_batches = 8  # Training batches that calibrate int8 activation ranges.

@@ -31,11 +31,17 @@ from parallel.placement import DevicePrefetcher
 from parallel.strategy import JitStrategy, PmapStrategy, create_strategy
 from tasks import create_task
 from tasks.base import Task
+from trust.training import privacy as privacy_lib
+
+
+def batch_multiple(mesh, micro_batches: int = 1) -> int:
+  """What every global batch must be a multiple of: shards x processes x micro-batches."""
+  return math.lcm(mesh_lib.batch_divisor(mesh), jax.process_count()) * micro_batches
 
 
 def global_batch_check(name: str, size: int, mesh, micro_batches: int = 1) -> int:
   """Returns this host's share of a global batch, or says how to fix the size."""
-  divisor = math.lcm(mesh_lib.batch_divisor(mesh), jax.process_count()) * micro_batches
+  divisor = batch_multiple(mesh, micro_batches)
   if size <= 0 or size % divisor:
     raise KilnError(f'config.{name}={size} must be a positive multiple of {divisor} '
                     '(batch shards on the mesh x processes x accumulation steps)')
@@ -64,6 +70,18 @@ class Experiment:
   @property
   def use_ema(self) -> bool:
     return self.step_options.ema_decay > 0
+
+  @property
+  def privacy(self) -> privacy_lib.Privacy | None:
+    return self.step_options.privacy
+
+  def train_batches(self, start_step: int):
+    """This host's endless training batches from `start_step` (Poisson samples, padded to a
+    fixed shape, under DP-SGD)."""
+    if self.privacy is None:
+      return self.task.train_batches(self.host_batch, start_step)
+    return self.task.train_batches(self.host_batch, start_step,
+                                   sampling_rate=self.privacy.sampling_rate)
 
   def create_state(self):
     """(state, shardings): the initial train state, built sharded on the mesh."""
@@ -183,6 +201,15 @@ def build_experiment(config, devices=None) -> Experiment:
       config.pruning, num_steps, pruning_lib.flat_layouts(template.kernel_layout()),
       pruning_lib.flat_layouts(template.param_shapes())))
   # --- end pruning ---
+  # --- DP-SGD: noise calibrated to the budget now; batches padded Poisson samples ---
+  privacy = privacy_lib.from_config(config.privacy, config.batch_size, task.num_train_examples,
+                                    num_steps, batch_multiple(mesh, step_options.accumulation_steps))
+  if privacy is not None:
+    privacy_lib.check_compatible(config, nnx.eval_shape(lambda: build_model(nnx.Rngs(0))))
+    host_batch = global_batch_check('privacy.max_batch_size', privacy.padded_batch_size, mesh,
+                                    step_options.accumulation_steps)
+    step_options = dataclasses.replace(step_options, privacy=privacy)
+  # --- end DP-SGD ---
   # --- distillation: the teacher run's config.json and newest checkpoint, before any write ---
   teacher = teacher_lib.load(config, task, strategy.norm_axis_name, jax.process_index(),
                              jax.process_count())

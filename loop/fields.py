@@ -21,6 +21,7 @@ from models import registry as model_registry
 from optim import factory
 from parallel.strategy import STRATEGIES
 from tasks import TASKS
+from trust.training import privacy
 from backends import ops
 
 _TFDS = (sources.TFDS_PREFIX,)
@@ -134,6 +135,15 @@ BASE: dict[str, F.Constraint] = {
     # --- end low-rank and LoRA ---
     'quantization.mode': F.Choices(quantize.QAT_MODES),
     'quantization.exclude': F.Free('a regex on parameter paths', F.regex),
+    # --- differential privacy (cross-field rules in trust.training.privacy.from_config) ---
+    'privacy.enabled': F.FLAG,
+    'privacy.clip_norm': F.Range(0, low_open=True),
+    'privacy.noise_multiplier': F.NON_NEGATIVE,
+    'privacy.target_epsilon': F.NON_NEGATIVE,  # 0: use noise_multiplier as it is.
+    'privacy.delta': F.Range(0, 1, low_open=True, high_open=True),
+    'privacy.accountant': F.Choices(privacy.ACCOUNTANTS),
+    'privacy.max_batch_size': F.Range(-1, integer=True, nonzero=True),  # -1: chosen.
+    # --- end differential privacy ---
     'export.calibration_batches': F.POSITIVE_INT,
     'export.max_eval_examples': F.NON_NEGATIVE_INT,
     'export.latency_runs': F.POSITIVE_INT,

@@ -15,6 +15,7 @@ from loop.state import ModelTemplate, TrainState, optimized
 from optim import regularization
 from parallel import mesh as mesh_lib
 from tasks.base import Task
+from trust.training import privacy as privacy_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +27,7 @@ class StepOptions:
   accumulation_steps: int = 1
   ema_decay: float = 0.0
   pruning: pruning_lib.Pruning | None = None  # Set by build_experiment when pruning is on.
+  privacy: privacy_lib.Privacy | None = None  # DP-SGD, set by build_experiment when it is on.
   guard: guard_lib.GuardOptions = guard_lib.GuardOptions()  # config.guard (loop/guard.py).
 
   @classmethod
@@ -66,8 +68,14 @@ def train_step_fn(task: Task, template: ModelTemplate, tx: optax.GradientTransfo
   """
   k = options.accumulation_steps
   pruning, guard = options.pruning, options.guard
+  privacy = options.privacy
+  penalized = bool(options.l1 or options.l2)
 
-  def loss_and_grads(params, model_state, batch, key, teacher_values=None):
+  def penalty(params):
+    mask = regularization.included_mask(params, options.exclude)
+    return regularization.penalty(params, mask, options.l1, options.l2)
+
+  def loss_and_grads(params, model_state, batch, key, teacher_values=None, with_penalty=True):
     def loss_fn(params):
       if lora is not None:  # LoRA: `params` is {'params', 'lora'}; the model sees W + s A B.
         params = lora.apply(params['params'], params['lora'])
@@ -77,17 +85,34 @@ def train_step_fn(task: Task, template: ModelTemplate, tx: optax.GradientTransfo
         loss, batch_metrics = task.loss(model, batch, rngs)
       else:  # Distillation: the teacher's eval forward runs here, in the same step.
         loss, batch_metrics = teacher.loss(task, model, batch, rngs, teacher_values)
-      if options.l1 or options.l2:
-        mask = regularization.included_mask(params, options.exclude)
-        loss = loss + regularization.penalty(params, mask, options.l1, options.l2)
+      if penalized and with_penalty:
+        loss = loss + penalty(params)
       return loss, (batch_metrics, template.split(model)[1])
     return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+  # --- DP-SGD: per-example gradients (vmap over rows), each clipped, summed over the sample;
+  # padding rows (mask 0) add nothing. The data-independent penalty joins after the noise. ---
+  def clipped_sum(params, model_state, batch, key, teacher_values):
+    def one_example(example, example_key):
+      (loss, (example_metrics, example_state)), grads = loss_and_grads(
+          params, model_state, jax.tree.map(lambda x: x[None], example), example_key,
+          teacher_values, with_penalty=False)
+      return grads, loss, example_metrics, example_state
+    mask = batch['mask']
+    grads, losses, stacked_metrics, states = jax.vmap(one_example)(
+        batch, jax.random.split(key, mask.shape[0]))
+    return privacy_lib.PrivateGrads(
+        *privacy.clipped_sum(grads, mask), loss_sum=jnp.sum(losses * mask),
+        metrics=privacy_lib.masked_metrics(stacked_metrics, mask),
+        model_state=privacy_lib.masked_mean(states, mask))
+  # --- end DP-SGD ---
 
   def train_step(state: TrainState, batch):
     if guard.on and state.guard is None:
       raise KilnError(f'config.guard.policy={guard.policy!r} but the train state has no guard '
                       'window: build it with init_state(..., guard=options.guard)')
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    noise_key = step_key  # DP-SGD's noise: the same on every device, whatever the strategy.
     if axis_name is not None:  # Each device draws its own dropout masks.
       step_key = jax.random.fold_in(step_key, jax.lax.axis_index(axis_name))
     # --- pruning: masks from the params as they are when the step starts (so that a run
@@ -100,7 +125,29 @@ def train_step_fn(task: Task, template: ModelTemplate, tx: optax.GradientTransfo
     # --- LoRA: gradients (and updates) over the tree the optimizer sees ---
     params = optimized(params, state.lora)
     # --- end LoRA ---
-    if k == 1:
+    dp_scalars = {}
+    if privacy is not None:  # DP-SGD: clipped sums over the (micro-)batches, noised once.
+      if k == 1:
+        private = clipped_sum(params, state.model_state, batch, step_key, state.teacher)
+      else:
+        def private_micro_step(carry, micro):
+          index, micro_batch = micro
+          private = clipped_sum(params, carry.model_state, micro_batch,
+                                jax.random.fold_in(step_key, index), state.teacher)
+          return carry.add(private), private.metrics
+        zeros = privacy_lib.PrivateGrads.zeros(params, state.model_state)
+        private, stacked_metrics = jax.lax.scan(
+            private_micro_step, zeros, (jnp.arange(k), split_micro_batches(batch, k, mesh)))
+        private = private.replace(metrics=stacked_metrics.reduce())
+      if axis_name is not None:  # Every device's rows summed, then noised once.
+        private = private.psum(axis_name)
+      grads = privacy.noised_mean(private.grad_sum, noise_key)
+      if penalized:
+        grads = jax.tree.map(jnp.add, grads, jax.grad(penalty)(params))
+      batch_metrics, model_state = private.metrics, private.model_state
+      loss = private.loss_sum / jnp.maximum(private.sampled, 1.0)
+      dp_scalars = private.scalars()
+    elif k == 1:
       (loss, (batch_metrics, model_state)), grads = loss_and_grads(
           params, state.model_state, batch, step_key, state.teacher)
     else:
@@ -122,7 +169,8 @@ def train_step_fn(task: Task, template: ModelTemplate, tx: optax.GradientTransfo
       batch_metrics = stacked_metrics.reduce()
       loss = jnp.mean(micro_losses)
     if axis_name is not None:
-      grads = jax.lax.pmean(grads, axis_name)
+      if privacy is None:  # DP-SGD summed over devices above.
+        grads = jax.lax.pmean(grads, axis_name)
       batch_metrics = sum_over_devices(batch_metrics, axis_name)
       loss = jax.lax.pmean(loss, axis_name)  # Every replica must take the same decision.
 
@@ -145,7 +193,7 @@ def train_step_fn(task: Task, template: ModelTemplate, tx: optax.GradientTransfo
                               opt_state=opt_state, ema_params=ema_params, masks=masks,
                               lora=lora_values)
     optimizer_scalars = {'grad_norm': optax.global_norm(grads),
-                         'update_norm': optax.global_norm(updates)}
+                         'update_norm': optax.global_norm(updates), **dp_scalars}
     # --- guard: a non-finite or spiking step keeps the state it started from ---
     if guard.on:
       ok, guard_state, guard_scalars = guard_lib.check(guard, state.guard, loss,

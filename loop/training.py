@@ -16,7 +16,7 @@ from clu import metric_writers, periodic_actions
 
 from core.errors import KilnError
 from core.io import write_json_atomic
-from loop import experiment, pretrained, run_config
+from loop import auto_batch, experiment, pretrained, run_config
 from loop import guard as guard_lib
 from loop.checkpoint import Checkpointer
 from loop.preemption import Preemption
@@ -103,6 +103,7 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None,
 
 def _train_and_evaluate(config, workdir, stop_at_step, on_eval, preemption) -> dict:
   started = time.perf_counter()
+  config = auto_batch.resolve(config)  # batch_size='auto' and lr_scaling, before anything else.
   exp = experiment.build_experiment(config)  # Rejects bad input before anything is written.
   if config.init.checkpoint_dir:
     pretrained.newest_step(config.init.checkpoint_dir)  # A bad path fails before any write.
@@ -160,8 +161,7 @@ def _train_and_evaluate(config, workdir, stop_at_step, on_eval, preemption) -> d
 
   def batches_from(first_batch: int) -> DevicePrefetcher:
     return DevicePrefetcher(
-        guard_lib.inject(guard.options, task.train_batches(exp.host_batch, first_batch),
-                         first_batch),
+        guard_lib.inject(guard.options, exp.train_batches(first_batch), first_batch),
         exp.strategy.place, config.dataset.prefetch_batches)
 
   train_batches = batches_from(start_step + data_offset)
@@ -246,6 +246,9 @@ def _train_and_evaluate(config, workdir, stop_at_step, on_eval, preemption) -> d
       eval_seconds += time.perf_counter() - eval_started
       meter.start(step, train_batches.wait_seconds)  # Eval time is not step time.
       writer.write_scalars(step, {f'eval_{k}': v for k, v in eval_metrics.items()})
+      if exp.privacy is not None:  # The budget spent so far, beside what it bought.
+        writer.write_scalars(step, {'privacy_epsilon': exp.privacy.epsilon(step),
+                                    'privacy_delta': exp.privacy.delta})
       stopped_early = early_stopping.update(eval_metrics)
       if stopped_early:
         logging.info('Early stopping at step %d: %s has not improved for %d evals',
@@ -303,6 +306,12 @@ def _train_and_evaluate(config, workdir, stop_at_step, on_eval, preemption) -> d
   if summary['examples_per_sec'] is None and steps_run:  # Too short for a timed interval.
     summary['examples_per_sec'] = steps_run * config.batch_size / train_seconds
   summary['model_stats'] = exp.model_stats(state)  # Of the final params (compress/stats.py).
+  if exp.privacy is not None:  # DP-SGD: the (epsilon, delta) of the steps actually taken.
+    summary['privacy'] = exp.privacy.report(summary['steps'])
+    logging.info('Privacy: epsilon %.3f at delta %g (%s) after %d steps, noise multiplier %.4f, '
+                 'sampling rate %.6f', summary['privacy']['epsilon'], exp.privacy.delta,
+                 exp.privacy.accountant, summary['steps'], exp.privacy.noise_multiplier,
+                 exp.privacy.sampling_rate)
   if exp.lora is not None:  # LoRA: adapters and trainable base leaves against the frozen base.
     view = exp.strategy.checkpoint_view(state)
     summary['lora'] = exp.lora.count(view.params, view.lora)

@@ -1,4 +1,7 @@
-"""A small VGG-style CNN: stages of (conv-BN-ReLU) x2 and max-pooling, then an MLP head."""
+"""A small VGG-style CNN: stages of (conv-norm-ReLU) x2 and max-pooling, then an MLP head.
+
+The norm is BatchNorm, or GroupNorm (`norm='group'`), whose statistics are per example:
+DP-SGD's per-example gradients need a model in which no example sees another."""
 
 from collections.abc import Sequence
 
@@ -14,20 +17,32 @@ from models.conv import Conv
 from core.logical_axes import constrain
 
 
+NORMS = ('batch', 'group')
+
+
 class ConvBlock(nnx.Module):
-  """3x3 conv, BatchNorm, ReLU."""
+  """3x3 conv, BatchNorm or GroupNorm, ReLU."""
 
   def __init__(self, in_features: int, out_features: int, *, norm_axis_name: str | None,
-               rngs: nnx.Rngs):
-    # No conv bias: the BatchNorm shift that follows makes it redundant.
+               rngs: nnx.Rngs, norm: str = 'batch', norm_groups: int = 8):
+    # No conv bias: the norm's shift that follows makes it redundant.
     self.conv = Conv(in_features, out_features, (3, 3), use_bias=False, rngs=rngs,
                          kernel_metadata={'logical_axes': (None, None, 'conv_in', 'conv_out')})
     channels = {'logical_axes': ('conv_out',)}
-    self.norm = nnx.BatchNorm(out_features, momentum=0.9, axis_name=norm_axis_name,
-                              scale_metadata=channels, bias_metadata=channels, rngs=rngs)
+    if norm == 'group':
+      if out_features % norm_groups:
+        raise KilnError(f'config.model.norm_groups={norm_groups} must divide every stage\'s '
+                        f'channels (config.model.features has {out_features})')
+      self.norm = nnx.GroupNorm(out_features, num_groups=norm_groups, scale_metadata=channels,
+                                bias_metadata=channels, rngs=rngs)
+    else:
+      self.norm = nnx.BatchNorm(out_features, momentum=0.9, axis_name=norm_axis_name,
+                                scale_metadata=channels, bias_metadata=channels, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    x = self.norm(self.conv(x), use_running_average=not train)
+    x = self.conv(x)
+    x = (self.norm(x, use_running_average=not train) if isinstance(self.norm, nnx.BatchNorm)
+         else self.norm(x))
     return constrain(jax.nn.relu(x), ('batch', None, None, 'conv_out'))
 
 
@@ -38,18 +53,25 @@ class CNN(nnx.Module):
       'features': F.Range(1, integer=True, each=True),
       'dense_features': F.POSITIVE_INT,
       'dropout_rate': F.RATE,
+      'norm': F.Choices(NORMS),
+      'norm_groups': F.POSITIVE_INT,
+      'convs_per_stage': F.POSITIVE_INT,
   }
 
 
   def __init__(self, *, num_classes: int, input_shape: Sequence[int],
                features: Sequence[int] = (32, 64), dense_features: int = 128,
-               dropout_rate: float = 0.2, norm_axis_name: str | None = None, rngs: nnx.Rngs):
-    """`norm_axis_name`: mapped axis over which BatchNorm averages statistics (pmap)."""
+               dropout_rate: float = 0.2, norm: str = 'batch', norm_groups: int = 8,
+               convs_per_stage: int = 2, norm_axis_name: str | None = None, rngs: nnx.Rngs):
+    """`norm`: 'batch' or 'group' (GroupNorm over `norm_groups` channel groups, per example).
+    `convs_per_stage`: conv blocks before each pooling (1 makes DP-SGD's per-example gradients
+    several times cheaper). `norm_axis_name`: mapped axis BatchNorm averages over (pmap)."""
     height, width, channels = input_shape
     stages = []
     for out in features:
-      stages.append(nnx.List([ConvBlock(channels, out, norm_axis_name=norm_axis_name, rngs=rngs),
-                              ConvBlock(out, out, norm_axis_name=norm_axis_name, rngs=rngs)]))
+      block = dict(norm_axis_name=norm_axis_name, norm=norm, norm_groups=norm_groups, rngs=rngs)
+      stages.append(nnx.List([ConvBlock(channels, out, **block)] + [
+          ConvBlock(out, out, **block) for _ in range(convs_per_stage - 1)]))
       channels = out
       height, width = height // 2, width // 2
     if height < 1 or width < 1:

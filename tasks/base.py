@@ -80,9 +80,14 @@ class Task(abc.ABC):
     """The model, sized from the data this task loaded; `norm_axis_name` is the mapped
     device axis over which normalization statistics are averaged (pmap), if any."""
 
-  def train_batches(self, host_batch_size: int, start_step: int) -> Iterator[dict[str, np.ndarray]]:
+  def train_batches(self, host_batch_size: int, start_step: int,
+                    sampling_rate: float | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Endless training batches for this host, resumable at `start_step`, from
-    `self.source.train` (a HostSplit that load_data set up)."""
+    `self.source.train` (a HostSplit that load_data set up). With `sampling_rate` (DP-SGD),
+    Poisson samples padded to `host_batch_size` rows, padding with batch['mask'] == 0."""
+    if sampling_rate is not None:
+      return batching.poisson_batches(self.source.train, host_batch_size, sampling_rate,
+                                      self.config.seed, start_step)
     return batching.train_batches(self.source.train, host_batch_size, self.config.seed,
                                   self.config.dataset.shuffle_buffer, start_step)
 

@@ -68,8 +68,9 @@ class ImageClassification(ImageTask):
     # Sharded hosts may differ by one example; the epoch length only needs to be close.
     self._num_train_examples = train.num_examples * (1 if train.sliced else process_count)
 
-  def train_batches(self, host_batch_size, start_step):
-    return augment.augment_batches(super().train_batches(host_batch_size, start_step),
+  def train_batches(self, host_batch_size, start_step, sampling_rate=None):
+    return augment.augment_batches(super().train_batches(host_batch_size, start_step,
+                                                         sampling_rate),
                                    self.config.augment, self.config.seed, start_step)
 
   @property

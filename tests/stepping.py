@@ -6,7 +6,7 @@ from loop.experiment import build_experiment
 
 
 def host_batches(exp, count):
-  batches = exp.task.train_batches(exp.host_batch, start_step=0)
+  batches = exp.train_batches(start_step=0)
   return [next(batches) for _ in range(count)]
 
 

@@ -16,6 +16,7 @@ LAYERS = {
     'serve': 2, 'export': 2, 'tune': 2, 'doctor': 2, 'trust': 2,
     'loop': 3,
     'tasks': 4, 'compress': 4,
+    'trust.training': 4,  # DP-SGD, Group DRO, adversarial training: what wraps a task's loss.
     'models': 5, 'input_pipeline': 5, 'optim': 5, 'parallel': 5, 'monitor': 5,
     'backends': 6,
     'core': 7,
@@ -23,8 +24,17 @@ LAYERS = {
 CONFIGS = 'configs'  # Config files import only each other (and ml_collections).
 
 
+def _unit(module: str) -> str | None:
+  """The LAYERS key a dotted module name belongs to (the longest that prefixes it)."""
+  parts = module.split('.')
+  for end in range(len(parts), 0, -1):
+    if '.'.join(parts[:end]) in LAYERS:
+      return '.'.join(parts[:end])
+  return parts[0]
+
+
 def _imported_folders(path: pathlib.Path) -> set[str]:
-  """Top-level project folders that `path` imports."""
+  """Project folders (LAYERS keys) that `path` imports."""
   tree = ast.parse(path.read_text(), filename=str(path))
   names = set()
   for node in ast.walk(tree):
@@ -32,14 +42,15 @@ def _imported_folders(path: pathlib.Path) -> set[str]:
       names.update(alias.name for alias in node.names)
     elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
       names.add(node.module)
-  return {name.split('.')[0] for name in names} & (set(LAYERS) | {CONFIGS, 'train', 'generate'})
+  return {_unit(name) for name in names} & (set(LAYERS) | {CONFIGS, 'train', 'generate'})
 
 
 def _edges() -> dict[tuple[str, str], list[str]]:
   """(importer folder, imported folder) -> files that make the edge."""
   edges: dict[tuple[str, str], list[str]] = {}
-  for folder in [*LAYERS, CONFIGS]:
-    for path in sorted((REPO / folder).rglob('*.py')):
+  for top in {key.split('.')[0] for key in LAYERS} | {CONFIGS}:
+    for path in sorted((REPO / top).rglob('*.py')):
+      folder = _unit('.'.join(path.relative_to(REPO).with_suffix('').parts))
       for target in _imported_folders(path) - {folder}:
         edges.setdefault((folder, target), []).append(str(path.relative_to(REPO)))
   return edges
