@@ -17,7 +17,7 @@ from doctor import data_checks, model_checks
 from doctor.findings import Finding, problems
 from loop import experiment
 
-GROUPS = ('data', 'init', 'optimization', 'memory')
+GROUPS = ('data', 'init', 'overfit', 'lr_range', 'memory')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +78,7 @@ def diagnose_experiment(exp, workdir: str, options: Options = Options()) -> dict
 
   train_batches = task.train_batches(exp.host_batch, 0)
   first_batch = next(train_batches)
-  if {'init', 'optimization'} & set(options.checks):
+  if {'init', 'overfit'} & set(options.checks):
     state, _ = exp.create_state()
     view = exp.strategy.checkpoint_view(state)
     key = jax.random.key(exp.config.seed)
@@ -90,7 +90,7 @@ def diagnose_experiment(exp, workdir: str, options: Options = Options()) -> dict
     if 'init' in options.checks:
       findings += _log(model_checks.init_findings(probed))
 
-  if 'optimization' in options.checks:
+  if 'overfit' in options.checks:
     overfit, trained = model_checks.overfit_one_batch(
         exp, first_batch, options.overfit_steps, options.overfit_target, probed['uniform_loss'])
     findings += _log(overfit)
@@ -102,16 +102,16 @@ def diagnose_experiment(exp, workdir: str, options: Options = Options()) -> dict
     after = model_checks.probe(task, exp.template, view.params, view.model_state, first_batch, key)
     norms = model_checks.layer_grad_norms(after['grads'])
     report['trained_grad_norms'] = norms
-    if 'init' in options.checks:
-      findings += _log(model_checks.frozen_findings(norms))
+    findings += _log(model_checks.frozen_findings(norms))
     eval_batches = list(itertools.islice(task.eval_batches(exp.host_batch), 2))
     if len(eval_batches) == 2:
       findings += _log(model_checks.input_sensitivity(exp, trained.state, eval_batches))
-    if exp.teacher is None:
-      range_findings, report['lr_range'] = model_checks.learning_rate_range(
-          exp, task.train_batches(exp.host_batch, 0), *options.lr_range,
-          options.lr_range_steps, workdir, writer)
-      findings += _log(range_findings)
+
+  if 'lr_range' in options.checks and exp.teacher is None:  # A teacher's state is not rebuilt.
+    range_findings, report['lr_range'] = model_checks.learning_rate_range(
+        exp, task.train_batches(exp.host_batch, 0), *options.lr_range, options.lr_range_steps,
+        workdir, writer)
+    findings += _log(range_findings)
 
   if 'memory' in options.checks:
     state, shardings = exp.create_state()

@@ -11,6 +11,7 @@ import pytest
 
 import train
 from core.errors import KilnError
+from loop import experiment
 from loop import guard as guard_lib
 from monitor import run_log
 from tests.checkpoints import latest_params
@@ -53,17 +54,24 @@ def test_poison_puts_nan_in_float_inputs_only():
     guard_lib.poison({'tokens': np.zeros((2, 3), np.int32)})
 
 
+def _config():
+  """tiny_config trained twice as long: close enough to converged that one lost batch (or ten
+  replayed steps) moves accuracy by noise only."""
+  config = tiny_config()
+  config.num_train_steps = 80
+  config.checkpoint_every_steps = 10
+  return config
+
+
 @pytest.fixture(scope='module')
 def clean_run(tmp_path_factory, devices):
-  config = tiny_config()
-  config.checkpoint_every_steps = 10
+  config = _config()
   workdir = str(tmp_path_factory.mktemp('clean'))
   return workdir, train.train_and_evaluate(config, workdir)
 
 
 def _nan_config(policy: str):
-  config = tiny_config()
-  config.checkpoint_every_steps = 10
+  config = _config()
   config.guard.policy = policy
   config.guard.inject_nan_at_step = NAN_STEP
   return config
@@ -81,15 +89,15 @@ def test_nan_batch_is_skipped_or_rolled_back_and_the_run_ends_healthy(clean_run,
   for policy in ('skip', 'rollback'):
     workdir = str(tmp_path / policy)
     summary = train.train_and_evaluate(_nan_config(policy), workdir)
-    assert summary['steps'] == 40 and len(summary['guard_events']) == 1
+    assert summary['steps'] == 80 and len(summary['guard_events']) == 1
     _assert_nan_event_named(summary['guard_events'][0], policy)
     with open(os.path.join(workdir, 'summary.json')) as f:
       assert json.load(f)['guard_events'] == summary['guard_events']
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(latest_params(workdir)))
-    # 359 held-out digits: 0.5 points is under two examples; the tiny run moves more than that
-    # between two orders of its batches, so the bound here is 3 points (the default config's
-    # figure is in README, from benchmarks/guard.py).
-    assert abs(summary['final_eval']['accuracy'] - clean_run[1]['final_eval']['accuracy']) < 0.03
+    # 359 held-out digits: 0.5 points is under two examples; a tiny run moves more than that
+    # between two orders of its batches, so the bound here is 2 points (the default config's
+    # figure, within 0.5, is measured by benchmarks/guard.py).
+    assert abs(summary['final_eval']['accuracy'] - clean_run[1]['final_eval']['accuracy']) < 0.02
     tags = run_log.read_scalars(workdir)
     assert list(tags['guard_nonfinite'][0]) == [NAN_STEP + 1]
 
@@ -103,22 +111,27 @@ def test_stop_policy_ends_with_one_line_and_a_readable_summary(tmp_path):
   assert '\n' not in message and 'step 13' in message and 'stages/0/0/conv' in message
   with open(os.path.join(workdir, 'summary.json')) as f:
     summary = json.load(f)
-  assert summary['steps'] < 40 and summary['guard_events'][0]['action'] == 'stop'
+  assert summary['steps'] < 80 and summary['guard_events'][0]['action'] == 'stop'
   assert 'test' not in summary
 
 
-@pytest.mark.slow  # Two tiny runs.
-def test_learning_rate_spike_is_caught_and_rollback_with_a_cut_rate_recovers(tmp_path):
-  """The rate jumps 100x at step 24 (a step schedule): the next losses spike. 'skip' drops
-  every update from then on (each loss is a spike against the window); 'rollback' returns to
-  the checkpoint at 24 with the rate cut 100x and trains on to a healthy model."""
+@pytest.mark.slow  # One tiny run.
+def test_learning_rate_spike_is_caught_and_rollback_with_a_cut_rate_recovers(tmp_path,
+                                                                            monkeypatch):
+  """The planted fault: the schedule's rate jumps 100x from step 24 on, so the losses after
+  it spike. 'rollback' returns to the checkpoint at 24 with the rate cut 100x (back to what
+  the schedule meant) and trains on to a healthy model."""
+  build_schedule = experiment.build_schedule
+
+  def spiking_schedule(*args, **kwargs):
+    schedule = build_schedule(*args, **kwargs)
+    return lambda step: schedule(step) * jnp.where(step >= 24, 100.0, 1.0)
+  monkeypatch.setattr(experiment, 'build_schedule', spiking_schedule)
+
   def config(policy):
     c = tiny_config()
     c.optimizer.name = 'sgd'
     c.optimizer.learning_rate = 0.05
-    c.schedule.name = 'step'
-    c.schedule.boundary_steps = (24,)
-    c.schedule.decay_factor = 100.0
     c.checkpoint_every_steps = 8
     c.guard.policy = policy
     c.guard.spike_zscore = 4.0

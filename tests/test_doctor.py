@@ -1,0 +1,174 @@
+"""The doctor's bug zoo: small broken setups, each of which must be named by the right finding,
+and the healthy tiny config, which must get none (errors or warnings)."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow as tf
+from flax import nnx
+
+from doctor import run
+from doctor.data_checks import take_examples
+from doctor.findings import problems
+from input_pipeline import batching
+from loop import experiment
+from loop.state import ModelTemplate
+from tests.tiny import REPO, tiny_config
+
+
+def _options(checks: str, **changes) -> run.Options:
+  return dataclasses.replace(run.Options(), checks=tuple(checks.split(',')), **changes)
+
+
+def _replace_split(exp, which: str, transform) -> None:
+  """Plants a data bug: `which` split's examples (as arrays) rewritten by `transform`."""
+  source = exp.task.source
+  split = getattr(source, which)
+  examples = take_examples(batching.eval_batches(split, 256), 10 ** 6)
+  examples.pop('mask')
+  examples = transform(examples)
+  count = len(examples['label'])
+  new_split = dataclasses.replace(split, examples=tf.data.Dataset.from_tensor_slices(examples),
+                                  num_examples=count, max_examples_per_host=count)
+  exp.task.source = dataclasses.replace(source, **{which: new_split})
+
+
+def _wrap_model(exp, wrap) -> None:
+  """Plants a model bug: the template builds `wrap(model)` instead of the model."""
+  build = exp.template.build_model
+  exp.template = ModelTemplate(lambda rngs: wrap(build(rngs)))
+
+
+class _StopGradient(nnx.Module):
+  """A layer frozen by mistake: its output is detached from its parameters."""
+
+  def __init__(self, inner):
+    self.inner = inner
+
+  def __call__(self, *args, **kwargs):
+    return jax.lax.stop_gradient(self.inner(*args, **kwargs))
+
+
+class _IgnoresInput(nnx.Module):
+  """Logits that ignore the input: the model is fed zeros in place of the images."""
+
+  def __init__(self, inner):
+    self.inner = inner
+
+  def __call__(self, images, **kwargs):
+    return self.inner(jnp.zeros_like(images), **kwargs)
+
+
+def _freeze_first_conv(model):
+  model.stages[0][0].conv = _StopGradient(model.stages[0][0].conv)
+  return model
+
+
+def _diagnose(exp, tmp_path, checks: str, **changes):
+  report = run.diagnose_experiment(exp, str(tmp_path), _options(checks, **changes))
+  return {f.check for f in problems(report['findings'])}, report
+
+
+def _shuffle_labels(examples):
+  examples['label'] = np.random.default_rng(0).permutation(examples['label'])
+  return examples
+
+
+def _unnormalise(examples):
+  examples['image'] = examples['image'] * 255.0  # Raw pixel values, never scaled.
+  return examples
+
+
+@pytest.mark.parametrize('bug, split, transform, expected', [
+    ('labels shuffled', 'train', _shuffle_labels, 'labels_unrelated'),
+    ('inputs unnormalised', 'train', _unnormalise, 'unnormalized_inputs'),
+])
+def test_data_bugs_are_named(bug, split, transform, expected, tmp_path, devices):
+  exp = experiment.build_experiment(tiny_config())
+  _replace_split(exp, split, transform)
+  found, _ = _diagnose(exp, tmp_path, 'data')
+  assert found == {expected}, bug
+
+
+def test_train_eval_leakage_is_named(tmp_path, devices):
+  exp = experiment.build_experiment(tiny_config())
+  train = take_examples(batching.eval_batches(exp.task.source.train, 256), 100)
+  train.pop('mask')
+
+  def leak(examples):  # 100 training digits copied into the held-out split.
+    return {k: np.concatenate([train[k], v]) for k, v in examples.items()}
+  _replace_split(exp, 'eval', leak)
+  found, report = _diagnose(exp, tmp_path, 'data')
+  assert found == {'leakage'}
+  leakage = next(f for f in report['findings'] if f.check == 'leakage')
+  assert leakage.data['shared'] >= 100 and 'deduplicate' in leakage.fix
+
+
+@pytest.mark.slow  # Compiles and trains the model a few hundred steps.
+def test_learning_rate_100x_too_high_is_named(tmp_path, devices):
+  config = tiny_config()
+  config.optimizer.learning_rate *= 100
+  found, report = _diagnose(experiment.build_experiment(config), tmp_path, 'lr_range',
+                            lr_range_steps=60)
+  assert found == {'learning_rate'}
+  finding = next(f for f in report['findings'] if f.check == 'learning_rate')
+  assert finding.data['configured'] / finding.data['suggested'] > 10
+  assert '--config.optimizer.learning_rate=' in finding.fix
+  assert os.path.exists(tmp_path / 'doctor_lr_range.png')
+
+
+@pytest.mark.slow  # Compiles and trains the model.
+@pytest.mark.parametrize('bug, wrap, expected', [
+    ('a frozen layer', _freeze_first_conv, 'frozen_layer'),
+    ('logits that ignore the input', _IgnoresInput, 'input_ignored'),
+])
+def test_model_bugs_are_named(bug, wrap, expected, tmp_path, devices):
+  exp = experiment.build_experiment(tiny_config())
+  _wrap_model(exp, wrap)
+  found, report = _diagnose(exp, tmp_path, 'overfit', overfit_steps=25)
+  assert expected in found, (bug, found)
+  if expected == 'frozen_layer':
+    frozen = next(f for f in report['findings'] if f.check == 'frozen_layer')
+    assert frozen.data['layers'] == ['stages/0/0/conv/inner']
+  else:  # It cannot memorise a batch either (and its first conv, fed zeros, gets no gradient).
+    assert {'input_ignored', 'overfit_failed'} <= found <= {'input_ignored', 'overfit_failed',
+                                                            'frozen_layer'}
+
+
+@pytest.mark.slow  # The whole doctor, as a user runs it.
+def test_healthy_config_gets_no_false_alarms_from_doctor_py(tmp_path):
+  """doctor.py on the tiny config: every group runs, nothing is flagged, and doctor.json holds
+  the findings and curves."""
+  flags = ['--config.model.features=(8, 16)', '--config.model.dense_features=32',
+           '--config.batch_size=32', '--config.schedule.warmup_steps=5',
+           '--config.optimizer.learning_rate=0.01', '--config.doctor.lr_range_steps=60',
+           '--config.doctor.max_batch_size=256', '--config.doctor.memory_budget_gb=0.5']
+  proc = subprocess.run([sys.executable, 'doctor.py', '--config=configs/default.py',
+                         f'--workdir={tmp_path}', *flags], cwd=REPO, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert '0 problem(s)' in proc.stdout
+  with open(tmp_path / 'doctor.json') as f:
+    report = json.load(f)
+  checks = {f['check'] for f in report['findings']}
+  assert {'overfit_one_batch', 'learning_rate_range', 'largest_batch'} <= checks
+  assert report['problems'] == 0 and report['initial']['uniform_loss'] == pytest.approx(
+      np.log(10), rel=1e-5)
+  largest = next(f for f in report['findings'] if f['check'] == 'largest_batch')
+  assert largest['data']['batch_size'] >= 32
+
+
+@pytest.mark.slow  # A subprocess.
+def test_doctor_py_rejects_unknown_check_groups(tmp_path):
+  proc = subprocess.run([sys.executable, 'doctor.py', '--config=configs/default.py',
+                         f'--workdir={tmp_path}', '--config.doctor.checks=data,vibes'],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1].startswith('error: config.doctor.checks names vibes')
