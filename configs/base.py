@@ -113,29 +113,6 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # --- doctor (doctor.py): checks of data, initialisation and optimisation before a long run ---
   c.doctor = ml_collections.ConfigDict()
-  c.doctor.checks = 'data,init,optimization,memory'  # Comma-separated groups of checks to run.
-  c.doctor.sample_examples = 2048  # Examples of each split the data checks read (leakage: 50x this).
-  c.doctor.overfit_steps = 300  # Steps the overfit-one-batch check may take to memorise a batch.
-  c.doctor.overfit_target = 0.1  # Memorised: loss below this fraction of the uniform-prediction loss.
-  c.doctor.lr_range = (1e-6, 10.0)  # Learning rates the range test sweeps, low to high (log scale).
-  c.doctor.lr_range_steps = 100  # Steps (successive batches) of the range test.
-  c.doctor.max_batch_size = 65536  # Largest global batch the memory search tries.
-  c.doctor.memory_budget_gb = 0.0  # Per-device memory; 0: the device's own, or host RAM / devices on CPU.
-  c.doctor.lr_scaling = 'sqrt'  # Rate for a larger batch: 'linear' (Goyal et al., SGD) or 'sqrt' (Adam).
-
-  # --- numerics guard (loop/guard.py): a step with a non-finite or spiking loss is dropped ---
-  c.guard = ml_collections.ConfigDict()
-  c.guard.policy = 'skip'  # 'skip' (drop the update), 'rollback' (last checkpoint, skip batches), 'stop' or 'off'.
-  c.guard.spike_zscore = 0.0  # A loss this many std devs above the window's mean is a spike; 0: non-finite only.
-  c.guard.window = 50  # Recent accepted losses the spike z-score is measured against.
-  c.guard.min_history = 20  # Accepted losses needed before spikes count (early losses move fast).
-  c.guard.rollback_skip_batches = 0  # rollback: batches skipped beyond the offending one (PaLM: 200-500 in all).
-  c.guard.rollback_lr_factor = 1.0  # rollback: learning rate multiplied by this at every rollback.
-  c.guard.max_rollbacks = 5  # rollback: the event after this many rollbacks stops the run.
-  c.guard.inject_nan_at_step = -1  # Drills and tests: NaN in the inputs of this step's batch (0-based); -1 never.
-
-  # --- doctor (doctor.py): checks of data, initialisation and optimisation before a long run ---
-  c.doctor = ml_collections.ConfigDict()
   c.doctor.checks = 'data,init,overfit,lr_range,memory'  # Comma-separated groups of checks to run.
   c.doctor.sample_examples = 2048  # Examples of each split the data checks read (leakage: 50x this).
   c.doctor.overfit_steps = 300  # Steps the overfit-one-batch check may take to memorise a batch.

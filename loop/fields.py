@@ -16,7 +16,6 @@ from compress import quantize
 from core import fields as F
 from core.errors import KilnError
 from loop import guard
-from loop import guard
 from input_pipeline import audio, augment, sources, text, tokenizers
 from models import registry as model_registry
 from optim import factory
@@ -80,23 +79,6 @@ BASE: dict[str, F.Constraint] = {
     'early_stopping.metric': F.Choices(_eval_metrics, _eval_metric_prefixes),
     'early_stopping.mode': F.Choices(('max', 'min')),
     'early_stopping.patience': F.NON_NEGATIVE_INT,
-    'guard.policy': F.Choices(guard.POLICIES),
-    'guard.spike_zscore': F.NON_NEGATIVE,  # 0: spikes off.
-    'guard.window': F.Range(2, integer=True),  # A standard deviation needs two losses.
-    'guard.min_history': F.Range(2, integer=True),
-    'guard.rollback_skip_batches': F.NON_NEGATIVE_INT,
-    'guard.rollback_lr_factor': F.Range(0, 1, low_open=True),
-    'guard.max_rollbacks': F.NON_NEGATIVE_INT,
-    'guard.inject_nan_at_step': F.Range(-1, integer=True),  # -1: never.
-    'doctor.checks': F.Free('comma-separated groups; checked by doctor/run.py'),
-    'doctor.sample_examples': F.POSITIVE_INT,
-    'doctor.overfit_steps': F.POSITIVE_INT,
-    'doctor.overfit_target': F.Range(0, 1, low_open=True, high_open=True),
-    'doctor.lr_range': F.Range(0, low_open=True, each=True),  # low < high: doctor/run.py.
-    'doctor.lr_range_steps': F.Range(2, integer=True),
-    'doctor.max_batch_size': F.POSITIVE_INT,
-    'doctor.memory_budget_gb': F.NON_NEGATIVE,
-    'doctor.lr_scaling': F.Choices(('linear', 'sqrt')),
     'guard.policy': F.Choices(guard.POLICIES),
     'guard.spike_zscore': F.NON_NEGATIVE,  # 0: spikes off.
     'guard.window': F.Range(2, integer=True),  # A standard deviation needs two losses.
