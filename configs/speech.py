@@ -36,4 +36,5 @@ def get_speech_config() -> ml_collections.ConfigDict:
   c.decoding = ml_collections.ConfigDict()
   c.decoding.beam_size = 4  # Transcription eval: beam width of the beam-search figures; 0 = greedy only.
   c.decoding.max_symbols_per_frame = 3  # RNN-T greedy decoding: most labels emitted per frame.
+  c.decoding.beam_max_symbols_per_frame = 0  # RNN-T beam's labels/frame: 0 greedy's, 1 fastest.
   return c

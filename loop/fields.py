@@ -226,6 +226,7 @@ SPEECH = {
     'audio.time_width_fraction': F.FRACTION,
     'decoding.beam_size': F.NON_NEGATIVE_INT,  # 0: greedy only.
     'decoding.max_symbols_per_frame': F.POSITIVE_INT,
+    'decoding.beam_max_symbols_per_frame': F.NON_NEGATIVE_INT,  # 0: max_symbols_per_frame.
 }
 
 # Task -> (its family's table, the family base a config for it starts from).

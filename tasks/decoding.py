@@ -3,9 +3,10 @@
 - CTC: greedy (best path, repeats collapsed, blanks dropped) and prefix beam search
   (Hannun et al. 2014, "First-pass large vocabulary continuous speech recognition using
   bi-directional recurrent DNNs"; no language model), prefixes merged exactly.
-- RNN-T: greedy (Graves 2012, up to `max_symbols` per frame) and the time-synchronous
-  beam search of icefall's `modified_beam_search` (at most one symbol per frame; equal
-  hypotheses merged by adding their probabilities).
+- RNN-T: greedy (Graves 2012, up to `max_symbols` per frame), a time-synchronous beam
+  search with the same per-frame budget (equal hypotheses merged by adding their
+  probabilities; `max_symbols=1` is icefall's `modified_beam_search`), and the pick of the
+  candidate the model finds most likely.
 - Levenshtein distance, word and character error counts (WER/CER = summed errors over
   summed reference words/characters).
 
@@ -13,6 +14,8 @@ Sequences are fixed-size int32 arrays with a length; id 0 is the blank (and padd
 `space_id` separates words. Hypotheses are identified by a rolling hash of their ids
 when merging (collisions need two different prefixes with equal 32-bit hashes).
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -155,40 +158,59 @@ def rnnt_greedy(joint_fn, predict_fn, init_state, encoded: jax.Array, frames: ja
 
 
 def rnnt_beam_search(joint_fn, predict_fn, init_state, encoded: jax.Array, frames: jax.Array,
-                     max_len: int, beam_size: int):
-  """icefall's modified beam search: per frame every hypothesis emits blank or one
-  symbol; equal hypotheses are merged (log-sum of their scores); the `beam_size` best
-  survive. Same callables as rnnt_greedy. Returns (ids [B, max_len], lengths [B])."""
+                     max_len: int, beam_size: int, max_symbols: int):
+  """Time-synchronous transducer beam search with up to `max_symbols` labels per frame;
+  same callables as rnnt_greedy. Returns the n-best, most probable first: (ids [B, K,
+  max_len], lengths [B, K], log-probabilities [B, K], NEG in slots left empty).
+
+  Each frame takes `max_symbols` expansion steps. A hypothesis still open on the frame
+  either emits blank (closing it: it moves on to the next frame) or a label (it stays
+  open); on the last step a label closes it too, as greedy moves on after `max_symbols`.
+  Closed hypotheses with equal labels are merged by adding their probabilities, and after
+  every step the `beam_size` best of the closed and open ones together survive, so a beam
+  of 1 is greedy decoding. `max_symbols=1` is icefall's modified beam search (a label
+  consumes its frame), `max_symbols` times cheaper per frame. With a beam that holds every
+  hypothesis the result is the most probable labelling under that per-frame budget."""
   batch = encoded.shape[0]
   k = beam_size
 
   def tile(x):  # [B, ...] -> [B*K, ...]
     return jnp.repeat(x, k, axis=0)
 
-  state, pred_out = jax.tree.map(tile, init_state)
-  ids = jnp.zeros((batch, k, max_len), jnp.int32)
-  n = jnp.zeros((batch, k), jnp.int32)
-  hashes = jnp.zeros((batch, k), jnp.uint32)
-  scores = jnp.tile(jnp.full(k, NEG).at[0].set(0.0), (batch, 1))
+  def rows(mask, a):  # A mask over a's leading dims, broadcast over the rest.
+    return mask.reshape(mask.shape + (1,) * (a.ndim - mask.ndim))
 
-  def frame(carry, inputs):
-    state, pred_out, ids, n, hashes, scores = carry
-    enc_t, t = inputs
-    logp = jax.nn.log_softmax(joint_fn(tile(enc_t), pred_out).astype(jnp.float32), -1)
+  # The carry: prediction network (state, output) per hypothesis [B*K, ...], then the
+  # hypotheses' ids [B, K, L], lengths, hashes and log-probabilities [B, K].
+  net = jax.tree.map(tile, init_state)
+  beams = (jnp.zeros((batch, k, max_len), jnp.int32), jnp.zeros((batch, k), jnp.int32),
+           jnp.zeros((batch, k), jnp.uint32), jnp.tile(jnp.full(k, NEG).at[0].set(0.0), (batch, 1)))
+
+  def expand(enc_t, step, carry):
+    net, (ids, n, hashes, scores), open_ = carry
+    logp = jax.nn.log_softmax(joint_fn(enc_t, net[1]).astype(jnp.float32), -1)
     vocab = logp.shape[-1]
-    logp = logp.reshape(batch, k, vocab)
     tokens = jnp.arange(vocab)[None, None, :]
-    cand = scores[..., None] + logp
-    cand = jnp.where((tokens > 0) & (n[..., None] >= max_len), NEG, cand).reshape(batch, -1)
-    cand_hash = jnp.where(tokens == 0, hashes[..., None],
-                          _extend_hash(hashes[..., None], tokens)).reshape(batch, -1)
-    cand_len = (n[..., None] + (tokens > 0)).reshape(batch, -1)
+    # Candidates: the K hypotheses as they are (closed ones only), then every open one
+    # extended by every token (blank closes it; a label keeps it open but on the last step).
+    extend = jnp.where(open_[..., None], scores[..., None] + logp.reshape(batch, k, vocab), NEG)
+    extend = jnp.where((tokens > 0) & (n[..., None] >= max_len), NEG, extend)
+    cand = jnp.concatenate([jnp.where(open_, NEG, scores), extend.reshape(batch, -1)], 1)
+    extended_hash = jnp.where(tokens == 0, hashes[..., None],
+                              _extend_hash(hashes[..., None], tokens))
+    cand_hash = jnp.concatenate([hashes, extended_hash.reshape(batch, -1)], 1)
+    cand_len = jnp.concatenate([n, (n[..., None] + (tokens > 0)).reshape(batch, -1)], 1)
+    closes = jnp.broadcast_to((tokens == 0) | (step == max_symbols - 1), (batch, k, vocab))
+    cand_closed = jnp.concatenate([jnp.ones((batch, k), bool), closes.reshape(batch, -1)], 1)
     alive = cand > NEG / 2
+    index = jnp.arange(cand.shape[1])
+    # Open candidates are distinct (one-token extensions of distinct hypotheses), so only
+    # closed ones merge; each equals itself, so an open one keeps its own score.
+    mergeable = alive & cand_closed
     same = ((cand_hash[:, :, None] == cand_hash[:, None, :])
             & (cand_len[:, :, None] == cand_len[:, None, :])
-            & alive[:, :, None] & alive[:, None, :])
+            & mergeable[:, :, None] & mergeable[:, None, :]) | (index[:, None] == index[None, :])
     merged = _merged(cand, same)
-    index = jnp.arange(k * vocab)
     first = ~jnp.any(same & (index[None, None, :] < index[None, :, None]), -1)
     score = jnp.where(first & alive, merged, 2 * NEG)
     # A stable sort along each utterance's row, not lax.top_k (same picks, ties to the lower
@@ -196,42 +218,49 @@ def rnnt_beam_search(joint_fn, predict_fn, init_state, encoded: jax.Array, frame
     # XLA:CPU's in-process all-gathers inside this loop hung the 8-fake-device eval.
     chosen = jnp.argsort(-score, axis=-1, stable=True)[:, :k]  # [B, K]
     best = jnp.take_along_axis(score, chosen, 1)
-    beam, token = chosen // vocab, (chosen % vocab).astype(jnp.int32)
+    extended = chosen >= k
+    source = jnp.where(extended, (chosen - k) // vocab, chosen)
+    token = jnp.where(extended, (chosen - k) % vocab, 0).astype(jnp.int32)
+    emit = token > 0
 
-    def pick(x):  # [B*K, ...] -> the chosen beams' rows, gathered within each utterance.
-      x = x.reshape((batch, k) + x.shape[1:])
-      rows = jnp.take_along_axis(x, beam.reshape(beam.shape + (1,) * (x.ndim - 2)), 1)
-      return rows.reshape((batch * k,) + x.shape[2:])
-    old_state = jax.tree.map(pick, state)
-    old_out = pick(pred_out)
-    new_state, new_out = predict_fn(old_state, token.ravel())
-    emit = (token > 0).ravel()
-    state_next = jax.tree.map(
-        lambda a, b: jnp.where(emit.reshape((-1,) + (1,) * (a.ndim - 1)), a, b),
-        new_state, old_state)
-    out_next = jnp.where(emit[:, None], new_out, old_out)
-    old_ids = jnp.take_along_axis(ids, beam[..., None], 1)
-    old_n = jnp.take_along_axis(n, beam, 1)
-    ids_next = jnp.where((token > 0)[..., None] & (jnp.arange(max_len) == old_n[..., None]),
-                         token[..., None], old_ids)
-    new = (state_next, out_next, ids_next, old_n + (token > 0),
-           jnp.take_along_axis(cand_hash, chosen, 1), jnp.maximum(best, NEG))
+    def pick(x):  # [B, K, ...] -> the chosen candidates' source hypotheses, per utterance.
+      return jnp.take_along_axis(x, rows(source, x), 1)
+    old_net = jax.tree.map(lambda x: pick(x.reshape((batch, k) + x.shape[1:])).reshape(x.shape),
+                           net)
+    new_net = predict_fn(old_net[0], token.ravel())
+    net = jax.tree.map(lambda a, b: jnp.where(rows(emit.ravel(), a), a, b), new_net, old_net)
+    old_n = pick(n)
+    ids = jnp.where(emit[..., None] & (jnp.arange(max_len) == old_n[..., None]), token[..., None],
+                    pick(ids))
+    dead = best <= NEG
+    beams = (ids, old_n + emit, jnp.take_along_axis(cand_hash, chosen, 1),
+             jnp.where(dead, NEG, best))
+    return net, beams, ~jnp.take_along_axis(cand_closed, chosen, 1) & ~dead
+
+  def frame(carry, inputs):
+    enc_t, t = inputs
+    net, beams = carry
+    opened = (net, beams, beams[3] > NEG / 2)  # Every live hypothesis opens on the frame.
+    new_net, new_beams, _ = jax.lax.fori_loop(0, max_symbols,
+                                              functools.partial(expand, tile(enc_t)), opened)
     keep = t < frames  # [B]
-    keep_flat = tile(keep)
+    return (jax.tree.map(lambda a, b: jnp.where(rows(tile(keep), a), a, b), new_net, net),
+            jax.tree.map(lambda a, b: jnp.where(rows(keep, a), a, b), new_beams, beams)), None
 
-    def select(a, b, mask):
-      return jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
-    return (jax.tree.map(lambda a, b: select(a, b, keep_flat), new[0], state),
-            select(new[1], pred_out, keep_flat), select(new[2], ids, keep),
-            select(new[3], n, keep), select(new[4], hashes, keep),
-            select(new[5], scores, keep)), None
+  (_, (ids, n, _, scores)), _ = jax.lax.scan(
+      frame, (net, beams), (encoded.swapaxes(0, 1), jnp.arange(encoded.shape[1])))
+  return ids, n, scores
 
-  (_, _, ids, n, _, scores), _ = jax.lax.scan(
-      frame, (state, pred_out, ids, n, hashes, scores),
-      (encoded.swapaxes(0, 1), jnp.arange(encoded.shape[1])))
-  best = jnp.argmax(scores, -1)
+
+def most_likely(log_prob_fn, ids: jax.Array, lengths: jax.Array, live: jax.Array):
+  """Candidates ids [B, C, L], lengths [B, C], live [B, C] (False: an empty slot) ->
+  (ids [B, L], lengths [B]) of the live one with the highest `log_prob_fn(ids [B, L],
+  lengths [B]) -> [B]`, ties to the lower index. The candidates are scored one at a time
+  (lax.map), so one candidate's lattice is in memory at once."""
+  log_probs = jax.lax.map(lambda c: log_prob_fn(*c), (ids.swapaxes(0, 1), lengths.swapaxes(0, 1)))
+  best = jnp.argmax(jnp.where(live.T, log_probs, 2 * NEG), 0)  # [B]
   return (jnp.take_along_axis(ids, best[:, None, None], 1)[:, 0],
-          jnp.take_along_axis(n, best[:, None], 1)[:, 0])
+          jnp.take_along_axis(lengths, best[:, None], 1)[:, 0])
 
 
 # ----------------------------------------------------------------------------- scoring

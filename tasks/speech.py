@@ -289,11 +289,29 @@ class SpeechRNNT(_Transcription):
   def evaluate(self, model, batch):
     encoded, frames, per_utterance = self._loss(model, batch['features'], batch, False)
     per_utterance = jnp.where(batch['mask'] > 0, per_utterance, 0.0)
+    greedy, beam = self.transcribe(model, encoded, frames, batch['labels'].shape[-1],
+                                   self.config.decoding)  # Eval's own label width.
+    return self._eval_outputs(per_utterance, greedy, beam, batch)
+
+  @staticmethod
+  def transcribe(model, encoded, frames, max_len: int, options):
+    """Encoder outputs -> (greedy (ids, lengths), beam (ids, lengths) or None), as `options`
+    (config.decoding's fields) sets them. The beam's answer is the one of its n-best and
+    greedy's with the highest p(y | x) over every alignment (its own scores only count the
+    alignments it kept), so it never scores below greedy's under the model."""
     projected = model.project_encoder(encoded)
     args = (model.joint_step, model.predict_step, model.initial_prediction(encoded.shape[0]),
-            projected, frames, batch['labels'].shape[-1])  # Eval's own label width.
-    greedy = decoding.rnnt_greedy(*args, self.config.decoding.max_symbols_per_frame)
-    beam = None
-    if self.config.decoding.beam_size > 0:
-      beam = decoding.rnnt_beam_search(*args, self.config.decoding.beam_size)
-    return self._eval_outputs(per_utterance, greedy, beam, batch)
+            projected, frames, max_len)
+    greedy = decoding.rnnt_greedy(*args, options.max_symbols_per_frame)
+    if options.beam_size == 0:
+      return greedy, None
+    # Runs trained before the field existed lack it: their beams take greedy's budget too.
+    beam_symbols = options.get('beam_max_symbols_per_frame', 0) or options.max_symbols_per_frame
+    ids, lengths, scores = decoding.rnnt_beam_search(*args, options.beam_size, beam_symbols)
+
+    def log_prob(labels, label_len):
+      return -rnnt_loss(model.joint_lattice(encoded, labels), jnp.maximum(frames, 1), labels,
+                        label_len)
+    live = jnp.pad(scores > decoding.NEG / 2, ((0, 0), (0, 1)), constant_values=True)
+    return greedy, decoding.most_likely(log_prob, jnp.concatenate([ids, greedy[0][:, None]], 1),
+                                        jnp.concatenate([lengths, greedy[1][:, None]], 1), live)

@@ -2,6 +2,7 @@
 (NumPy, float64), on random small padded batches; the decoders and error counts against
 plain-Python references."""
 
+import functools
 import itertools
 
 import jax
@@ -212,11 +213,12 @@ def test_ctc_beam_search_finds_most_probable_labelling():
   assert greedy_differs  # Some case where the best single path is not the best labelling.
 
 
-def _toy_transducer(rng, length, vocab):
+def _toy_transducer(rng, length, vocab, batch=1, table=None):
   """A prediction network whose state is the last emitted label, and a joint network whose
   logits are a random table indexed by (frame, last label): small enough to enumerate."""
-  table = rng.normal(0, 1.5, (length, vocab, vocab))  # [t, last label, output]
-  encoded = jnp.array(table.reshape(1, length, vocab * vocab), jnp.float32)
+  if table is None:
+    table = rng.normal(0, 1.5, (batch, length, vocab, vocab))  # [b, t, last label, output]
+  encoded = jnp.array(table.reshape(batch, length, vocab * vocab), jnp.float32)
 
   def predict_fn(state, tokens):
     return tokens, jax.nn.one_hot(tokens, vocab)
@@ -224,32 +226,116 @@ def _toy_transducer(rng, length, vocab):
   def joint_fn(enc_t, out):
     return jnp.einsum('blv,bl->bv', enc_t.reshape(-1, vocab, vocab), out)
 
-  init = predict_fn(jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32))
+  init = predict_fn(jnp.zeros(batch, jnp.int32), jnp.zeros(batch, jnp.int32))
   return table, encoded, predict_fn, joint_fn, init
 
 
+def _budgeted_labellings(lp, max_symbols):
+  """lp [T, last label, V] -> {labelling: probability} over every alignment in which a
+  frame emits up to `max_symbols` labels, then a blank (none after `max_symbols`)."""
+  length, vocab = lp.shape[0], lp.shape[-1]
+  scores = {}
+
+  def walk(t, emitted, last, labels, logp):
+    if t == length:
+      scores[labels] = scores.get(labels, 0.0) + np.exp(logp)
+      return
+    walk(t + 1, 0, last, labels, logp + lp[t, last, 0])
+    for c in range(1, vocab):
+      done = emitted + 1 == max_symbols
+      walk(t + done, 0 if done else emitted + 1, c, labels + (c,), logp + lp[t, last, c])
+  walk(0, 0, 0, (), 0.0)
+  return scores
+
+
 @pytest.mark.slow  # Several seconds of XLA compiles on a fresh machine.
-def test_rnnt_beam_search_finds_best_one_symbol_per_frame_labelling():
-  """With at most one label per frame (modified beam search's lattice) and a beam holding
-  every hypothesis, the search returns the labelling of highest total probability."""
+@pytest.mark.parametrize('max_symbols', [1, 2])
+def test_rnnt_beam_search_finds_the_best_labelling_within_the_budget(max_symbols):
+  """With a beam holding every hypothesis, the search returns the labelling of highest
+  total probability over the alignments with at most `max_symbols` labels per frame, and
+  that probability as its score (1 label per frame: icefall's modified beam search)."""
   rng = np.random.default_rng(5)
-  length, vocab = 4, 3
-  for trial in range(4):
+  length, vocab = 3, 3
+  for trial in range(3):
     table, encoded, predict_fn, joint_fn, init = _toy_transducer(rng, length, vocab)
-    lp = log_softmax(table)
-    scores = {}
-    for choice in itertools.product(range(vocab), repeat=length):  # 0 = blank at that frame.
-      last, logp, labels = 0, 0.0, []
-      for t, c in enumerate(choice):
-        logp += lp[t, last, c]
-        if c:
-          labels.append(c)
-          last = c
-      scores[tuple(labels)] = scores.get(tuple(labels), 0.0) + np.exp(logp)
+    scores = _budgeted_labellings(log_softmax(table[0]), max_symbols)
     best = max(scores, key=scores.get)
-    ids, n = decoding.rnnt_beam_search(joint_fn, predict_fn, init, encoded, jnp.array([length]),
-                                       max_len=length, beam_size=27)
-    assert tuple(np.asarray(ids[0, :int(n[0])])) == best, trial
+    ids, n, logp = decoding.rnnt_beam_search(joint_fn, predict_fn, init, encoded,
+                                             jnp.array([length]), max_len=2 * length,
+                                             beam_size=len(scores), max_symbols=max_symbols)
+    assert tuple(np.asarray(ids[0, 0, :int(n[0, 0])])) == best, trial
+    np.testing.assert_allclose(float(logp[0, 0]), np.log(scores[best]), rtol=1e-5)
+
+
+def test_rnnt_beam_of_one_is_greedy():
+  """Ragged utterances, budgets of 1 and 3 labels per frame, a label width that cuts some
+  transcripts short: a one-hypothesis beam decodes exactly what greedy does."""
+  rng = np.random.default_rng(7)
+  _, encoded, predict_fn, joint_fn, init = _toy_transducer(rng, 6, 4, batch=6)
+  frames = jnp.array([6, 5, 3, 6, 1, 0])
+  @functools.partial(jax.jit, static_argnums=0)
+  def decode(max_symbols):
+    args = (joint_fn, predict_fn, init, encoded, frames, 7)
+    return (decoding.rnnt_greedy(*args, max_symbols),
+            decoding.rnnt_beam_search(*args, beam_size=1, max_symbols=max_symbols))
+
+  for max_symbols in (1, 3):
+    (greedy_ids, greedy_n), (ids, n, _) = decode(max_symbols)
+    np.testing.assert_array_equal(n[:, 0], greedy_n)
+    np.testing.assert_array_equal(ids[:, 0], greedy_ids)
+    assert int(greedy_n.max()) > 1
+
+
+def test_rnnt_beam_puts_two_labels_on_one_frame():
+  """One frame whose transcript is two labels: 'a' from the start, then 'b', then blank.
+  A budget of 2 finds both; the one-label-per-frame search can only return one."""
+  a, b = 1, 2
+  probs = np.full((1, 1, 3, 3), 0.05)
+  probs[0, 0, 0, a] = probs[0, 0, a, b] = probs[0, 0, b, 0] = 0.9
+  _, encoded, predict_fn, joint_fn, init = _toy_transducer(None, 1, 3, table=np.log(probs))
+  for max_symbols, expected in ((2, [a, b]), (1, [a])):
+    ids, n, _ = jax.jit(functools.partial(
+        decoding.rnnt_beam_search, joint_fn, predict_fn, init, max_len=4, beam_size=3,
+        max_symbols=max_symbols))(encoded, jnp.array([1]))
+    assert list(np.asarray(ids[0, 0, :int(n[0, 0])])) == expected, max_symbols
+
+
+def _toy_log_prob(table, frames):
+  """log p(labels | x) of _toy_transducer's model, by the RNN-T loss on its lattice."""
+  def log_prob(labels, label_len):
+    last = jnp.pad(labels, ((0, 0), (1, 0)))  # [B, U+1]: the label before each position.
+    logits = jnp.take_along_axis(jnp.asarray(table, jnp.float32)[:, :, None],  # [B, T, 1, V, V]
+                                 last[:, None, :, None, None], 3)[:, :, :, 0]
+    return -rnnt_loss(logits, frames, labels, label_len)
+  return log_prob
+
+
+def test_rnnt_beam_pick_never_scores_below_greedy():
+  """On random small models, the n-best and greedy's answer picked by log p(y | x) over
+  every alignment: never below greedy's, above it on some utterances, and equal to the
+  brute-force best of the candidates."""
+  rng = np.random.default_rng(11)
+  batch, length, vocab, max_len = 64, 5, 4, 8
+  table, encoded, predict_fn, joint_fn, init = _toy_transducer(rng, length, vocab, batch)
+  frames = jnp.array(rng.integers(1, length + 1, batch))
+  log_prob = _toy_log_prob(table, frames)
+
+  @jax.jit
+  def decode():
+    args = (joint_fn, predict_fn, init, encoded, frames, max_len)
+    greedy = decoding.rnnt_greedy(*args, max_symbols=2)
+    ids, n, scores = decoding.rnnt_beam_search(*args, beam_size=3, max_symbols=2)
+    candidates = (jnp.concatenate([ids, greedy[0][:, None]], 1),
+                  jnp.concatenate([n, greedy[1][:, None]], 1))
+    live = jnp.pad(scores > decoding.NEG / 2, ((0, 0), (0, 1)), constant_values=True)
+    picked = decoding.most_likely(log_prob, *candidates, live)
+    each = jax.vmap(log_prob, (1, 1), 1)(*candidates)  # [B, 4]: every candidate at once.
+    return log_prob(*picked), log_prob(*greedy), jnp.where(live, each, -jnp.inf).max(1)
+
+  picked_lp, greedy_lp, best_lp = map(np.asarray, decode())
+  assert np.all(picked_lp >= greedy_lp - 1e-5)
+  assert np.sum(picked_lp > greedy_lp + 1e-3) >= 3
+  np.testing.assert_allclose(picked_lp, best_lp, rtol=1e-6)
 
 
 def test_rnnt_greedy_follows_the_argmax_path():
@@ -260,7 +346,7 @@ def test_rnnt_greedy_follows_the_argmax_path():
     expected, last = [], 0
     for t in range(length):
       for _ in range(max_symbols):
-        c = int(np.argmax(table[t, last]))
+        c = int(np.argmax(table[0, t, last]))
         if c == 0:
           break
         expected.append(c)
