@@ -28,6 +28,7 @@ test-fast: setup
 
 bench: setup
 	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/guard.py overhead
 
 clean:
 	rm -rf runs

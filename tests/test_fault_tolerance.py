@@ -15,7 +15,7 @@ import train
 from core.errors import KilnError
 from loop.checkpoint import CHECKPOINTS_FOLDER
 from tests.checkpoints import latest_params
-from tests.tiny import REPO, fault_config
+from tests.tiny import REPO, fault_config, multihost_config
 
 CHAOS_SEED = 20261204  # The kill steps are random, and reproducible from this seed.
 
@@ -122,3 +122,28 @@ def test_unwritable_workdir_fails_in_one_line(tmp_path, devices):
   with pytest.raises(KilnError, match=r'cannot be written .*pass a writable folder') as error:
     train.train_and_evaluate(fault_config(), str(blocker / 'run'))
   assert '\n' not in str(error.value)
+
+
+@pytest.mark.slow  # Two interpreters, twice, plus the one-process reference.
+def test_two_process_job_resumes_after_one_process_is_killed(tmp_path, devices):
+  """SIGKILL one of two processes mid-run (the other is stuck in a collective and is killed
+  by the "scheduler" too), restart both: the job ends equal to one uninterrupted process."""
+  from tests.test_multihost import _free_port, _run_two_processes
+  reference = str(tmp_path / 'one_process')
+  train.train_and_evaluate(multihost_config(), reference)
+  workdir = str(tmp_path / 'two_processes')
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, 'tests/multihost_worker.py', str(i), '2', str(port),
+                             workdir], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  _wait_for_checkpoint(procs[0], workdir, 3)
+  procs[1].send_signal(signal.SIGKILL)
+  try:
+    procs[0].wait(timeout=20)
+  except subprocess.TimeoutExpired:
+    procs[0].send_signal(signal.SIGKILL)
+    procs[0].wait()
+  killed_at = _checkpoint_steps(workdir)[-1]
+  assert killed_at < 12, 'the job finished before the kill: nothing to resume'
+  _run_two_processes(workdir)
+  _assert_same_params(reference, workdir)
