@@ -2,6 +2,7 @@
 language.py, speech.py) extends them and each config file starts from its family's."""
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -24,7 +25,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = 'cnn'  # A name in models.MODELS; the other keys here go to its constructor.
 
-  c.batch_size = 128  # Global training batch, split over all devices and hosts.
+  # Global training batch, split over all devices and hosts; 'auto': the largest that fits
+  # config.auto_batch's memory budget (loop/auto_batch.py), an int or the string.
+  c.batch_size = config_dict.FieldReference(128, field_type=object)
+  c.auto_batch = ml_collections.ConfigDict()
+  c.auto_batch.limit_gb = 0.0  # batch_size='auto': GiB per device the step may peak at; 0: the device's limit.
+  c.auto_batch.max_batch_size = 65536  # batch_size='auto': the search stops at this global batch.
   c.eval_batch_size = 256  # Global eval batch; the last one is padded and masked, never dropped.
   c.num_epochs = 10.0  # Training length in epochs when num_train_steps is -1.
   c.num_train_steps = -1  # Training length in steps; -1 derives it from num_epochs.
@@ -34,6 +40,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = 'adam'  # sgd, adagrad, rmsprop, adam, adamw, lion or adafactor.
   c.optimizer.learning_rate = 1e-3  # Peak learning rate (after warmup); adafactor: rho.
+  c.optimizer.lr_scaling = 'none'  # 'linear' or 'sqrt': rescale learning_rate from reference_batch_size to the run's batch.
+  c.optimizer.reference_batch_size = 0  # The batch learning_rate was set for (lr_scaling's reference).
   c.optimizer.sgd = ml_collections.ConfigDict()
   c.optimizer.sgd.momentum = 0.9  # Momentum -> optax.trace(decay=); 0 disables it.
   c.optimizer.sgd.nesterov = False  # Nesterov momentum -> optax.trace(nesterov=).

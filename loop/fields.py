@@ -54,7 +54,11 @@ BASE: dict[str, F.Constraint] = {
     'dataset.split_seed': F.SEED,
     'dataset.shuffle_buffer': F.POSITIVE_INT,
     'dataset.prefetch_batches': F.POSITIVE_INT,
-    'batch_size': F.POSITIVE_INT,
+    'batch_size': F.POSITIVE_INT,  # 'auto' is resolved to a number before validation.
+    'auto_batch.limit_gb': F.NON_NEGATIVE,  # 0: the device's own limit.
+    'auto_batch.max_batch_size': F.POSITIVE_INT,
+    'optimizer.lr_scaling': F.Choices(('none', 'linear', 'sqrt')),
+    'optimizer.reference_batch_size': F.NON_NEGATIVE_INT,  # 0: none given.
     'eval_batch_size': F.POSITIVE_INT,
     'num_epochs': F.POSITIVE,
     'num_train_steps': F.Range(-1, integer=True, nonzero=True),  # -1: from num_epochs.

@@ -227,9 +227,9 @@ from tests.tiny import tiny_config
 
 def get_config():
   c = tiny_config()
-  c.num_train_steps = 30  # Long enough to be killed after a checkpoint, before the end.
-  c.eval_every_steps = 15  # Two evals a trial.
-  c.checkpoint_every_steps = 5  # A killed trial has a checkpoint to resume from.
+  c.num_train_steps = 200  # Long enough to be killed after a checkpoint, before the end.
+  c.eval_every_steps = 100  # Two evals a trial.
+  c.checkpoint_every_steps = 20  # A killed trial has a checkpoint to resume from.
   return c
 
 
@@ -260,7 +260,7 @@ def test_two_workers_share_a_study_and_a_killed_one_is_replaced(tmp_path):
   victim_trial = None
   deadline = time.monotonic() + 240
   while victim_trial is None and time.monotonic() < deadline:
-    time.sleep(0.5)
+    time.sleep(0.1)
     if storage is None and os.path.exists(tmp_path / study_lib.JOURNAL_FILE):
       storage = study_lib.storage_for(str(tmp_path))
     if storage is None:
