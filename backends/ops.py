@@ -7,7 +7,9 @@ Models call these instead of the JAX functions they stand for:
 - `random_bits(key, shape)`: uniform uint32 words (dropout masks);
 - `conv_general_dilated(...)`: `jax.lax.conv_general_dilated`, as `nnx.Conv` calls it;
 - `max_pool(x, window_shape, strides, padding)`: `nnx.max_pool`;
-- `erf(x)`: `jax.lax.erf`, in plain StableHLO arithmetic on the portable path.
+- `erf(x)`: `jax.lax.erf`, in plain StableHLO arithmetic on the portable path;
+- `lstm(gates, mask, kernels, *, reverse)`: the LSTM recurrence of one layer's directions
+  from their projected inputs (a `lax.scan` on the portable path).
 
 Each has a portable implementation here in plain JAX: what accelerators run, what
 `jax.export` sees, and all there is when no backend package is installed. A backend package
@@ -37,7 +39,7 @@ from jax import lax
 from backends import installed_cpu
 from core.errors import KilnError
 
-OPS = ('causal_attention', 'random_bits', 'conv_general_dilated', 'max_pool')
+OPS = ('causal_attention', 'random_bits', 'conv_general_dilated', 'max_pool', 'lstm')
 MODES = ('auto', 'xla', 'cpu')  # config.backend.cpu_kernels values.
 
 
@@ -205,6 +207,48 @@ def erf(x: jax.Array) -> jax.Array:
   numerator = functools.reduce(lambda acc, c: acc * square + c, _ERF_P, jnp.zeros_like(square))
   denominator = functools.reduce(lambda acc, c: acc * square + c, _ERF_Q, jnp.zeros_like(square))
   return (clamped * numerator / denominator).astype(x.dtype)
+
+
+def lstm_cell(gates: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """One LSTM step from its pre-activation gates [..., 4H] (input, forget, cell, output:
+  the projected input plus h @ hidden kernel) and cell state c [..., H] -> (h', c')."""
+  i, f, g, o = jnp.split(gates, 4, axis=-1)
+  c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+  return jax.nn.sigmoid(o) * jnp.tanh(c), c
+
+
+def lstm(gates: jax.Array, mask: jax.Array, kernels: jax.Array, *,
+         reverse: Sequence[bool]) -> jax.Array:
+  """The LSTM recurrence of D directions of one layer (models/recurrent.py) at once, from
+  zero state: their projected inputs `gates` [B, T, D*4H] (direction d's at d*4H, biases
+  added), a [B, T] mask of valid frames and hidden kernels [D, H, 4H] -> hidden states
+  [B, T, D*H] (direction d's at d*H). Direction d runs from the last frame when
+  reverse[d]. A masked step leaves the state as it was and outputs 0.
+
+  The portable path is one `lax.scan` of T steps that advances every direction with one
+  batched [D, B, H] x [D, H, 4H] matmul (the reversed ones on flipped time)."""
+  chosen = _chosen('lstm')
+  if chosen is not None:
+    return chosen(gates, mask, kernels, reverse=tuple(reverse))
+  batch, _, _ = gates.shape
+  directions, hidden, _ = kernels.shape
+  flip = lambda x, d: x[:, ::-1] if reverse[d] else x  # noqa: E731  [B, T, ...] time flip.
+  gates = jnp.stack([flip(gates[..., d * 4 * hidden:(d + 1) * 4 * hidden], d)
+                     for d in range(directions)], 1)  # [B, D, T, 4H]
+  masks = jnp.stack([flip(mask, d) for d in range(directions)], 1)  # [B, D, T]
+
+  def step(carry, inputs):
+    h, c = carry
+    gx, m = inputs  # [D, B, 4H], [D, B]
+    h_new, c_new = lstm_cell(gx + jnp.einsum('dbh,dhk->dbk', h, kernels), c)
+    m = m[..., None]
+    return (jnp.where(m, h_new, h), jnp.where(m, c_new, c)), jnp.where(m, h_new, 0.0)
+
+  zeros = jnp.zeros((directions, batch, hidden), gates.dtype)
+  _, hs = jax.lax.scan(step, (zeros, zeros),
+                       (gates.transpose(2, 1, 0, 3), masks.transpose(2, 1, 0)))
+  # hs [T, D, B, H] -> each direction back in frame order, side by side: [B, T, D*H].
+  return jnp.concatenate([flip(hs[:, d].swapaxes(0, 1), d) for d in range(directions)], -1)
 
 
 def _register_installed_backends() -> None:

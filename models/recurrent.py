@@ -3,13 +3,15 @@
 The LSTM is Hochreiter & Schmidhuber's cell with a forget gate (Gers et al. 2000), gates
 ordered (input, forget, cell, output), the forget bias starting at 1 (Jozefowicz et al.
 2015). The input projection of every time step is one matmul outside the recurrence;
-only the [B, H] x [H, 4H] hidden matmul runs inside the `lax.scan`.
+only the [B, H] x [H, 4H] hidden matmul runs inside it (backends.ops.lstm: a `lax.scan`, or
+on CPU a compiled kernel).
 """
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from backends import ops
 from core.errors import KilnError
 from core import fields as F
 
@@ -54,56 +56,32 @@ class LSTMLayer(nnx.Module):
   def cell(self, carry, gates_x: jax.Array):
     """One step from the projected input [B, 4H]: (h, c) -> (h', c')."""
     h, c = carry
-    i, f, g, o = jnp.split(gates_x + h @ self.hidden_proj.kernel[...], 4, axis=-1)
-    c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-    return jax.nn.sigmoid(o) * jnp.tanh(c), c
+    return ops.lstm_cell(gates_x + h @ self.hidden_proj.kernel[...], c)
 
   def initial_state(self, batch: int, dtype=jnp.float32):
     zeros = jnp.zeros((batch, self.hidden_dim), dtype)
     return zeros, zeros
 
   def __call__(self, x: jax.Array, mask: jax.Array, *, reverse: bool = False) -> jax.Array:
-    """x [B, T, F], mask [B, T] -> hidden states [B, T, H]. Reversed, the scan runs from the
-    last frame, and padding at the end is skipped, so it starts at each utterance's end."""
-    gates_x = self.input_proj(x).swapaxes(0, 1)  # [T, B, 4H], time-major for the scan.
-
-    def step(carry, inputs):
-      gx, m = inputs
-      h_new, c_new = self.cell(carry, gx)
-      m = m[:, None]
-      return ((jnp.where(m, h_new, carry[0]), jnp.where(m, c_new, carry[1])),
-              jnp.where(m, h_new, 0.0))
-
-    _, hs = jax.lax.scan(step, self.initial_state(x.shape[0], gates_x.dtype),
-                         (gates_x, mask.swapaxes(0, 1)), reverse=reverse)
-    return hs.swapaxes(0, 1)
+    """x [B, T, F], mask [B, T] -> hidden states [B, T, H]. Reversed, the recurrence runs
+    from the last frame, and padding at the end is skipped, so it starts at each
+    utterance's end."""
+    return ops.lstm(self.input_proj(x), mask, self.hidden_proj.kernel[...][None],
+                    reverse=(reverse,))
 
 
 def bidirectional_lstm(forward: LSTMLayer, backward: LSTMLayer, x: jax.Array, mask: jax.Array
                        ) -> jax.Array:
-  """Both directions of a layer in one `lax.scan`: step s advances the forward LSTM at
-  frame s and the backward one at frame T-1-s with one batched [2, B, H] x [2, H, 4H]
-  matmul, so the recurrence has T sequential steps instead of 2T. Same result as
-  running `forward(x, mask)` and `backward(x, mask, reverse=True)`."""
-  batch = x.shape[0]
-  gates = jnp.stack([forward.input_proj(x), backward.input_proj(x)[:, ::-1]])  # [2, B, T, 4H]
-  masks = jnp.stack([mask, mask[:, ::-1]])
+  """Both directions of a layer in one recurrence (backends.ops.lstm): both input
+  projections in one matmul, and on the portable path one `lax.scan` whose step s
+  advances the forward LSTM at frame s and the backward one at frame T-1-s with one
+  batched matmul, so the recurrence has T sequential steps instead of 2T. Same result as
+  `concatenate([forward(x, mask), backward(x, mask, reverse=True)], -1)`."""
+  layers = (forward.input_proj, backward.input_proj)
+  gates = (x @ jnp.concatenate([p.kernel[...] for p in layers], -1)
+           + jnp.concatenate([p.bias[...] for p in layers], -1))  # [B, T, 8H]
   kernels = jnp.stack([forward.hidden_proj.kernel[...], backward.hidden_proj.kernel[...]])
-
-  def step(carry, inputs):
-    h, c = carry
-    gx, m = inputs  # [2, B, 4H], [2, B]
-    i, f, g, o = jnp.split(gx + jnp.einsum('dbh,dhk->dbk', h, kernels), 4, axis=-1)
-    c_new = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-    h_new = jax.nn.sigmoid(o) * jnp.tanh(c_new)
-    m = m[..., None]
-    return (jnp.where(m, h_new, h), jnp.where(m, c_new, c)), jnp.where(m, h_new, 0.0)
-
-  zeros = jnp.zeros((2, batch, forward.hidden_dim), gates.dtype)
-  _, hs = jax.lax.scan(step, (zeros, zeros),
-                       (gates.transpose(2, 0, 1, 3), masks.transpose(2, 0, 1)))
-  # hs [T, 2, B, H]; the backward direction's outputs run from the last frame: flip back.
-  return jnp.concatenate([hs[:, 0], hs[::-1, 1]], -1).swapaxes(0, 1)
+  return ops.lstm(gates, mask, kernels, reverse=(False, True))
 
 
 class LSTMEncoder(nnx.Module):

@@ -191,13 +191,15 @@ def test_bad_kernel_settings_name_the_fix(monkeypatch, tmp_path):
 
 
 LOWER_ISA = ('-mno-avx512f',)  # The AVX2 (and scalar) paths of csrc/cpu_kernels.cc.
-# Attention, dropout and Philox checks above, and every conv lowering against native
-# (direct = the compiled kernel), rerun against the lower-instruction-set build.
+# Attention, dropout and Philox checks above, every conv lowering against native (direct =
+# the compiled kernel) and the LSTM recurrence against its scan, rerun against the
+# lower-instruction-set build.
 _RECHECKED = [f'tests/test_cpu_kernels.py::test_{name}' for name in (
     'attention_and_gradients_equal_xla', 'attention_dropout_is_inverted_dropout_on_the_'
     'probabilities', 'attention_dropout_gradients_use_the_forward_mask',
     'random_bits_are_uniform_and_reproducible', 'gpt_with_kernels_equals_gpt_without')] + [
-    'tests/test_conv.py::test_lowerings_match_native_outputs_and_gradients']
+    'tests/test_conv.py::test_lowerings_match_native_outputs_and_gradients',
+    'tests/test_lstm_kernel.py::test_kernel_outputs_and_gradients_equal_the_scan']
 _DUMP = """
 import sys
 import jax, numpy as np

@@ -10,6 +10,10 @@
 - `random_bits`: uniform 32-bit words from Philox-4x32-10 (AVX-512 where the CPU has it),
   for dropout masks; XLA lowers jax.random's Threefry on CPU as a rolled loop over whole
   arrays.
+- `lstm`: the LSTM recurrence of a layer's directions, forward and backward. XLA runs the
+  `lax.scan` as a while loop of small kernels per step; the kernel gives each thread a
+  (direction, block of batch rows) for all steps, with the hidden kernel packed once per
+  call for a register-tiled matmul (gains: benchmarks/README.md, "LSTM kernel").
 
 The library is compiled from source on first use with the C++ compiler on PATH (`$CXX`,
 else g++), against the XLA FFI headers that ship with jaxlib and the Eigen headers that
@@ -50,7 +54,9 @@ _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'cpu_
 _FLAGS = ('-O3', '-march=native', '-DNDEBUG', '-fPIC', '-shared', '-std=c++17', '-pthread')
 _TARGETS = {'forward': 'KilnCausalAttentionForward', 'backward': 'KilnCausalAttentionBackward',
             'bits': 'KilnPhiloxBits', 'conv_forward': 'KilnConvForward',
-            'conv_input_grad': 'KilnConvInputGrad', 'conv_kernel_grad': 'KilnConvKernelGrad'}
+            'conv_input_grad': 'KilnConvInputGrad', 'conv_kernel_grad': 'KilnConvKernelGrad',
+            'lstm_inference': 'KilnLstmInference', 'lstm_forward': 'KilnLstmForward',
+            'lstm_backward': 'KilnLstmBackward'}
 ARCH_FLAGS_ENV = 'KILN_CPU_ARCH_FLAGS'
 _FIX = "or set config.backend.cpu_kernels='xla'"
 _LEVELS = 1 << 16  # Dropout draws are 16-bit, as in models/dropout.py.
@@ -89,6 +95,18 @@ def target_fingerprint(compiler: str, extra_flags: tuple[str, ...] = ()) -> byte
   macros = sorted(output('-march=native', *extra_flags, '-dM', '-E', '-x', 'c++', '-',
                          stdin='').splitlines())
   return '\n'.join([version, *macros]).encode()
+
+
+def instruction_set(extra_flags: tuple[str, ...] | None = None) -> str:
+  """The widest x86 vector extension the kernels are compiled for here, with `extra_flags`
+  (default `arch_flags()`): 'AVX-512', 'AVX2', 'AVX', 'SSE2', or 'no x86 vector extension'."""
+  extra = arch_flags() if extra_flags is None else tuple(extra_flags)
+  macros = target_fingerprint(os.environ.get('CXX') or 'g++', extra).decode().splitlines()
+  for macro, name in (('__AVX512F__', 'AVX-512'), ('__AVX2__', 'AVX2'), ('__AVX__', 'AVX'),
+                      ('__SSE2__', 'SSE2')):
+    if any(line.startswith(f'#define {macro} ') for line in macros):
+      return name
+  return 'no x86 vector extension'
 
 
 def build(extra_flags: tuple[str, ...] | None = None) -> str:
@@ -281,3 +299,85 @@ def conv2d_kernel_grad(x, out_grad, kernel_shape, strides, padding, dilation):
   """d loss / d kernel of `conv2d` from out_grad = d loss / d output."""
   ensure()
   return _conv_call('conv_kernel_grad', kernel_shape, x, out_grad, strides, padding, dilation)
+
+
+def _reverse_bits(reverse: tuple[bool, ...]) -> np.int32:
+  return np.int32(sum(1 << d for d, backwards in enumerate(reverse) if backwards))
+
+
+def _per_batch_shard(function, batch_major, replicated):
+  """`function(*batch_major, *replicated)` on each device's batch shard inside
+  `core.logical_axes.activate` with a multi-device mesh (the kernels run on local arrays:
+  without this, XLA would gather the whole batch onto every device), else as it is. Every
+  array of `batch_major` and every result has the batch first."""
+  active = logical_axes.active()
+  if active is None or active[0].size == 1:
+    return function(*batch_major, *replicated)
+  mesh, rules = active
+  spec = logical_axes.logical_to_spec(('batch',), batch_major[0].shape[:1], mesh, rules)
+  return jax.shard_map(function, mesh=mesh,
+                       in_specs=(*[spec] * len(batch_major), *[P()] * len(replicated)),
+                       out_specs=spec, check_vma=False)(*batch_major, *replicated)
+
+
+def _lstm_forward(gates, mask, kernels, reverse, *, train: bool):
+  target = _TARGETS['lstm_forward' if train else 'lstm_inference']
+
+  def local(gates, mask, kernels):  # Shapes are a device's own inside the shard_map.
+    batch, length, _ = gates.shape
+    directions, hidden, _ = kernels.shape
+    states = jax.ShapeDtypeStruct((batch, length, directions * hidden), jnp.float32)
+    shapes = (states, jax.ShapeDtypeStruct(gates.shape, jnp.float32), states, states,
+              states) if train else states
+    return jax.ffi.ffi_call(target, shapes, vmap_method='sequential')(
+        gates, mask, kernels, reverse=_reverse_bits(reverse))
+  return _per_batch_shard(local, (gates, mask), (kernels,))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _lstm(gates, mask, kernels, reverse):
+  return _lstm_forward(gates, mask, kernels, reverse, train=False)
+
+
+def _lstm_fwd(gates, mask, kernels, reverse):
+  out, activations, h_before, c_before, tanh_cell = _lstm_forward(gates, mask, kernels, reverse,
+                                                                  train=True)
+  return out, (mask, kernels, activations, h_before, c_before, tanh_cell)
+
+
+def _lstm_bwd(reverse, residuals, out_grad):
+  mask, kernels, activations, h_before, c_before, tanh_cell = residuals
+
+  def local(mask, activations, c_before, tanh_cell, out_grad, kernels):
+    return jax.ffi.ffi_call(_TARGETS['lstm_backward'],
+                            jax.ShapeDtypeStruct(activations.shape, jnp.float32),
+                            vmap_method='sequential')(
+        mask, kernels, activations, c_before, tanh_cell, out_grad, reverse=_reverse_bits(reverse))
+  gates_grad = _per_batch_shard(
+      local, (mask, activations, c_before, tanh_cell, out_grad.astype(jnp.float32)), (kernels,))
+  directions, hidden, _ = kernels.shape
+  # sum over (b, t) of h_{t-1}^T dgates_t per direction: one large matmul for XLA.
+  kernels_grad = jnp.einsum('ndh,ndk->dhk', h_before.reshape(-1, directions, hidden),
+                            gates_grad.reshape(-1, directions, 4 * hidden))
+  return gates_grad, np.zeros(mask.shape, jax.dtypes.float0), kernels_grad
+
+
+_lstm.defvjp(_lstm_fwd, _lstm_bwd)
+
+
+def lstm(gates: jax.Array, mask: jax.Array, kernels: jax.Array, *,
+         reverse: tuple[bool, ...]) -> jax.Array:
+  """backends.ops.lstm: the LSTM recurrence of D directions at once from their projected
+  inputs `gates` [B, T, D*4H] (biases added), a [B, T] mask of valid frames and hidden
+  kernels [D, H, 4H] -> hidden states [B, T, D*H]; direction d runs from the last frame
+  when reverse[d]. Computes in float32 and returns gates' dtype."""
+  ensure()
+  directions, hidden, four_hidden = kernels.shape
+  if (gates.ndim != 3 or mask.shape != gates.shape[:2] or four_hidden != 4 * hidden
+      or gates.shape[2] != directions * four_hidden or len(reverse) != directions):
+    raise KilnError(f'lstm needs gates [B, T, D*4H], mask [B, T], kernels [D, H, 4H] and D '
+                    f'reverse flags, got {gates.shape}, {mask.shape}, {kernels.shape}, '
+                    f'{len(reverse)} flags')
+  out = _lstm(gates.astype(jnp.float32), mask.astype(bool), kernels.astype(jnp.float32),
+              tuple(bool(r) for r in reverse))
+  return out.astype(gates.dtype)

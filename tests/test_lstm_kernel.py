@@ -1,0 +1,115 @@
+"""backends.ops.lstm: the compiled CPU recurrence against the plain `lax.scan` (outputs and
+gradients), in one and both directions with padding, inside the LSTM encoder, and sharded
+over the batch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import Mesh
+
+from backends import ops
+from core import logical_axes
+from models.recurrent import LSTMEncoder
+from parallel import sharding
+
+# Skips the module where backends/cpu/ is deleted (plain XLA: nothing here to test).
+cpu_kernels = pytest.importorskip('backends.cpu.kernels')
+
+# Batch 11 splits into blocks of unequal rows; H = 24 leaves a partial column panel in the
+# backward matmul ([4H, H]); lengths cover empty, one frame, partial and full utterances.
+BATCH, LENGTH, FEATURES, HIDDEN = 11, 17, 5, 24
+FRAMES = jnp.array([17, 0, 1, 9, 16, 17, 3, 12, 17, 5, 8])
+
+
+def _inputs(directions: int, seed: int = 0):
+  keys = jax.random.split(jax.random.key(seed), 3)
+  gates = jax.random.normal(keys[0], (BATCH, LENGTH, directions * 4 * HIDDEN))
+  kernels = 0.3 * jax.random.normal(keys[1], (directions, HIDDEN, 4 * HIDDEN))
+  out_grad = jax.random.normal(keys[2], (BATCH, LENGTH, directions * HIDDEN))
+  mask = jnp.arange(LENGTH)[None, :] < FRAMES[:, None]
+  return gates, mask, kernels, out_grad
+
+
+def _value_and_grads(mode: str, gates, mask, kernels, out_grad, reverse):
+  def loss(gates, kernels):
+    return (ops.lstm(gates, mask, kernels, reverse=reverse) * out_grad).sum()
+  with ops.use(mode):  # Traced here, so the mode holds.
+    return jax.jit(lambda g, k: (ops.lstm(g, mask, k, reverse=reverse),
+                                 jax.grad(loss, (0, 1))(g, k)))(gates, kernels)
+
+
+# The bidirectional case runs both directions' code paths; the single ones are slow-tier.
+@pytest.mark.parametrize('reverse', [pytest.param((False,), marks=pytest.mark.slow),
+                                     pytest.param((True,), marks=pytest.mark.slow),
+                                     (False, True)],
+                         ids=['forward', 'reversed', 'bidirectional'])
+def test_kernel_outputs_and_gradients_equal_the_scan(reverse):
+  gates, mask, kernels, out_grad = _inputs(len(reverse))
+  expected, expected_grads = _value_and_grads('xla', gates, mask, kernels, out_grad, reverse)
+  ours, grads = _value_and_grads('cpu', gates, mask, kernels, out_grad, reverse)
+  np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
+  padded = ~np.tile(np.asarray(mask)[..., None], (1, 1, len(reverse) * HIDDEN))
+  assert not np.asarray(ours)[padded].any()  # Padded frames output exactly 0.
+  for got, want in zip(grads, expected_grads):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  assert float(jnp.abs(grads[1]).max()) > 0.1  # Gradients reach the hidden kernels.
+
+
+@pytest.mark.slow  # Two encoders' compiles, forward and backward.
+@pytest.mark.parametrize('bidirectional', [False, True], ids=['lstm', 'bilstm'])
+def test_encoder_with_kernel_equals_encoder_without(bidirectional):
+  """The whole encoder (frame stacking, stacked layers, head) on the kernel and on the
+  scan: same parameters, same outputs, same gradients for every parameter."""
+  model = LSTMEncoder(input_dim=FEATURES, num_outputs=7, hidden_dim=HIDDEN, num_layers=2,
+                      bidirectional=bidirectional, frame_stack=2, dropout_rate=0.0,
+                      rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  features = jax.random.normal(jax.random.key(1), (BATCH, LENGTH, FEATURES))
+  target = jax.random.normal(jax.random.key(2), (BATCH, (LENGTH + 1) // 2, 7))
+
+  def loss(params):
+    outputs, frames = nnx.merge(graphdef, params)(features, FRAMES)
+    return (outputs * target).sum(), (outputs, frames)
+  results = {}
+  for mode in ('xla', 'cpu'):
+    with ops.use(mode):
+      results[mode] = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  (_, (expected, expected_frames)), expected_grads = results['xla']
+  (_, (ours, frames)), grads = results['cpu']
+  np.testing.assert_array_equal(frames, expected_frames)
+  np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+  assert jax.tree.structure(grads) == jax.tree.structure(expected_grads)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.slow  # Compiles for an 8-device mesh.
+def test_sharded_kernel_equals_one_device(devices):
+  """Batch over 'data' x 'fsdp': each device runs the kernel on its own rows (shard_map),
+  and outputs and gradients are those of one device."""
+  mesh = Mesh(np.asarray(devices).reshape(4, 2, 1), ('data', 'fsdp', 'tensor'))
+  rules = sharding.parse_rules([('batch', ('data', 'fsdp'))], mesh)
+  keys = jax.random.split(jax.random.key(3), 3)
+  gates = jax.random.normal(keys[0], (16, LENGTH, 8 * HIDDEN))
+  kernels = 0.3 * jax.random.normal(keys[1], (2, HIDDEN, 4 * HIDDEN))
+  out_grad = jax.random.normal(keys[2], (16, LENGTH, 2 * HIDDEN))
+  mask = jnp.arange(LENGTH)[None, :] < jnp.arange(16)[:, None] + 2
+
+  def loss(gates, kernels):
+    return (cpu_kernels.lstm(gates, mask, kernels, reverse=(False, True)) * out_grad).sum()
+  expected, expected_grads = jax.value_and_grad(loss, (0, 1))(gates, kernels)
+  with logical_axes.activate(mesh, rules):
+    step = jax.jit(jax.value_and_grad(loss, (0, 1)))
+    sharded, sharded_grads = step(gates, kernels)
+    assert 'shard_map' in str(jax.make_jaxpr(step)(gates, kernels))
+  np.testing.assert_allclose(sharded, expected, rtol=1e-5)
+  for ours, reference in zip(sharded_grads, expected_grads):
+    np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_shapes_name_the_problem():
+  gates, mask, kernels, _ = _inputs(2)
+  with pytest.raises(Exception, match=r'lstm needs gates \[B, T, D\*4H\]'):
+    cpu_kernels.lstm(gates, mask, kernels, reverse=(False,))
