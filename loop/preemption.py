@@ -2,13 +2,18 @@
 to checkpoint the step it is on and return, instead of dying between checkpoints.
 
 The handlers only set a flag; the loop reads it between steps. A second signal of the same
-kind is not caught again (Ctrl-C twice still interrupts at once).
+kind is not caught again (Ctrl-C twice still interrupts at once). With several processes the
+step to stop at must be the same on all of them: JAX's preemption service (started by
+jax.distributed.initialize) catches SIGTERM on any process and agrees on that step, so no
+handler is installed there.
 """
 
 import signal
 import threading
 
+import jax
 from absl import logging
+from jax.experimental import multihost_utils
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -28,8 +33,15 @@ class Preemption:
                     self.signal_name)
     signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
 
+  def requested_at(self, step: int) -> bool:
+    """Whether to checkpoint `step` and stop; called once per step, on every process."""
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():  # Handlers live there only.
+    # Handlers live in the main thread only; several processes use JAX's preemption service.
+    if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
       for signum in SIGNALS:
         self._previous[signum] = signal.signal(signum, self._handle)
     return self

@@ -254,7 +254,7 @@ def _train_and_evaluate(config, workdir, stop_at_step, on_eval, preemption) -> d
         logging.info('Early stopping at step %d: %s has not improved for %d evals',
                      step, config.early_stopping.metric, config.early_stopping.patience)
       halted = on_eval is not None and bool(on_eval(step, eval_metrics))
-    preempted = preemption.requested  # Read once: a signal now still gets its checkpoint.
+    preempted = preemption.requested_at(step)  # Once: a signal now still gets its checkpoint.
     if (step % config.checkpoint_every_steps == 0 or final or stopped_early or halted
         or step == last_step or preempted):
       checkpointer.save(step, exp.strategy.checkpoint_view(state),
