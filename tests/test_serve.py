@@ -206,6 +206,54 @@ def test_kserve_v2_infer_metadata_and_readiness(server, digits):
   assert _post(server, '/v2/models/digits/infer', {'inputs': []}).status_code == 400
 
 
+def _binary_infer(url, header: dict, blob: bytes, extra_headers=None):
+  """A KServe v2 infer with the binary tensor extension: JSON header, then raw bytes."""
+  text = json.dumps(header).encode()
+  return httpx.post(url + '/v2/models/digits/infer', content=text + blob, timeout=60, headers={
+      **AUTH, 'Inference-Header-Content-Length': str(len(text)), **(extra_headers or {})})
+
+
+def test_kserve_v2_binary_tensors_answer_as_json_does(server, digits):
+  """Raw float32 bytes in, binary logits and JSON classes out: the same numbers as the JSON
+  request; sizes that do not add up are 400s naming the field."""
+  _, inputs, own = digits
+  images = np.ascontiguousarray(inputs['image'][:5], '<f4')
+  tensor = {'name': 'image', 'shape': [5, 8, 8, 1], 'datatype': 'FP32',
+            'parameters': {'binary_data_size': images.nbytes}}
+  answer = _binary_infer(server, {'id': 'b', 'inputs': [tensor], 'outputs': [
+      {'name': 'logits', 'parameters': {'binary_data': True}}, {'name': 'classes'}]},
+      images.tobytes())
+  assert answer.status_code == 200, answer.text
+  length = int(answer.headers['Inference-Header-Content-Length'])
+  head = json.loads(answer.content[:length])
+  logits_meta, classes = head['outputs']
+  assert head['id'] == 'b' and logits_meta['shape'] == [5, 10] and 'data' not in logits_meta
+  logits = np.frombuffer(answer.content[length:], '<f4')
+  assert logits.nbytes == logits_meta['parameters']['binary_data_size'] == 5 * 10 * 4
+  np.testing.assert_allclose(logits.reshape(5, 10), own[:5], rtol=1e-5, atol=1e-5)
+  assert classes['data'] == own[:5].argmax(-1).tolist()
+  as_json = _post(server, '/v2/models/digits/infer', {'inputs': [{
+      'name': 'image', 'shape': [5, 8, 8, 1], 'datatype': 'FP32',
+      'data': images.reshape(-1).tolist()}], 'outputs': [{'name': 'logits'}]}).json()
+  np.testing.assert_array_equal(as_json['outputs'][0]['data'], logits)
+
+  blob = images.tobytes()
+  for header, body, field in (
+      ({'inputs': [tensor]}, blob[:-4], 'inputs[0].parameters.binary_data_size'),
+      ({'inputs': [{**tensor, 'parameters': {'binary_data_size': 4}}]}, blob,
+       'inputs[0].parameters.binary_data_size'),
+      ({'inputs': [{**tensor, 'data': [0.5]}]}, blob, 'inputs[0].parameters.binary_data_size'),
+      ({'inputs': [{**tensor, 'parameters': {'binary_data_size': -1}}]}, blob,
+       'inputs[0].parameters.binary_data_size'),
+      ({'inputs': [tensor]}, blob + b'xx', 'body: 2 bytes'),
+      ({'inputs': [tensor]}, np.full(images.shape, np.nan, '<f4').tobytes(), 'inputs[0].data')):
+    bad = _binary_infer(server, header, body)
+    assert bad.status_code == 400 and bad.json()['error'].startswith(field), bad.text
+  bad = _binary_infer(server, {'inputs': [tensor]}, blob,
+                      {'Inference-Header-Content-Length': '999999'})
+  assert bad.status_code == 400 and 'Inference-Header-Content-Length' in bad.json()['error']
+
+
 @pytest.mark.parametrize('payload, status, field', [
     ({'instances': [[[[float('nan')]] * 8] * 8]}, 400, 'NaN'),
     ({'instances': [[[[1e999]] * 8] * 8]}, 400, 'Infinity'),
