@@ -127,5 +127,6 @@ def write_results(study: optuna.Study, study_dir: str) -> dict:
   write_trials_csv(study, os.path.join(study_dir, TRIALS_CSV))
   summary = best(study)
   write_json_atomic(os.path.join(study_dir, BEST_JSON), summary)
-  plot(study, study_dir)
+  if study.trials:  # A study only just created (--n_trials=0) has nothing to draw.
+    plot(study, study_dir)
   return summary
