@@ -47,7 +47,9 @@ def overhead(config_path: str, rounds: int, steps: int) -> dict:
   batches = [exp.strategy.place(next(host_batches)) for _ in range(steps)]
   times = {policy: [] for policy in runs}
   for round_index in range(rounds + 1):  # Round 0 compiles and warms up, untimed.
-    for policy, run in runs.items():
+    order = ('off', 'skip') if round_index % 2 else ('skip', 'off')  # Neither always first.
+    for policy in order:
+      run = runs[policy]
       _, state, train_step = run
       for batch in batches:
         started = time.perf_counter()
