@@ -33,8 +33,17 @@ _STORAGE = flags.DEFINE_string('storage', '', 'RDB URL for workers on many hosts
                                'journal file in --study_dir (workers on one host).')
 _STUDY_NAME = flags.DEFINE_string('study_name', 'kiln', 'Study name inside the storage.')
 _SEED = flags.DEFINE_integer('seed', 0, "Seeds the sampler (trial k draws from (seed, k)).")
+_OBJECTIVES = flags.DEFINE_list(
+    'objectives', None, "Replace the space's objectives: METRIC:max|min,... (e.g. "
+    'accuracy:max,model_stats.params:min).')
 _POPULATION = flags.DEFINE_integer('population_size', 0, 'nsga2: individuals per generation '
                                    "(0: Optuna's 50).", lower_bound=0)
+
+
+def _objectives(values: list[str] | None) -> tuple | None:
+  if values is None:
+    return None
+  return tuple(tuple(v.rsplit(':', 1)) if ':' in v else (v, '') for v in values)
 
 
 def main(argv, config_flag):
@@ -52,7 +61,7 @@ def main(argv, config_flag):
   config_path = config_flags.get_config_filename(flags.FLAGS['config'])
   overrides = tuple(a for a in sys.argv[1:] if a.startswith('--config.'))
   try:
-    space = space_lib.read_search_space(config_path, config)
+    space = space_lib.read_search_space(config_path, config, _objectives(_OBJECTIVES.value))
     pruner = _PRUNER.value
     if pruner == 'auto':
       single = len(space.objectives) == 1 and space.objectives[0].is_eval_metric

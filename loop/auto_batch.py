@@ -7,6 +7,7 @@ accumulation steps) until a size does not fit, then bisects between the last fit
 size down to one legal step: the batch it returns fits and the next legal size does not.
 """
 
+import dataclasses
 import math
 import os
 
@@ -92,7 +93,7 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   auto = config.batch_size == AUTO
   if not auto and config.optimizer.lr_scaling == 'none':
     return config
-  size = _search(config) if auto else config.batch_size
+  size = search(config).batch_size if auto else config.batch_size
   config = _with_batch_size(config, size)  # A copy: the caller's stays as it was.
   config.optimizer.learning_rate = scaled_learning_rate(config, config.batch_size)
   if config.optimizer.lr_scaling != 'none':
@@ -107,12 +108,24 @@ def _with_batch_size(config: ml_collections.ConfigDict, size: int) -> ml_collect
   return ml_collections.ConfigDict({**config.to_dict(), 'batch_size': size})
 
 
-def _search(config: ml_collections.ConfigDict) -> int:
+@dataclasses.dataclass(frozen=True)
+class Search:
+  """What batch_size='auto' measured."""
+  batch_size: int  # The largest legal batch that fits.
+  next_size: int | None  # The next legal size, measured not to fit; None: max_batch_size reached.
+  measured: dict[int, float]  # Global batch -> compiled peak bytes per device.
+  budget_bytes: float
+  budget_source: str
+  step: int  # Legal batches are multiples of this.
+
+
+def search(config: ml_collections.ConfigDict) -> Search:
+  """The largest legal batch whose compiled train step fits config.auto_batch's budget."""
   # The smallest legal batch (as experiment.global_batch_check demands): the search's step.
   mesh = mesh_lib.make_mesh(config.mesh)
-  probe = _with_batch_size(config, math.lcm(mesh_lib.batch_divisor(mesh), jax.process_count())
-                           * config.gradient.accumulation_steps)
-  exp = experiment_lib.build_experiment(probe)
+  step = (math.lcm(mesh_lib.batch_divisor(mesh), jax.process_count())
+          * config.gradient.accumulation_steps)
+  exp = experiment_lib.build_experiment(_with_batch_size(config, step))
   if exp.strategy.name != 'jit':
     raise KilnError("config.batch_size='auto' needs parallel.strategy='jit' (it compiles the "
                     'sharded step for each size): set a number with pmap')
@@ -120,14 +133,13 @@ def _search(config: ml_collections.ConfigDict) -> int:
   state, shardings = exp.create_state()
   host_batch = next(iter(exp.task.train_batches(exp.host_batch, 0)))
   good, bad, measured = largest_fitting_batch(exp, state, shardings, host_batch, budget,
-                                              config.auto_batch.max_batch_size, probe.batch_size)
+                                              config.auto_batch.max_batch_size, step)
   if good is None:
-    raise KilnError(f'batch_size=auto: even batch {probe.batch_size} needs '
-                    f'{measured[probe.batch_size] / 2**30:.3f} GiB per device, over the budget of '
-                    f'{budget / 2**30:.3f} GiB ({source}): raise config.auto_batch.limit_gb or '
-                    'shrink the model')
+    raise KilnError(f'batch_size=auto: even batch {step} needs {measured[step] / 2**30:.3f} GiB '
+                    f'per device, over the budget of {budget / 2**30:.3f} GiB ({source}): raise '
+                    'config.auto_batch.limit_gb or shrink the model')
   logging.info('batch_size=auto: %d fits (%.3f GiB peak per device of %.3f GiB, %s); %s', good,
                measured[good] / 2**30, budget / 2**30, source,
                f'{bad} does not ({measured[bad] / 2**30:.3f} GiB)' if bad else
                f'config.auto_batch.max_batch_size={config.auto_batch.max_batch_size} reached')
-  return good
+  return Search(good, bad, measured, budget, source, step)

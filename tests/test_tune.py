@@ -59,6 +59,17 @@ def test_the_default_config_declares_a_valid_four_knob_space():
   assert space.objectives[0].name == 'accuracy' and space.params[0].log
 
 
+def test_objectives_can_be_replaced_from_the_command_line():
+  path = str(REPO / 'configs/default.py')
+  config = space_lib.load_config_module(path).get_config()
+  space = space_lib.read_search_space(path, config, (('accuracy', 'max'),
+                                                     ('model_stats.params', 'min')))
+  assert [(o.name, o.direction) for o in space.objectives] == [
+      ('accuracy', 'max'), ('model_stats.params', 'min')]
+  with pytest.raises(KilnError, match='model_stats has params'):
+    space_lib.read_search_space(path, config, (('model_stats.flops', 'min'),))
+
+
 def test_tuple_choices_reach_the_config_as_tuples():
   space = _space({'model.features': {'type': 'categorical', 'choices': ((8, 16), (16, 32))}})
   study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))

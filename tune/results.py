@@ -87,9 +87,7 @@ def best(study: optuna.Study) -> dict:
 def plot(study: optuna.Study, study_dir: str) -> list[str]:
   """PNGs of the optimisation history, parameter importances and (several objectives) the
   Pareto front; returns the paths written (a plot its trials cannot support is skipped)."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # Headless: matplotlib picks Agg itself; a notebook keeps its own.
   from optuna.visualization import matplotlib as optuna_plots
 
   names = objective_names(study)

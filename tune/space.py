@@ -137,14 +137,19 @@ def load_config_module(path: str):
   return module
 
 
-def read_search_space(config_path: str, config: ml_collections.ConfigDict) -> SearchSpace:
+def read_search_space(config_path: str, config: ml_collections.ConfigDict,
+                      objectives: tuple | None = None) -> SearchSpace:
   """The config file's get_search_space(), checked against `config` (the file's config with
-  any command-line overrides); a one-line KilnError names any problem."""
+  any command-line overrides), its objectives replaced by `objectives` when given; a one-line
+  KilnError names any problem."""
   module = load_config_module(config_path)
   if not hasattr(module, 'get_search_space'):
     raise KilnError(f"'{config_path}' defines no get_search_space(): add one beside get_config() "
                     '(see tune/space.py for its form)')
-  return parse_search_space(module.get_search_space(), config)
+  raw = dict(module.get_search_space())
+  if objectives is not None:
+    raw['objectives'] = objectives
+  return parse_search_space(raw, config)
 
 
 def parse_search_space(raw: dict, config: ml_collections.ConfigDict) -> SearchSpace:
