@@ -208,6 +208,19 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.privacy.accountant = 'pld'  # 'pld' (tighter) or 'rdp': the accountant epsilon is reported and calibrated with.
   c.privacy.max_batch_size = -1  # Rows Poisson samples are padded to; -1: the size a sample exceeds with probability <= delta per run.
 
+  # --- robustness (trust/training/adversarial.py): attacks on [0, 1] pixels, inside the jitted steps ---
+  c.adversarial = ml_collections.ConfigDict()
+  c.adversarial.eval = False  # Also report robust_<metric> at every eval: the metrics on PGD/FGSM inputs.
+  c.adversarial.train = 'none'  # 'none', 'pgd' (Madry et al. 2018) or 'fgsm_rs' (Wong et al. 2020): train on attacked inputs.
+  c.adversarial.norm = 'linf'  # Threat model: 'linf' or 'l2' ball around each input.
+  c.adversarial.epsilon = 0.3  # Radius of the ball, in pixel units ([0, 1] images); MNIST's standard is 0.3 (linf).
+  c.adversarial.eval_steps = 40  # PGD steps of the eval attack (1 with eval_step_size = epsilon and no random start is FGSM).
+  c.adversarial.eval_step_size = 0.01  # Step of the eval attack (Madry's MNIST: 0.01 for 40-100 steps).
+  c.adversarial.restarts = 1  # Random restarts of the eval attack; each example keeps its worst.
+  c.adversarial.random_start = True  # Start each attack at a uniform point of the ball (else at the input).
+  c.adversarial.train_steps = 7  # pgd training: steps per batch (fgsm_rs always takes 1).
+  c.adversarial.train_step_size = -1.0  # Training step; -1: 2.5 epsilon / train_steps (pgd), 1.25 epsilon (fgsm_rs).
+
   # --- export (export.py): each artifact is checked against the JAX model on held-out data ---
   c.export = ml_collections.ConfigDict()
   c.export.calibration_batches = 8  # Training batches that calibrate int8 activation ranges.

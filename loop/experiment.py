@@ -31,6 +31,7 @@ from parallel.placement import DevicePrefetcher
 from parallel.strategy import JitStrategy, PmapStrategy, create_strategy
 from tasks import create_task
 from tasks.base import Task
+from trust.training import adversarial
 from trust.training import privacy as privacy_lib
 
 
@@ -66,6 +67,7 @@ class Experiment:
   teacher: teacher_lib.Teacher | None = None  # Distillation's frozen teacher (loop/teacher.py).
   lora: lora_lib.LoRA | None = None  # LoRA adapters' targets and scale (compress/lora.py).
   low_rank: low_rank_lib.Plan | None = None  # Layers factored by SVD (compress/low_rank.py).
+  eval_attack: adversarial.Attack | None = None  # Robust metrics at eval (config.adversarial).
 
   @property
   def use_ema(self) -> bool:
@@ -145,7 +147,8 @@ class Experiment:
     """Compiled `(state, batch) -> task metrics`."""
     return self.strategy.compile_eval(steps.eval_step_fn(
         self.task, self.template, self.use_ema and self.config.ema.use_for_eval,
-        axis_name=self.strategy.norm_axis_name, lora=self.lora), shardings)
+        axis_name=self.strategy.norm_axis_name, lora=self.lora, attack=self.eval_attack),
+        shardings)
 
 
 def example_forward(task: Task):
@@ -210,6 +213,13 @@ def build_experiment(config, devices=None) -> Experiment:
                                     step_options.accumulation_steps)
     step_options = dataclasses.replace(step_options, privacy=privacy)
   # --- end DP-SGD ---
+  # --- robustness: attacks at eval and/or in training, on tasks with an input to attack ---
+  eval_attack, train_attack = adversarial.eval_attack(config), adversarial.train_attack(config)
+  if eval_attack is not None or train_attack is not None:
+    if type(task).attack_pixels is Task.attack_pixels:
+      task.attack_pixels({})  # Raises the task's one-line error.
+    step_options = dataclasses.replace(step_options, train_attack=train_attack)
+  # --- end robustness ---
   # --- distillation: the teacher run's config.json and newest checkpoint, before any write ---
   teacher = teacher_lib.load(config, task, strategy.norm_axis_name, jax.process_index(),
                              jax.process_count())
@@ -228,4 +238,4 @@ def build_experiment(config, devices=None) -> Experiment:
                     schedule=schedule, tx=tx,
                     step_options=step_options, num_steps=num_steps, host_batch=host_batch,
                     host_eval_batch=host_eval_batch, rules=rules, strategy=strategy,
-                    teacher=teacher, lora=lora, low_rank=low_rank)
+                    teacher=teacher, lora=lora, low_rank=low_rank, eval_attack=eval_attack)

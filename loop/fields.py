@@ -21,7 +21,7 @@ from models import registry as model_registry
 from optim import factory
 from parallel.strategy import STRATEGIES
 from tasks import TASKS
-from trust.training import privacy
+from trust.training import adversarial, privacy
 from backends import ops
 
 _TFDS = (sources.TFDS_PREFIX,)
@@ -148,6 +148,18 @@ BASE: dict[str, F.Constraint] = {
     'privacy.accountant': F.Choices(privacy.ACCOUNTANTS),
     'privacy.max_batch_size': F.Range(-1, integer=True, nonzero=True),  # -1: chosen.
     # --- end differential privacy ---
+    # --- robustness (trust/training/adversarial.py) ---
+    'adversarial.eval': F.FLAG,
+    'adversarial.train': F.Choices(adversarial.TRAINING),
+    'adversarial.norm': F.Choices(adversarial.NORMS),
+    'adversarial.epsilon': F.Range(0, low_open=True),
+    'adversarial.eval_steps': F.POSITIVE_INT,
+    'adversarial.eval_step_size': F.Range(0, low_open=True),
+    'adversarial.restarts': F.POSITIVE_INT,
+    'adversarial.random_start': F.FLAG,
+    'adversarial.train_steps': F.POSITIVE_INT,
+    'adversarial.train_step_size': F.Range(-1, nonzero=True),  # -1: chosen from epsilon.
+    # --- end robustness ---
     'export.calibration_batches': F.POSITIVE_INT,
     'export.max_eval_examples': F.NON_NEGATIVE_INT,
     'export.latency_runs': F.POSITIVE_INT,

@@ -15,7 +15,11 @@ from loop.state import ModelTemplate, TrainState, optimized
 from optim import regularization
 from parallel import mesh as mesh_lib
 from tasks.base import Task
+from trust.training import adversarial
 from trust.training import privacy as privacy_lib
+
+
+_ATTACK_STREAM = 0x61747461  # Folded into keys: attacks never reuse dropout's bits.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +32,7 @@ class StepOptions:
   ema_decay: float = 0.0
   pruning: pruning_lib.Pruning | None = None  # Set by build_experiment when pruning is on.
   privacy: privacy_lib.Privacy | None = None  # DP-SGD, set by build_experiment when it is on.
+  train_attack: adversarial.Attack | None = None  # Adversarial training's attack, when on.
   guard: guard_lib.GuardOptions = guard_lib.GuardOptions()  # config.guard (loop/guard.py).
 
   @classmethod
@@ -75,7 +80,19 @@ def train_step_fn(task: Task, template: ModelTemplate, tx: optax.GradientTransfo
     mask = regularization.included_mask(params, options.exclude)
     return regularization.penalty(params, mask, options.l1, options.l2)
 
+  # --- adversarial training: the step trains on the worst inputs in the ball around each
+  # example, found against the current parameters in eval mode (no gradient reaches them) ---
+  def attacked(params, model_state, batch, key):
+    if lora is not None:
+      params = lora.apply(params['params'], params['lora'])
+    model = template.merge(jax.lax.stop_gradient(params), model_state)
+    return attack_batch(task, model, batch, key, options.train_attack)
+  # --- end adversarial training ---
+
   def loss_and_grads(params, model_state, batch, key, teacher_values=None, with_penalty=True):
+    if options.train_attack is not None:
+      batch = attacked(params, model_state, batch, jax.random.fold_in(key, _ATTACK_STREAM))
+
     def loss_fn(params):
       if lora is not None:  # LoRA: `params` is {'params', 'lora'}; the model sees W + s A B.
         params = lora.apply(params['params'], params['lora'])
@@ -210,13 +227,30 @@ def train_step_fn(task: Task, template: ModelTemplate, tx: optax.GradientTransfo
   return train_step
 
 
+def attack_batch(task: Task, model, batch, key, attack: adversarial.Attack):
+  """`batch` with its inputs replaced by `attack`'s worst ones against `model`."""
+  pixels = adversarial.perturb(
+      lambda p: task.example_losses(model, task.with_pixels(batch, p)),
+      task.attack_pixels(batch), key, attack)
+  return task.with_pixels(batch, pixels)
+
+
 def eval_step_fn(task: Task, template: ModelTemplate, use_ema: bool = False,
-                 axis_name: str | None = None, lora=None):
+                 axis_name: str | None = None, lora=None,
+                 attack: adversarial.Attack | None = None):
+  """`attack`: the metrics on attacked inputs join the clean ones as robust_<metric>."""
   def eval_step(state: TrainState, batch):
     params = state.ema_params if use_ema and state.ema_params is not None else state.params
     if lora is not None:  # LoRA: the base with its adapters, W + (alpha/r) A B.
       params = lora.apply(params, state.lora, freeze=False)
-    batch_metrics = task.evaluate(template.merge(params, state.model_state), batch)
+    model = template.merge(params, state.model_state)
+    batch_metrics = task.evaluate(model, batch)
+    if attack is not None:  # Robustness: the same metrics on the worst inputs nearby.
+      key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), _ATTACK_STREAM)
+      if axis_name is not None:
+        key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+      batch_metrics = adversarial.with_robust(
+          batch_metrics, task.evaluate(model, attack_batch(task, model, batch, key, attack)))
     return batch_metrics if axis_name is None else sum_over_devices(batch_metrics, axis_name)
   return eval_step
 

@@ -129,3 +129,17 @@ class Task(abc.ABC):
   @classmethod
   def supports_distillation(cls) -> bool:
     return cls.distillation_outputs is not Task.distillation_outputs
+
+  # --- robustness (trust/training/adversarial.py): attacks perturb [0, 1] inputs ---
+  def attack_pixels(self, batch: Batch) -> jax.Array:
+    """The batch's model input as the [0, 1] pixels an attack's budget is measured in."""
+    raise KilnError(f"task '{self.config.task}' has no input to attack: set "
+                    "config.adversarial.eval=False and train='none' (classification has one)")
+
+  def with_pixels(self, batch: Batch, pixels: jax.Array) -> Batch:
+    """`batch` with its model input made from `pixels` (the inverse of attack_pixels)."""
+    raise NotImplementedError
+
+  def example_losses(self, model: nnx.Module, batch: Batch) -> jax.Array:
+    """[B] per-example losses in eval mode: what an attack maximises."""
+    raise NotImplementedError

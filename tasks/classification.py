@@ -109,6 +109,24 @@ class ImageClassification(ImageTask):
     logits = model(batch['image'], train=False)
     return self._outputs(logits, batch['label'], batch['mask'])[1]
 
+  # --- robustness: attacks perturb [0, 1] pixels; the model sees them normalised ---
+  def _pixel_stats(self):
+    a = self.config.augment
+    return (jnp.asarray(a.mean or [0.0], jnp.float32), jnp.asarray(a.std or [1.0], jnp.float32))
+
+  def attack_pixels(self, batch):
+    mean, std = self._pixel_stats()
+    return batch['image'] * std + mean
+
+  def with_pixels(self, batch, pixels):
+    mean, std = self._pixel_stats()
+    return {**batch, 'image': (pixels - mean) / std}
+
+  def example_losses(self, model, batch):
+    return optax.softmax_cross_entropy_with_integer_labels(
+        model(batch['image'], train=False), batch['label'])
+  # --- end robustness ---
+
   def serving(self):
     return self._image_serving(
         lambda model, images: {'logits': model(images, train=False)},
