@@ -136,7 +136,7 @@ def test_two_process_job_resumes_after_one_process_is_killed(tmp_path, devices):
   procs = [subprocess.Popen([sys.executable, 'tests/multihost_worker.py', str(i), '2', str(port),
                              workdir], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  _wait_for_checkpoint(procs[0], workdir, 3)
+  _wait_for_checkpoint(procs[0], workdir, 3, timeout=900)
   procs[1].send_signal(signal.SIGKILL)
   try:
     procs[0].wait(timeout=20)
