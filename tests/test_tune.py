@@ -355,3 +355,24 @@ def test_candidates_must_share_task_and_data(tmp_path):
   with pytest.raises(KilnError, match='same task and dataset'):
     selection.load_candidates([str(REPO / 'configs/default.py'),
                                str(REPO / 'configs/mnist_cnn.py')])
+
+
+def test_a_database_url_opens_an_rdb_study_with_heartbeats(tmp_path, monkeypatch):
+  """An RDB (SQLite here; PostgreSQL or MySQL across hosts) holds the same study, with the
+  heartbeat that fails a dead host's trials; other URLs are refused in one line."""
+  storage = study_lib.storage_for(str(tmp_path), f'sqlite:///{tmp_path}/study.db')
+  assert isinstance(storage, optuna.storages.RDBStorage) and storage.heartbeat_interval == 60
+  space = _space({LR: {'type': 'float', 'low': 1e-4, 'high': 1e-1, 'log': True}})
+  spec = _spec(tmp_path, space, sampler='random', storage_url=f'sqlite:///{tmp_path}/study.db')
+  monkeypatch.setattr(study_lib, 'GRACE_SECONDS', 1)  # A host silent for 1 s counts as gone.
+  study = study_lib.open_study(spec)
+  trial = study_lib._next_trial(study, spec, n_trials=1)
+  trial.set_user_attr(study_lib.WORKER, 'another-host:1')  # Its pid cannot be checked here.
+  storage.record_heartbeat(trial._trial_id)  # Its last pulse; then its host falls silent.
+  time.sleep(1.5)
+  retry = study_lib._next_trial(study, spec, n_trials=1)  # Failed by the heartbeat, requeued.
+  assert study.get_trials()[0].state == TrialState.FAIL and retry.params == trial.params
+  study.tell(retry, 0.5)
+  assert study_lib._next_trial(study_lib.open_study(spec), spec, n_trials=1) is None
+  with pytest.raises(KilnError, match="use postgresql://, mysql://"):
+    study_lib.storage_for(str(tmp_path), 'redis://localhost')

@@ -23,6 +23,7 @@ import numpy as np
 import optuna
 from absl import logging
 from optuna.samplers._lazy_random_state import LazyRandomState
+from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
 from optuna.trial import TrialState
 
 from core.errors import KilnError
@@ -61,7 +62,7 @@ def storage_for(study_dir: str, url: str = '') -> optuna.storages.BaseStorage:
       retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
     return optuna.storages.RDBStorage(
         url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
-        failed_trial_callback=retry)
+        heartbeat_stale_trial_callback=retry)
   except (ImportError, ModuleNotFoundError) as e:
     raise KilnError(f"--storage='{url}': {e}: install its driver (psycopg2-binary or pymysql)"
                     ) from None
@@ -259,6 +260,10 @@ def _study_lock(spec: StudySpec):
 def _next_trial(study: optuna.Study, spec: StudySpec, n_trials: int) -> optuna.Trial | None:
   """A new (or re-queued) trial, or None once the study has its N trials."""
   with _study_lock(spec):
+    if is_heartbeat_enabled(study._storage):  # An RDB: trials of silent hosts fail and requeue.
+      with warnings.catch_warnings():
+        warnings.simplefilter('ignore', optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
     trials = study.get_trials(deepcopy=False)
     for trial in trials:
       if trial.state == TrialState.RUNNING and _is_dead_here(trial.user_attrs.get(WORKER)):
@@ -268,7 +273,9 @@ def _next_trial(study: optuna.Study, spec: StudySpec, n_trials: int) -> optuna.T
     counted = sum(t.state != TrialState.WAITING and not _is_interrupted(t) for t in trials)
     if not waiting and counted >= n_trials:
       return None
-    trial = study.ask()
+    with warnings.catch_warnings():  # run_worker runs the heartbeat that Study.optimize would.
+      warnings.filterwarnings('ignore', message='Heartbeat of storage is supposed')
+      trial = study.ask()
     trial.set_user_attr(WORKER, _this_worker())
     return trial
 
@@ -344,5 +351,7 @@ def run_worker(spec: StudySpec, n_trials: int) -> optuna.Study:
   """Runs trials until the study (all workers together) holds `n_trials`."""
   study = open_study(spec)
   while (trial := _next_trial(study, spec, n_trials)) is not None:
-    run_trial(study, trial, spec)
+    # An RDB's heartbeat (what Study.optimize runs around each trial; none for a journal file).
+    with get_heartbeat_thread(trial._trial_id, study._storage):
+      run_trial(study, trial, spec)
   return study
