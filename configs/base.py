@@ -127,9 +127,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.doctor.overfit_target = 0.1  # Memorised: loss below this fraction of the uniform-prediction loss.
   c.doctor.lr_range = (1e-6, 10.0)  # Learning rates the range test sweeps, low to high (log scale).
   c.doctor.lr_range_steps = 100  # Steps (successive batches) of the range test.
-  c.doctor.max_batch_size = 65536  # Largest global batch the memory search tries.
-  c.doctor.memory_budget_gb = 0.0  # Per-device memory; 0: the device's own, or host RAM / devices on CPU.
-  c.doctor.lr_scaling = 'sqrt'  # Rate for a larger batch: 'linear' (Goyal et al., SGD) or 'sqrt' (Adam).
+  c.doctor.lr_scaling = 'sqrt'  # Memory check's rate for the largest batch: 'linear' (Goyal et al., SGD) or 'sqrt' (Adam).
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # Devices on the data-parallel axis; -1 takes all that remain.

@@ -8,15 +8,16 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
+from core.errors import KilnError
 from core.paths import path_string
 from doctor.findings import Finding
 from loop import guard as guard_lib
-from loop import layer_probe, steps
+from loop import auto_batch, layer_probe, steps
 from loop.state import create_sharded_state
-from monitor import hardware
 from optim.chain import build_transform
 
 INITIAL_LOSS_TOLERANCE = 0.25  # Initial loss more than this fraction off the uniform loss.
@@ -276,63 +277,26 @@ def _plot_range(data: dict, path: str) -> str:
   return path
 
 
-def memory_budget(gigabytes: float) -> tuple[float, str]:
-  """Bytes one device may use: the configured budget, the device's limit, or (CPU) the
-  host's memory shared by its devices."""
-  if gigabytes > 0:
-    return gigabytes * 2 ** 30, 'config.doctor.memory_budget_gb'
-  stats = jax.local_devices()[0].memory_stats() or {}
-  if 'bytes_limit' in stats:
-    return float(stats['bytes_limit']), 'device memory_stats'
-  host = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-  return host / jax.local_device_count(), 'host memory / local devices'
-
-
-def largest_batch(exp, state, shardings, host_batch, budget_gb: float, limit: int,
-                  scaling: str) -> list[Finding]:
-  """Doubles the global batch until the compiled step's peak memory (XLA's memory analysis)
-  exceeds the budget, then bisects; the learning rate scales by `scaling`."""
-  if exp.strategy.name != 'jit':
-    return [Finding('largest_batch', 'info', 'not measured: needs parallel.strategy=jit')]
-  budget, source = memory_budget(budget_gb)
-  train_step = exp.train_step(shardings)
-  base = exp.config.batch_size
-
-  def peak(size: int) -> float:
-    batch = {k: jax.ShapeDtypeStruct((size * v.shape[0] // base, *v.shape[1:]), v.dtype,
-                                     sharding=exp.strategy.batch_sharding)
-             for k, v in host_batch.items()}
-    compiled = train_step.lower(state, batch).compile()
-    return float(hardware.memory_analysis_bytes(compiled)[1])
-
-  fits, fails, measured = None, None, {}
-  size = base
-  while size <= limit:
-    measured[size] = peak(size)
-    if measured[size] > budget:
-      fails = size
-      break
-    fits, size = size, size * 2
-  if fits is not None and fails is not None:
-    for _ in range(3):  # Bisection between the last fit and the first failure.
-      middle = (fits + fails) // 2 // base * base
-      if middle in (fits, fails):
-        break
-      measured[middle] = peak(middle)
-      fits, fails = (middle, fails) if measured[middle] <= budget else (fits, middle)
-  if fits is None:
-    return [Finding('largest_batch', 'warning',
-                    f'config.batch_size={base} needs {measured[base] / 2**30:.2f} GiB per device, '
-                    f'over the budget of {budget / 2**30:.2f} GiB ({source})',
-                    'lower the batch size or use gradient accumulation', {'measured': measured})]
-  factor = fits / base
-  rate = exp.config.optimizer.learning_rate * (factor if scaling == 'linear' else math.sqrt(factor))
-  bound = 'the search limit' if fails is None else f'{fails} does not'
+def largest_batch(config, scaling: str) -> list[Finding]:
+  """loop.auto_batch's search (the largest global batch whose compiled step fits
+  config.auto_batch's memory budget), with the learning rate moved to it by `scaling` from the
+  rate config.batch_size has."""
+  try:
+    found = auto_batch.search(config)
+  except KilnError as error:
+    return [Finding('largest_batch', 'warning', str(error),
+                    'lower the batch size or use gradient accumulation')]
+  reference = ml_collections.ConfigDict(config.to_dict())
+  reference.optimizer.lr_scaling, reference.optimizer.reference_batch_size = (
+      scaling, config.batch_size)
+  rate = auto_batch.scaled_learning_rate(reference, found.batch_size)
+  bound = ('the search limit' if found.next_size is None
+           else f'{found.next_size} does not')
+  peak = found.measured[found.batch_size]
   return [Finding('largest_batch', 'info',
-                  f'global batch {fits} fits ({measured[fits] / 2**30:.2f} GiB peak per device of '
-                  f'{budget / 2**30:.2f} GiB, {source}; {bound}); with the {scaling} rule its '
-                  f'learning rate is {rate:.3g}',
-                  data={'batch_size': fits, 'learning_rate': rate,
-                        'measured_bytes': {str(k): v for k, v in measured.items()},
-                        'budget_bytes': budget})]
-
+                  f'global batch {found.batch_size} fits ({peak / 2**30:.2f} GiB peak per device '
+                  f'of {found.budget_bytes / 2**30:.2f} GiB, {found.budget_source}; {bound}); '
+                  f'with the {scaling} rule its learning rate is {rate:.3g}',
+                  data={'batch_size': found.batch_size, 'learning_rate': rate,
+                        'measured_bytes': {str(k): v for k, v in found.measured.items()},
+                        'budget_bytes': found.budget_bytes})]

@@ -29,8 +29,6 @@ class Options:
   overfit_target: float = 0.1
   lr_range: tuple[float, float] = (1e-6, 10.0)
   lr_range_steps: int = 100
-  max_batch_size: int = 65536
-  memory_budget_gb: float = 0.0
   lr_scaling: str = 'sqrt'
 
   @classmethod
@@ -47,8 +45,7 @@ class Options:
                       '0 < low < high')
     return cls(checks=checks, sample_examples=d.sample_examples, overfit_steps=d.overfit_steps,
                overfit_target=d.overfit_target, lr_range=(low, high),
-               lr_range_steps=d.lr_range_steps, max_batch_size=d.max_batch_size,
-               memory_budget_gb=d.memory_budget_gb, lr_scaling=d.lr_scaling)
+               lr_range_steps=d.lr_range_steps, lr_scaling=d.lr_scaling)
 
 
 def diagnose(config, workdir: str) -> dict:
@@ -113,11 +110,8 @@ def diagnose_experiment(exp, workdir: str, options: Options = Options()) -> dict
         workdir, writer)
     findings += _log(range_findings)
 
-  if 'memory' in options.checks:
-    state, shardings = exp.create_state()
-    findings += _log(model_checks.largest_batch(exp, state, shardings, first_batch,
-                                                options.memory_budget_gb, options.max_batch_size,
-                                                options.lr_scaling))
+  if 'memory' in options.checks:  # Budget and search limit: config.auto_batch.
+    findings += _log(model_checks.largest_batch(exp.config, options.lr_scaling))
   writer.flush()
   report.update({
       'findings': [dataclasses.asdict(f) for f in findings],

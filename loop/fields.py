@@ -97,8 +97,6 @@ BASE: dict[str, F.Constraint] = {
     'doctor.overfit_target': F.Range(0, 1, low_open=True, high_open=True),
     'doctor.lr_range': F.Range(0, low_open=True, each=True),  # low < high: doctor/run.py.
     'doctor.lr_range_steps': F.Range(2, integer=True),
-    'doctor.max_batch_size': F.POSITIVE_INT,
-    'doctor.memory_budget_gb': F.NON_NEGATIVE,
     'doctor.lr_scaling': F.Choices(('linear', 'sqrt')),
     'mesh.data': F.Range(-1, integer=True, nonzero=True),  # -1: the devices that remain.
     'mesh.fsdp': F.Range(-1, integer=True, nonzero=True),

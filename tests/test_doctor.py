@@ -149,7 +149,7 @@ def test_healthy_config_gets_no_false_alarms_from_doctor_py(tmp_path):
   flags = ['--config.model.features=(8, 16)', '--config.model.dense_features=32',
            '--config.batch_size=32', '--config.schedule.warmup_steps=5',
            '--config.optimizer.learning_rate=0.01', '--config.doctor.lr_range_steps=60',
-           '--config.doctor.max_batch_size=256', '--config.doctor.memory_budget_gb=0.5']
+           '--config.auto_batch.max_batch_size=256', '--config.auto_batch.limit_gb=0.5']
   proc = subprocess.run([sys.executable, 'doctor.py', '--config=configs/default.py',
                          f'--workdir={tmp_path}', *flags], cwd=REPO, capture_output=True,
                         text=True, timeout=600)
