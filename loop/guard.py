@@ -138,33 +138,36 @@ def _all_finite(tree) -> jax.Array:
 def locate(task, template, params: dict, model_state: dict, batch: dict, key) -> str:
   """Where a step's first non-finite value appears: the inputs, a parameter, the first
   layer (in call order) whose output is not finite, or past the forward pass. Re-runs the
-  step's training forward with every layer's output checked (loop/layer_probe.py)."""
-  found = []
-  bad_inputs = [k for k, v in batch.items()
-                if jnp.issubdtype(v.dtype, jnp.inexact) and not bool(jnp.all(jnp.isfinite(v)))]
-  if bad_inputs:
-    found.append('inputs ' + ', '.join(f"batch['{k}']" for k in bad_inputs) + ' hold NaN/Inf')
-  bad_params = [path_string(p) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]
-                if not bool(jnp.all(jnp.isfinite(v)))]
-  if bad_params:
-    found.append(f'parameter {bad_params[0]} holds NaN/Inf')
+  step's training forward with every layer's output checked (loop/layer_probe.py); every
+  check runs inside one jitted call, so that its answers are replicated scalars that any
+  process can read."""
+  names = {}
 
-  def forward(params, model_state, batch):
+  def checked(params, model_state, batch):
     model = template.merge(params, model_state)
     with layer_probe.recording(model) as records:
       loss, _ = task.loss(model, batch, nnx.Rngs(dropout=key))
-    return loss, [path for path, _ in records], [_all_finite(out) for _, out in records]
+    names['layers'] = [path for path, _ in records]
+    flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
+    names['params'] = [path_string(p) for p, _ in flat_params]
+    names['inputs'] = sorted(k for k, v in batch.items() if jnp.issubdtype(v.dtype, jnp.inexact))
+    return (jnp.isfinite(loss), [_all_finite(out) for _, out in records],
+            [_all_finite(v) for _, v in flat_params],
+            [_all_finite(batch[k]) for k in names['inputs']])
 
-  paths = []
-  def traced(params, model_state, batch):
-    loss, names, finite = forward(params, model_state, batch)
-    paths.extend(names)
-    return loss, finite
-  loss, finite = jax.jit(traced)(params, model_state, batch)
-  layer = next((path for path, ok in zip(paths, finite) if not bool(ok)), None)
+  loss_ok, layers_ok, params_ok, inputs_ok = jax.device_get(
+      jax.jit(checked)(params, model_state, batch))
+  found = []
+  bad_inputs = [k for k, ok in zip(names['inputs'], inputs_ok) if not ok]
+  if bad_inputs:
+    found.append('inputs ' + ', '.join(f"batch['{k}']" for k in bad_inputs) + ' hold NaN/Inf')
+  bad_params = [p for p, ok in zip(names['params'], params_ok) if not ok]
+  if bad_params:
+    found.append(f'parameter {bad_params[0]} holds NaN/Inf')
+  layer = next((path for path, ok in zip(names['layers'], layers_ok) if not ok), None)
   if layer is not None:
     where = f'layer {layer}'
-  elif not math.isfinite(float(loss)):
+  elif not loss_ok:
     where = 'the loss (every layer output finite)'
   else:
     where = 'the backward pass (forward finite)'
