@@ -1,7 +1,8 @@
 """Model selection: candidate configs compared on the same data with equal budgets, by
 successive halving, into a leaderboard.
 
-  python select_models.py --candidates=configs/default.py,configs/digits_mlp.py,configs/digits_resnet18.py \
+  python select_models.py \
+      --candidates=configs/default.py,configs/digits_mlp.py,configs/digits_resnet18.py \
       --budget_epochs=8 --workdir=selections/digits [--metric=accuracy --mode=max] [--seed=0] \
       [--check_full_budget] [--set=KEY=VALUE ...]
 

@@ -23,7 +23,8 @@ from ml_collections import config_flags  # noqa: E402
 from core.errors import KilnError  # noqa: E402
 from tune import results, space as space_lib, study as study_lib  # noqa: E402
 
-_STUDY_DIR = flags.DEFINE_string('study_dir', None, 'Folder of the study: journal, trials, results.')
+_STUDY_DIR = flags.DEFINE_string('study_dir', None,
+                                 'Folder of the study: journal, trials, results.')
 _N_TRIALS = flags.DEFINE_integer('n_trials', None, 'Trials in the whole study (all workers).',
                                  lower_bound=0)
 _SAMPLER = flags.DEFINE_enum('sampler', 'tpe', list(study_lib.SAMPLERS), 'Optuna sampler.')

@@ -61,7 +61,8 @@ def write_trials_csv(study: optuna.Study, path: str) -> None:
     writer.writerow([t.number, t.state.name, *values, *[t.params.get(k, '') for k in keys],
                      t.user_attrs.get(study_lib.STEPS, ''), t.user_attrs.get('train_time_s', ''),
                      '' if retry_of is None else retry_of, t.user_attrs.get(study_lib.ERROR, ''),
-                     t.user_attrs.get(study_lib.WORKER, ''), t.user_attrs.get(study_lib.WORKDIR, ''),
+                     t.user_attrs.get(study_lib.WORKER, ''),
+                     t.user_attrs.get(study_lib.WORKDIR, ''),
                      duration])
   write_text_atomic(path, out.getvalue())
 
@@ -87,7 +88,7 @@ def best(study: optuna.Study) -> dict:
 def plot(study: optuna.Study, study_dir: str) -> list[str]:
   """PNGs of the optimisation history, parameter importances and (several objectives) the
   Pareto front; returns the paths written (a plot its trials cannot support is skipped)."""
-  import matplotlib.pyplot as plt  # Headless: matplotlib picks Agg itself; a notebook keeps its own.
+  import matplotlib.pyplot as plt  # Headless: matplotlib picks Agg; a notebook keeps its own.
   from optuna.visualization import matplotlib as optuna_plots
 
   names = objective_names(study)

@@ -47,15 +47,6 @@ class Param:
   def _encoded(self) -> bool:  # Optuna stores only plain scalars: tuples go in by index.
     return any(not isinstance(c, _OPTUNA_CHOICE_TYPES) for c in self.choices)
 
-  def distribution(self) -> optuna.distributions.BaseDistribution:
-    if self.kind == 'float':
-      return optuna.distributions.FloatDistribution(self.low, self.high, log=self.log,
-                                                    step=self.step)
-    if self.kind == 'int':
-      return optuna.distributions.IntDistribution(int(self.low), int(self.high), log=self.log,
-                                                  step=int(self.step or 1))
-    return optuna.distributions.CategoricalDistribution(self.optuna_choices())
-
   def suggest(self, trial: optuna.Trial):
     """A value sampled for `trial`, as the config holds it."""
     if self.kind == 'float':
@@ -102,25 +93,15 @@ class Objective:
       return float(summary['final_eval'][self.name])
     return float(summary['model_stats'][self.name.split('.', 1)[1]])
 
-  def better(self, a: float, b: float) -> bool:
-    return a > b if self.direction == 'max' else a < b
-
 
 @dataclasses.dataclass(frozen=True)
 class SearchSpace:
   params: tuple[Param, ...]
   objectives: tuple[Objective, ...]
 
-  def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
-    return {p.key: p.distribution() for p in self.params}
-
   def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
     """The trial's config overrides: one sampled value per param."""
     return {p.key: p.suggest(trial) for p in self.params}
-
-  def overrides_of(self, optuna_params: dict[str, Any]) -> dict[str, Any]:
-    """Config overrides from a finished trial's optuna params."""
-    return {p.key: p.decode(optuna_params[p.key]) for p in self.params if p.key in optuna_params}
 
   def grid(self) -> dict[str, tuple]:
     return {p.key: p.grid_values() for p in self.params}

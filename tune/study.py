@@ -158,7 +158,7 @@ class StudySpec:
   """What every worker of a study agrees on."""
   config_path: str
   config: ml_collections.ConfigDict  # The config file's, with the command line's overrides.
-  config_overrides: tuple[str, ...]  # The command line's --config.KEY=VALUE, for best.json's command.
+  config_overrides: tuple[str, ...]  # The command line's --config.KEY=VALUE (best.json's command).
   space: SearchSpace
   study_dir: str
   study_name: str
