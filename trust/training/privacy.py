@@ -143,7 +143,7 @@ class Privacy:
   # --- in the train step ---
   def clipped_sum(self, grads, mask: jax.Array):
     """sum_i mask_i * g_i * min(1, C / ||g_i||) over per-example gradients `grads` (leaves
-    [B, ...]); also the fraction of sampled examples whose gradient was clipped."""
+    [B, ...]), with how many sampled examples were clipped and how many were sampled."""
     squares = sum(jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(g.shape[0], -1), axis=1)
                   for g in jax.tree.leaves(grads))
     norms = jnp.sqrt(squares)
