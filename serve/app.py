@@ -443,6 +443,7 @@ def create_app(settings: Settings, model: model_lib.ServedModel | None = None) -
 
   app.router.add_route('/v1/models/{name}:predict', predict, methods=['POST'])
   app.router.add_route('/v2/models/{name}/infer', v2_infer, methods=['POST'])
+  app.router.routes[:0] = [app.router.routes.pop(), app.router.routes.pop()]  # Matched first.
 
   @app.post('/v1/models/{name}:generate')
   async def generate(name: str, request: Request):

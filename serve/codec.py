@@ -15,6 +15,7 @@ RequestError naming the field (`instances[3].image`), answered 4xx, never 500.
 import base64
 import binascii
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -290,6 +291,7 @@ V2_DATATYPES = {'float32': 'FP32', 'float16': 'FP16', 'bfloat16': 'BF16', 'int32
                 'int64': 'INT64', 'bool': 'BOOL'}
 
 
+@functools.cache
 def v2_datatype(dtype: np.dtype) -> str:
   return V2_DATATYPES.get(np.dtype(dtype).name, np.dtype(dtype).name.upper())
 

@@ -547,7 +547,8 @@ def test_the_load_benchmark_batches_and_counts_no_errors(trained_run, tmp_path):
   rows_path = tmp_path / 'rows.json'
   result = subprocess.run(
       [sys.executable, 'benchmarks/serve_load.py', f'--workdir={trained_run}', '--clients=8',
-       '--seconds=2', '--examples=64', '--setups=batched,unbatched', f'--json={rows_path}'],
+       '--seconds=2', '--rounds=2', '--examples=64', '--setups=batched,unbatched',
+       '--model_repeats=5', f'--json={rows_path}'],
       cwd=REPO, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-2000:]
   rows = {row['setup']: row for row in json.loads(rows_path.read_text())}
@@ -555,6 +556,10 @@ def test_the_load_benchmark_batches_and_counts_no_errors(trained_run, tmp_path):
     assert row['errors'] == 0 and row['requests'] > 8, row  # Answers checked against the model.
     assert f'{setup:>14}: ' in result.stdout
   assert rows['batched']['mean_batch'] > 1 and rows['unbatched']['mean_batch'] == 1
+  for row in rows.values():  # Both sides' CPU is counted, and the model timed alone.
+    assert row['server_cpu_ms'] > 0 and row['client_cpu_ms'] > 0
+    assert row['model_ms_per_image_b1'] > 0 and row['model_ms_per_image_b32'] > 0
+  assert 'batched / unbatched: ' in result.stdout and 'model alone: ' in result.stdout
 
 
 @pytest.mark.slow  # Exports the run and compiles it twice while serving.
