@@ -376,3 +376,29 @@ def test_a_database_url_opens_an_rdb_study_with_heartbeats(tmp_path, monkeypatch
   assert study_lib._next_trial(study_lib.open_study(spec), spec, n_trials=1) is None
   with pytest.raises(KilnError, match="use postgresql://, mysql://"):
     study_lib.storage_for(str(tmp_path), 'redis://localhost')
+
+
+@pytest.mark.slow
+def test_a_signal_mid_trial_requeues_it_and_the_next_worker_resumes_it(tmp_path, monkeypatch,
+                                                                      caplog):
+  """SIGINT (or a scheduler's SIGTERM) during a trial: the loop checkpoints, the worker marks the
+  trial interrupted, queues it again and stops; the next worker resumes it from that step."""
+  space = _space({LR: {'type': 'categorical', 'choices': (1e-2,)}})
+  spec = _spec(tmp_path, space, sampler='random', pruner='none')
+  hear = study_lib._EvalListener.__call__
+
+  def signal_at_first_eval(self, step, metrics):
+    os.kill(os.getpid(), signal.SIGINT)  # Handled by the loop's Preemption: no exception.
+    return hear(self, step, metrics)
+  monkeypatch.setattr(study_lib._EvalListener, '__call__', signal_at_first_eval)
+  study = study_lib.run_worker(spec, n_trials=1)
+  first, retry = study.get_trials()
+  assert first.state == TrialState.FAIL and study_lib.ERROR not in first.user_attrs
+  assert retry.state == TrialState.WAITING and study_lib.retry_of(retry) == 0
+  monkeypatch.setattr(study_lib._EvalListener, '__call__', hear)
+  caplog.set_level('INFO')
+  study = study_lib.run_worker(spec, n_trials=1)
+  assert 'Resumed from step 20' in caplog.text
+  retry = study.get_trials()[1]
+  assert retry.state == TrialState.COMPLETE and retry.user_attrs['steps'] == 40
+  assert retry.user_attrs[study_lib.WORKDIR] == first.user_attrs[study_lib.WORKDIR]

@@ -219,7 +219,7 @@ def _retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
   except optuna.exceptions.UpdateFinishedTrialError:
     return  # Another worker got there first.
-  logging.info('Trial %d: its worker %s is gone; marked interrupted and queued again',
+  logging.info('Trial %d: its worker %s stopped; marked interrupted and queued again',
                trial.number, trial.user_attrs.get(WORKER))
   with warnings.catch_warnings():  # Experimental since Optuna 2.8; pinned by pyproject.
     warnings.simplefilter('ignore', optuna.exceptions.ExperimentalWarning)
@@ -302,8 +302,9 @@ class _EvalListener:
     return self._trial.should_prune()
 
 
-def run_trial(study: optuna.Study, trial: optuna.Trial, spec: StudySpec) -> TrialState:
-  """Trains one trial and tells the study how it ended."""
+def run_trial(study: optuna.Study, trial: optuna.Trial, spec: StudySpec) -> TrialState | None:
+  """Trains one trial and tells the study how it ended; None when a SIGTERM/SIGINT stopped it
+  (the loop checkpointed it; it is marked interrupted and queued again, to resume there)."""
   frozen = study._storage.get_trial(trial._trial_id)
   workdir = trial_workdir(spec.study_dir, origin_number(frozen))
   trial.set_user_attr(WORKDIR, workdir)
@@ -323,6 +324,9 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, spec: StudySpec) -> Tria
   except Exception as e:  # noqa: BLE001  Any other crash fails this trial, not the study.
     logging.warning('Trial %d crashed:\n%s', trial.number, traceback.format_exc())
     return _fail(study, trial, f'{type(e).__name__}: {e}')
+  if summary.get('preempted'):
+    _retry(study, study._storage.get_trial(trial._trial_id))
+    return None
   trial.set_user_attr(STEPS, int(summary['steps']))
   trial.set_user_attr('train_time_s', summary['train_time_s'])
   if listener.diverged:
@@ -353,5 +357,6 @@ def run_worker(spec: StudySpec, n_trials: int) -> optuna.Study:
   while (trial := _next_trial(study, spec, n_trials)) is not None:
     # An RDB's heartbeat (what Study.optimize runs around each trial; none for a journal file).
     with get_heartbeat_thread(trial._trial_id, study._storage):
-      run_trial(study, trial, spec)
+      if run_trial(study, trial, spec) is None:
+        break  # Stopped by a signal: the trial waits in the study for the next worker.
   return study
