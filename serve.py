@@ -45,6 +45,9 @@ _TIMEOUT = flags.DEFINE_float('batch_timeout_ms', 0.0, 'How long a batch waits f
                               'requests after its first (0: it runs as soon as the model is '
                               'free; requests that arrive while it runs make the next batch).')
 _BATCHING = flags.DEFINE_boolean('batching', True, 'Merge concurrent requests into batches.')
+_BATCH_THREADS = flags.DEFINE_integer('batch_threads', 2, 'Batches computing at once (TF '
+                                      "Serving's num_batch_threads): one computes while the "
+                                      'next is formed.')
 _MAX_QUEUE = flags.DEFINE_integer('max_queue', 1024, 'Examples queued before 503 answers.')
 _MAX_BODY = flags.DEFINE_integer('max_body_bytes', 8 << 20, 'Largest request body (413 above).')
 _KEYS = flags.DEFINE_string('api_keys_file', None, 'File of API keys, one per line (else '
@@ -63,7 +66,8 @@ def settings_and_host() -> tuple[app_lib.Settings, str]:
   if not keys and host not in LOOPBACK:
     raise KilnError(f'--host={host} without API keys would expose the model to the network '
                     f'unauthenticated: give --api_keys_file or ${app_lib.API_KEYS_ENV}')
-  for flag, low in ((_PORT, 0), (_WORKERS, 1), (_MAX_QUEUE, 1), (_MAX_BODY, 1)):
+  for flag, low in ((_PORT, 0), (_WORKERS, 1), (_MAX_QUEUE, 1), (_MAX_BODY, 1),
+                    (_BATCH_THREADS, 1)):
     if flag.value < low:
       raise KilnError(f'--{flag.name}={flag.value} must be at least {low}')
   if _TIMEOUT.value < 0 or _DRAIN.value < 0 or _POLL.value < 0:
@@ -71,7 +75,8 @@ def settings_and_host() -> tuple[app_lib.Settings, str]:
   model_lib.buckets(_MAX_BATCH.value)
   settings = app_lib.Settings(
       path=os.path.abspath(_WORKDIR.value), name=_NAME.value, max_batch_size=_MAX_BATCH.value,
-      batch_timeout_ms=_TIMEOUT.value, batching=_BATCHING.value, max_queue=_MAX_QUEUE.value,
+      batch_timeout_ms=_TIMEOUT.value, batching=_BATCHING.value,
+      batch_threads=_BATCH_THREADS.value, max_queue=_MAX_QUEUE.value,
       api_keys=keys, max_body_bytes=_MAX_BODY.value, drain_seconds=_DRAIN.value,
       poll_seconds=_POLL.value,
       defaults_json=base.get_base_config().to_json())

@@ -64,6 +64,7 @@ class Settings:
   max_batch_size: int = 32  # Largest compiled bucket, and most examples in one request.
   batch_timeout_ms: float = 0.0  # How long a batch waits for more after its first (0: none).
   batching: bool = True  # False: every request runs alone (the baseline).
+  batch_threads: int = 2  # Batches computing at once (one computes while the next forms).
   max_queue: int = 1024  # Examples queued or running before requests are refused (503).
   api_keys: tuple[str, ...] = ()  # Accepted keys; empty = no auth (the server binds loopback).
   max_body_bytes: int = 8 << 20  # Larger request bodies are refused (413).
@@ -316,7 +317,8 @@ def create_app(settings: Settings, model: model_lib.ServedModel | None = None) -
   async def lifespan(app):
     state.batcher = batching.Batcher(
         run, settings.max_batch_size, settings.batch_timeout_ms / 1000, settings.max_queue,
-        settings.batching, on_batch=metrics.batch_size.observe, on_depth=metrics.queue_depth.set)
+        settings.batching, on_batch=metrics.batch_size.observe, on_depth=metrics.queue_depth.set,
+        batch_threads=settings.batch_threads)
     state.batcher.start()
     _hook_sigterm(state)
     loader = threading.Thread(target=load_and_compile, name='kiln-load', daemon=True)

@@ -409,6 +409,31 @@ def test_batcher_merges_pads_order_and_refuses_past_its_queue():
   assert [r['y'].tolist() for r in results] == [[0], [2, 4], [6, 8]]
 
 
+@pytest.mark.parametrize('threads', [1, 2])
+def test_batches_compute_on_as_many_threads_as_asked(threads):
+  """With batch_threads=2 a second batch starts while the first computes; with 1 it waits."""
+  active, most, lock = [0], [0], threading.Lock()
+
+  def run(inputs):
+    with lock:
+      active[0] += 1
+      most[0] = max(most[0], active[0])
+    time.sleep(0.1)
+    with lock:
+      active[0] -= 1
+    return {'y': inputs['x'] + 1}
+
+  async def scenario():
+    batcher = batching.Batcher(run, max_batch_size=1, timeout_s=0, max_queue=8,
+                               batch_threads=threads)
+    batcher.start()
+    results = await asyncio.gather(*[batcher.submit({'x': np.array([i])}) for i in range(4)])
+    await batcher.close()
+    return results
+  results = asyncio.run(scenario())
+  assert [r['y'].tolist() for r in results] == [[1], [2], [3], [4]] and most[0] == threads
+
+
 def test_versions_are_found_as_tf_serving_and_orbax_lay_them_out(tmp_path):
   run = tmp_path / 'run'
   (run / 'checkpoints' / '20').mkdir(parents=True)
