@@ -357,6 +357,7 @@ def test_candidates_must_share_task_and_data(tmp_path):
                                str(REPO / 'configs/mnist_cnn.py')])
 
 
+@pytest.mark.slow  # A heartbeat must go stale: seconds of waiting.
 def test_a_database_url_opens_an_rdb_study_with_heartbeats(tmp_path, monkeypatch):
   """An RDB (SQLite here; PostgreSQL or MySQL across hosts) holds the same study, with the
   heartbeat that fails a dead host's trials; other URLs are refused in one line."""
