@@ -4,13 +4,15 @@ The guard names the first layer whose output went non-finite, and the doctor mea
 activation scales and dead units per layer, without models cooperating (no `sow` calls):
 while `recording` is open, the `__call__` of each module class in the model records what
 its instances return. Use it inside one trace (a jitted function) or eagerly; the classes
-are restored on exit.
+are restored on exit. Calls made inside an inner trace (a module run in a `lax.scan` body, as
+RNN-T decoding does) are not recorded: their values do not exist outside that body.
 """
 
 import contextlib
 
 import jax
 from flax import nnx
+from jax._src import core as jax_core  # Private: only to tell an inner trace from ours.
 
 
 
@@ -25,6 +27,7 @@ def recording(model: nnx.Module, replace_root_output=None):
   paths = {id(module): '/'.join(map(str, path)) or '<model>'
            for path, module in nnx.iter_modules(model)}
   records: list[tuple[str, object]] = []
+  outer_trace = _current_trace()
   classes = {type(module) for _, module in nnx.iter_modules(model)}
   originals = {cls: (cls.__dict__.get('__call__'), cls.__call__) for cls in classes
                if callable(getattr(cls, '__call__', None))}
@@ -33,7 +36,7 @@ def recording(model: nnx.Module, replace_root_output=None):
     def recorded(self, *args, **kwargs):
       out = call(self, *args, **kwargs)
       path = paths.get(id(self))
-      if path is not None:
+      if path is not None and _current_trace() is outer_trace:
         if path == '<model>' and replace_root_output is not None:
           out = replace_root_output(out)
         records.append((path, out))
@@ -50,6 +53,12 @@ def recording(model: nnx.Module, replace_root_output=None):
         del cls.__call__
       else:
         cls.__call__ = own
+
+
+def _current_trace():
+  """The trace values are being made in (JAX's own, private: None where it is not there)."""
+  context = getattr(jax_core, 'trace_ctx', None)
+  return None if context is None else context.trace
 
 
 def array_leaves(output) -> list[jax.Array]:
