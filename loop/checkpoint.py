@@ -1,6 +1,7 @@
 """Orbax checkpoints of the train state plus a small JSON of loop bookkeeping."""
 
 import contextlib
+import dataclasses
 import os
 import shutil
 
@@ -77,11 +78,18 @@ class Checkpointer:
     difference = self._difference(step, target)
     if difference is None:
       try:
+        # A run from before the guard stored no 'guard' key at all (one with the guard off
+        # stored None there), which a TrainState target always has: restore the fields the
+        # checkpoint holds as a dict instead.
+        item = target if fresh_guard is None else {
+            field.name: getattr(target, field.name) for field in dataclasses.fields(target)
+            if field.name in self.manager.item_metadata(step)['state']}
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), loop=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(item), loop=ocp.args.JsonRestore()))
         state = restored['state']
-        return (state if fresh_guard is None else state.replace(guard=fresh_guard),
-                restored['loop'])
+        if fresh_guard is not None:
+          state = target.replace(**{**state, 'guard': fresh_guard})
+        return state, restored['loop']
       except Exception as error:  # noqa: BLE001  The layout matched: the files are bad.
         raise CorruptCheckpoint(
             f"checkpoint {step} in '{self.manager.directory}' cannot be read "

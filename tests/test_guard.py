@@ -145,3 +145,18 @@ def test_learning_rate_spike_is_caught_and_rollback_with_a_cut_rate_recovers(tmp
   assert events and events[0]['kind'] == 'spike' and events[0]['step'] > 24
   assert events[0]['action'] == 'rollback' and events[0]['zscore'] > 4.0
   assert rolled['steps'] == 40 and rolled['final_eval']['accuracy'] > 0.8
+
+
+@pytest.mark.slow  # Two tiny runs.
+def test_a_checkpoint_without_a_guard_window_resumes_with_the_guard_on(tmp_path, devices):
+  # Runs saved with the guard off (and runs from before it existed) store no 'guard' subtree.
+  workdir = str(tmp_path / 'run')
+  config = tiny_config()
+  config.num_train_steps = 20
+  config.guard.policy = 'off'
+  train.train_and_evaluate(config, workdir)
+  config.num_train_steps = 30
+  config.guard.policy = 'skip'
+  summary = train.train_and_evaluate(config, workdir)
+  assert summary['steps'] == 30
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(latest_params(workdir)))
