@@ -40,7 +40,7 @@ def check(config_path: str, overfit_steps: int) -> dict:
     report = run.diagnose_experiment(exp, workdir, options)
   by_check = {f.check: f for f in report['findings']}
   overfit = by_check.get('overfit_one_batch') or by_check.get('overfit_failed')
-  initial = [f for f in report['findings'] if f.check == 'initial_loss']
+  initial = [f for f in report['findings'] if f.check == 'initial_loss' and f.severity != 'info']
   return {'config': config_path, 'initial': report['initial']['loss'],
           'uniform': report['initial']['uniform_loss'], 'initial_ok': not initial,
           'overfit_ok': 'overfit_one_batch' in by_check, 'overfit': overfit.message,
