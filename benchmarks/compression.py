@@ -106,7 +106,9 @@ def read_summary(root: str, run: Run) -> dict | None:
   if not os.path.exists(path):
     return None
   with open(path) as f:
-    return json.load(f)
+    summary = json.load(f)
+  # A run stopped by SIGTERM/SIGINT wrote its summary at the step it checkpointed: run it on.
+  return None if summary.get('preempted') else summary
 
 
 def quality(summary: dict) -> tuple[str, float]:
