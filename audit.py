@@ -32,7 +32,7 @@ def main(argv):
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}')
   if not _WORKDIR.value:
-    sys.exit(f'error: --workdir is required: {_WORKDIR.help}')
+    sys.exit(f'error: --workdir is required: {flags.FLAGS["workdir"].help}')
   try:
     report = audit.membership_inference(_WORKDIR.value, _NUM_EXAMPLES.value,
                                         defaults=base.get_base_config())

@@ -40,7 +40,7 @@ def main(argv):
     sys.exit(f'error: unexpected arguments {argv[1:]}')
   for flag in (_WORKDIR, _FORMAT, _OUT):
     if not flag.value:
-      sys.exit(f'error: --{flag.name} is required: {flag.help}')
+      sys.exit(f'error: --{flag.name} is required: {flags.FLAGS[flag.name].help}')
   try:
     report = exporter.export(_WORKDIR.value, _FORMAT.value, _OUT.value,
                              max_examples=_MAX_EXAMPLES.value, min_agreement=_MIN_AGREEMENT.value,

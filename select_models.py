@@ -59,7 +59,7 @@ def main(argv):
     sys.exit(f'error: unexpected arguments {argv[1:]}')
   for flag in (_CANDIDATES, _BUDGET, _WORKDIR):
     if flag.value is None:
-      sys.exit(f'error: --{flag.name} is required: {flag.help}')
+      sys.exit(f'error: --{flag.name} is required: {flags.FLAGS[flag.name].help}')
   try:
     candidates = selection.load_candidates(_CANDIDATES.value, _overrides(_SET.value))
     board = selection.successive_halving(candidates, _BUDGET.value, _WORKDIR.value,

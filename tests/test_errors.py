@@ -31,3 +31,19 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, flags, expected):
   assert last_line.startswith('error: ') and expected in last_line, result.stderr[-2000:]
   assert 'Traceback' not in result.stderr
   assert not workdir.exists()
+
+
+@pytest.mark.slow  # Each case starts an entry point in a fresh interpreter.
+@pytest.mark.parametrize('command, expected', [
+    (['export.py', '--workdir=x'], 'error: --format is required: '),
+    (['audit.py'], 'error: --workdir is required: '),
+    (['tune.py', '--study_dir=x'], 'error: --n_trials is required: '),
+    (['select_models.py'], 'error: --candidates is required: '),
+    (['doctor.py', 'stray'], "error: unexpected arguments ['stray']"),
+])
+def test_entry_points_name_a_missing_flag_in_one_line(command, expected):
+  result = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={'PATH': '', 'JAX_PLATFORMS': 'cpu'})
+  assert result.returncode != 0
+  assert result.stderr.strip().splitlines()[-1].startswith(expected), result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr
