@@ -10,15 +10,13 @@ with TensorBoard curves (overfit loss, range test) and doctor_lr_range.png besid
 with status 1 when any finding is an error or a warning.
 """
 
-import functools
 import os
 import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 
 import train  # noqa: E402  First (it configures the host before JAX or TF start threads).
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from core.errors import KilnError  # noqa: E402
 from doctor import run  # noqa: E402
@@ -27,14 +25,8 @@ _WORKDIR = flags.DEFINE_string('workdir', 'runs/doctor', 'Folder for doctor.json
 
 
 def main(argv, config_flag):
-  logging.get_absl_handler().addFilter(train._OwnLinesOnly())
-  if len(argv) > 1:
-    sys.exit(f'error: unexpected arguments {argv[1:]}: pass settings as --config.KEY=VALUE')
-  try:
-    config = config_flag.value
-    config.to_dict()
-  except OSError as e:
-    sys.exit(f"error: {' '.join(str(e).split())}: pass an existing file to --config")
+  train.check_arguments(argv)
+  config = train.load_config(config_flag)
   try:
     report = run.diagnose(config, _WORKDIR.value)
   except KilnError as e:
@@ -47,9 +39,4 @@ def main(argv, config_flag):
 
 
 if __name__ == '__main__':
-  try:
-    config_flag = config_flags.DEFINE_config_file(
-        'config', 'configs/default.py', 'Experiment config file.', lock_config=True)
-  except train._FLAG_ERRORS as e:
-    train._bad_flag_exit(e, sys.argv)
-  app.run(functools.partial(main, config_flag=config_flag), flags_parser=train._parse_flags)
+  train.run_entry_point(main, config_flag=train.define_config_flag())

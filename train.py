@@ -43,18 +43,30 @@ class _OwnLinesOnly:
     return True
 
 
-def main(argv, config_flag, workdir_flag):
+def check_arguments(argv) -> None:
+  """The start of every config-driven entry point (train.py, doctor.py, tune.py): only the
+  run's own log lines, and no stray positional arguments."""
   # Every logger (absl's, jax's, tensorflow's) ends in this handler once app.run has set it up.
   logging.get_absl_handler().addFilter(_OwnLinesOnly())
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}: pass settings as --config.KEY=VALUE')
-  if not workdir_flag.value:
-    sys.exit('error: --workdir is required: pass the directory for this run')
+
+
+def load_config(config_flag):
+  """--config's ConfigDict, or one line naming the file that could not be loaded."""
   try:
     config = config_flag.value
     config.to_dict()  # A config file that failed to load raises only when first used.
   except OSError as e:  # The config file itself could not be loaded.
     sys.exit(f"error: {' '.join(str(e).split())}: pass an existing file to --config")
+  return config
+
+
+def main(argv, config_flag, workdir_flag):
+  check_arguments(argv)
+  if not workdir_flag.value:
+    sys.exit('error: --workdir is required: pass the directory for this run')
+  config = load_config(config_flag)
   distributed.initialize(config.distributed)
   try:
     train_and_evaluate(config, workdir_flag.value)
@@ -84,12 +96,22 @@ def _parse_flags(argv):
     _bad_flag_exit(e, argv)
 
 
-if __name__ == '__main__':
+def define_config_flag(help_text: str = 'Experiment config file.'):
+  """--config (a config file, with --config.KEY=VALUE overrides); a bad override exits in one
+  line. For entry points' `__main__` only: it reads sys.argv."""
   try:  # ml_collections applies --config.KEY overrides while defining the flag.
-    config_flag = config_flags.DEFINE_config_file(
-        'config', 'configs/default.py', 'Experiment config file.', lock_config=True)
+    return config_flags.DEFINE_config_file('config', 'configs/default.py', help_text,
+                                           lock_config=True)
   except _FLAG_ERRORS as e:
     _bad_flag_exit(e, sys.argv)
+
+
+def run_entry_point(main_fn, **flag_holders) -> None:
+  """app.run(main_fn) with bad --config.KEY=VALUE flags reported in one line."""
+  app.run(functools.partial(main_fn, **flag_holders), flags_parser=_parse_flags)
+
+
+if __name__ == '__main__':
+  config_flag = define_config_flag()
   workdir_flag = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, events, summary.')
-  app.run(functools.partial(main, config_flag=config_flag, workdir_flag=workdir_flag),
-          flags_parser=_parse_flags)
+  run_entry_point(main, config_flag=config_flag, workdir_flag=workdir_flag)

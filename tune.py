@@ -10,14 +10,13 @@ When the last trial ends, the worker writes <study_dir>/trials.csv, best.json (w
 command line that reproduces the best trial) and the plots.
 """
 
-import functools
 import os
 import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 
 import train  # noqa: E402  First (it configures the host before JAX or TF start threads).
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from core.errors import KilnError  # noqa: E402
@@ -48,17 +47,11 @@ def _objectives(values: list[str] | None) -> tuple | None:
 
 
 def main(argv, config_flag):
-  logging.get_absl_handler().addFilter(train._OwnLinesOnly())
-  if len(argv) > 1:
-    sys.exit(f'error: unexpected arguments {argv[1:]}: pass settings as --config.KEY=VALUE')
+  train.check_arguments(argv)
   for flag in (_STUDY_DIR, _N_TRIALS):
     if flag.value is None:
-      sys.exit(f'error: --{flag.name} is required: {flag.help}')
-  try:
-    config = config_flag.value
-    config.to_dict()
-  except OSError as e:
-    sys.exit(f"error: {' '.join(str(e).split())}: pass an existing file to --config")
+      sys.exit(f'error: --{flag.name} is required: {flags.FLAGS[flag.name].help}')
+  config = train.load_config(config_flag)
   config_path = config_flags.get_config_filename(flags.FLAGS['config'])
   overrides = tuple(a for a in sys.argv[1:] if a.startswith('--config.'))
   try:
@@ -87,10 +80,5 @@ def main(argv, config_flag):
 
 
 if __name__ == '__main__':
-  try:
-    config_flag = config_flags.DEFINE_config_file(
-        'config', 'configs/default.py', 'Config file with get_config() and get_search_space().',
-        lock_config=True)
-  except train._FLAG_ERRORS as e:
-    train._bad_flag_exit(e, sys.argv)
-  app.run(functools.partial(main, config_flag=config_flag), flags_parser=train._parse_flags)
+  train.run_entry_point(main, config_flag=train.define_config_flag(
+      'Config file with get_config() and get_search_space().'))
