@@ -73,8 +73,9 @@ class Range:
       return value
     if not self.contains(value):
       kind = 'a whole number' if self.integer else 'a number'
-      raise KilnError(f'config.{path}={value!r} is out of range: set it to {kind} '
-                      f'{self.interval()}')
+      right_type = _is_number(value) and (not self.integer or isinstance(value, numbers.Integral))
+      problem = 'is out of range' if right_type else f'is not {kind}'
+      raise KilnError(f'config.{path}={value!r} {problem}: set it to {kind} {self.interval()}')
     return value
 
   def bad_value(self):

@@ -12,7 +12,7 @@ from tests.tiny import REPO
 @pytest.mark.parametrize('flags, expected', [
     (['--config.no_such_key=1'], "--config.no_such_key=1: 'no_such_key'"),
     (['--config.model.widht=3'], "--config.model.widht=3: 'widht'"),
-    (['--config.batch_size=many'], "--config.batch_size=many"),
+    (['--config.batch_size=many'], "config.batch_size='many' is not a whole number"),
     (['--config.dataset.name=imagenette'], "unknown dataset 'imagenette'"),
     (['--config.dataset.name=mnist_t10k', '--config.dataset.data_dir=/no/such/dir'],
      "not found in '/no/such/dir'"),
