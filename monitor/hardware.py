@@ -2,7 +2,8 @@
 
 Accelerator peaks come from a table of bf16 dense TFLOP/s (the MFU convention,
 even for a model that trains in fp32). A CPU has no such figure, so its peak is
-a measured fp32 matmul, cached on disk per CPU model, core count and JAX version.
+a measured fp32 matmul, cached on disk per CPU model, core count and JAX version as the
+best of repeated probes.
 """
 
 import json
@@ -10,6 +11,7 @@ import os
 import platform
 import time
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,6 +35,10 @@ PEAK_TFLOPS: tuple[tuple[str, float, tuple[str, ...]], ...] = (
 )
 
 CPU_PEAK_CACHE_FILE = 'cpu_matmul_peak.json'
+# A run probes the CPU peak again once the last probe is this old: often enough that a figure
+# taken on a busy host is soon corrected, rarely enough that a test suite's many short runs
+# (each probe costs seconds) do not pay it each time.
+CPU_PEAK_REPROBE_SECONDS = 600.0
 
 
 def table_peak_flops(device_kind: str) -> tuple[float, str] | None:
@@ -69,11 +75,17 @@ def measure_cpu_matmul_flops(size: int = 2048, repeats: int = 8) -> float:
   return len(devices) * 2.0 * size**3 / best
 
 
-def cpu_matmul_peak(size: int = 2048, repeats: int = 8) -> tuple[float, str]:
-  """(whole-CPU fp32 matmul FLOP/s, what was measured); measured once per machine and
-  cached in `cache_dir()`, keyed by CPU model, core count, JAX version and matrix size.
+def cpu_matmul_peak(size: int = 2048, repeats: int = 8,
+                    reprobe_after_s: float = CPU_PEAK_REPROBE_SECONDS) -> tuple[float, str]:
+  """(whole-CPU fp32 matmul FLOP/s, what was measured and where the figure came from).
 
-  Delete the cache file to measure again (e.g. if it was measured on a busy machine)."""
+  The figure is cached in `cache_dir()`, keyed by CPU model, core count, JAX version and
+  matrix size, as the best of every probe so far: other load only slows a matmul, so the
+  best probe is the closest to what the machine can do, and one taken on a busy host must
+  not stay the peak forever (it made every later MFU too high). A run probes again when
+  the last probe is older than `reprobe_after_s` (and always for an entry written before
+  probes were counted); a probe that beats the cached figure replaces it.
+  """
   model, cores = cpu_model_name(), os.cpu_count() or 1
   key = f'{model} | {cores} cores | jax {jax.__version__} | {size}x{size} fp32'
   path = os.path.join(cache_dir(), CPU_PEAK_CACHE_FILE)
@@ -84,11 +96,33 @@ def cpu_matmul_peak(size: int = 2048, repeats: int = 8) -> tuple[float, str]:
     cached = {}
   if not isinstance(cached, dict):
     cached = {}
-  if key not in cached:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    cached[key] = measure_cpu_matmul_flops(size, repeats)
-    write_json_atomic(path, cached)
-  return float(cached[key]), key
+  entry = cached.get(key)
+  if isinstance(entry, (int, float)):  # Written before probes were counted: when is unknown.
+    entry = {'flops': float(entry), 'probes': 1, 'last_probe_unix': 0.0}
+  elif not (isinstance(entry, dict) and isinstance(entry.get('flops'), (int, float))):
+    entry = None
+  now = time.time()
+  if entry is not None and now - float(entry.get('last_probe_unix', 0.0)) < reprobe_after_s:
+    age_min = (now - float(entry['last_probe_unix'])) / 60
+    return float(entry['flops']), (f'{key}, from the cache: best of {entry["probes"]} '
+                                   f'probe(s), the last {age_min:.0f} min ago')
+  probe = measure_cpu_matmul_flops(size, repeats)
+  if entry is None:
+    entry, origin = {'flops': probe, 'probes': 0}, 'probed in this run'
+  elif probe > entry['flops']:
+    origin = (f'probed in this run, beating the cached {entry["flops"] / 1e9:.3g} GFLOP/s '
+              f'(best of {entry["probes"]} earlier probe(s))')
+    entry['flops'] = probe
+  else:
+    origin = (f'from the cache: best of {entry["probes"] + 1} probes; this run probed '
+              f'{probe / 1e9:.3g} GFLOP/s (a busy host reads low)')
+  entry['probes'] = int(entry['probes']) + 1
+  entry['last_probe_unix'] = now
+  cached[key] = entry
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  write_json_atomic(path, cached)
+  logging.info('CPU matmul peak %.0f GFLOP/s: %s', entry['flops'] / 1e9, origin)
+  return float(entry['flops']), f'{key}, {origin}'
 
 
 def peak_flops_per_device(device=None,
@@ -103,7 +137,7 @@ def peak_flops_per_device(device=None,
   if device.platform == 'cpu':
     total, measured = cpu_matmul_peak(cpu_matmul_size)
     count = len(jax.local_devices(backend='cpu'))
-    return total / count, (f'measured {measured} matmul: {total / 1e9:.0f} GFLOP/s '
+    return total / count, (f'{total / 1e9:.0f} GFLOP/s measured fp32 matmul ({measured}) '
                            f'shared by {count} CPU device(s)')
   found = table_peak_flops(device.device_kind)
   if found is None:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -116,21 +117,53 @@ def test_unknown_device_kind_has_no_peak():
   assert hardware.table_peak_flops('Tesla T4') is None
 
 
-def test_cpu_peak_is_measured_once_then_read_from_cache(tmp_path, monkeypatch):
+def _fail_if_probed(*args):
+  raise AssertionError('the cached peak should have been reused without a probe')
+
+
+def test_cpu_peak_is_probed_once_then_read_from_cache(tmp_path, monkeypatch):
   monkeypatch.setenv('KILN_CACHE_DIR', str(tmp_path))
-  peak, key = hardware.cpu_matmul_peak(size=64, repeats=2)
-  assert peak > 0
+  peak, source = hardware.cpu_matmul_peak(size=64, repeats=2)
+  assert peak > 0 and 'probed in this run' in source
   cache_file = tmp_path / hardware.CPU_PEAK_CACHE_FILE
-  assert json.loads(cache_file.read_text()) == {key: peak}
+  (key, entry), = json.loads(cache_file.read_text()).items()
+  assert entry['flops'] == peak and entry['probes'] == 1
   assert str(os.cpu_count()) in key and jax.__version__ in key
 
-  def no_measuring(*args):
-    raise AssertionError('the cached peak should have been reused')
-  monkeypatch.setattr(hardware, 'measure_cpu_matmul_flops', no_measuring)
-  assert hardware.cpu_matmul_peak(size=64, repeats=2) == (peak, key)
+  monkeypatch.setattr(hardware, 'measure_cpu_matmul_flops', _fail_if_probed)
+  again, source = hardware.cpu_matmul_peak(size=64, repeats=2)
+  assert again == peak and 'from the cache: best of 1 probe(s)' in source
   per_device, source = hardware.peak_flops_per_device(cpu_matmul_size=64)
   assert per_device == pytest.approx(peak / jax.local_device_count())
-  assert 'shared by 8 CPU device(s)' in source
+  assert 'from the cache' in source and 'shared by 8 CPU device(s)' in source
+
+
+@pytest.mark.parametrize('planted_format', ['bare figure (older cache)', 'counted probes'])
+def test_cpu_peak_cached_under_load_is_corrected_by_the_next_run(tmp_path, monkeypatch,
+                                                                  planted_format):
+  """A figure probed on a busy host (planted: 0.1 GFLOP/s, far below any real probe) is
+  replaced by the next run's probe once it is old enough, and a later slower probe never
+  lowers the best one."""
+  monkeypatch.setenv('KILN_CACHE_DIR', str(tmp_path))
+  key = hardware.cpu_matmul_peak(size=64, repeats=2)[1].split(', ')[0]
+  cache_file = tmp_path / hardware.CPU_PEAK_CACHE_FILE
+  planted = 1e8
+  stale = time.time() - 2 * hardware.CPU_PEAK_REPROBE_SECONDS
+  cache_file.write_text(json.dumps({key: planted} if planted_format.startswith('bare') else
+                                   {key: {'flops': planted, 'probes': 3,
+                                          'last_probe_unix': stale}}))
+  corrected, source = hardware.cpu_matmul_peak(size=64, repeats=2)
+  assert corrected > 10 * planted and 'beating the cached 0.1 GFLOP/s' in source
+  entry = json.loads(cache_file.read_text())[key]
+  assert entry['flops'] == corrected and time.time() - entry['last_probe_unix'] < 60
+
+  # A probe on a busier host later reads lower: the best figure stays and says so.
+  entry['last_probe_unix'] = stale
+  cache_file.write_text(json.dumps({key: entry}))
+  monkeypatch.setattr(hardware, 'measure_cpu_matmul_flops', lambda *args: corrected / 3)
+  kept, source = hardware.cpu_matmul_peak(size=64, repeats=2)
+  assert kept == corrected and 'from the cache' in source and 'a busy host reads low' in source
+  assert json.loads(cache_file.read_text())[key]['probes'] == entry['probes'] + 1
 
 
 def test_mfu_arithmetic():
