@@ -1,7 +1,9 @@
 """One export: a trained workdir -> an artifact folder, verified, with its export.json.
 
 The folder is built under a temporary name beside --out and renamed into place once the
-artifact is written and measured, so a failed conversion never leaves half an export. A
+artifact is written and measured, so a failed conversion never leaves half an export. Its
+SHA-256 manifest (core/integrity.py) is written before the artifact is loaded for
+verification, and again, over every file, as the last write before the rename. A
 verified artifact whose label agreement falls under config.export.min_agreement[format]
 is still written (to be inspected) but the export fails with one line.
 """
@@ -14,6 +16,7 @@ import tempfile
 
 import jax
 
+from core import integrity
 from core.errors import KilnError
 from core.io import write_json_atomic
 from compress import quantize
@@ -82,6 +85,7 @@ def export(workdir: str, fmt: str, out_dir: str, *, max_examples: int | None = N
     path = formats.write(fmt, predict, trained.serving, tmp_dir,
                          lambda: calibration_inputs(trained, settings.calibration_batches))
     write_json_atomic(os.path.join(tmp_dir, SIGNATURE_JSON), signature(trained, predict))
+    integrity.write_manifest(tmp_dir)  # The verification below loads what serving will load.
     run = formats.runner(fmt, path)
     try:
       measured = {**verify.compare(trained, run, jax.jit(live), max_examples),
@@ -99,6 +103,7 @@ def export(workdir: str, fmt: str, out_dir: str, *, max_examples: int | None = N
     report['passed'] = report['label_agreement'] >= threshold
     report['path'] = os.path.join(os.path.abspath(out_dir), os.path.relpath(path, tmp_dir))
     write_json_atomic(os.path.join(tmp_dir, EXPORT_JSON), report)
+    integrity.write_manifest(tmp_dir)
     formats.replace_dir(tmp_dir, out_dir)
   except BaseException:
     shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 import jax
 import numpy as np
 
+from core import integrity
 from core.errors import KilnError
 from export.artifact import input_specs
 from tasks.base import Serving
@@ -261,7 +262,9 @@ def write(fmt: str, predict: Predict, serving: Serving, out_dir: str,
 
 
 def runner(fmt: str, path: str) -> Runner:
-  """A callable that runs the artifact at `path` on a dict of batched NumPy inputs."""
+  """A callable that runs the artifact at `path` on a dict of batched NumPy inputs, once the
+  files of its export folder match their manifest (core/integrity.py)."""
+  integrity.verify_export(os.path.dirname(os.path.abspath(path)))
   if fmt == 'jax' or fmt in QUANTIZED_JAX_FORMATS:
     return run_jax(path)
   if fmt == 'saved_model':

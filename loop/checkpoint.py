@@ -1,4 +1,10 @@
-"""Orbax checkpoints of the train state plus a small JSON of loop bookkeeping."""
+"""Orbax checkpoints of the train state plus a small JSON of loop bookkeeping.
+
+Each finished checkpoint folder gets a SHA-256 manifest (core/integrity.py), written once
+Orbax has renamed the folder into place: at the next save, `wait_until_finished` or `close`.
+Every read checks it first. A process killed between a save and the next one leaves that
+newest checkpoint without a manifest; it loads unverified (logged), as older runs' do.
+"""
 
 import contextlib
 import dataclasses
@@ -11,6 +17,7 @@ import orbax.checkpoint as ocp
 
 from absl import logging
 
+from core import integrity
 from core.errors import KilnError
 from loop.state import TrainState
 from core.paths import path_string
@@ -19,7 +26,8 @@ CHECKPOINTS_FOLDER = 'checkpoints'  # Inside a run's workdir.
 
 
 class CorruptCheckpoint(KilnError):
-  """A checkpoint whose layout matches but whose files cannot be read."""
+  """A checkpoint whose layout matches but whose files cannot be read, or differ from its
+  manifest."""
 
 
 class Checkpointer:
@@ -39,6 +47,7 @@ class Checkpointer:
     # Handlers named up front so that a checkpoint's metadata can be read before restoring.
     self.manager = ocp.CheckpointManager(folder, options=options, item_handlers={
         'state': ocp.StandardCheckpointHandler(), 'loop': ocp.JsonCheckpointHandler()})
+    self._unsigned: list[int] = []  # Saved steps whose manifest waits for Orbax to finish.
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -47,9 +56,35 @@ class Checkpointer:
     """Saves asynchronously; the next save or `close` waits for this one. A write that fails
     (a full disk, a folder gone read-only) raises a one-line KilnError; Orbax writes into a
     temporary folder and renames it, so earlier checkpoints stay as they were."""
+    self.wait_until_finished()  # Orbax waits for the previous save here anyway.
     with self._write_errors(step):
       self.manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop_state)), force=True)
+    self._unsigned.append(step)
+
+  def wait_until_finished(self) -> None:
+    """Waits for pending saves, then writes the manifest of each (process 0 only: every
+    process sees the same folder)."""
+    with self._write_errors(self._unsigned[-1] if self._unsigned else self.latest_step()):
+      self.manager.wait_until_finished()
+      unsigned, self._unsigned = self._unsigned, []
+      for step in unsigned:
+        folder = self._step_folder(step)
+        if jax.process_index() == 0 and os.path.isdir(folder):  # Not yet deleted by `keep`.
+          integrity.write_manifest(folder)
+
+  def _step_folder(self, step: int) -> str:
+    return os.path.join(str(self.manager.directory), str(step))
+
+  def _verify(self, step: int) -> None:
+    """Checks checkpoint `step` against its manifest: a changed, missing or added file raises
+    CorruptCheckpoint naming it."""
+    self.wait_until_finished()  # A save of this very step may still be pending.
+    try:
+      integrity.verify(self._step_folder(step), f"checkpoint {step} in '{self.manager.directory}'",
+                       'delete the step (resuming then continues from the one before)')
+    except integrity.TamperedArtifact as error:
+      raise CorruptCheckpoint(str(error)) from None
 
   @contextlib.contextmanager
   def _write_errors(self, step):
@@ -68,6 +103,7 @@ class Checkpointer:
   def restore(self, step: int, abstract_state: TrainState, shardings: TrainState):
     """Restores onto the devices directly in the layout given by `shardings`; a checkpoint
     written by another model or optimizer raises a KilnError naming the first difference."""
+    self._verify(step)
     target = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings)
     # A checkpoint from before the numerics guard: its window starts afresh (`abstract_state`'s).
@@ -100,8 +136,9 @@ class Checkpointer:
 
   def restore_newest(self, abstract_state: TrainState, shardings: TrainState):
     """(state, loop state) of the newest readable checkpoint. One that cannot be read (a
-    truncated or corrupted write) is moved aside to `<workdir>/corrupt_checkpoints/`, with a
-    warning naming its step, and the one before it is tried."""
+    truncated or corrupted write) or whose files differ from its manifest is moved aside to
+    `<workdir>/corrupt_checkpoints/`, with a warning naming its step and the file, and the
+    one before it is tried."""
     while True:
       step = self.latest_step()
       try:
@@ -149,7 +186,9 @@ class Checkpointer:
   def read_host(self, step: int) -> dict:
     """The train state of checkpoint `step` as a nested dict of host NumPy arrays, whatever
     mesh, strategy or number of processes wrote it; list indices (e.g. of layer blocks) come
-    back as string keys. The whole state is read: StandardRestore restores whole trees only."""
+    back as string keys. The whole state is read: StandardRestore restores whole trees only.
+    A checkpoint whose files differ from its manifest raises CorruptCheckpoint."""
+    self._verify(step)
     stored = self.manager.item_metadata(step)['state'].tree
     # NumPy targets, not ShapeDtypeStructs: those take the writer's sharding from the
     # metadata, which names devices this process may not have.
@@ -159,8 +198,7 @@ class Checkpointer:
 
   def close(self) -> None:
     try:
-      with self._write_errors(self.manager.latest_step()):
-        self.manager.wait_until_finished()
+      self.wait_until_finished()
     finally:
       self.manager.close()
 

@@ -196,7 +196,7 @@ def _train_and_evaluate(config, workdir, stop_at_step, on_eval, preemption) -> d
     if guard_stop:
       break
     if rollback is not None:
-      checkpointer.manager.wait_until_finished()
+      checkpointer.wait_until_finished()
       if checkpointer.latest_step() is None:  # Nothing saved yet: back to the initial state.
         fresh, _ = exp.create_state()
         if config.init.checkpoint_dir:

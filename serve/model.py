@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from core import integrity
 from core.errors import KilnError
 from input_pipeline import audio
 from loop import trained as trained_lib
@@ -150,7 +151,8 @@ def from_trained(trained: trained_lib.Trained, name: str, max_batch_size: int) -
 def from_export(folder: str, name: str, max_batch_size: int) -> ServedModel:
   """A `jax` export folder (export.py --format=jax) as a ServedModel: the batch-polymorphic
   artifact is compiled per bucket like a live model. No tokenizer travels with an export, so
-  text tasks take token ids only."""
+  text tasks take token ids only. Its files are checked against the export's manifest first."""
+  integrity.verify_export(folder)
   try:
     with open(os.path.join(folder, SIGNATURE_FILE)) as f:
       signature = json.load(f)

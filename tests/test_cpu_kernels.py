@@ -244,7 +244,7 @@ def test_build_for_a_lower_instruction_set_is_keyed_apart_and_computes_the_same(
   dump = tmp_path / 'lower.npz'
   subprocess.run([sys.executable, '-c', _DUMP, str(dump)], cwd=REPO, env=env, check=True,
                  timeout=600)
-  lower_results = np.load(dump)
+  lower_results = np.load(dump, allow_pickle=False)
   assert str(lower_results['library']) == library  # The fixture's build, found by its key.
   np.testing.assert_array_equal(lower_results['bits'],
                                 cpu_kernels.random_bits(jax.random.key(7), (999, 33)))
