@@ -1,6 +1,7 @@
 """backends.cpu.kernels: the compiled attention kernel against XLA's formulation, its dropout,
 its sharding, and the Philox words behind the Transformer's dropout masks."""
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -200,17 +201,32 @@ _RECHECKED = [f'tests/test_cpu_kernels.py::test_{name}' for name in (
     'random_bits_are_uniform_and_reproducible', 'gpt_with_kernels_equals_gpt_without')] + [
     'tests/test_conv.py::test_lowerings_match_native_outputs_and_gradients',
     'tests/test_lstm_kernel.py::test_kernel_outputs_and_gradients_equal_the_scan']
+
+
+def _narrow_conv(kernels):
+  """A 3-channel 7x7/2 stem with 80 features (the narrow conv's vector tiles and their
+  remainder), output and kernel gradient."""
+  x = jax.random.normal(jax.random.key(3), (3, 13, 11, 3))
+  w = jax.random.normal(jax.random.key(4), (7, 7, 3, 80))
+  g = jax.random.normal(jax.random.key(5), (3, 7, 6, 80))
+  geometry = ((2, 2), ((3, 3), (3, 3)), (1, 1))
+  return {'narrow_conv': kernels.conv2d(x, w, g.shape, *geometry),
+          'narrow_kernel_grad': kernels.conv2d_kernel_grad(x, g, w.shape, *geometry)}
+
+
 _DUMP = """
 import sys
 import jax, numpy as np
 from backends.cpu import kernels
+from tests.test_cpu_kernels import _narrow_conv
 q, k, v = (jax.random.normal(key, (2, 70, 3, 16)) for key in jax.random.split(jax.random.key(0), 3))
 x = jax.random.normal(jax.random.key(1), (4, 9, 9, 8))
 w = jax.random.normal(jax.random.key(2), (3, 3, 8, 16))
 np.savez(sys.argv[1], library=kernels.build(),
          bits=kernels.random_bits(jax.random.key(7), (999, 33)),
          attention=kernels.causal_attention(q, k, v, dropout_rate=0.25, key=jax.random.key(8)),
-         conv=kernels.conv2d(x, w, (4, 5, 5, 16), (2, 2), ((1, 1), (1, 1)), (1, 1)))
+         conv=kernels.conv2d(x, w, (4, 5, 5, 16), (2, 2), ((1, 1), (1, 1)), (1, 1)),
+         **_narrow_conv(kernels))
 """
 
 
@@ -246,6 +262,10 @@ def test_build_for_a_lower_instruction_set_is_keyed_apart_and_computes_the_same(
                  timeout=600)
   lower_results = np.load(dump, allow_pickle=False)
   assert str(lower_results['library']) == library  # The fixture's build, found by its key.
+  # The lower build runs 8-float AVX2 registers, not the portable fallback.
+  assert ctypes.CDLL(library).KilnVectorLanes() == 8
+  assert ctypes.CDLL(cpu_kernels.build()).KilnVectorLanes() == (
+      16 if b'__AVX512F__' in host else 8 if b'__AVX2__' in host else 0)
   np.testing.assert_array_equal(lower_results['bits'],
                                 cpu_kernels.random_bits(jax.random.key(7), (999, 33)))
   q, k, v = (jax.random.normal(key, (2, 70, 3, 16))
@@ -260,6 +280,8 @@ def test_build_for_a_lower_instruction_set_is_keyed_apart_and_computes_the_same(
       lower_results['conv'],
       cpu_kernels.conv2d(x, w, (4, 5, 5, 16), (2, 2), ((1, 1), (1, 1)), (1, 1)),
       rtol=1e-5, atol=1e-5)
+  for name, values in _narrow_conv(cpu_kernels).items():
+    np.testing.assert_allclose(lower_results[name], values, rtol=1e-5, atol=1e-4, err_msg=name)
   result = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
                            *_RECHECKED], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=1800)

@@ -40,6 +40,69 @@ using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::Ro
 using View = Eigen::Map<RowMatrix, 0, Eigen::OuterStride<>>;
 using ConstView = Eigen::Map<const RowMatrix, 0, Eigen::OuterStride<>>;
 
+// One register of floats and the few operations the vector code needs: AVX-512 (16 floats)
+// or AVX2 with FMA (8), whichever the build targets (-march=native, then
+// $KILN_CPU_ARCH_FLAGS), else an 8-float struct the compiler vectorises as it can.
+// KILN_VECTOR_LANES is 0 in that last case, where the code with no portable form (the
+// narrow conv) is left out.
+#if defined(__AVX512F__)
+#define KILN_VECTOR_LANES 16
+using Lane = __m512;
+constexpr int64_t kLane = 16;
+constexpr int kPanelTileRows = 8;  // 8 rows x 2 lanes: 16 of the 32 vector registers accumulate.
+inline Lane LoadLane(const float* p) { return _mm512_loadu_ps(p); }
+inline void StoreLane(float* p, Lane v) { _mm512_storeu_ps(p, v); }
+inline Lane Broadcast(float x) { return _mm512_set1_ps(x); }
+inline Lane ZeroLane() { return _mm512_setzero_ps(); }
+inline Lane AddLanes(Lane a, Lane b) { return _mm512_add_ps(a, b); }
+inline Lane MultiplyAdd(Lane a, Lane b, Lane c) { return _mm512_fmadd_ps(a, b, c); }
+// The first n < kLane floats (the rest read as 0 / left as they are).
+using TailMask = __mmask16;
+inline TailMask Tail(int64_t n) { return TailMask((1u << n) - 1); }
+inline Lane LoadTail(const float* p, TailMask m) { return _mm512_maskz_loadu_ps(m, p); }
+inline void StoreTail(float* p, TailMask m, Lane v) { _mm512_mask_storeu_ps(p, m, v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+#define KILN_VECTOR_LANES 8
+using Lane = __m256;
+constexpr int64_t kLane = 8;
+constexpr int kPanelTileRows = 6;  // 6 rows x 2 lanes: 12 of the 16 vector registers accumulate.
+inline Lane LoadLane(const float* p) { return _mm256_loadu_ps(p); }
+inline void StoreLane(float* p, Lane v) { _mm256_storeu_ps(p, v); }
+inline Lane Broadcast(float x) { return _mm256_set1_ps(x); }
+inline Lane ZeroLane() { return _mm256_setzero_ps(); }
+inline Lane AddLanes(Lane a, Lane b) { return _mm256_add_ps(a, b); }
+inline Lane MultiplyAdd(Lane a, Lane b, Lane c) { return _mm256_fmadd_ps(a, b, c); }
+using TailMask = __m256i;
+inline TailMask Tail(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline Lane LoadTail(const float* p, TailMask m) { return _mm256_maskload_ps(p, m); }
+inline void StoreTail(float* p, TailMask m, Lane v) { _mm256_maskstore_ps(p, m, v); }
+#else
+#define KILN_VECTOR_LANES 0
+struct Lane {
+  float v[8];
+};
+constexpr int64_t kLane = 8;
+constexpr int kPanelTileRows = 4;
+inline Lane LoadLane(const float* p) {
+  Lane l;
+  std::copy(p, p + kLane, l.v);
+  return l;
+}
+inline void StoreLane(float* p, Lane v) { std::copy(v.v, v.v + kLane, p); }
+inline Lane Broadcast(float x) {
+  Lane l;
+  std::fill(l.v, l.v + kLane, x);
+  return l;
+}
+inline Lane ZeroLane() { return Broadcast(0.0f); }
+inline Lane MultiplyAdd(Lane a, Lane b, Lane c) {
+  for (int64_t i = 0; i < kLane; ++i) c.v[i] += a.v[i] * b.v[i];
+  return c;
+}
+#endif
+
 // Query rows per block: the block reads keys only up to its last row, so with 64-row
 // blocks a 256-token sequence computes 5/8 of the full score matrix instead of all of it.
 constexpr int64_t kBlock = 64;
@@ -77,6 +140,14 @@ inline void MulHiLo(__m512i a, __m512i m, __m512i* hi, __m512i* lo) {
   const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
   *hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
 }
+#elif defined(__AVX2__)
+// High and low 32-bit halves of the 8 products a[i] * m.
+inline void MulHiLo(__m256i a, __m256i m, __m256i* hi, __m256i* lo) {
+  *lo = _mm256_mullo_epi32(a, m);
+  const __m256i even = _mm256_mul_epu32(a, m);
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
+  *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
 #endif
 
 // Philox-4x32-10 of kLanes counters (c0[lane], row, pair, 0) under `seed`, in place.
@@ -104,6 +175,34 @@ inline void Philox(const uint32_t* seed, uint32_t* c0, uint32_t* c1, uint32_t* c
   _mm512_storeu_si512(c1, x1);
   _mm512_storeu_si512(c2, x2);
   _mm512_storeu_si512(c3, x3);
+#elif defined(__AVX2__)
+  static_assert(kLanes == 16, "two AVX2 registers of counters");
+  const uint32_t* in[4] = {c0, c1, c2, c3};
+  __m256i x[4][2];  // x[word][half]: the two halves' rounds interleave.
+  for (int w = 0; w < 4; ++w)
+    for (int h = 0; h < 2; ++h)
+      x[w][h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in[w] + 8 * h));
+  const __m256i m0 = _mm256_set1_epi32(int(kPhiloxMultiplier0));
+  const __m256i m1 = _mm256_set1_epi32(int(kPhiloxMultiplier1));
+  uint32_t key0 = seed[0], key1 = seed[1];
+  for (int round = 0; round < 10; ++round) {
+    const __m256i k0 = _mm256_set1_epi32(int(key0)), k1 = _mm256_set1_epi32(int(key1));
+    for (int h = 0; h < 2; ++h) {
+      __m256i hi0, lo0, hi1, lo1;
+      MulHiLo(x[0][h], m0, &hi0, &lo0);
+      MulHiLo(x[2][h], m1, &hi1, &lo1);
+      x[0][h] = _mm256_xor_si256(_mm256_xor_si256(hi1, x[1][h]), k0);
+      x[1][h] = lo1;
+      x[2][h] = _mm256_xor_si256(_mm256_xor_si256(hi0, x[3][h]), k1);
+      x[3][h] = lo0;
+    }
+    key0 += kPhiloxWeyl0;
+    key1 += kPhiloxWeyl1;
+  }
+  uint32_t* out[4] = {c0, c1, c2, c3};
+  for (int w = 0; w < 4; ++w)
+    for (int h = 0; h < 2; ++h)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[w] + 8 * h), x[w][h]);
 #else
   for (int lane = 0; lane < kLanes; ++lane) {
     uint32_t key0 = seed[0], key1 = seed[1];
@@ -585,15 +684,15 @@ const float* TileOutGrad(const ConvDims& d, bool reordered, const float* g, int6
   return scratch->data();
 }
 
-// Short runs (a patch row is a few runs of KW * C floats) with AVX-512 masked tails: plain
-// loops spent ~120 cycles per 147-float stem patch row in their scalar tails.
+// Short runs (a patch row is a few runs of KW * C floats) with masked vector tails: plain
+// loops spent ~120 cycles per 147-float stem patch row in their scalar tails (AVX-512).
 inline void CopyFloats(const float* from, float* to, int64_t n) {
-#if defined(__AVX512F__)
+#if KILN_VECTOR_LANES
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(to + i, _mm512_loadu_ps(from + i));
+  for (; i + kLane <= n; i += kLane) StoreLane(to + i, LoadLane(from + i));
   if (i < n) {
-    const __mmask16 tail = __mmask16((1u << (n - i)) - 1);
-    _mm512_mask_storeu_ps(to + i, tail, _mm512_maskz_loadu_ps(tail, from + i));
+    const TailMask tail = Tail(n - i);
+    StoreTail(to + i, tail, LoadTail(from + i, tail));
   }
 #else
   std::copy(from, from + n, to);
@@ -601,24 +700,23 @@ inline void CopyFloats(const float* from, float* to, int64_t n) {
 }
 
 inline void ZeroFloats(float* to, int64_t n) {
-#if defined(__AVX512F__)
+#if KILN_VECTOR_LANES
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(to + i, _mm512_setzero_ps());
-  if (i < n) _mm512_mask_storeu_ps(to + i, __mmask16((1u << (n - i)) - 1), _mm512_setzero_ps());
+  for (; i + kLane <= n; i += kLane) StoreLane(to + i, ZeroLane());
+  if (i < n) StoreTail(to + i, Tail(n - i), ZeroLane());
 #else
   std::fill(to, to + n, 0.0f);
 #endif
 }
 
 inline void AddFloats(const float* from, float* to, int64_t n) {
-#if defined(__AVX512F__)
+#if KILN_VECTOR_LANES
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    _mm512_storeu_ps(to + i, _mm512_add_ps(_mm512_loadu_ps(to + i), _mm512_loadu_ps(from + i)));
+  for (; i + kLane <= n; i += kLane)
+    StoreLane(to + i, AddLanes(LoadLane(to + i), LoadLane(from + i)));
   if (i < n) {
-    const __mmask16 tail = __mmask16((1u << (n - i)) - 1);
-    _mm512_mask_storeu_ps(to + i, tail, _mm512_add_ps(_mm512_maskz_loadu_ps(tail, to + i),
-                                                      _mm512_maskz_loadu_ps(tail, from + i)));
+    const TailMask tail = Tail(n - i);
+    StoreTail(to + i, tail, AddLanes(LoadTail(to + i, tail), LoadTail(from + i, tail)));
   }
 #else
   for (int64_t i = 0; i < n; ++i) to[i] += from[i];
@@ -801,61 +899,65 @@ const float* AllPatches(const ConvDims& d, const ConvSplit& split, const PatchMa
 // thread. Padding taps are multiplied (12% of the stem's), taps are in the kernel's own
 // (ky, kx, c) order, and the input gradient keeps the gathered path (training never asks
 // for a first conv's input gradient).
-#if defined(__AVX512F__)
+#if KILN_VECTOR_LANES
 constexpr int64_t kNarrowChannels = 4;
-constexpr int kPixelsPerTile = 6, kVectorsPerTile = 4, kTapsPerTile = 6;
+// A tile's accumulators (pixels or taps x vectors), its row of kernel or gradient vectors
+// and one broadcast value fill most of the vector registers: 24 + 4 + 1 of AVX-512's 32,
+// 12 + 2 + 1 of AVX2's 16.
+constexpr int kPixelsPerTile = 6, kTapsPerTile = 6;
+constexpr int kVectorsPerTile = KILN_VECTOR_LANES == 16 ? 4 : 2;
 // Output pixels per kernel-gradient sweep: 1,024 x 64 features of gradient is 256 KB.
 constexpr int64_t kPixelChunk = 1024;
 
 bool NarrowInput(const ConvDims& d) {
-  return d.channels <= kNarrowChannels && d.features % 16 == 0 && !d.input_is_patches();
+  return d.channels <= kNarrowChannels && d.features % kLane == 0 && !d.input_is_patches();
 }
 
-// outputs[j][o0 + 16v ...] = sum over taps k of base[j][offsets[k]] * kernel[k][o0 + ...],
-// for NP output pixels whose windows start at base[j] in the padded image.
+// outputs[j][o0 + kLane * v ...] = sum over taps k of base[j][offsets[k]] *
+// kernel[k][o0 + ...], for NP output pixels whose windows start at base[j] in the padded image.
 template <int NP, int NV>
 void NarrowForwardTile(const float* const* base, const int32_t* offsets, int64_t taps,
                        const float* kernel, int64_t features, float* out) {
-  __m512 acc[NP][NV];
+  Lane acc[NP][NV];
   for (int j = 0; j < NP; ++j)
-    for (int v = 0; v < NV; ++v) acc[j][v] = _mm512_setzero_ps();
+    for (int v = 0; v < NV; ++v) acc[j][v] = ZeroLane();
   for (int64_t k = 0; k < taps; ++k) {
-    __m512 w[NV];
-    for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_ps(kernel + k * features + 16 * v);
+    Lane w[NV];
+    for (int v = 0; v < NV; ++v) w[v] = LoadLane(kernel + k * features + kLane * v);
     const int32_t at = offsets[k];
     for (int j = 0; j < NP; ++j) {
-      const __m512 value = _mm512_set1_ps(base[j][at]);
-      for (int v = 0; v < NV; ++v) acc[j][v] = _mm512_fmadd_ps(value, w[v], acc[j][v]);
+      const Lane value = Broadcast(base[j][at]);
+      for (int v = 0; v < NV; ++v) acc[j][v] = MultiplyAdd(value, w[v], acc[j][v]);
     }
   }
   for (int j = 0; j < NP; ++j)
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(out + j * features + 16 * v, acc[j][v]);
+    for (int v = 0; v < NV; ++v) StoreLane(out + j * features + kLane * v, acc[j][v]);
 }
 
-// kernel_grad[i][o0 + 16v ...] += sum over `pixels` of base[p][offsets[i]] * out_grad[p][...]
-// for NK taps.
+// kernel_grad[i][o0 + kLane * v ...] += sum over `pixels` of base[p][offsets[i]] *
+// out_grad[p][...] for NK taps.
 template <int NK, int NV>
 void NarrowKernelGradTile(const float* const* base, int64_t pixels, const int32_t* offsets,
                           const float* out_grad, int64_t features, float* kernel_grad) {
-  __m512 acc[NK][NV];
+  Lane acc[NK][NV];
   int32_t at[NK];
   for (int i = 0; i < NK; ++i) {
     at[i] = offsets[i];
     for (int v = 0; v < NV; ++v)
-      acc[i][v] = _mm512_loadu_ps(kernel_grad + i * features + 16 * v);
+      acc[i][v] = LoadLane(kernel_grad + i * features + kLane * v);
   }
   for (int64_t p = 0; p < pixels; ++p) {
-    __m512 g[NV];
-    for (int v = 0; v < NV; ++v) g[v] = _mm512_loadu_ps(out_grad + p * features + 16 * v);
+    Lane g[NV];
+    for (int v = 0; v < NV; ++v) g[v] = LoadLane(out_grad + p * features + kLane * v);
     const float* window = base[p];
     for (int i = 0; i < NK; ++i) {
-      const __m512 value = _mm512_set1_ps(window[at[i]]);
-      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(value, g[v], acc[i][v]);
+      const Lane value = Broadcast(window[at[i]]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = MultiplyAdd(value, g[v], acc[i][v]);
     }
   }
   for (int i = 0; i < NK; ++i)
     for (int v = 0; v < NV; ++v)
-      _mm512_storeu_ps(kernel_grad + i * features + 16 * v, acc[i][v]);
+      StoreLane(kernel_grad + i * features + kLane * v, acc[i][v]);
 }
 
 // Tile<rows, vectors>(...) for run-time sizes up to 6 rows and kVectorsPerTile vectors.
@@ -863,9 +965,9 @@ template <template <int, int> class Tile, int NR, typename... Args>
 void WithVectors(int64_t vectors, Args... args) {
   switch (vectors) {
     case 1: return Tile<NR, 1>::Run(args...);
-    case 2: return Tile<NR, 2>::Run(args...);
-    case 3: return Tile<NR, 3>::Run(args...);
-    default: return Tile<NR, 4>::Run(args...);
+    case 2: return Tile<NR, std::min(2, kVectorsPerTile)>::Run(args...);
+    case 3: return Tile<NR, std::min(3, kVectorsPerTile)>::Run(args...);
+    default: return Tile<NR, kVectorsPerTile>::Run(args...);
   }
 }
 template <template <int, int> class Tile, typename... Args>
@@ -946,9 +1048,10 @@ void NarrowForward(const ConvDims& d, const float* x, const float* kernel, float
     PaddedImage& pad = *padded[thread];
     pad.Load(d, x + image * image_size);
     float* y = out + image * P * O;
-    for (int64_t o0 = 0; o0 < O; o0 += 16 * kVectorsPerTile)
+    for (int64_t o0 = 0; o0 < O; o0 += kLane * kVectorsPerTile)
       for (int64_t p = 0; p < P; p += kPixelsPerTile)
-        WithSizes<ForwardTile>(std::min<int64_t>(kPixelsPerTile, P - p), (O - o0) / 16,
+        WithSizes<ForwardTile>(std::min<int64_t>(kPixelsPerTile, P - p),
+                               std::min<int64_t>(kVectorsPerTile, (O - o0) / kLane),
                                pad.windows.data() + p, pad.offsets.data(), taps, kernel + o0,
                                O, y + p * O + o0);
   };
@@ -972,9 +1075,10 @@ void NarrowKernelGrad(const ConvDims& d, const float* x, const float* out_grad,
     // Every tap block sweeps the chunk's output gradients again: chunks keep them in L2.
     for (int64_t p0 = 0; p0 < P; p0 += kPixelChunk) {
       const int64_t pixels = std::min(kPixelChunk, P - p0);
-      for (int64_t o0 = 0; o0 < O; o0 += 16 * kVectorsPerTile)
+      for (int64_t o0 = 0; o0 < O; o0 += kLane * kVectorsPerTile)
         for (int64_t k = 0; k < taps; k += kTapsPerTile)
-          WithSizes<KernelGradTile>(std::min<int64_t>(kTapsPerTile, taps - k), (O - o0) / 16,
+          WithSizes<KernelGradTile>(std::min<int64_t>(kTapsPerTile, taps - k),
+                                    std::min<int64_t>(kVectorsPerTile, (O - o0) / kLane),
                                     pad.windows.data() + p0, pixels, pad.offsets.data() + k,
                                     g + p0 * O + o0, O, sum + k * O + o0);
     }
@@ -1274,48 +1378,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KilnConvKernelGrad, ConvKernelGrad, ConvBinding())
 
 namespace {
 
-// One register of floats and the few operations the panel matmul needs.
-#if defined(__AVX512F__)
-using Lane = __m512;
-constexpr int64_t kLane = 16;
-constexpr int kPanelTileRows = 8;  // 8 rows x 2 lanes: 16 of the 32 vector registers accumulate.
-inline Lane LoadLane(const float* p) { return _mm512_loadu_ps(p); }
-inline void StoreLane(float* p, Lane v) { _mm512_storeu_ps(p, v); }
-inline Lane Broadcast(float x) { return _mm512_set1_ps(x); }
-inline Lane ZeroLane() { return _mm512_setzero_ps(); }
-inline Lane MultiplyAdd(Lane a, Lane b, Lane c) { return _mm512_fmadd_ps(a, b, c); }
-#elif defined(__AVX2__) && defined(__FMA__)
-using Lane = __m256;
-constexpr int64_t kLane = 8;
-constexpr int kPanelTileRows = 6;  // 6 rows x 2 lanes: 12 of the 16 vector registers accumulate.
-inline Lane LoadLane(const float* p) { return _mm256_loadu_ps(p); }
-inline void StoreLane(float* p, Lane v) { _mm256_storeu_ps(p, v); }
-inline Lane Broadcast(float x) { return _mm256_set1_ps(x); }
-inline Lane ZeroLane() { return _mm256_setzero_ps(); }
-inline Lane MultiplyAdd(Lane a, Lane b, Lane c) { return _mm256_fmadd_ps(a, b, c); }
-#else
-struct Lane {
-  float v[8];
-};
-constexpr int64_t kLane = 8;
-constexpr int kPanelTileRows = 4;
-inline Lane LoadLane(const float* p) {
-  Lane l;
-  std::copy(p, p + kLane, l.v);
-  return l;
-}
-inline void StoreLane(float* p, Lane v) { std::copy(v.v, v.v + kLane, p); }
-inline Lane Broadcast(float x) {
-  Lane l;
-  std::fill(l.v, l.v + kLane, x);
-  return l;
-}
-inline Lane ZeroLane() { return Broadcast(0.0f); }
-inline Lane MultiplyAdd(Lane a, Lane b, Lane c) {
-  for (int64_t i = 0; i < kLane; ++i) c.v[i] += a.v[i] * b.v[i];
-  return c;
-}
-#endif
 constexpr int64_t kPanelCols = 2 * kLane;
 
 // A [K, N] matrix in panels of kPanelCols columns, each panel [K, kPanelCols] contiguous
@@ -1648,3 +1710,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KilnLstmBackward, LstmBackward,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("reverse")
                                   .Ctx<ffi::ThreadPool>());
+
+// Floats per vector register the kernels were compiled for (16 AVX-512, 8 AVX2 with FMA, 0
+// for the portable fallback), so tests can tell which paths a build runs.
+extern "C" int KilnVectorLanes() { return KILN_VECTOR_LANES; }
