@@ -15,6 +15,7 @@ import train
 from core import integrity
 from core.errors import KilnError
 from export import artifact, exporter, formats
+from loop import trained as trained_lib
 from loop.checkpoint import CHECKPOINTS_FOLDER, Checkpointer, CorruptCheckpoint
 from serve import model as serve_model
 from tests.tiny import REPO, tiny_config
@@ -159,45 +160,56 @@ def test_a_checkpoint_without_manifest_still_loads(saved, caplog):
 
 @pytest.fixture(scope='module')
 def run(tmp_path_factory, devices):
-  """A tiny digits run checkpointed at steps 10 and 20."""
+  """A tiny digits run checkpointed at steps 2 and 4, and loaded as export and serve load it."""
   c = tiny_config()
-  c.num_train_steps = 20
-  c.checkpoint_every_steps = 10
-  c.eval_every_steps = 20
+  c.num_train_steps = 4
+  c.checkpoint_every_steps = 2
+  c.eval_every_steps = 4
   c.compilation_cache_dir = ''
   workdir = str(tmp_path_factory.mktemp('integrity_run'))
   train.train_and_evaluate(c, workdir)
-  return c, workdir
+  return workdir, artifact.load(workdir)
 
 
-@pytest.mark.slow  # A tiny training run, then a resume.
+@pytest.mark.slow  # Builds the run's state.
 def test_tampered_newest_checkpoint_refused_by_load_and_set_aside_by_resume(run, tmp_path,
                                                                             caplog):
-  config, trained_dir = run
+  trained_dir, loaded = run
   workdir = str(tmp_path / 'copy')
   shutil.copytree(trained_dir, workdir)
-  step_folder = os.path.join(workdir, CHECKPOINTS_FOLDER, '20')
+  step_folder = os.path.join(workdir, CHECKPOINTS_FOLDER, '4')
   data = _largest_file(os.path.join(step_folder, 'state'))
   _flip_byte(data)
   # Loading the run for eval, export or serving names one checkpoint: it refuses.
   with pytest.raises(KilnError) as caught:
-    artifact.load(workdir)
-  assert 'checkpoint 20 in ' in _refusal(caught.value, _relative(data, step_folder))
-  # Resuming treats it as a corrupt newest step: moved aside, training continues from 10.
+    trained_lib.load_model(loaded.config, workdir, loaded.exp)
+  assert 'checkpoint 4 in ' in _refusal(caught.value, _relative(data, step_folder))
+  # Resuming treats it as a corrupt newest step: moved aside, and the one before restored
+  # (here one from before manifests: it loads, logged as unverified).
+  os.remove(os.path.join(workdir, CHECKPOINTS_FOLDER, '2', integrity.MANIFEST_FILE))
   caplog.set_level('WARNING', logger='absl')
-  summary = train.train_and_evaluate(config, workdir)
-  assert summary['steps'] == 20
-  assert any('checkpoint 20' in r.getMessage() and _relative(data, step_folder) in r.getMessage()
-             and 'resuming from checkpoint 10' in r.getMessage() for r in caplog.records)
-  assert os.path.isdir(os.path.join(workdir, 'corrupt_checkpoints', '20'))
-  assert integrity.verify(step_folder, 'the step written again', 'x')  # Signed anew.
+  exp = loaded.exp
+  state, shardings = exp.create_state()
+  checkpointer = Checkpointer(workdir, keep=3)
+  try:
+    restored, _ = checkpointer.restore_newest(exp.strategy.checkpoint_view(state),
+                                              exp.strategy.restore_shardings(shardings))
+  finally:
+    checkpointer.close()
+  assert exp.strategy.step_of(restored) == 2
+  messages = [r.getMessage() for r in caplog.records]
+  assert any('checkpoint 4' in m and _relative(data, step_folder) in m
+             and 'resuming from checkpoint 2' in m for m in messages), messages
+  assert any('checkpoint 2' in m and 'unverified' in m for m in messages), messages
+  assert os.path.isdir(os.path.join(workdir, 'corrupt_checkpoints', '4'))
 
 
-@pytest.mark.slow  # Loads a run and exports it.
+@pytest.mark.slow  # Exports a run.
 def test_jax_export_carries_a_manifest_and_a_flipped_byte_is_refused(run, tmp_path):
-  _, workdir = run
+  workdir, loaded = run
   out = str(tmp_path / 'export')
-  report = exporter.export(workdir, 'jax', out, max_examples=64, min_agreement=0.0)
+  report = exporter.export(workdir, 'jax', out, max_examples=64, min_agreement=0.0,
+                           trained=loaded)
   with open(os.path.join(out, integrity.MANIFEST_FILE)) as f:
     listed = set(json.load(f)['files'])
   assert listed == {'model.jax', exporter.SIGNATURE_JSON, exporter.EXPORT_JSON}
@@ -209,19 +221,6 @@ def test_jax_export_carries_a_manifest_and_a_flipped_byte_is_refused(run, tmp_pa
       load()
     message = _refusal(caught.value, 'model.jax')
     assert message.startswith(f"export '{out}'") and 'export the run again' in message
-
-
-@pytest.mark.slow  # Loads a run.
-def test_a_run_whose_checkpoints_have_no_manifest_still_loads(run, tmp_path, caplog):
-  _, trained_dir = run
-  workdir = str(tmp_path / 'old')
-  shutil.copytree(trained_dir, workdir)
-  for step in ('10', '20'):
-    os.remove(os.path.join(workdir, CHECKPOINTS_FOLDER, step, integrity.MANIFEST_FILE))
-  caplog.set_level('WARNING', logger='absl')
-  assert artifact.load(workdir).step == 20
-  assert any('checkpoint 20' in r.getMessage() and 'unverified' in r.getMessage()
-             for r in caplog.records)
 
 
 # --------------------------------------------------------------------------------- no pickle
