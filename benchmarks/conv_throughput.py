@@ -1,8 +1,9 @@
 """CPU convolution speed: per ResNet-18 conv shape, native vs the chosen lowering, and the
 whole ResNet-18 training step with native convs vs the chosen lowerings.
 
-  nice -n 15 .venv/bin/python benchmarks/conv_throughput.py [--batch 128] [--image 32]
-      [--reps 7] [--rounds 3] [--steps 20] [--warmup 3] [--skip-step | --skip-shapes]
+  .venv/bin/python benchmarks/conv_throughput.py [--batch 128] [--image 32]
+      [--reps 7] [--rounds 3] [--step-rounds 5] [--steps-per-round 4] [--warmup 3]
+      [--isa native|avx2] [--skip-step | --skip-shapes]
 
 Per shape: GFLOP/s of one forward + backward (input and kernel gradients; the first
 conv's input gradient, which training never takes, left out), each pass the best of
@@ -14,21 +15,51 @@ that rate as a share of the fp32 matmul peak measured in every round of this sam
 shown is the one the model uses; 'measure' plans come from their first (cached) timing,
 so on a busy machine they may lose to native in this run's timings.
 Whole step: ResNet-18 with the ImageNet stem on `--image`-square RGB images (CIFAR-10's
-shape, served by tfds.testing.mock_data) built through loop.experiment like any run,
-timed as `--steps` train steps on device-resident batches after `--warmup`, median.
+shape, served by tfds.testing.mock_data) built through loop.experiment like any run, each
+row's step compiled first, then all rows timed in `--step-rounds` alternating rounds of
+`--steps-per-round` steps each on device-resident batches after `--warmup`, medians; the
+shared host's load falls on every row alike.
 The 'native' row is every conv on lax.conv_general_dilated (KILN_CONV_LOWERING=native);
-the 'chosen' row is what a user gets (the rule table by default, or KILN_CONV_LOWERING's
-mode); the 'timed per pass' row the plans that timing each pass picks (=measure).
+the 'chosen' row is what a user gets (by default the rule table where it was measured on
+the convs' instruction set, else each shape timed: the header says which; or
+KILN_CONV_LOWERING's mode); the 'timed per pass' row the plans that timing each pass picks
+(=measure). The header names the host's instruction sets and this run's matmul peak.
+`--isa avx2` caps Kiln's kernels and XLA at AVX2 (benchmarks/cpu_host.py), as an AVX2-only
+host runs.
 """
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
+
+from benchmarks import cpu_host  # noqa: E402  (imports neither JAX nor torch)
+
+
+def _parse(argv):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--batch', type=int, default=128, help='images per step / per conv call')
+  parser.add_argument('--image', type=int, default=32, help='square RGB image side (32: CIFAR)')
+  parser.add_argument('--reps', type=int, default=7, help='timed runs per conv and lowering')
+  parser.add_argument('--rounds', type=int, default=3,
+                      help='rounds over all shapes and the matmul peak; the best is kept')
+  parser.add_argument('--step-rounds', type=int, default=5,
+                      help='alternating rounds over the whole-step rows')
+  parser.add_argument('--steps-per-round', type=int, default=4,
+                      help='timed train steps of each row per round')
+  parser.add_argument('--warmup', type=int, default=3, help='untimed steps after compiling')
+  parser.add_argument('--isa', choices=cpu_host.ISAS, default='native',
+                      help='avx2: cap Kiln and XLA at AVX2 (an AVX2-only host)')
+  parser.add_argument('--skip-step', action='store_true', help='only the per-shape table')
+  parser.add_argument('--skip-shapes', action='store_true', help='only the training step')
+  return parser.parse_args(argv)
+
+
+ARGS = _parse(sys.argv[1:] if __name__ == '__main__' else [])
+cpu_host.cap_isa(ARGS.isa)  # Before JAX, XLA or Kiln's kernel build read them.
 
 from backends.cpu import host_memory  # noqa: E402  (first: before JAX or TF start threads)
 
@@ -135,8 +166,10 @@ def step_config(batch: int):
   return c
 
 
-def step_images_per_s(batch: int, image: int, steps: int, warmup: int) -> tuple[float, float]:
-  """(median images/s, compile s) of the ResNet-18 train step built like any Kiln run."""
+def prepared_step(batch: int, image: int, lowering_mode: str):
+  """(no-argument train step, compile s) of the ResNet-18 step built like any Kiln run with
+  KILN_CONV_LOWERING=`lowering_mode` (read while the step is traced: its first call)."""
+  os.environ[conv_lowering.MODE_ENV] = lowering_mode
   config = step_config(batch)
   with tfds.testing.mock_data(num_examples=4 * batch):
     exp = experiment.build_experiment(config)
@@ -147,43 +180,32 @@ def step_images_per_s(batch: int, image: int, steps: int, warmup: int) -> tuple[
     train_step = exp.train_step(shardings)
     host_batches = exp.task.train_batches(exp.host_batch, 0)
     batches = [exp.strategy.place(next(host_batches)) for _ in range(2)]
+  holder = {'state': state, 'calls': 0}
+
+  def run():
+    holder['state'], *outputs = train_step(holder['state'], batches[holder['calls'] % 2])
+    holder['calls'] += 1
+    jax.block_until_ready((holder['state'], outputs))
   started = time.perf_counter()
-  state, *outputs = train_step(state, batches[0])
-  jax.block_until_ready((state, outputs))
-  compile_seconds = time.perf_counter() - started
-  for i in range(warmup):
-    state, *outputs = train_step(state, batches[i % 2])
-  jax.block_until_ready((state, outputs))
-  seconds = []
-  for i in range(steps):
-    started = time.perf_counter()
-    state, *outputs = train_step(state, batches[i % 2])
-    jax.block_until_ready((state, outputs))
-    seconds.append(time.perf_counter() - started)
-  return batch / statistics.median(seconds), compile_seconds
+  run()
+  return run, time.perf_counter() - started
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--batch', type=int, default=128, help='images per step / per conv call')
-  parser.add_argument('--image', type=int, default=32, help='square RGB image side (32: CIFAR)')
-  parser.add_argument('--reps', type=int, default=7, help='timed runs per conv and lowering')
-  parser.add_argument('--rounds', type=int, default=3,
-                      help='rounds over all shapes and the matmul peak; the best is kept')
-  parser.add_argument('--steps', type=int, default=20, help='timed train steps per row')
-  parser.add_argument('--warmup', type=int, default=3, help='untimed steps after compiling')
-  parser.add_argument('--skip-step', action='store_true', help='only the per-shape table')
-  parser.add_argument('--skip-shapes', action='store_true', help='only the training step')
-  args = parser.parse_args(argv)
+def main() -> None:
+  args = ARGS
   if jax.default_backend() != 'cpu':
     print(f'note: backend is {jax.default_backend()}: every conv takes the native lowering')
   try:
-    if min(args.batch, args.image, args.reps, args.rounds, args.steps) < 1 or args.warmup < 0:
-      raise KilnError('--batch, --image, --reps, --rounds and --steps must be >= 1, '
-                      '--warmup >= 0')
+    if min(args.batch, args.image, args.reps, args.rounds, args.step_rounds,
+           args.steps_per_round) < 1 or args.warmup < 0:
+      raise KilnError('--batch, --image, --reps, --rounds, --step-rounds and --steps-per-round '
+                      'must be >= 1, --warmup >= 0')
     mode = conv_lowering.mode()
-    print(f'{jax.device_count()} {jax.devices()[0].device_kind} device(s); JAX '
-          f'{jax.__version__}; {conv_lowering.MODE_ENV}={mode}\n')
+    source = conv_lowering.auto_source() if mode == 'auto' else f'{mode} (forced)'
+    peak = hardware.measure_cpu_matmul_flops()
+    print(f'{cpu_host.host_line(args.isa, peak)}\n{jax.device_count()} '
+          f'{jax.devices()[0].device_kind} device(s); {conv_lowering.MODE_ENV}={mode}: '
+          f'{source}\n')
     if not args.skip_shapes:
       lines, peak = shape_table(args.batch, args.image, args.reps, args.rounds)
       # Measured now, under this run's load (not the cache), in the same rounds.
@@ -193,16 +215,22 @@ def main(argv=None) -> None:
       print('\n'.join(lines))
     if args.skip_step:
       return
-    print(f'\nResNet-18 training step, {args.image}x{args.image}x3, batch {args.batch}, '
-          f'{args.warmup} warm-up + {args.steps} timed steps (median):\n')
-    print('| convs | images/s | compile s |\n| --- | --- | --- |')
-    rows = [('native', 'native'), (f'chosen ({mode})', mode)]
+    rows = [('native', 'native'), (f'chosen ({mode}: {source.split(" (")[0]})', mode)]
     if mode != 'measure':
       rows.append(('timed per pass (measure)', 'measure'))
+    steps, compile_seconds = {}, {}
     for label, forced in rows:
-      os.environ[conv_lowering.MODE_ENV] = forced
-      rate, compile_seconds = step_images_per_s(args.batch, args.image, args.steps, args.warmup)
-      print(f'| {label} | {rate:.0f} | {compile_seconds:.1f} |', flush=True)
+      steps[label], compile_seconds[label] = prepared_step(args.batch, args.image, forced)
+    medians = cpu_host.interleaved(steps, args.step_rounds, args.warmup, args.steps_per_round)
+    best = min(seconds for seconds, _ in medians.values())
+    print(f'\nResNet-18 training step, {args.image}x{args.image}x3, batch {args.batch}, '
+          f'{args.warmup} warm-up steps, then {args.step_rounds} alternating rounds of '
+          f'{args.steps_per_round} steps per row (medians):\n')
+    print('| convs | images/s | vs the fastest row | CPU ms/step | compile s (+ timing) |\n'
+          '| --- | --- | --- | --- | --- |')
+    for label, (seconds, cpu_seconds) in medians.items():
+      print(f'| {label} | {args.batch / seconds:.0f} | {best / seconds:.2f} | '
+            f'{1e3 * cpu_seconds:.0f} | {compile_seconds[label]:.1f} |')
   except KilnError as e:
     sys.exit(f'error: {e}')
 

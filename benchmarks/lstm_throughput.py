@@ -30,22 +30,19 @@ them. XLA's library matmuls (YNNPACK) choose their own instruction set at run ti
 import argparse
 import functools
 import os
-import statistics
 import sys
-import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-_AVX2_ENV = {'KILN_CPU_ARCH_FLAGS': '-mno-avx512f', 'ATEN_CPU_CAPABILITY': 'avx2',
-             'ONEDNN_MAX_CPU_ISA': 'AVX2', 'MKL_ENABLE_INSTRUCTIONS': 'AVX2'}
+from benchmarks import cpu_host  # noqa: E402  (imports neither JAX nor torch)
 
 
 def _parse(argv):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--rounds', type=int, default=15, help='timed rounds (one step per variant)')
   parser.add_argument('--warmup', type=int, default=3, help='untimed steps per variant')
-  parser.add_argument('--isa', choices=('native', 'avx2'), default='native',
+  parser.add_argument('--isa', choices=cpu_host.ISAS, default='native',
                       help='avx2: cap Kiln, XLA and PyTorch at AVX2 (an AVX2-only host)')
   parser.add_argument('--skip-ctc', action='store_true', help='time the issue 28 step only')
   parser.add_argument('--torch-threads', type=int, action='append',
@@ -59,9 +56,7 @@ def _parse(argv):
 
 
 ARGS = _parse(sys.argv[1:] if __name__ == '__main__' else [])
-if ARGS.isa == 'avx2':  # Before JAX, XLA, Kiln's kernel build or torch read them.
-  os.environ.update(_AVX2_ENV)
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_max_isa=AVX2').strip()
+cpu_host.cap_isa(ARGS.isa)  # Before JAX, XLA, Kiln's kernel build or torch read them.
 
 import backends  # noqa: E402  (before JAX or TF start threads)
 
@@ -75,15 +70,11 @@ from flax import nnx  # noqa: E402
 
 from backends import ops  # noqa: E402
 from configs import speech_ctc_lstm  # noqa: E402
-from core.host import cpu_model_name  # noqa: E402
 from loop import experiment  # noqa: E402
 from models.recurrent import LSTMEncoder  # noqa: E402
 from monitor import hardware  # noqa: E402
 
-try:
-  import torch  # noqa: E402
-except ImportError:
-  torch = None
+torch = cpu_host.import_torch()
 
 # The issue 28 step's shape.
 BATCH, FRAMES, FEATURES, HIDDEN, LAYERS, CLASSES = 32, 100, 80, 256, 2, 10
@@ -189,23 +180,6 @@ def torch_ctc_step(config, vocab_size: int):
   return run
 
 
-def interleaved(variants: dict, rounds: int, warmup: int) -> dict:
-  """{name: (median seconds, median CPU seconds of this process)}: each round times one
-  call of every variant in turn."""
-  for run in variants.values():
-    for _ in range(warmup):
-      run()
-  times = {name: ([], []) for name in variants}
-  for _ in range(rounds):
-    for name, run in variants.items():
-      started, cpu_started = time.perf_counter(), time.process_time()
-      run()
-      times[name][0].append(time.perf_counter() - started)
-      times[name][1].append(time.process_time() - cpu_started)
-  return {name: (statistics.median(wall), statistics.median(cpu))
-          for name, (wall, cpu) in times.items()}
-
-
 def table(title: str, batch: int, medians: dict) -> str:
   """Rows per variant; 'vs PyTorch' divides by the faster PyTorch thread setting."""
   torch_rows = [seconds for name, (seconds, _) in medians.items() if name.startswith('PyTorch')]
@@ -221,34 +195,9 @@ def table(title: str, batch: int, medians: dict) -> str:
 
 
 def torch_variants(make_run) -> dict:
-  """PyTorch's step with all cores' threads and with one: on a shared host its OpenMP
-  threads wait for each other at every step's barriers, so one thread can be faster."""
-  variants = {}
-  for threads in sorted(set(ARGS.torch_threads or {os.cpu_count() or 1, 1}), reverse=True):
-    run = make_run()
-
-    def threaded(run=run, threads=threads):
-      torch.set_num_threads(threads)
-      run()
-    variants[f'PyTorch nn.LSTM (eager), {threads} thread{"s" if threads > 1 else ""}'] = threaded
-  return variants
-
-
-def host_line() -> str:
-  from backends import installed_cpu
-  try:
-    with open('/proc/cpuinfo') as f:
-      flags = next((line.split(':', 1)[1].split() for line in f if line.startswith('flags')), [])
-  except OSError:
-    flags = []
-  host_isa = ('AVX-512' if 'avx512f' in flags else 'AVX2' if 'avx2' in flags else
-              'neither AVX-512 nor AVX2')
-  cpu = installed_cpu()
-  built = cpu.kernels.instruction_set() if cpu is not None else 'absent (backends/cpu deleted)'
-  return (f'{cpu_model_name()}, {os.cpu_count()} cores, host instruction set {host_isa}; '
-          f"Kiln's CPU kernels built for {built} (--isa {ARGS.isa}); JAX {jax.__version__}"
-          + (f', PyTorch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()})'
-             if torch is not None else ', PyTorch not installed'))
+  """PyTorch's step with all cores' threads and with one (or --torch-threads)."""
+  return cpu_host.torch_thread_variants(make_run, 'PyTorch nn.LSTM (eager)',
+                                        ARGS.torch_threads or [os.cpu_count() or 1, 1])
 
 
 def main() -> None:
@@ -259,7 +208,7 @@ def main() -> None:
     issue.update(torch_variants(torch_issue_step))
   reports = [table(f'issue 28 step: {LAYERS} x {HIDDEN} LSTM, {FRAMES} frames x {FEATURES}, '
                    f'batch {BATCH}, head on the last frame, Adam',
-                   BATCH, interleaved(issue, ARGS.rounds, ARGS.warmup))]
+                   BATCH, cpu_host.interleaved(issue, ARGS.rounds, ARGS.warmup))]
   del issue
   if not ARGS.skip_ctc:
     fast, config = kiln_ctc_step('auto')
@@ -273,11 +222,10 @@ def main() -> None:
         f'BiLSTM CTC step (configs/speech_ctc_lstm.py): {m.num_layers} x {m.hidden_dim} per '
         f'direction, {config.audio.max_frames} frames / stack {m.frame_stack}, batch '
         f'{config.batch_size}, dropout {m.dropout_rate}', config.batch_size,
-        interleaved(ctc, ARGS.rounds, ARGS.warmup)))
+        cpu_host.interleaved(ctc, ARGS.rounds, ARGS.warmup)))
   peaks.append(hardware.measure_cpu_matmul_flops(repeats=4))
-  print(host_line())
-  print(f'fp32 matmul peak {max(peaks) / 1e9:.0f} GFLOP/s (best of before and after); '
-        f'{ARGS.warmup} warm-up + {ARGS.rounds} interleaved rounds, medians')
+  print(cpu_host.host_line(ARGS.isa, max(peaks)) + ' (best of before and after)')
+  print(f'{ARGS.warmup} warm-up + {ARGS.rounds} interleaved rounds, medians')
   print('\n'.join(reports))
 
 

@@ -172,6 +172,24 @@ def test_accelerators_take_native_and_cpu_rules_pick_gemm_forms(monkeypatch):
     conv_lowering.choose(tiny, backend='cpu')
 
 
+def test_auto_takes_the_rule_table_only_on_the_instruction_set_it_was_measured_on(monkeypatch):
+  if not cpu_kernels.available():
+    pytest.skip("Kiln's CPU kernels do not build here")
+  assert conv_lowering.auto_mode('cpu', cpu_devices=8) == 'native'  # shards: XLA's own
+  assert conv_lowering.auto_mode('gpu', cpu_devices=1) == 'native'
+  host_isa, host_key = conv_lowering.instruction_set(), conv_lowering._machine_key()
+  assert conv_lowering.auto_mode('cpu', cpu_devices=1) == (
+      'rules' if host_isa in conv_lowering.RULE_TABLE_ISAS else 'measure')
+  # An AVX2 build (as on an AVX2-only host) has no table: each shape is timed, and cached
+  # apart from the AVX-512 build's timings.
+  monkeypatch.setenv(cpu_kernels.ARCH_FLAGS_ENV, '-mno-avx512f')
+  assert conv_lowering.instruction_set() == 'AVX2'
+  assert conv_lowering.auto_mode('cpu', cpu_devices=1) == 'measure'
+  assert conv_lowering.auto_source().startswith('timed per shape on this host (no rule table '
+                                                'measured on AVX2')
+  assert (conv_lowering._machine_key() != host_key) == (host_isa != 'AVX2')
+
+
 @pytest.mark.slow  # Times each lowering (a small benchmark).
 def test_measured_choice_is_cached_on_disk(monkeypatch, tmp_path):
   monkeypatch.setenv('KILN_CACHE_DIR', str(tmp_path))

@@ -34,10 +34,12 @@ lowering (a `Plan`, joined by a custom VJP): XLA's CPU convolution is often fast
 forward on 8x8 maps and slow for the same conv's kernel gradient.
 
 `choose` picks a plan per (backend, shape, dtype, strides, padding, dilation, groups):
-accelerators always take 'native'. On one CPU device it takes a rule table (`rule`)
-by default; with KILN_CONV_LOWERING=measure every candidate is instead timed per pass
-(best of a few interleaved runs), the fastest per pass wins, and the plan is cached on
-disk next to the measured matmul peak (core.host.cache_dir()). With several
+accelerators always take 'native'. On one CPU device, by default, it takes the rule table
+(`rule`) where the convs run with an instruction set the table was measured on
+(RULE_TABLE_ISAS: AVX-512), and elsewhere (an AVX2 build or host) times every candidate per
+pass, as KILN_CONV_LOWERING=measure does everywhere: best of a few runs, the fastest per
+pass wins, and the plan is cached on disk per host and instruction set next to the
+measured matmul peak (core.host.cache_dir()). With several
 CPU devices (the tests' fake devices), whose per-device shards no single-device rule
 or timing represents, convs stay native unless a mode is set. KILN_CONV_LOWERING also
 takes 'rules', or a lowering's name to force on every conv (e.g. 'native' to compare).
@@ -67,6 +69,11 @@ from backends.cpu import kernels as cpu_kernels
 LOWERINGS = ('native', 'im2col', 'shifted', 'dense', 'direct')
 CACHE_FILE = 'conv_lowerings.json'
 MODE_ENV = 'KILN_CONV_LOWERING'
+# Instruction sets `rule` was derived on (benchmarks/conv_throughput.py, figures in
+# benchmarks/README.md, "conv lowerings": a 2-core AMD EPYC with AVX-512). On an AVX2 host
+# the table chose lowerings 1.1-1.7x slower than timing each shape (issue 26), so convs
+# running with another instruction set are timed by default instead.
+RULE_TABLE_ISAS = ('AVX-512',)
 # 'dense' multiplies every (input pixel, output pixel) pair; past this many pairs (an
 # 8x8 map has 4096) its matrix outgrows the conv's own arithmetic and memory.
 DENSE_MAX_PIXEL_PAIRS = 64
@@ -459,9 +466,10 @@ def forced(name: str, spec: ConvSpec) -> Plan:
 
 
 def rule(spec: ConvSpec, backend: str) -> Plan:
-  """The plan to use without measuring (the CPU default). Native on accelerators. On
-  CPU, from the ResNet-18 shapes timed by benchmarks/conv_throughput.py (figures in
-  benchmarks/README.md, "conv lowerings"): 'direct' wherever it takes the conv, except on
+  """The plan to use without measuring (the CPU default where RULE_TABLE_ISAS holds the
+  convs' instruction set). Native on accelerators. On CPU, from the ResNet-18 shapes timed
+  by benchmarks/conv_throughput.py on an AVX-512 host (figures in benchmarks/README.md,
+  "conv lowerings"): 'direct' wherever it takes the conv, except on
   maps so small that most of its patch values are padding and every (input, output) pixel
   pair is a real tap, where 'dense' does only the conv's own arithmetic. Without the
   compiled kernels: 'dense' there too; native for k>1 convs on maps of 64+ pixels, or 16+
@@ -491,9 +499,39 @@ _CHOICES: dict[str, Plan] = {}
 _LOCK = threading.Lock()
 
 
+def instruction_set() -> str:
+  """The instruction set this process's CPU convs run with: what Kiln's kernels are built for
+  (-march=native, then $KILN_CPU_ARCH_FLAGS) where they build, else the CPU's own."""
+  if cpu_kernels.available():
+    return cpu_kernels.instruction_set()
+  return host.cpu_instruction_set()
+
+
+def auto_mode(backend: str, cpu_devices: int) -> str:
+  """What mode 'auto' does for a conv on `backend` with `cpu_devices` local CPU devices:
+  'native', 'rules' (the table was measured on the convs' instruction set) or 'measure'."""
+  if backend != 'cpu' or cpu_devices > 1:
+    # Several CPU devices (--xla_force_host_platform_device_count, as in the tests, or
+    # CPU processes sharing a host) split each conv into per-device shards that timing
+    # the whole shape would not represent: keep XLA's own convolution there.
+    return 'native'
+  return 'rules' if instruction_set() in RULE_TABLE_ISAS else 'measure'
+
+
+def auto_source() -> str:
+  """How mode 'auto' picks the plan of a conv on one CPU device here, for logs and
+  benchmark headers."""
+  isa = instruction_set()
+  if auto_mode('cpu', 1) == 'rules':
+    return f'the rule table (measured on {isa}, as these convs run)'
+  return (f'timed per shape on this host (no rule table measured on {isa}; tables exist '
+          f"for {', '.join(RULE_TABLE_ISAS)}), cached")
+
+
 def mode() -> str:
-  """$KILN_CONV_LOWERING: 'auto' (default: the rule table with one CPU device, native
-  with several), 'measure', 'rules', or a lowering forced on every conv."""
+  """$KILN_CONV_LOWERING: 'auto' (default: with one CPU device the rule table where it
+  was measured on this instruction set, else 'measure'; native with several),
+  'measure', 'rules', or a lowering forced on every conv."""
   value = os.environ.get(MODE_ENV, 'auto').strip().lower()
   if value not in ('auto', 'measure', 'rules') + LOWERINGS:
     raise KilnError(f"{MODE_ENV}='{value}' is not a conv lowering mode: use 'auto', 'measure' "
@@ -507,7 +545,8 @@ def _cache_path() -> str:
 
 
 def _machine_key() -> str:
-  return f'{host.cpu_model_name()} | {os.cpu_count()} cores | jax {jax.__version__}'
+  return (f'{host.cpu_model_name()} | {os.cpu_count()} cores | {instruction_set()} | '
+          f'jax {jax.__version__}')
 
 
 def measure(spec: ConvSpec, names: Sequence[str] | None = None, repeats: int = 5,
@@ -592,15 +631,14 @@ def choose(spec: ConvSpec, backend: str | None = None) -> Plan:
     return forced(how, spec)
   if backend != 'cpu':
     return Plan.uniform('native')  # XLA's GPU/TPU convolutions are the fast path there.
-  if how == 'auto' and len(jax.devices('cpu')) > 1:
-    # Several CPU devices (--xla_force_host_platform_device_count, as in the tests, or
-    # CPU processes sharing a host) split each conv into per-device shards that timing
-    # the whole shape would not represent: keep XLA's own convolution there.
-    return Plan.uniform('native')
-  if how in ('rules', 'auto'):
-    # The rule table by default: in whole ResNet-18 steps (benchmarks/conv_throughput.py)
-    # it trained faster than plans timed pass by pass, whose isolated timings on a busy
-    # machine did not carry into the step.
+  if how == 'auto':
+    how = auto_mode(backend, len(jax.devices('cpu')))
+    if how == 'native':
+      return Plan.uniform('native')
+  if how == 'rules':
+    # The rule table by default where it was measured: in whole ResNet-18 steps
+    # (benchmarks/conv_throughput.py) it trained faster there than plans timed pass by
+    # pass, whose isolated timings on a busy machine did not carry into the step.
     return rule(spec, backend)
   key = f'{_machine_key()} | {spec.key(backend)}'
   with _LOCK:
