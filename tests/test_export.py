@@ -3,6 +3,7 @@ held-out data; TF Serving's SavedModel contract; bad input and failed checks."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -11,9 +12,11 @@ import jax
 import numpy as np
 import pytest
 
+from core import integrity
 from core.errors import KilnError
 from export import artifact, exporter, formats
 from loop.training import train_and_evaluate
+from tests.test_integrity import _flip_byte
 from tests.tiny import REPO, tiny_config
 
 
@@ -82,6 +85,25 @@ def test_float_formats_match_jax(exports, fmt):
   assert report['accuracy'] == pytest.approx(report['jax_accuracy'], abs=1e-3)
   assert report['latency_ms_p50'] > 0 and report['latency_ms_p99'] >= report['latency_ms_p50']
   assert os.path.exists(report['path']) and report['passed']
+
+
+@pytest.mark.slow  # Reuses the module's exports (built by the tests above when run together).
+@pytest.mark.parametrize('fmt', ['saved_model', 'tflite', 'onnx'])
+def test_every_export_carries_a_manifest_and_a_flipped_byte_is_refused(exports, fmt, tmp_path):
+  out, report = exports(fmt)
+  files = {os.path.relpath(os.path.join(root, name), out).replace(os.sep, '/')
+           for root, _, names in os.walk(out) for name in names} - {integrity.MANIFEST_FILE}
+  with open(os.path.join(out, integrity.MANIFEST_FILE)) as f:
+    assert set(json.load(f)['files']) == files
+  assert {exporter.EXPORT_JSON, exporter.SIGNATURE_JSON} < files and integrity.verify_export(out)
+  copy = str(tmp_path / fmt)
+  shutil.copytree(out, copy)
+  biggest = max(files, key=lambda name: os.path.getsize(os.path.join(copy, name)))
+  _flip_byte(os.path.join(copy, biggest))  # One byte, in the weights.
+  with pytest.raises(KilnError) as caught:
+    formats.runner(fmt, os.path.join(copy, os.path.relpath(report['path'], out)))
+  message = str(caught.value)
+  assert '\n' not in message and f'file {biggest} has SHA-256' in message, message
 
 
 @pytest.mark.slow
