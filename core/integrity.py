@@ -78,7 +78,9 @@ def verify(folder: str, what: str, fix: str) -> bool:
   except (OSError, ValueError) as error:
     raise TamperedArtifact(f'{what}: its {MANIFEST_FILE} cannot be read ({error}): restore an '
                            f'intact copy, or {fix}') from None
-  listed = manifest.get('files') if isinstance(manifest, dict) else None
+  if not isinstance(manifest, dict):
+    manifest = {}
+  listed = manifest.get('files')
   if manifest.get('algorithm') != ALGORITHM or not isinstance(listed, dict):
     raise TamperedArtifact(f"{what}: its {MANIFEST_FILE} is not a {ALGORITHM} manifest: restore "
                            f'an intact copy, or {fix}')
