@@ -4,7 +4,6 @@ with pickle."""
 
 import ast
 import json
-import logging
 import os
 import shutil
 
