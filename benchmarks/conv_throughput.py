@@ -22,9 +22,9 @@ shared host's load falls on every row alike.
 The 'native' row is every conv on lax.conv_general_dilated (KILN_CONV_LOWERING=native);
 the 'chosen' row is what a user gets (by default the rule table where it was measured on
 the convs' instruction set, else each shape timed: the header says which; or
-KILN_CONV_LOWERING's mode); the 'timed per pass' row the plans that timing each pass picks
-(=measure). The header names the host's instruction sets and this run's matmul peak.
-`--isa avx2` caps Kiln's kernels and XLA at AVX2 (benchmarks/cpu_host.py), as an AVX2-only
+KILN_CONV_LOWERING's mode); the 'rule table' and 'timed per pass' rows (rules, measure)
+whichever of the two the chosen row is not. The header names the host's instruction sets
+and this run's matmul peak. `--isa avx2` caps Kiln's kernels and XLA at AVX2 (benchmarks/cpu_host.py), as an AVX2-only
 host runs.
 """
 
@@ -216,8 +216,10 @@ def main() -> None:
     if args.skip_step:
       return
     rows = [('native', 'native'), (f'chosen ({mode}: {source.split(" (")[0]})', mode)]
-    if mode != 'measure':
-      rows.append(('timed per pass (measure)', 'measure'))
+    resolved = conv_lowering.auto_mode('cpu', len(jax.devices('cpu'))) if mode == 'auto' else mode
+    for label, other in (('rule table (rules)', 'rules'), ('timed per pass (measure)', 'measure')):
+      if other != resolved:  # The default's alternatives, to compare it with.
+        rows.append((label, other))
     steps, compile_seconds = {}, {}
     for label, forced in rows:
       steps[label], compile_seconds[label] = prepared_step(args.batch, args.image, forced)
