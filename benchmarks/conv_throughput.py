@@ -24,8 +24,8 @@ the 'chosen' row is what a user gets (by default the rule table where it was mea
 the convs' instruction set, else each shape timed: the header says which; or
 KILN_CONV_LOWERING's mode); the 'rule table' and 'timed per pass' rows (rules, measure)
 whichever of the two the chosen row is not. The header names the host's instruction sets
-and this run's matmul peak. `--isa avx2` caps Kiln's kernels and XLA at AVX2 (benchmarks/cpu_host.py), as an AVX2-only
-host runs.
+and this run's matmul peak. `--isa avx2` caps Kiln's kernels and XLA at AVX2
+(benchmarks/cpu_host.py), as an AVX2-only host runs.
 """
 
 import argparse
