@@ -29,7 +29,9 @@ PyTorch (when `import torch` works; pip install '.[bench]'): nanoGPT's model wri
 in eager mode with the same shape (layers, heads, width, context, batch, vocabulary, bias,
 tied embeddings, dropout; learned positions, nanoGPT having no rotary ones), exact GELU,
 `scaled_dot_product_attention`, cross-entropy, `clip_grad_norm_` and AdamW with nanoGPT's
-decay groups, as one batch and in the same micro-batches as Kiln. 'vs PyTorch' divides by
+decay groups, as one batch and in the same micro-batches as Kiln, with as many threads as
+cores and with one (on a shared host its OpenMP threads wait at every barrier; one thread can
+be faster). 'vs PyTorch' divides by
 the faster of those, never by a figure from another machine; without torch the column says
 so, and the header line still names the host's instruction sets and matmul peak.
 
@@ -77,7 +79,8 @@ def _parse(argv):
   parser.add_argument('--isa', choices=cpu_host.ISAS, default='native',
                       help='avx2: cap Kiln, XLA and PyTorch at AVX2 (an AVX2-only host)')
   parser.add_argument('--torch-threads', type=int, action='append',
-                      help="PyTorch thread counts to time (repeatable; default: the host's cores)")
+                      help="PyTorch thread counts to time (repeatable; default: the host's cores "
+                           'and 1)')
   args = parser.parse_args(argv)
   if (min(args.rounds, args.steps_per_round) < 1 or args.warmup < 0 or
       any(a < 1 for a in (args.accumulation or ()) + tuple(args.torch_threads or ()))):
@@ -260,7 +263,7 @@ def benchmark(shape: str) -> list[dict]:
       variants.update(cpu_host.torch_thread_variants(
           lambda config=config, count=count: torch_gpt_step(config, count),
           f'PyTorch eager{learned}, {count} micro-batch{"es" if count > 1 else ""}',
-          ARGS.torch_threads or [os.cpu_count() or 1]))
+          ARGS.torch_threads or [os.cpu_count() or 1, 1]))
   peaks = []
   probe = 'matmul peak probe'  # Timed like a variant so that every round probes once.
   variants[probe] = lambda: peaks.append(hardware.measure_cpu_matmul_flops(repeats=2))
