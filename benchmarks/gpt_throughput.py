@@ -30,10 +30,10 @@ in eager mode with the same shape (layers, heads, width, context, batch, vocabul
 tied embeddings, dropout; learned positions, nanoGPT having no rotary ones), exact GELU,
 `scaled_dot_product_attention`, cross-entropy, `clip_grad_norm_` and AdamW with nanoGPT's
 decay groups, as one batch and in the same micro-batches as Kiln, with as many threads as
-cores and with one (on a shared host its OpenMP threads wait at every barrier; one thread can
-be faster). 'vs PyTorch' divides by
-the faster of those, never by a figure from another machine; without torch the column says
-so, and the header line still names the host's instruction sets and matmul peak.
+cores and with one (on a shared host its OpenMP threads wait at every barrier; one thread
+can be faster). 'vs PyTorch' divides by the fastest of those, never by a figure from another
+machine; without torch the column says so, and the header line still names the host's
+instruction sets and matmul peak.
 
 The host is shared, so a shape's variants (Kiln and PyTorch, each micro-batch count) run in
 alternating rounds, `--steps-per-round` steps of each in turn (back to back within a
