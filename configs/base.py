@@ -219,6 +219,16 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.adversarial.train_steps = 7  # pgd training: steps per batch (fgsm_rs always takes 1).
   c.adversarial.train_step_size = -1.0  # Training step; -1: 2.5 epsilon / train_steps (pgd), 1.25 epsilon (fgsm_rs).
 
+  # --- fairness (tasks/fairness.py, trust/training/fairness.py): groups at eval and in the loss ---
+  # Sagawa et al. 2020: Group DRO helps unseen data only with strong L2 (regularization.l2 or
+  # weight_decay) or early stopping on worst_group_accuracy; otherwise every group's training
+  # loss reaches zero and it trains as ERM does.
+  c.fairness = ml_collections.ConfigDict()
+  c.fairness.group = ''  # Feature that groups examples (FSDD: speaker, accent, gender; classification: label); '' off.
+  c.fairness.mitigation = 'none'  # 'none', 'reweight' (inverse group frequency) or 'group_dro' (Sagawa et al. 2020).
+  c.fairness.dro_step_size = 0.01  # Group DRO's eta: q_g <- q_g exp(eta loss_g) every step; larger reacts faster.
+  c.fairness.dro_adjustment = 0.0  # Group DRO's C: q sees loss_g + C / sqrt(n_g), favouring small groups that generalise worse.
+
   # --- export (export.py): each artifact is checked against the JAX model on held-out data ---
   c.export = ml_collections.ConfigDict()
   c.export.calibration_batches = 8  # Training batches that calibrate int8 activation ranges.

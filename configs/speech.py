@@ -15,6 +15,8 @@ def get_speech_config() -> ml_collections.ConfigDict:
   c = base.get_base_config()
   c.task = 'speech_classification'
   c.dataset.name = 'fsdd'
+  c.dataset.subsample_speaker = ''  # fsdd: this speaker keeps only subsample_fraction of their training recordings ('' none).
+  c.dataset.subsample_fraction = 1.0  # fsdd: share of subsample_speaker's training recordings kept (drawn by split_seed).
   c.audio = ml_collections.ConfigDict()
   c.audio.num_mels = 40  # Mel filter-bank channels of the log-mel features.
   c.audio.window_ms = 25.0  # Analysis window (Hann) per frame, in milliseconds.

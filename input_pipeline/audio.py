@@ -49,6 +49,7 @@ TFDS_SPEECH = {  # TFDS name -> (audio feature, label feature or None, transcrip
 }
 FSDD_TEST_INDICES = range(0, 5)  # The official FSDD split: recordings 0-4 of each are test.
 _FSDD_NAME = re.compile(r'^(?P<digit>\d)_(?P<speaker>[A-Za-z]+)_(?P<index>\d+)\.wav$')
+_SUBSAMPLE_STREAM = 0x73756273  # Keeps the subsample's draw apart from other uses of split_seed.
 LOG_FLOOR = 1e-6  # Added to mel energies before the log, so digital silence stays finite.
 
 
@@ -117,6 +118,8 @@ class SpeechSource:
   speakers: tuple[str, ...] = ()  # Speaker i of the 'speaker' field; () if unknown.
   accents: tuple[str, ...] = ()  # Accent groups from speakers.json.
   speaker_accent: tuple[int, ...] = ()  # Accent index of each speaker.
+  # speakers.json's text fields (accent, gender, ...) -> each speaker's value ('unknown' if none).
+  speaker_features: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
   class_names: tuple[str, ...] = ()
   sample_rate: int = 0  # Hz of the waveforms the features came from (serve/ reads WAVs at it).
 
@@ -265,14 +268,32 @@ def official_split(recordings: list[Recording]) -> tuple[list[Recording], list[R
   return [r for r in recordings if not r.is_test], [r for r in recordings if r.is_test]
 
 
-def read_speakers(root: Path, speakers: list[str]) -> tuple[tuple[str, ...], tuple[int, ...]]:
-  """(accent names, accent index per speaker) from speakers.json; 'unknown' if absent."""
+def read_speakers(root: Path, speakers: list[str]
+                  ) -> tuple[tuple[str, ...], tuple[int, ...], dict[str, tuple[str, ...]]]:
+  """(accent names, accent index per speaker, every text field of speakers.json -> each
+  speaker's value) from speakers.json; 'unknown' where a speaker or field is absent."""
   meta = {}
   if (root / 'speakers.json').is_file():
     meta = json.loads((root / 'speakers.json').read_text())
-  per_speaker = [meta.get(s, {}).get('accent', 'unknown') for s in speakers]
+  names = sorted({k for entry in meta.values() for k, v in entry.items() if isinstance(v, str)})
+  features = {name: tuple(str(meta.get(s, {}).get(name, 'unknown')) for s in speakers)
+              for name in names}
+  per_speaker = features.get('accent', ('unknown',) * len(speakers))
   accents = tuple(sorted(set(per_speaker)))
-  return accents, tuple(accents.index(a) for a in per_speaker)
+  return accents, tuple(accents.index(a) for a in per_speaker), features
+
+
+def subsample_speaker(train: list[Recording], speaker: str, fraction: float, seed: int,
+                      speakers: list[str]) -> list[Recording]:
+  """`train` with only `fraction` of `speaker`'s recordings (at least one), drawn by `seed`:
+  an under-represented group for fairness experiments."""
+  if speaker not in speakers:
+    raise KilnError(f'config.dataset.subsample_speaker={speaker!r} is not an FSDD speaker: '
+                    f"choose one of {', '.join(speakers)}, or '' to keep every recording")
+  theirs = [i for i, r in enumerate(train) if r.speaker == speaker]
+  keep = max(1, int(round(fraction * len(theirs))))
+  kept = set(np.random.default_rng([seed, _SUBSAMPLE_STREAM]).permutation(theirs)[:keep].tolist())
+  return [r for i, r in enumerate(train) if r.speaker != speaker or i in kept]
 
 
 def _split(features, frames, extra: dict, process_index, process_count) -> HostSplit:
@@ -326,13 +347,17 @@ def load_fsdd(config, process_index: int, process_count: int) -> SpeechSource:
   recordings = list_recordings(root)
   spec = FeatureSpec.from_config(audio, 8000)
   speakers = sorted({r.speaker for r in recordings})
-  accents, speaker_accent = read_speakers(root, speakers)
+  accents, speaker_accent, speaker_features = read_speakers(root, speakers)
   train_recs, test_recs = official_split(recordings)
+  if dataset.get('subsample_speaker', ''):
+    train_recs = subsample_speaker(train_recs, dataset.subsample_speaker,
+                                   dataset.subsample_fraction, dataset.split_seed, speakers)
   if not train_recs or not test_recs:
     raise KilnError(f"FSDD in '{root}' needs recordings with index 0-4 (test) and 5-49 "
                     '(train): restore the missing files')
   common = dict(num_mels=spec.num_mels, max_frames=spec.max_frames, speakers=tuple(speakers),
-                accents=accents, speaker_accent=speaker_accent, sample_rate=spec.sample_rate)
+                accents=accents, speaker_accent=speaker_accent,
+                speaker_features=speaker_features, sample_rate=spec.sample_rate)
 
   if dataset.name == 'fsdd':
     def split(recs, split_spec):

@@ -114,17 +114,21 @@ class Checkpointer:
     difference = self._difference(step, target)
     if difference is None:
       try:
-        # A run from before the guard stored no 'guard' key at all (one with the guard off
-        # stored None there), which a TrainState target always has: restore the fields the
-        # checkpoint holds as a dict instead.
-        item = target if fresh_guard is None else {
-            field.name: getattr(target, field.name) for field in dataclasses.fields(target)
-            if field.name in self.manager.item_metadata(step)['state']}
+        # A run from before a TrainState field existed (the guard, Group DRO's 'fairness')
+        # stored no key for it at all (one with the feature off stored None there), which a
+        # TrainState target always has: restore the fields the checkpoint holds as a dict
+        # instead; the others keep the target's value (None: _difference has checked).
+        stored = self.manager.item_metadata(step)['state']
+        names = [field.name for field in dataclasses.fields(target)]
+        item = target if fresh_guard is None and all(n in stored for n in names) else {
+            name: getattr(target, name) for name in names if name in stored}
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(item), loop=ocp.args.JsonRestore()))
         state = restored['state']
+        if item is not target:
+          state = target.replace(**state)
         if fresh_guard is not None:
-          state = target.replace(**{**state, 'guard': fresh_guard})
+          state = state.replace(guard=fresh_guard)
         return state, restored['loop']
       except Exception as error:  # noqa: BLE001  The layout matched: the files are bad.
         raise CorruptCheckpoint(

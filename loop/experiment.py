@@ -32,6 +32,7 @@ from parallel.strategy import JitStrategy, PmapStrategy, create_strategy
 from tasks import create_task
 from tasks.base import Task
 from trust.training import adversarial
+from trust.training import fairness as fairness_lib
 from trust.training import privacy as privacy_lib
 
 
@@ -77,6 +78,20 @@ class Experiment:
   def privacy(self) -> privacy_lib.Privacy | None:
     return self.step_options.privacy
 
+  def fairness_report(self, state) -> dict | None:
+    """summary.json['fairness']: the groups, their training sizes and the mitigation (with
+    Group DRO's final weights q); None when config.fairness.group is ''."""
+    groups = self.task.groups
+    if groups is None:
+      return None
+    report = {'group': groups.feature, 'groups': list(groups.names),
+              'train_examples': [int(n) for n in groups.train_counts],
+              'mitigation': self.config.fairness.mitigation}
+    fairness = self.strategy.checkpoint_view(state).fairness
+    if fairness is not None:
+      report['group_weights'] = [float(q) for q in np.asarray(fairness['group_weights'])]
+    return report
+
   def train_batches(self, start_step: int):
     """This host's endless training batches from `start_step` (Poisson samples, padded to a
     fixed shape, under DP-SGD)."""
@@ -89,7 +104,8 @@ class Experiment:
     """(state, shardings): the initial train state, built sharded on the mesh."""
     state, shardings = create_sharded_state(self.template, self.tx, self.config.seed, self.mesh,
                                             self.rules, self.use_ema, self.step_options.pruning,
-                                            lora=self.lora, guard=self.step_options.guard)
+                                            lora=self.lora, guard=self.step_options.guard,
+                                            fairness=self.step_options.fairness)
     # --- distillation: the teacher's values join the state, in their own sharded layout ---
     if self.teacher is not None:
       teacher_shardings = self.teacher.shardings(self.mesh, self.rules)
@@ -213,6 +229,16 @@ def build_experiment(config, devices=None) -> Experiment:
                                     step_options.accumulation_steps)
     step_options = dataclasses.replace(step_options, privacy=privacy)
   # --- end DP-SGD ---
+  # --- fairness: groups read with the data; reweighting or Group DRO wraps the loss ---
+  if config.fairness.group and task.groups is None:
+    raise KilnError(f"config.fairness.group={config.fairness.group!r}: task '{config.task}' "
+                    "has no groups: set it to '' (classification and the speech tasks have them)")
+  fairness = fairness_lib.from_config(config, task.groups)
+  if fairness is not None:
+    if type(task).example_train_losses is Task.example_train_losses:
+      task.example_train_losses(None, {}, None)  # Raises the task's one-line error.
+    step_options = dataclasses.replace(step_options, fairness=fairness)
+  # --- end fairness ---
   # --- robustness: attacks at eval and/or in training, on tasks with an input to attack ---
   eval_attack, train_attack = adversarial.eval_attack(config), adversarial.train_attack(config)
   if eval_attack is not None or train_attack is not None:

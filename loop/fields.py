@@ -21,7 +21,8 @@ from models import registry as model_registry
 from optim import factory
 from parallel.strategy import STRATEGIES
 from tasks import TASKS
-from trust.training import adversarial, privacy
+from trust.training import adversarial, fairness, privacy
+from tasks import fairness as group_metrics
 from backends import ops
 
 _TFDS = (sources.TFDS_PREFIX,)
@@ -31,15 +32,21 @@ _STEPS = F.POSITIVE_INT  # Cadences (log, eval, checkpoint) in steps.
 def _eval_metrics(config) -> tuple[str, ...]:
   """The task's eval metric names known before its data is read."""
   task = TASKS[config.task]
+  # With config.fairness.group: the gaps between groups (per-group rates are prefixes below).
+  gaps = group_metrics.gap_names(task, config)
   if hasattr(task, 'metrics_class'):
-    return tuple(task.metrics_class.__annotations__)
+    return (*task.metrics_class.__annotations__, *gaps)
   # Speech: its rates (which depend on config.decoding), plus per-speaker/accent ones below.
-  return ('loss', *task(config).rates)
+  return ('loss', *task(config).rates, *gaps)
 
 
 def _eval_metric_prefixes(config) -> tuple[str, ...]:
   group = getattr(TASKS[config.task], 'group_rate', None)
-  return (f'{group}_speaker_', f'{group}_accent_') if group else ()
+  prefixes = (f'{group}_speaker_', f'{group}_accent_') if group else ()
+  feature = config.get('fairness', {}).get('group', '')
+  if feature:
+    prefixes += (f"{group or 'accuracy'}_{feature}_",)
+  return prefixes
 
 
 BASE: dict[str, F.Constraint] = {
@@ -146,6 +153,12 @@ BASE: dict[str, F.Constraint] = {
     'privacy.accountant': F.Choices(privacy.ACCOUNTANTS),
     'privacy.max_batch_size': F.Range(-1, integer=True, nonzero=True),  # -1: chosen.
     # --- end differential privacy ---
+    # --- fairness (tasks/fairness.py: groups and gaps; trust/training/fairness.py) ---
+    'fairness.group': F.Free("a feature of the task's data; checked when the data is read"),
+    'fairness.mitigation': F.Choices(fairness.MITIGATIONS),
+    'fairness.dro_step_size': F.NON_NEGATIVE,  # 0: q stays uniform (plain ERM).
+    'fairness.dro_adjustment': F.NON_NEGATIVE,
+    # --- end fairness ---
     # --- robustness (trust/training/adversarial.py) ---
     'adversarial.eval': F.FLAG,
     'adversarial.train': F.Choices(adversarial.TRAINING),
@@ -241,6 +254,8 @@ SPEECH = {
     'decoding.beam_size': F.NON_NEGATIVE_INT,  # 0: greedy only.
     'decoding.max_symbols_per_frame': F.POSITIVE_INT,
     'decoding.beam_max_symbols_per_frame': F.NON_NEGATIVE_INT,  # 0: max_symbols_per_frame.
+    'dataset.subsample_speaker': F.Free('an FSDD speaker name; checked when the data is read'),
+    'dataset.subsample_fraction': F.FRACTION,  # 0 keeps one recording (never none).
 }
 
 # Task -> (its family's table, the family base a config for it starts from).

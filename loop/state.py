@@ -39,6 +39,9 @@ class TrainState:
   # The numerics guard (loop/guard.py): recent accepted losses and the rollback learning-rate
   # scale, replicated; None when config.guard.policy is 'off'.
   guard: dict | None = None
+  # Group DRO (trust/training/fairness.py): {'group_weights': q [G]}, replicated; None when
+  # config.fairness.mitigation is not 'group_dro'.
+  fairness: dict | None = None
 
 
 class ModelTemplate:
@@ -83,10 +86,12 @@ class ModelTemplate:
 
 
 def init_state(template: ModelTemplate, tx: optax.GradientTransformation, seed: int,
-               use_ema: bool = False, pruning=None, lora=None, guard=None) -> TrainState:
+               use_ema: bool = False, pruning=None, lora=None, guard=None,
+               fairness=None) -> TrainState:
   """`pruning`: a compress.pruning.Pruning, whose (all True) masks the state then carries.
   `lora`: a compress.lora.LoRA, whose fresh adapters the state carries (and optimizes).
-  `guard`: a loop.guard.GuardOptions, whose window the state carries when it is on."""
+  `guard`: a loop.guard.GuardOptions, whose window the state carries when it is on.
+  `fairness`: a trust.training.fairness.Mitigation, whose state (Group DRO's q) it carries."""
   init_key, train_key = jax.random.split(jax.random.key(seed))
   params, model_state = template.split(template.build_model(nnx.Rngs(params=init_key)))
   # --- LoRA: adapters from their own key (the model's init is unchanged) ---
@@ -97,7 +102,8 @@ def init_state(template: ModelTemplate, tx: optax.GradientTransformation, seed: 
                     rng=jax.random.key_data(train_key), lora=adapters,
                     ema_params=jax.tree.map(jnp.copy, params) if use_ema else None,
                     masks=None if pruning is None else pruning.init_masks(params),
-                    guard=None if guard is None else guard_lib.init_state(guard))
+                    guard=None if guard is None else guard_lib.init_state(guard),
+                    fairness=None if fairness is None else fairness.init_state())
 
 
 def optimized(params: dict, adapters: dict | None):
@@ -123,6 +129,7 @@ def state_specs(abstract_state: TrainState, template: ModelTemplate, mesh: Mesh,
       lora=lora_specs,
       guard=None if abstract_state.guard is None else jax.tree.map(lambda _: P(),
                                                                    abstract_state.guard),
+      fairness=jax.tree.map(lambda _: P(), abstract_state.fairness),
       ema_params=None if abstract_state.ema_params is None else param_specs,
       # Pruning masks: a kernel's mask lives with its kernel; scalar placeholders replicated.
       masks=None if abstract_state.masks is None else jax.tree.map(
@@ -132,10 +139,10 @@ def state_specs(abstract_state: TrainState, template: ModelTemplate, mesh: Mesh,
 
 def create_sharded_state(template: ModelTemplate, tx: optax.GradientTransformation, seed: int,
                          mesh: Mesh, rules: Rules, use_ema: bool = False, pruning=None,
-                         lora=None, guard=None) -> tuple[TrainState, TrainState]:
+                         lora=None, guard=None, fairness=None) -> tuple[TrainState, TrainState]:
   """Returns the state, built on the devices in its final layout, and its shardings."""
   def init():
-    return init_state(template, tx, seed, use_ema, pruning, lora, guard)
+    return init_state(template, tx, seed, use_ema, pruning, lora, guard, fairness)
   abstract = jax.eval_shape(init)
   specs = state_specs(abstract, template, mesh, rules, lora)
   shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,

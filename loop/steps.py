@@ -16,6 +16,7 @@ from optim import regularization
 from parallel import mesh as mesh_lib
 from tasks.base import Task
 from trust.training import adversarial
+from trust.training import fairness as fairness_lib
 from trust.training import privacy as privacy_lib
 
 
@@ -34,6 +35,7 @@ class StepOptions:
   privacy: privacy_lib.Privacy | None = None  # DP-SGD, set by build_experiment when it is on.
   train_attack: adversarial.Attack | None = None  # Adversarial training's attack, when on.
   guard: guard_lib.GuardOptions = guard_lib.GuardOptions()  # config.guard (loop/guard.py).
+  fairness: fairness_lib.Mitigation | None = None  # Reweighting or Group DRO, when on.
 
   @classmethod
   def from_config(cls, config) -> 'StepOptions':
@@ -74,6 +76,7 @@ def train_step_fn(task: Task, template: ModelTemplate, tx: optax.GradientTransfo
   k = options.accumulation_steps
   pruning, guard = options.pruning, options.guard
   privacy = options.privacy
+  fairness = options.fairness
   penalized = bool(options.l1 or options.l2)
 
   def penalty(params):
@@ -89,7 +92,9 @@ def train_step_fn(task: Task, template: ModelTemplate, tx: optax.GradientTransfo
     return attack_batch(task, model, batch, key, options.train_attack)
   # --- end adversarial training ---
 
-  def loss_and_grads(params, model_state, batch, key, teacher_values=None, with_penalty=True):
+  def loss_and_grads(params, model_state, batch, key, teacher_values=None, with_penalty=True,
+                     fairness_state=None):
+    """(loss, (task metrics, model state, (fairness state, fairness scalars))), grads."""
     if options.train_attack is not None:
       batch = attacked(params, model_state, batch, jax.random.fold_in(key, _ATTACK_STREAM))
 
@@ -98,20 +103,24 @@ def train_step_fn(task: Task, template: ModelTemplate, tx: optax.GradientTransfo
         params = lora.apply(params['params'], params['lora'])
       model = template.merge(params, model_state)
       rngs = nnx.Rngs(dropout=key)  # Made inside the trace that may advance it.
-      if teacher is None:
+      fairness_out = (fairness_state, {})
+      if teacher is None and fairness is not None:  # The groups' objective over the examples.
+        per_example, batch_metrics = task.example_train_losses(model, batch, rngs)
+        loss, *fairness_out = fairness.objective(per_example, batch, fairness_state)
+      elif teacher is None:
         loss, batch_metrics = task.loss(model, batch, rngs)
       else:  # Distillation: the teacher's eval forward runs here, in the same step.
         loss, batch_metrics = teacher.loss(task, model, batch, rngs, teacher_values)
       if penalized and with_penalty:
         loss = loss + penalty(params)
-      return loss, (batch_metrics, template.split(model)[1])
+      return loss, (batch_metrics, template.split(model)[1], tuple(fairness_out))
     return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
   # --- DP-SGD: per-example gradients (vmap over rows), each clipped, summed over the sample;
   # padding rows (mask 0) add nothing. The data-independent penalty joins after the noise. ---
   def clipped_sum(params, model_state, batch, key, teacher_values):
     def one_example(example, example_key):
-      (loss, (example_metrics, example_state)), grads = loss_and_grads(
+      (loss, (example_metrics, example_state, _)), grads = loss_and_grads(
           params, model_state, jax.tree.map(lambda x: x[None], example), example_key,
           teacher_values, with_penalty=False)
       return grads, loss, example_metrics, example_state
@@ -142,7 +151,7 @@ def train_step_fn(task: Task, template: ModelTemplate, tx: optax.GradientTransfo
     # --- LoRA: gradients (and updates) over the tree the optimizer sees ---
     params = optimized(params, state.lora)
     # --- end LoRA ---
-    dp_scalars = {}
+    dp_scalars, fairness_state, fairness_scalars = {}, state.fairness, {}
     if privacy is not None:  # DP-SGD: clipped sums over the (micro-)batches, noised once.
       if k == 1:
         private = clipped_sum(params, state.model_state, batch, step_key, state.teacher)
@@ -165,13 +174,15 @@ def train_step_fn(task: Task, template: ModelTemplate, tx: optax.GradientTransfo
       loss = private.loss_sum / jnp.maximum(private.sampled, 1.0)
       dp_scalars = private.scalars()
     elif k == 1:
-      (loss, (batch_metrics, model_state)), grads = loss_and_grads(
-          params, state.model_state, batch, step_key, state.teacher)
+      (loss, (batch_metrics, model_state, (fairness_state, fairness_scalars))), grads = (
+          loss_and_grads(params, state.model_state, batch, step_key, state.teacher,
+                         fairness_state=state.fairness))
     else:
       def micro_step(carry, micro):
         grads_sum, model_state = carry
         index, micro_batch = micro
-        (micro_loss, (micro_metrics, model_state)), grads = loss_and_grads(
+        # Group DRO refuses micro-batches (trust/training/fairness.py): no state to carry.
+        (micro_loss, (micro_metrics, model_state, _)), grads = loss_and_grads(
             params, model_state, micro_batch, jax.random.fold_in(step_key, index),
             state.teacher)
         return (jax.tree.map(jnp.add, grads_sum, grads), model_state), (micro_metrics,
@@ -208,14 +219,15 @@ def train_step_fn(task: Task, template: ModelTemplate, tx: optax.GradientTransfo
       ema_params = None if ema_params is None else pruning.apply(ema_params, masks)
     new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
                               opt_state=opt_state, ema_params=ema_params, masks=masks,
-                              lora=lora_values)
+                              lora=lora_values, fairness=fairness_state)
     optimizer_scalars = {'grad_norm': optax.global_norm(grads),
-                         'update_norm': optax.global_norm(updates), **dp_scalars}
+                         'update_norm': optax.global_norm(updates), **dp_scalars,
+                         **fairness_scalars}
     # --- guard: a non-finite or spiking step keeps the state it started from ---
     if guard.on:
       ok, guard_state, guard_scalars = guard_lib.check(guard, state.guard, loss,
                                                       optimizer_scalars['grad_norm'])
-      kept = ('params', 'model_state', 'opt_state', 'ema_params', 'masks', 'lora')
+      kept = ('params', 'model_state', 'opt_state', 'ema_params', 'masks', 'lora', 'fairness')
       new_state = new_state.replace(guard=guard_state, **guard_lib.keep_if(
           ok, {f: getattr(new_state, f) for f in kept}, {f: getattr(state, f) for f in kept}))
       optimizer_scalars.update(guard_scalars)

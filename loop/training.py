@@ -312,6 +312,9 @@ def _train_and_evaluate(config, workdir, stop_at_step, on_eval, preemption) -> d
                  'sampling rate %.6f', summary['privacy']['epsilon'], exp.privacy.delta,
                  exp.privacy.accountant, summary['steps'], exp.privacy.noise_multiplier,
                  exp.privacy.sampling_rate)
+  fairness = exp.fairness_report(state)  # Groups, their sizes, Group DRO's final weights.
+  if fairness is not None:
+    summary['fairness'] = fairness
   if exp.lora is not None:  # LoRA: adapters and trainable base leaves against the frozen base.
     view = exp.strategy.checkpoint_view(state)
     summary['lora'] = exp.lora.count(view.params, view.lora)

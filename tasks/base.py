@@ -130,6 +130,18 @@ class Task(abc.ABC):
   def supports_distillation(cls) -> bool:
     return cls.distillation_outputs is not Task.distillation_outputs
 
+  # --- fairness (tasks/fairness.py, trust/training/fairness.py) ---
+  groups = None  # tasks.fairness.Groups of config.fairness.group once load_data ran; None: off.
+  fairness_gaps: tuple[str, ...] = ()  # Gap metrics eval adds under config.fairness.group.
+
+  def example_train_losses(self, model: nnx.Module, batch: Batch, rngs: nnx.Rngs
+                           ) -> tuple[jax.Array, metrics.Collection]:
+    """[B] per-example training losses (train mode) and the training metrics, from what
+    `loss` computes: what group reweighting and Group DRO weigh."""
+    raise KilnError(f"task '{self.config.task}' has no per-example training loss: set "
+                    "config.fairness.mitigation='none' (classification and "
+                    'speech_classification have one)')
+
   # --- robustness (trust/training/adversarial.py): attacks perturb [0, 1] inputs ---
   def attack_pixels(self, batch: Batch) -> jax.Array:
     """The batch's model input as the [0, 1] pixels an attack's budget is measured in."""

@@ -9,6 +9,7 @@ from flax import nnx, struct
 
 from input_pipeline import augment, sources
 from models import create_model
+from tasks import fairness
 from tasks.base import Batch, Distilled, Serving, Task
 
 
@@ -67,6 +68,28 @@ class ImageClassification(ImageTask):
     train = self.source.train
     # Sharded hosts may differ by one example; the epoch length only needs to be close.
     self._num_train_examples = train.num_examples * (1 if train.sliced else process_count)
+    self.groups = self._load_groups()
+    if self.groups is not None:
+      self.metrics_class = fairness.with_fields(
+          ClassificationMetrics, fairness.eval_fields(self.groups, self.source.num_classes))
+
+  # --- fairness: the class of each example is its group (per-class accuracy and gaps) ---
+  fairness_gaps = fairness.GAPS
+
+  def _load_groups(self) -> fairness.Groups | None:
+    feature = self.config.get('fairness', {}).get('group', '')
+    if not feature:
+      return None
+    fairness.check_feature(feature, ('label',), f"dataset '{self.config.dataset.name}'")
+    labels = self.source.train.examples.map(lambda ex: ex['label']).batch(
+        max(self.source.train.num_examples, 1))
+    counts = fairness.train_counts(np.concatenate(list(labels.as_numpy_iterator())),
+                                   self.source.num_classes)
+    if not self.source.train.sliced:  # Each host read its own share: the shares add up.
+      counts = counts * self.source.train.process_count
+    return fairness.Groups(feature, tuple(str(c) for c in range(self.source.num_classes)),
+                           lambda batch: batch['label'], counts)
+  # --- end fairness ---
 
   def train_batches(self, host_batch_size, start_step, sampling_rate=None):
     return augment.augment_batches(super().train_batches(host_batch_size, start_step,
@@ -83,13 +106,20 @@ class ImageClassification(ImageTask):
     return per_example, ClassificationMetrics.single_from_model_output(
         loss=per_example, accuracy=correct, mask=mask)
 
-  def _train_loss(self, logits: jax.Array, batch: Batch):
+  def _example_losses(self, logits: jax.Array, batch: Batch):
     per_example, batch_metrics = self._outputs(logits, batch['label'])
     if 'mix_label' in batch:  # Mixup/CutMix: cross-entropy is linear in the target.
       weight = batch['mix_weight']
       per_example = weight * per_example + (1 - weight) * (
           optax.softmax_cross_entropy_with_integer_labels(logits, batch['mix_label']))
+    return per_example, batch_metrics
+
+  def _train_loss(self, logits: jax.Array, batch: Batch):
+    per_example, batch_metrics = self._example_losses(logits, batch)
     return per_example.mean(), batch_metrics
+
+  def example_train_losses(self, model, batch, rngs):
+    return self._example_losses(model(batch['image'], train=True, rngs=rngs), batch)
 
   def loss(self, model: nnx.Module, batch: Batch, rngs: nnx.Rngs):
     return self._train_loss(model(batch['image'], train=True, rngs=rngs), batch)
@@ -106,8 +136,18 @@ class ImageClassification(ImageTask):
                      jnp.ones(logits.shape[:-1], jnp.float32))
 
   def evaluate(self, model: nnx.Module, batch: Batch):
-    logits = model(batch['image'], train=False)
-    return self._outputs(logits, batch['label'], batch['mask'])[1]
+    return self._scored(model(batch['image'], train=False), batch)
+
+  def _scored(self, logits: jax.Array, batch: Batch):
+    """Eval metrics (with the groups' under config.fairness.group) of `logits`."""
+    if self.groups is None:
+      return self._outputs(logits, batch['label'], batch['mask'])[1]
+    per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
+    predicted = jnp.argmax(logits, -1)
+    return self.metrics_class.single_from_model_output(
+        loss=per_example, accuracy=(predicted == batch['label']).astype(jnp.float32),
+        mask=batch['mask'], label=batch['label'], predicted=predicted,
+        group=self.groups.of_batch(batch))
 
   # --- robustness: attacks perturb [0, 1] pixels; the model sees them normalised ---
   def _pixel_stats(self):
@@ -130,6 +170,5 @@ class ImageClassification(ImageTask):
   def serving(self):
     return self._image_serving(
         lambda model, images: {'logits': model(images, train=False)},
-        lambda model, outputs, batch: self._outputs(outputs['logits'], batch['label'],
-                                                    batch['mask'])[1],
+        lambda model, outputs, batch: self._scored(outputs['logits'], batch),
         lambda outputs: np.argmax(outputs['logits'], -1), metric='accuracy')

@@ -7,8 +7,6 @@ where the data names speakers (FSDD's speakers.json), per speaker and per accent
 `<metric>_speaker_<name>` and `<metric>_accent_<group>`.
 """
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +18,7 @@ from core.errors import KilnError
 from input_pipeline import audio
 from models import create_model
 from tasks import decoding
+from tasks import fairness
 from tasks.base import Batch, Distilled, Serving, Task
 from tasks.ctc import ctc_loss, frame_mask
 from tasks.rnnt_loss import rnnt_loss
@@ -65,10 +64,6 @@ def rate(numerator: str, denominator: str | None = None, speakers: tuple[int, ..
   return _Rate
 
 
-def _slug(name: str) -> str:
-  return re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_')
-
-
 def metrics_collection(name: str, fields: dict[str, type[metrics.Metric]]):
   return struct.dataclass(type(name, (metrics.Collection,), {'__annotations__': fields}))
 
@@ -87,6 +82,7 @@ class SpeechTask(Task):
       raise KilnError(f"config.task='{self.config.task}' needs {kind} but dataset "
                       f"'{self.config.dataset.name}' has none: pick a "
                       f"{'transcribed' if self.transcribes else 'labelled'} dataset")
+    self.groups = self._load_groups()
     self.metrics_class = self._eval_metrics()
     self.train_metrics_class = metrics_collection(
         'SpeechTrainMetrics', {'loss': metrics.Average.from_output('loss')})
@@ -99,11 +95,44 @@ class SpeechTask(Task):
     src = self.source
     num, den = self.rates[self.group_rate]
     for i, speaker in enumerate(src.speakers):
-      fields[f'{self.group_rate}_speaker_{_slug(speaker)}'] = rate(num, den, (i,))
+      fields[f'{self.group_rate}_speaker_{fairness.slug(speaker)}'] = rate(num, den, (i,))
     for a, accent in enumerate(src.accents):
       members = tuple(i for i, s in enumerate(src.speaker_accent) if s == a)
-      fields[f'{self.group_rate}_accent_{_slug(accent)}'] = rate(num, den, members)
+      fields[f'{self.group_rate}_accent_{fairness.slug(accent)}'] = rate(num, den, members)
+    if self.groups is not None:
+      fields.update(self._group_fields(fields))
     return metrics_collection(f'{type(self).__name__}Metrics', fields)
+
+  # --- fairness: groups of speakers (config.fairness.group), from speakers.json ---
+  def _group_fields(self, existing) -> dict:
+    """The per-group and gap metrics config.fairness.group adds (tasks/fairness.py)."""
+    raise NotImplementedError
+
+  def _load_groups(self) -> fairness.Groups | None:
+    feature = self.config.get('fairness', {}).get('group', '')
+    if not feature:
+      return None
+    src = self.source
+    available = (('speaker',) if src.speakers else ()) + tuple(src.speaker_features)
+    fairness.check_feature(feature, available, f"dataset '{self.config.dataset.name}'")
+    if feature == 'speaker':
+      names, table = src.speakers, list(range(len(src.speakers)))
+    else:
+      values = src.speaker_features[feature]
+      names = tuple(sorted(set(values)))
+      table = [names.index(v) for v in values]
+    speaker_ids = src.train.examples.map(lambda ex: ex['speaker']).batch(
+        max(src.train.num_examples, 1))
+    train_speakers = np.concatenate(list(speaker_ids.as_numpy_iterator()))
+    train_groups = np.asarray(table, np.int32)[train_speakers[train_speakers >= 0]]
+    self.speaker_group = tuple(table)  # Group of each speaker.
+    return fairness.Groups(feature, tuple(names),
+                           lambda batch: fairness.lookup(table, self._speaker(batch)),
+                           fairness.train_counts(train_groups, len(names)))
+
+  def _group_outputs(self, batch) -> dict:
+    return {} if self.groups is None else {'group': self.groups.of_batch(batch)}
+  # --- end fairness ---
 
   @property
   def num_train_examples(self):
@@ -163,13 +192,26 @@ class SpeechClassification(SpeechTask):
     weights = frame_mask(frames, frame_logits.shape[1])[..., None]
     return (frame_logits * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
 
-  def _train_loss(self, logits, batch):
+  fairness_gaps = fairness.GAPS
+
+  def _group_fields(self, existing):
+    return fairness.eval_fields(self.groups, self.source.num_classes, 'accuracy', existing)
+
+  def _example_losses(self, logits, batch):
     per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
-    return per_example.mean(), self.train_metrics_class.single_from_model_output(loss=per_example)
+    return per_example, self.train_metrics_class.single_from_model_output(loss=per_example)
+
+  def _train_loss(self, logits, batch):
+    per_example, batch_metrics = self._example_losses(logits, batch)
+    return per_example.mean(), batch_metrics
+
+  def example_train_losses(self, model, batch, rngs):
+    return self._example_losses(
+        self._logits(model, self.augment(batch, rngs), batch, True, rngs), batch)
 
   def loss(self, model, batch, rngs):
-    return self._train_loss(
-        self._logits(model, self.augment(batch, rngs), batch, True, rngs), batch)
+    per_example, batch_metrics = self.example_train_losses(model, batch, rngs)
+    return per_example.mean(), batch_metrics
 
   def distillation_outputs(self, model, batch, rngs, teacher):
     # The teacher hears the student's SpecAugmented features: the same input, so the soft
@@ -192,14 +234,27 @@ class SpeechClassification(SpeechTask):
 
   def _score(self, logits, batch):
     per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
-    correct = jnp.argmax(logits, -1) == batch['label']
+    predicted = jnp.argmax(logits, -1)
     return self.metrics_class.single_from_model_output(
-        loss=per_example, correct=correct, speaker=self._speaker(batch), mask=batch['mask'])
+        loss=per_example, correct=predicted == batch['label'], speaker=self._speaker(batch),
+        mask=batch['mask'], label=batch['label'], predicted=predicted,
+        **self._group_outputs(batch))
 
 
 class _Transcription(SpeechTask):
   transcribes = True
   group_rate = 'wer'
+  fairness_gaps = ('worst_group_wer', 'group_wer_gap')
+
+  def _group_fields(self, existing):
+    fields = {}
+    groups = self.groups
+    for g, name in enumerate(groups.names):
+      field = f'wer_{groups.feature}_{fairness.slug(name)}'
+      if field not in existing:
+        fields[field] = rate('word_errors', 'words',
+                             tuple(i for i, s in enumerate(self.speaker_group) if s == g))
+    return {**fields, **fairness.error_rate_fields(groups, 'wer', 'word_errors', 'words')}
 
   @property
   def rates(self):
@@ -222,7 +277,8 @@ class _Transcription(SpeechTask):
             f'{prefix}char_errors': char_errors, 'chars': chars}
 
   def _eval_outputs(self, per_utterance, greedy, beam, batch):
-    outputs = {'loss': per_utterance, 'speaker': self._speaker(batch), 'mask': batch['mask']}
+    outputs = {'loss': per_utterance, 'speaker': self._speaker(batch), 'mask': batch['mask'],
+               **self._group_outputs(batch)}
     outputs.update(self._scores(*greedy, batch))
     if beam is not None:
       outputs.update(self._scores(*beam, batch, prefix='beam_'))

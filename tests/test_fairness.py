@@ -1,0 +1,172 @@
+"""Fairness (issue 25): group gaps agree with fairlearn 0.15, Group DRO and reweighting do
+what their definitions say, a bad group feature is one line, and Group DRO resumes exactly."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from fairlearn import metrics as fl
+
+from configs import speech_digits_groupdro
+from core.errors import KilnError
+from loop import fields
+from loop.training import train_and_evaluate
+from tasks import fairness as group_metrics
+from tasks.speech import metrics_collection
+from trust.training import fairness
+
+from tiny import tiny_config
+
+
+def _collection(num_groups, num_classes):
+  groups = group_metrics.Groups('speaker', tuple(f's{g}' for g in range(num_groups)),
+                                lambda batch: batch['group'], np.ones(num_groups))
+  return metrics_collection('Gaps', group_metrics.eval_fields(groups, num_classes))
+
+
+@pytest.mark.parametrize('num_classes', [2, 5])
+def test_gaps_agree_with_fairlearn(num_classes):
+  rng = np.random.default_rng(num_classes)
+  n, num_groups = 600, 4
+  group = rng.integers(num_groups, size=n)
+  label = rng.integers(num_classes, size=n)
+  # Predictions that depend on the group, so that the gaps are far from 0.
+  right = rng.random(n) < np.array([0.9, 0.7, 0.5, 0.8])[group]
+  predicted = np.where(right, label, rng.integers(num_classes, size=n))
+  mask = np.ones(n, np.float32)
+  mask[-37:] = 0  # Padding: must count nowhere.
+  group[5] = -1  # An example whose group is unknown counts in no group.
+  collection = _collection(num_groups, num_classes)
+  # Two batches merged, as eval merges them over batches and devices.
+  halves = [slice(0, 250), slice(250, n)]
+  total = None
+  for part in halves:
+    batch_metrics = collection.single_from_model_output(
+        group=jnp.asarray(group[part]), label=jnp.asarray(label[part]),
+        predicted=jnp.asarray(predicted[part]), mask=jnp.asarray(mask[part]))
+    total = batch_metrics if total is None else total.merge(batch_metrics)
+  got = {k: float(v) for k, v in total.compute().items()}
+
+  keep = (mask > 0) & (group >= 0)
+  y, p, a = label[keep], predicted[keep], group[keep]
+  per_class = [(fl.demographic_parity_difference((y == c), (p == c), sensitive_features=a),
+                fl.equalized_odds_difference((y == c), (p == c), sensitive_features=a))
+               for c in range(num_classes)]
+  frame = fl.MetricFrame(metrics=lambda t, q: np.mean(t == q), y_true=y, y_pred=p,
+                         sensitive_features=a)
+  np.testing.assert_allclose(got['demographic_parity_difference'],
+                             max(d for d, _ in per_class), atol=1e-6)
+  np.testing.assert_allclose(got['equalized_odds_difference'],
+                             max(e for _, e in per_class), atol=1e-6)
+  np.testing.assert_allclose(got['worst_group_accuracy'], frame.group_min(), atol=1e-6)
+  np.testing.assert_allclose(got['group_accuracy_gap'], frame.difference(), atol=1e-6)
+  for g in range(num_groups):
+    np.testing.assert_allclose(got[f'accuracy_speaker_s{g}'], frame.by_group[g], atol=1e-6)
+  if num_classes == 2:  # Binary: fairlearn's own figure, no one-vs-rest needed.
+    np.testing.assert_allclose(got['demographic_parity_difference'],
+                               fl.demographic_parity_difference(y, p, sensitive_features=a),
+                               atol=1e-6)
+    np.testing.assert_allclose(got['equalized_odds_difference'],
+                               fl.equalized_odds_difference(y, p, sensitive_features=a),
+                               atol=1e-6)
+
+
+def test_group_dro_weights_move_to_the_worst_group():
+  """Three groups whose losses stay 0.2, 0.5 and 2.0: q concentrates on the third, and the
+  loss is q's weighted mean of the groups' mean losses."""
+  mitigation = fairness.Mitigation('group_dro', ('a', 'b', 'c'), lambda batch: batch['group'],
+                                   np.array([10, 10, 10]), step_size=0.5)
+  group = jnp.array([0, 0, 1, 1, 1, 2, -1, 2])
+  per_example = jnp.array([0.1, 0.3, 0.5, 0.4, 0.6, 2.0, 99.0, 2.0])
+  batch = {'group': group, 'mask': jnp.array([1, 1, 1, 1, 1, 1, 1, 0], jnp.float32)}
+  state = mitigation.init_state()
+  np.testing.assert_allclose(state['group_weights'], [1 / 3] * 3)
+  history = []
+  for _ in range(20):
+    loss, state, scalars = mitigation.objective(per_example, batch, state)
+    history.append(np.asarray(state['group_weights']))
+  q = history[-1]
+  assert q[2] > 0.99 and q[0] < q[1] < q[2]
+  assert all(h[2] > g[2] for g, h in zip(history, history[1:]))  # Rises every step.
+  np.testing.assert_allclose(float(loss), q @ np.array([0.2, 0.5, 2.0]), rtol=1e-5)
+  np.testing.assert_allclose(float(scalars['group_weight_2']), q[2])
+  # Gradients flow through the losses only (q fixed): d loss / d l_i = q_g / n_g.
+  grad = jax.grad(lambda l: mitigation.objective(l, batch, state)[0])(per_example)
+  q_next = np.asarray(mitigation.objective(per_example, batch, state)[1]['group_weights'])
+  np.testing.assert_allclose(grad, [q_next[0] / 2] * 2 + [q_next[1] / 3] * 3 + [q_next[2], 0, 0],
+                             rtol=1e-5)
+
+
+def test_reweighting_matches_a_hand_computation():
+  # Training counts 60 / 30 / 10: weights N / (G n_g) = 100/180, 100/90, 100/30.
+  np.testing.assert_allclose(fairness.inverse_frequency_weights(np.array([60, 30, 10, 0])),
+                             [100 / 180, 100 / 90, 100 / 30, 0.0], rtol=1e-6)
+  mitigation = fairness.Mitigation('reweight', ('a', 'b', 'c'), lambda batch: batch['group'],
+                                   np.array([60, 30, 10]))
+  batch = {'group': jnp.array([0, 1, 2, 2]), 'mask': jnp.array([1, 1, 1, 0], jnp.float32)}
+  loss, state, _ = mitigation.objective(jnp.array([1.0, 2.0, 3.0, 50.0]), batch, None)
+  assert state is None
+  np.testing.assert_allclose(float(loss), (100 / 180 * 1 + 100 / 90 * 2 + 100 / 30 * 3) / 3,
+                             rtol=1e-6)
+
+
+def test_bad_group_feature_and_combinations_give_one_line(tmp_path):
+  c = speech_digits_groupdro.get_config()
+  c.fairness.group = 'hair_colour'
+  with pytest.raises(KilnError, match=r"hair_colour.*choose one of speaker, accent, gender") as e:
+    train_and_evaluate(c, str(tmp_path / 'run'))
+  assert '\n' not in str(e.value)
+  assert not (tmp_path / 'run').exists()  # Nothing written.
+  c = tiny_config()
+  c.fairness.group = 'speaker'
+  with pytest.raises(KilnError, match=r"'speaker' is not a group feature.*choose one of label"):
+    train_and_evaluate(c, str(tmp_path / 'run'))
+  c.fairness.group = ''
+  c.fairness.mitigation = 'group_dro'
+  with pytest.raises(KilnError, match=r'needs groups: set config.fairness.group'):
+    train_and_evaluate(c, str(tmp_path / 'run'))
+  c.fairness.mitigation = 'typo'
+  with pytest.raises(KilnError, match=r'fairness.mitigation'):
+    fields.validate(c)
+  c = speech_digits_groupdro.get_config()
+  c.dataset.subsample_speaker = 'nobody'
+  with pytest.raises(KilnError, match=r"'nobody' is not an FSDD speaker: choose one of george"):
+    train_and_evaluate(c, str(tmp_path / 'run'))
+
+
+def _tiny_groupdro():
+  c = speech_digits_groupdro.get_config()
+  c.model.model_dim = 32
+  c.model.num_layers = 1
+  c.model.num_heads = 2
+  c.model.subsample_channels = 8
+  c.model.conv_norm = 'layer'
+  c.batch_size = 64
+  c.eval_batch_size = 64
+  c.num_train_steps = 12
+  c.schedule.warmup_steps = 2
+  c.fairness.dro_step_size = 0.2  # Large: q moves visibly in a few steps.
+  c.log_every_steps = 6
+  c.eval_every_steps = 12
+  c.checkpoint_every_steps = 6
+  c.compilation_cache_dir = ''
+  return c
+
+
+@pytest.mark.slow  # Three short training runs on real recordings.
+def test_group_dro_resume_equals_uninterrupted_run(tmp_path):
+  c = _tiny_groupdro()
+  whole = train_and_evaluate(c, str(tmp_path / 'whole'))
+  train_and_evaluate(c, str(tmp_path / 'parts'), stop_at_step=6)
+  parts = train_and_evaluate(c, str(tmp_path / 'parts'))
+  q_whole = np.array(whole['fairness']['group_weights'])
+  assert whole['fairness']['train_examples'][0] == 45  # george, cut to 10% of 450.
+  assert not np.allclose(q_whole, 1 / 6)  # q moved.
+  np.testing.assert_array_equal(np.array(parts['fairness']['group_weights']), q_whole)
+  assert parts['final_eval'] == whole['final_eval']
+  for name in group_metrics.GAPS:
+    assert name in whole['final_eval']
+  saved = json.loads((tmp_path / 'whole' / 'summary.json').read_text())
+  assert saved['fairness']['mitigation'] == 'group_dro'
