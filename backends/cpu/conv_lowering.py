@@ -70,9 +70,9 @@ LOWERINGS = ('native', 'im2col', 'shifted', 'dense', 'direct')
 CACHE_FILE = 'conv_lowerings.json'
 MODE_ENV = 'KILN_CONV_LOWERING'
 # Instruction sets `rule` was derived on (benchmarks/conv_throughput.py, figures in
-# benchmarks/README.md, "conv lowerings": a 2-core AMD EPYC with AVX-512). On an AVX2 host
-# the table chose lowerings 1.1-1.7x slower than timing each shape (issue 26), so convs
-# running with another instruction set are timed by default instead.
+# benchmarks/README.md, "conv lowerings": a 2-core AMD EPYC with AVX-512). On an AVX2-only
+# host timing each shape trained ResNet-18 1.1-1.7x faster than the table (issue 26), and
+# on an AVX2 build here 1.13x, so convs running another instruction set are timed instead.
 RULE_TABLE_ISAS = ('AVX-512',)
 # 'dense' multiplies every (input pixel, output pixel) pair; past this many pairs (an
 # 8x8 map has 4096) its matrix outgrows the conv's own arithmetic and memory.
