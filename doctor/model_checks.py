@@ -216,7 +216,8 @@ def learning_rate_range(exp, batches, low: float, high: float, num_steps: int, w
       step / max(num_steps - 1, 1)))
   options = dataclasses.replace(exp.step_options, guard=guard_lib.GuardOptions())
   state, shardings = create_sharded_state(exp.template, tx, config.seed, exp.mesh, exp.rules,
-                                          exp.use_ema, options.pruning, lora=exp.lora)
+                                          exp.use_ema, options.pruning, lora=exp.lora,
+                                          fairness=options.fairness)
   state = exp.strategy.distribute(state, shardings)
   train_step = exp.strategy.compile_train(steps.train_step_fn(
       exp.task, exp.template, tx, options,
