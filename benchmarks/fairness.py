@@ -23,7 +23,8 @@ CONFIG = 'configs/speech_digits_groupdro.py'
 
 
 def runs(extra: dict) -> list[Run]:
-  return [Run('fsdd_erm', 'fairness', 'ERM', '-', CONFIG, {'fairness.mitigation': 'none', **extra}),
+  return [Run('fsdd_erm', 'fairness', 'ERM', '-', CONFIG,
+              {'fairness.mitigation': 'none', **extra}),
           Run('fsdd_groupdro', 'fairness', 'Group DRO', '-', CONFIG, dict(extra))]
 
 

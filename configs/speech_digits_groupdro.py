@@ -21,7 +21,7 @@ def get_config():
   c.dataset.subsample_fraction = 0.1
   c.fairness.group = 'speaker'
   c.fairness.mitigation = 'group_dro'
-  c.fairness.dro_step_size = 0.05  # eta: 5x the paper's 0.01, as this run takes ~360 steps, not thousands.
+  c.fairness.dro_step_size = 0.05  # eta: 5x the paper's 0.01 (~360 steps here, not thousands).
   c.fairness.dro_adjustment = 1.0  # C / sqrt(n_g): 0.15 for george's 45, 0.05 for 450.
   c.regularization.weight_decay = 0.1  # 10x speech_digits': the strong penalty Group DRO needs.
   # 128: george (2% of the data) is in 92% of the batches (2.5 recordings); at 32, in 47%, and

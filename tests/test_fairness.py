@@ -186,7 +186,8 @@ def test_fsdd_groups_and_the_cut_speaker():
   accents = task._load_groups()
   assert accents.names == ('BEL/French', 'DEU/German', 'GRC/Greek', 'USA/neutral')
   np.testing.assert_array_equal(accents.train_counts, [450, 900, 45, 900])
-  np.testing.assert_array_equal(accents.of_batch({'speaker': jnp.array([0, 4, -1]), 'frames': jnp.ones(3)}), [2, 3, -1])
+  batch = {'speaker': jnp.array([0, 4, -1]), 'frames': jnp.ones(3)}  # george, theo, unknown.
+  np.testing.assert_array_equal(accents.of_batch(batch), [2, 3, -1])
   c.fairness.group = 'hair_colour'  # FSDD's groups come from speakers.json.
   with pytest.raises(KilnError, match=r"'hair_colour' is not a group feature of dataset 'fsdd': "
                      r'choose one of speaker, accent, gender, language'):
