@@ -192,3 +192,16 @@ def test_fsdd_groups_and_the_cut_speaker():
   with pytest.raises(KilnError, match=r"'hair_colour' is not a group feature of dataset 'fsdd': "
                      r'choose one of speaker, accent, gender, language'):
     task._load_groups()
+
+
+def test_worst_group_wer_is_the_highest_group_rate():
+  groups = group_metrics.Groups('accent', ('a', 'b', 'c'), None, np.ones(3))
+  collection = metrics_collection('Wer', group_metrics.error_rate_fields(
+      groups, 'wer', 'word_errors', 'words'))
+  errors, words = np.array([1, 0, 3, 2, 5, 9]), np.array([4, 2, 5, 4, 5, 9])
+  group, mask = np.array([0, 0, 1, 1, -1, 2]), np.array([1, 1, 1, 1, 1, 0])
+  got = jax.jit(lambda *a: collection.single_from_model_output(
+      word_errors=a[0], words=a[1], group=a[2], mask=a[3]).compute())(errors, words, group, mask)
+  # Group c has only padding and the -1 row counts nowhere: rates a 1/6, b 5/9.
+  np.testing.assert_allclose(float(got['worst_group_wer']), 5 / 9, rtol=1e-6)
+  np.testing.assert_allclose(float(got['group_wer_gap']), 5 / 9 - 1 / 6, rtol=1e-6)
