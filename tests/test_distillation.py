@@ -89,6 +89,7 @@ def test_padding_positions_do_not_count():
   np.testing.assert_allclose(soft, per_position[weights > 0].mean(), rtol=1e-5)
 
 
+@pytest.mark.slow  # Seconds of compiles: the fast tier stays under 3 minutes.
 def test_alpha_zero_is_exactly_the_task_loss(devices):
   """The task's loss from distillation_outputs is `loss`'s, and alpha=0 trains on it alone."""
   exp = build_experiment(tiny_config(), devices[:1])

@@ -74,6 +74,7 @@ def test_factored_dense_reproduces_the_truncated_kernel():
   assert linear_flops(factored) == 2 * 3 * (10 + 6) < linear_flops(dense)
 
 
+@pytest.mark.slow  # Seconds of compiles: the fast tier stays under 3 minutes.
 @pytest.mark.parametrize('strides,padding', [(1, 'SAME'), (2, 'VALID')])
 def test_factored_conv_reproduces_a_conv_by_the_truncated_kernel(strides, padding):
   rng = np.random.default_rng(2)

@@ -42,6 +42,7 @@ def test_forward_flops_match_xla(model_config, input_shape):
   assert 0.97 < analytic / counted <= 1.0
 
 
+@pytest.mark.slow  # Seconds of compiles: the fast tier stays under 3 minutes.
 def test_abstract_model_counts_like_a_concrete_one():
   def build():
     return create_model(default.get_config().model, nnx.Rngs(0), num_classes=10,

@@ -115,6 +115,7 @@ def _flat(tree):
   return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
 
 
+@pytest.mark.slow  # Seconds of compiles: the fast tier stays under 3 minutes.
 def test_one_example_moves_the_update_by_at_most_clip_norm_and_the_noise_has_its_std(devices):
   """Neighbouring batches (one example removed) share the step's noise, so their updates differ
   by that example's clipped gradient / (q N): at most C / (q N). An empty sample's update is

@@ -90,6 +90,7 @@ def _with_exact_scale(a, per_column: bool, exponent: int):
 
 @pytest.mark.parametrize('kind, input_shape, fan_in_axes', [
     ('conv', (2, 5, 5, 4), (0, 1, 2)), ('dense', (3, 6), (0,))])
+@pytest.mark.slow  # Seconds of compiles: the fast tier stays under 3 minutes.
 def test_qat_layer_uses_per_channel_int8_weights_with_straight_through_gradients(
     kind, input_shape, fan_in_axes):
   rng = np.random.default_rng(2)
@@ -137,6 +138,7 @@ def _outputs(model, images):
     return np.asarray(model(images, train=False))
 
 
+@pytest.mark.slow  # Seconds of compiles: the fast tier stays under 3 minutes.
 @pytest.mark.parametrize('mode', quantize_lib.MODES)
 def test_quantized_model_answers_like_the_float_one_from_less_memory(mode, trained):
   exp, model, images, calibration = trained
@@ -157,6 +159,7 @@ def test_quantized_model_answers_like_the_float_one_from_less_memory(mode, train
     assert half in dtypes and 0.45 < ratio <= 0.55, (dtypes, ratio)
 
 
+@pytest.mark.slow  # Seconds of compiles: the fast tier stays under 3 minutes.
 def test_int8_keeps_excluded_layers_float_and_stores_codes_and_scales(trained):
   exp, model, images, _ = trained
   quantized = quantize_lib.quantize(model, 'int8', (images[:1],), exclude='classifier|norm')
@@ -186,6 +189,7 @@ def test_jax_export_of_a_quantized_predict_fn(mode, trained):
     assert 'xi8>' in exported.mlir_module()
 
 
+@pytest.mark.slow  # Seconds of compiles: the fast tier stays under 3 minutes.
 def test_bad_settings_are_one_line_errors(trained):
   _, model, images, _ = trained
   with pytest.raises(KilnError, match=r"mode 'int4' does not exist: choose one of int8, "

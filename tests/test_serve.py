@@ -894,6 +894,7 @@ def test_the_demo_page_classifies_digits_drawn_uploaded_and_spoken_and_generates
     browser.close()
 
 
+@pytest.mark.slow  # Seconds of compiles: the fast tier stays under 3 minutes.
 def test_fuzzed_requests_get_only_4xx_and_the_server_keeps_answering(server, digits):
   """Random JSON, shapes, dtypes, base64, bodies, names and keys: never a 5xx, and a correct
   answer afterwards."""

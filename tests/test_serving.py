@@ -53,7 +53,7 @@ CASES = {
 }
 
 
-FAST = ('classification_normalised', 'sequence_classification')  # The rest run eagerly for long.
+FAST = ('classification_normalised',)  # The rest run eagerly for long.
 
 
 @pytest.mark.parametrize('case', [

@@ -45,6 +45,7 @@ def test_loss_falls_and_model_learns(full_run):
     assert len(_scalars(workdir, tag)) == 4 and all(v > 0 for v in _scalars(workdir, tag))
 
 
+@pytest.mark.slow  # Seconds of compiles: the fast tier stays under 3 minutes.
 def test_summary_json_is_complete(full_run):
   workdir, summary = full_run
   with open(os.path.join(workdir, 'summary.json')) as f:
