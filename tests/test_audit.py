@@ -58,3 +58,16 @@ def test_audit_of_a_trained_run_writes_its_figures(tmp_path):
   assert missing.returncode != 0
   assert missing.stderr.strip().splitlines()[-1].startswith('error: ')
   assert 'holds no' in missing.stderr.strip().splitlines()[-1]
+
+
+def test_the_sample_spans_the_whole_split_and_pairs_the_attacks():
+  # A split ordered by its scores (as MNIST's test files are by writer population): its first
+  # half alone would read as 'members' against the other half; a uniform sample does not.
+  ordered = np.linspace(-1.0, 1.0, 8_000)
+  scores = {'loss': ordered, 'logit_confidence': 10 * ordered}
+  sample = audit.uniform_sample(scores, 2_000, np.random.default_rng(0))
+  np.testing.assert_array_equal(sample['logit_confidence'], 10 * sample['loss'])
+  assert len(np.unique(sample['loss'])) == 2_000
+  other = audit.uniform_sample(scores, 2_000, np.random.default_rng(1))
+  assert audit.attack_report(sample['loss'], other['loss'])['auc'] == pytest.approx(0.5, abs=0.03)
+  assert audit.attack_report(ordered[:2_000], ordered[-2_000:])['auc'] == 0.0

@@ -2,12 +2,13 @@
 learns about whether an example was in its training set (what an epsilon buys, measured).
 
 Members are training examples, non-members held-out ones (the test split, else the eval
-split), the same number of each. Two shadow-free attacks score every example and threshold
-the score: the loss attack (Yeom et al. 2018: members have lower loss) and the logit-scaled
-confidence log(p / (1 - p)) of the true class, the statistic of Carlini et al.'s LiRA (2022)
-without its shadow models (a global threshold, so it ranks as a confidence attack does but
-keeps resolution where p is near 1). Reported per attack: ROC AUC (0.5: nothing learned) and
-the true-positive rate at 1% false positives, the figure that matters for a few examples.
+split), the same number of each, drawn uniformly from each split. Two shadow-free attacks
+score every example and threshold the score: the loss attack (Yeom et al. 2018: members have
+lower loss) and the logit-scaled confidence log(p / (1 - p)) of the true class, the statistic
+of Carlini et al.'s LiRA (2022) without its shadow models (a global threshold, so it ranks as
+a confidence attack does but keeps resolution where p is near 1). Reported per attack: ROC
+AUC (0.5: nothing learned) and the true-positive rate at 1% false positives, the figure that
+matters for a few examples.
 """
 
 import json
@@ -53,9 +54,8 @@ def example_scores(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]
   return {'loss': -loss, 'logit_confidence': log_p - others}
 
 
-def _split_scores(run: trained.Trained, split, limit: int, batch_size: int,
-                  is_train: bool) -> dict:
-  """Each attack's scores of the first `limit` examples of `split`, as the model answers
+def _split_scores(run: trained.Trained, split, batch_size: int, is_train: bool) -> dict:
+  """Each attack's scores of every example of `split`, in its order, as the model answers
   them in eval mode."""
   serving = run.serving
   if 'logits' not in jax.eval_shape(lambda: serving.forward(
@@ -70,7 +70,6 @@ def _split_scores(run: trained.Trained, split, limit: int, batch_size: int,
     return example_scores(serving.forward(model, inputs)['logits'], labels)
 
   out: dict[str, list] = {name: [] for name in ATTACKS}
-  taken = 0
   for batch in batching.eval_batches(split, batch_size):
     if 'label' not in batch:
       raise KilnError(f"task '{run.config.task}' batches carry no 'label': membership inference "
@@ -87,16 +86,24 @@ def _split_scores(run: trained.Trained, split, limit: int, batch_size: int,
                                       jnp.asarray(batch['label'], jnp.int32)))
     for name in ATTACKS:
       out[name].append(np.asarray(scores[name])[keep])
-    taken += int(keep.sum())
-    if taken >= limit:
-      break
-  return {name: np.concatenate(values)[:limit] for name, values in out.items()}
+  return {name: np.concatenate(values) for name, values in out.items()}
+
+
+def uniform_sample(scores: dict[str, np.ndarray], count: int,
+                   rng: np.random.Generator) -> dict[str, np.ndarray]:
+  """The same `count` examples, drawn uniformly without replacement, of each attack's scores.
+  Not the first `count`: a split's order can follow its difficulty (MNIST's test files hold
+  one writer population, then another), which an AUC reads as membership."""
+  size = len(next(iter(scores.values())))
+  picked = np.sort(rng.choice(size, count, replace=False))
+  return {name: values[picked] for name, values in scores.items()}
 
 
 def membership_inference(workdir: str, num_examples: int = 0, defaults=None,
-                         batch_size: int = 500) -> dict:
+                         batch_size: int = 500, sample_seed: int = 0) -> dict:
   """Audits `workdir`'s newest checkpoint; writes and returns `workdir`/audit.json.
-  `num_examples`: members and non-members each (0: as many as the smaller side has)."""
+  `num_examples`: members and non-members each (0: as many as the smaller side has), drawn
+  uniformly from each split with `sample_seed`."""
   if num_examples < 0:
     raise KilnError(f'--num_examples={num_examples} must be >= 0 (0: all the smaller side has)')
   run = trained.load(workdir, defaults)
@@ -105,10 +112,14 @@ def membership_inference(workdir: str, num_examples: int = 0, defaults=None,
   held_out = getattr(source, held_out_name)
   available = min(source.train.num_examples, held_out.num_examples)
   count = min(num_examples or available, available)
-  members = _split_scores(run, source.train, count, batch_size, is_train=True)
-  non_members = _split_scores(run, held_out, count, batch_size, is_train=False)
+  rng = np.random.default_rng(sample_seed)
+  members = uniform_sample(_split_scores(run, source.train, batch_size, is_train=True), count,
+                           rng)
+  non_members = uniform_sample(_split_scores(run, held_out, batch_size, is_train=False), count,
+                               rng)
   report = {'workdir': os.path.abspath(workdir), 'step': run.step, 'members': count,
             'non_members': count, 'non_member_split': held_out_name,
+            'sample_seed': sample_seed,
             'attacks': {name: attack_report(members[name], non_members[name])
                         for name in ATTACKS},
             'mean_loss': {'members': float(-members['loss'].mean()),
