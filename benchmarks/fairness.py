@@ -18,6 +18,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 from benchmarks.compression import Run, command, display_command, read_summary  # noqa: E402
+from trust.fairness import comparison_table  # noqa: E402
 
 CONFIG = 'configs/speech_digits_groupdro.py'
 
@@ -26,35 +27,6 @@ def runs(extra: dict) -> list[Run]:
   return [Run('fsdd_erm', 'fairness', 'ERM', '-', CONFIG,
               {'fairness.mitigation': 'none', **extra}),
           Run('fsdd_groupdro', 'fairness', 'Group DRO', '-', CONFIG, dict(extra))]
-
-
-def table(erm: dict, dro: dict) -> list[str]:
-  """Markdown rows: each speaker's accuracy (and training recordings), then the summary."""
-  speakers = erm['fairness']['groups']
-  sizes = dict(zip(speakers, erm['fairness']['train_examples']))
-  weights = dict(zip(speakers, dro['fairness'].get('group_weights', [float('nan')] * len(speakers))))
-  a, b = erm['final_eval'], dro['final_eval']
-  rows = ['| speaker | training recordings | ERM | Group DRO | Group DRO q (end) |',
-          '| --- | --- | --- | --- | --- |']
-  for s in speakers:
-    key = f'accuracy_speaker_{s}'
-    rows.append(f'| {s} | {sizes[s]} | {100 * a[key]:.1f}% | {100 * b[key]:.1f}% | '
-                f'{weights[s]:.3f} |')
-  for name, label in (('accuracy', 'mean (all 300)'), ('worst_group_accuracy', 'worst speaker'),
-                      ('group_accuracy_gap', 'best - worst'),
-                      ('demographic_parity_difference', 'demographic parity diff.'),
-                      ('equalized_odds_difference', 'equalized odds diff.')):
-    rows.append(f'| {label} | | {100 * a[name]:.1f}% | {100 * b[name]:.1f}% | |')
-  worst = min(speakers, key=lambda s: a[f'accuracy_speaker_{s}'])
-  key = f'accuracy_speaker_{worst}'
-  rows.append(f"\nERM's worst speaker, {worst}: {100 * a[key]:.1f}% -> {100 * b[key]:.1f}% "
-              'under Group DRO')
-  lift = 100 * (b['worst_group_accuracy'] - a['worst_group_accuracy'])
-  cost = 100 * (a['accuracy'] - b['accuracy'])
-  met = lift >= 3 and cost <= 1
-  rows.append(f'worst speaker lift {lift:+.1f} points, mean cost {cost:+.1f} points '
-              f'(target: lift >= 3 at cost <= 1): {"met" if met else "not met"}')
-  return rows
 
 
 def main(argv=None) -> None:
@@ -76,7 +48,7 @@ def main(argv=None) -> None:
       summary = read_summary(args.root, run)
     summaries.append(summary)
   if len(summaries) == 2:
-    print('\n'.join(table(*summaries)))
+    print('\n'.join(comparison_table(*summaries)))
 
 
 if __name__ == '__main__':
