@@ -81,9 +81,7 @@ class ImageClassification(ImageTask):
     if not feature:
       return None
     fairness.check_feature(feature, ('label',), f"dataset '{self.config.dataset.name}'")
-    labels = self.source.train.examples.map(lambda ex: ex['label']).batch(
-        max(self.source.train.num_examples, 1))
-    counts = fairness.train_counts(np.concatenate(list(labels.as_numpy_iterator())),
+    counts = fairness.train_counts(fairness.whole_split_feature(self.source.train, 'label'),
                                    self.source.num_classes)
     if not self.source.train.sliced:  # Each host read its own share: the shares add up.
       counts = counts * self.source.train.process_count

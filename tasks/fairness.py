@@ -65,6 +65,13 @@ def check_feature(feature: str, available, where: str) -> None:
                     f"choose one of {', '.join(available) or '(none)'}, or '' to turn it off")
 
 
+def whole_split_feature(split, key: str) -> np.ndarray:
+  """Feature `key` of every example of a source split (this host's share of it), in one
+  array: what the groups' training sizes are counted from."""
+  values = split.examples.map(lambda ex: ex[key]).batch(max(split.num_examples, 1))
+  return np.concatenate(list(values.as_numpy_iterator()))
+
+
 def train_counts(groups_of_examples: np.ndarray, num_groups: int) -> np.ndarray:
   ids = np.asarray(groups_of_examples)
   return np.bincount(ids[ids >= 0], minlength=num_groups).astype(np.int64)

@@ -121,9 +121,7 @@ class SpeechTask(Task):
       values = src.speaker_features[feature]
       names = tuple(sorted(set(values)))
       table = [names.index(v) for v in values]
-    speaker_ids = src.train.examples.map(lambda ex: ex['speaker']).batch(
-        max(src.train.num_examples, 1))
-    train_speakers = np.concatenate(list(speaker_ids.as_numpy_iterator()))
+    train_speakers = fairness.whole_split_feature(src.train, 'speaker')
     train_groups = np.asarray(table, np.int32)[train_speakers[train_speakers >= 0]]
     self.speaker_group = tuple(table)  # Group of each speaker.
     return fairness.Groups(feature, tuple(names),
