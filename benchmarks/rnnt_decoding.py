@@ -9,6 +9,12 @@ best, and the pick of its n-best and greedy's by p(y | x) over every alignment (
 eval reports as beam_wer). The first line counts the frames on which greedy emits two or
 more labels: transcripts that a one-label-per-frame search cannot follow. Decode time
 leaves the encoder out (it is shared); ratios are to greedy's.
+
+`--differences` instead lists every utterance on which greedy and the eval's beam answer
+differ, with log p(y | x) of the reference and of each answer, and sorts each decoder's word
+errors into search errors (the reference is more probable than the answer: a better search
+would find it) and model errors (the answer is at least as probable as the reference: no
+search for the most probable transcript can fix it).
 """
 
 import argparse
@@ -31,6 +37,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from configs import speech  # noqa: E402
+from input_pipeline import audio  # noqa: E402
 from loop import trained  # noqa: E402
 from tasks import decoding  # noqa: E402
 from tasks.speech import SPACE_ID, SpeechRNNT  # noqa: E402
@@ -63,15 +70,64 @@ def variants(beam_size: int, max_symbols: int) -> dict:
   }
 
 
+def differences(graphdef, state, exp, options) -> None:
+  """Prints the utterances where greedy and the beam's answer differ, and each decoder's
+  word errors split into search and model errors (see the module's docstring)."""
+  @jax.jit
+  def decode(state, batch):
+    model = nnx.merge(graphdef, state)
+    encoded, frames = model.encode(batch['features'], batch['frames'])
+    labels, label_len = batch['labels'], batch['label_len']
+    greedy, beam = SpeechRNNT.transcribe(model, encoded, frames, labels.shape[-1], options)
+    answers = {'greedy': greedy, 'beam': beam}
+    log_probs = {name: SpeechRNNT.log_prob(model, encoded, frames, *ids)
+                 for name, ids in {'reference': (labels, label_len), **answers}.items()}
+    word_errors = {name: decoding.error_counts(*ids, labels, label_len, SPACE_ID)[0]
+                   for name, ids in answers.items()}
+    return answers, log_probs, word_errors
+
+  counts = {name: {'search': 0, 'model': 0} for name in ('greedy', 'beam')}
+  differ = 0
+  for batch in exp.task.eval_batches(exp.host_eval_batch):
+    answers, log_probs, word_errors = jax.device_get(decode(state, batch))
+    for i in np.flatnonzero(np.asarray(batch['mask']) > 0):
+      text = {name: audio.decode_ids(ids[i][:lengths[i]]) for name, (ids, lengths) in answers.items()}
+      for name in counts:
+        if word_errors[name][i] > 0:
+          below = log_probs['reference'][i] > log_probs[name][i]
+          counts[name]['search' if below else 'model'] += int(word_errors[name][i])
+      if text['greedy'] != text['beam']:
+        differ += 1
+        reference = audio.decode_ids(batch['labels'][i][:batch['label_len'][i]])
+        print(f"'{reference}' (log p {log_probs['reference'][i]:.3f}): "
+              + '; '.join(f"{name} '{text[name]}' (log p {log_probs[name][i]:.3f}, "
+                          f'{int(word_errors[name][i])} word errors)' for name in text))
+  print(f'{differ} utterances where greedy and the beam differ')
+  for name, split in counts.items():
+    print(f"{name}: {split['search'] + split['model']} word errors, {split['search']} on "
+          f"utterances whose reference is more probable than the answer (search errors), "
+          f"{split['model']} where the answer is at least as probable (model errors)")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--workdir', required=True, help='A run of configs/speech_rnnt_*.py.')
   parser.add_argument('--beam_size', type=int, default=4)
+  parser.add_argument('--max_symbols', type=int, default=0,
+                      help="Greedy's and the beam's labels per frame; 0: the run's config.")
+  parser.add_argument('--differences', action='store_true',
+                      help='List where greedy and the beam differ; search vs model errors.')
   args = parser.parse_args()
   config = trained.read_config(args.workdir, speech.get_speech_config())
   model, exp, step = trained.load_model(config, args.workdir)
   graphdef, state = nnx.split(model)
-  max_symbols = config.decoding.max_symbols_per_frame
+  max_symbols = args.max_symbols or config.decoding.max_symbols_per_frame
+  if args.differences:
+    print(f'{args.workdir} at step {step}, beam {args.beam_size}, {max_symbols} labels/frame:')
+    differences(graphdef, state, exp, ml_collections.ConfigDict(
+        {'beam_size': args.beam_size, 'max_symbols_per_frame': max_symbols,
+         'beam_max_symbols_per_frame': max_symbols}))
+    return
 
   @jax.jit
   def encode(state, features, frames):

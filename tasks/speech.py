@@ -7,6 +7,8 @@ where the data names speakers (FSDD's speakers.json), per speaker and per accent
 `<metric>_speaker_<name>` and `<metric>_accent_<group>`.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -362,10 +364,14 @@ class SpeechRNNT(_Transcription):
     # Runs trained before the field existed lack it: their beams take greedy's budget too.
     beam_symbols = options.get('beam_max_symbols_per_frame', 0) or options.max_symbols_per_frame
     ids, lengths, scores = decoding.rnnt_beam_search(*args, options.beam_size, beam_symbols)
-
-    def log_prob(labels, label_len):
-      return -rnnt_loss(model.joint_lattice(encoded, labels), jnp.maximum(frames, 1), labels,
-                        label_len)
     live = jnp.pad(scores > decoding.NEG / 2, ((0, 0), (0, 1)), constant_values=True)
-    return greedy, decoding.most_likely(log_prob, jnp.concatenate([ids, greedy[0][:, None]], 1),
-                                        jnp.concatenate([lengths, greedy[1][:, None]], 1), live)
+    return greedy, decoding.most_likely(
+        functools.partial(SpeechRNNT.log_prob, model, encoded, frames),
+        jnp.concatenate([ids, greedy[0][:, None]], 1),
+        jnp.concatenate([lengths, greedy[1][:, None]], 1), live)
+
+  @staticmethod
+  def log_prob(model, encoded, frames, labels, label_len):
+    """log p(labels | x) over every alignment, per utterance [B]."""
+    return -rnnt_loss(model.joint_lattice(encoded, labels), jnp.maximum(frames, 1), labels,
+                      label_len)
