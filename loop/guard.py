@@ -1,7 +1,7 @@
 """The numerics guard (config.guard): a bad step's update is dropped inside the jitted step,
 and the loop then skips on, rolls back to the last good checkpoint, or stops.
 
-Inside the step (`check` and `keep_if`): the loss and the global gradient norm must be finite,
+Inside the step (`check`, then loop/steps.py's `lax.cond` around the update): the loss and the global gradient norm must be finite,
 and the loss must not exceed the mean of the last `window` accepted losses by more than
 `spike_zscore` standard deviations. A step that fails either keeps the state it started from
 (only the step counter moves on), so nothing non-finite ever reaches the params or the
@@ -94,11 +94,6 @@ def check(options: GuardOptions, guard_state: dict, loss, grad_norm):
              'guard_nonfinite': (~finite).astype(jnp.float32),
              'guard_spike': spike.astype(jnp.float32)}
   return ok, new_state, scalars
-
-
-def keep_if(ok, new_tree, old_tree):
-  """`new_tree` where the step was accepted, else `old_tree` (same structure; None stays)."""
-  return jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_tree, old_tree)
 
 
 def poison(batch: dict) -> dict:

@@ -61,6 +61,10 @@ def split_micro_batches(batch, k: int, mesh: Mesh | None):
   return jax.tree.map(split, batch)
 
 
+# What one optimizer step writes; the guard keeps all of them as they were on a bad step.
+UPDATED_FIELDS = ('params', 'model_state', 'opt_state', 'ema_params', 'masks', 'lora', 'fairness')
+
+
 def train_step_fn(task: Task, template: ModelTemplate, tx: optax.GradientTransformation,
                   options: StepOptions, mesh: Mesh | None = None, axis_name: str | None = None,
                   teacher=None, lora=None):
@@ -204,34 +208,49 @@ def train_step_fn(task: Task, template: ModelTemplate, tx: optax.GradientTransfo
 
     if pruning is not None:  # Optimizer moments of pruned weights see no gradient.
       grads = pruning.apply(grads, masks)
-    updates, opt_state = tx.update(grads, state.opt_state, params)
-    if guard.on:  # Rollbacks may have cut the rate: scaling Adam's update scales its rate.
-      updates = jax.tree.map(lambda u: u * state.guard['lr_scale'].astype(u.dtype), updates)
-    params = optax.apply_updates(params, updates)
-    lora_values = state.lora
-    if lora is not None:  # LoRA: back to the base params and the adapters.
-      params, lora_values = params['params'], params['lora']
-    ema_params = state.ema_params
-    if ema_params is not None:
-      ema_params = regularization.ema_update(ema_params, params, options.ema_decay)
-    if pruning is not None:  # Momentum and weight decay may move them: pruned stays zero.
-      params = pruning.apply(params, masks)
-      ema_params = None if ema_params is None else pruning.apply(ema_params, masks)
-    new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
-                              opt_state=opt_state, ema_params=ema_params, masks=masks,
-                              lora=lora_values, fairness=fairness_state)
-    optimizer_scalars = {'grad_norm': optax.global_norm(grads),
-                         'update_norm': optax.global_norm(updates), **dp_scalars,
+
+    def apply_update(grads, model_state, fairness_state):
+      updates, opt_state = tx.update(grads, state.opt_state, params)
+      if guard.on:  # Rollbacks may have cut the rate: scaling Adam's update scales its rate.
+        updates = jax.tree.map(lambda u: u * state.guard['lr_scale'].astype(u.dtype), updates)
+      new_params = optax.apply_updates(params, updates)
+      lora_values = state.lora
+      if lora is not None:  # LoRA: back to the base params and the adapters.
+        new_params, lora_values = new_params['params'], new_params['lora']
+      ema_params = state.ema_params
+      if ema_params is not None:
+        ema_params = regularization.ema_update(ema_params, new_params, options.ema_decay)
+      if pruning is not None:  # Momentum and weight decay may move them: pruned stays zero.
+        new_params = pruning.apply(new_params, masks)
+        ema_params = None if ema_params is None else pruning.apply(ema_params, masks)
+      return (dict(params=new_params, model_state=model_state, opt_state=opt_state,
+                   ema_params=ema_params, masks=masks, lora=lora_values,
+                   fairness=fairness_state), optax.global_norm(updates))
+
+    optimizer_scalars = {'grad_norm': optax.global_norm(grads), **dp_scalars,
                          **fairness_scalars}
-    # --- guard: a non-finite or spiking step keeps the state it started from ---
     if guard.on:
+      # --- guard: a non-finite or spiking step keeps the state it started from. A cond, not
+      # a select over the new and old trees: a select reads the old optimizer moments after
+      # the update wrote them, so XLA copies every one of them on every step ---
       ok, guard_state, guard_scalars = guard_lib.check(guard, state.guard, loss,
                                                       optimizer_scalars['grad_norm'])
-      kept = ('params', 'model_state', 'opt_state', 'ema_params', 'masks', 'lora', 'fairness')
-      new_state = new_state.replace(guard=guard_state, **guard_lib.keep_if(
-          ok, {f: getattr(new_state, f) for f in kept}, {f: getattr(state, f) for f in kept}))
+
+      def keep(grads, model_state, fairness_state):
+        del grads, model_state, fairness_state
+        return ({f: getattr(state, f) for f in UPDATED_FIELDS},
+                jnp.zeros((), optimizer_scalars['grad_norm'].dtype))
+
+      fields, update_norm = jax.lax.cond(ok, apply_update, keep, grads, model_state,
+                                         fairness_state)
+      new_state = state.replace(step=state.step + 1, guard=guard_state, **fields)
       optimizer_scalars.update(guard_scalars)
-    # --- end guard ---
+      # --- end guard ---
+    else:
+      fields, update_norm = apply_update(grads, model_state, fairness_state)
+      new_state = state.replace(step=state.step + 1, **fields)
+    optimizer_scalars['update_norm'] = update_norm
+    params = new_state.params
     if pruning is not None:
       optimizer_scalars.update(pruning.scalars(params))
     return new_state, batch_metrics, optimizer_scalars
