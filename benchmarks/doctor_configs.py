@@ -33,7 +33,7 @@ def check(config_path: str, overfit_steps: int) -> dict:
   try:
     exp = experiment.build_experiment(load_config(config_path))
   except (KilnError, OSError) as error:
-    return {'config': config_path, 'skipped': ' '.join(str(error).split())[:120]}
+    return {'config': config_path, 'skipped': ' '.join(str(error).split())}
   options = dataclasses.replace(run.Options(), checks=('init', 'overfit'),
                                 overfit_steps=overfit_steps)
   with tempfile.TemporaryDirectory() as workdir:
@@ -83,8 +83,10 @@ def main(argv=None) -> None:
     if 'skipped' in row:
       print(f"| {row['config']} | skipped: {row['skipped']} | | | | | |", flush=True)
       continue
-    print(f"| {row['config']} | {row['initial']:.4g} | {row['uniform']:.4g} | "
-          f"{'yes' if row['initial_ok'] else 'NO'} | {'yes' if row['overfit_ok'] else 'NO'}: "
+    uniform = 'n/a' if row['uniform'] is None else f"{row['uniform']:.4g}"
+    initial_ok = 'n/a' if row['uniform'] is None else 'yes' if row['initial_ok'] else 'NO'
+    print(f"| {row['config']} | {row['initial']:.4g} | {uniform} | {initial_ok} | "
+          f"{'yes' if row['overfit_ok'] else 'NO'}: "
           f"{row['overfit']} | {', '.join(row['problems']) or '-'} | {row['seconds']:.0f} |",
           flush=True)
 

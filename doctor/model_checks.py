@@ -44,7 +44,7 @@ def probe(task, template, params, model_state, batch, key):
 
   def loss_fn(params):
     model = template.merge(params, model_state)
-    with layer_probe.recording(model) as records:
+    with layer_probe.recording(model, root_method=task.prediction_method) as records:
       loss, _ = task.loss(model, batch, nnx.Rngs(dropout=key))
     paths[:] = [path for path, _ in records]
     layer_stats = [[_stats(x) for x in layer_probe.array_leaves(out)][:1] for _, out in records]
@@ -52,10 +52,13 @@ def probe(task, template, params, model_state, batch, key):
     root_std = jnp.std(root[0].astype(jnp.float32)) if root else jnp.float32(0)
     return loss, (layer_stats, root_std)
 
+  def zeros(out):
+    return jax.tree.map(lambda x: jnp.zeros_like(x) if jnp.issubdtype(x.dtype, jnp.inexact)
+                        else x, out)
+
   def uniform_loss(params):
     model = template.merge(params, model_state)
-    with layer_probe.recording(model, replace_root_output=lambda out: jax.tree.map(
-        lambda x: jnp.zeros_like(x) if jnp.issubdtype(x.dtype, jnp.inexact) else x, out)):
+    with layer_probe.recording(model, zeros, task.prediction_method):
       return task.loss(model, batch, nnx.Rngs(dropout=key))[0]
 
   def both(params):
@@ -67,7 +70,33 @@ def probe(task, template, params, model_state, batch, key):
           'root_called': '<model>' in paths,  # Else the loss calls sub-modules (RNN-T).
           'layers': [(path, {k: float(v) for k, v in s[0].items()} if s else {})
                      for path, s in zip(paths, layer_stats)],
+          'zero_params': _layers_where(params, lambda leaf: not bool(jnp.any(leaf != 0))),
+          'unused': _unused_layers(loss_fn, params),
           'grads': grads}
+
+
+def _layer(path) -> str:
+  """A parameter's layer: its parent path ('blocks/0/norms/1' of 'blocks/0/norms/1/scale')."""
+  return path_string(path).rsplit('/', 1)[0]
+
+
+def _layers_where(params, predicate) -> set[str]:
+  """Layers every one of whose own parameters satisfies `predicate` (a leaf -> bool)."""
+  every: dict[str, bool] = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    every[_layer(path)] = every.get(_layer(path), True) and predicate(leaf)
+  return {layer for layer, holds in every.items() if holds}
+
+
+def _unused_layers(loss_fn, params) -> set[str]:
+  """Layers none of whose parameters the loss reads (a head another task uses: a classifying
+  BERT's masked-LM head). No gradient reaches them by design, so they are not 'frozen'."""
+  jaxpr = jax.make_jaxpr(loss_fn)(params).jaxpr
+  read = {v for eqn in jaxpr.eqns for v in eqn.invars if not hasattr(v, 'val')}  # Not literals.
+  read.update(v for v in jaxpr.outvars if not hasattr(v, 'val'))
+  unread = {id(leaf) for leaf, var in zip(jax.tree.leaves(params), jaxpr.invars)
+            if var not in read}
+  return _layers_where(params, lambda leaf: id(leaf) in unread)
 
 
 def init_findings(probed: dict) -> list[Finding]:
@@ -91,6 +120,17 @@ def init_findings(probed: dict) -> list[Finding]:
                        f'{OUTPUT_STD_LIMIT}): the model starts overconfident',
                        'scale down the output layer initialisation'))
   layers = [(p, s) for p, s in probed['layers'] if s and p != '<model>']
+  # Zero output from all-zero parameters is a deliberate start (Goyal et al. 2017: each residual
+  # block begins as the identity), not a vanishing or dead layer; it learns if its gradient is
+  # nonzero, which frozen_layer checks after the overfit steps.
+  zero_initialised = [p for p, s in layers if s['rms'] == 0 and p in probed['zero_params']]
+  if zero_initialised:
+    out.append(Finding('zero_initialised', 'info',
+                       f'{len(zero_initialised)} layers output exactly zero from all-zero '
+                       f"initial parameters (left out of the scale and dead-unit checks): "
+                       f"{', '.join(zero_initialised[:5])}", data={'layers': zero_initialised}))
+  hidden = [(p, s) for p, s in layers[:-1] if p not in zero_initialised]  # The head may be < 0.
+  layers = [(p, s) for p, s in layers if p not in zero_initialised]
   bad = [p for p, s in layers if not s['finite']]
   if bad:
     out.append(Finding('nonfinite_activations', 'error', f'layer {bad[0]} outputs NaN/Inf at '
@@ -102,7 +142,7 @@ def init_findings(probed: dict) -> list[Finding]:
                        'layer outputs vanish or explode at initialisation: ' + ', '.join(
                            f'{p} rms {r:.3g}' for p, r in scale[:5]),
                        'use fan-in scaled initialisation and normalisation layers'))
-  dead = [(p, s['dead']) for p, s in layers[:-1] if s.get('dead', 0) > DEAD_LIMIT]
+  dead = [(p, s['dead']) for p, s in hidden if s.get('dead', 0) > DEAD_LIMIT]
   if dead:
     out.append(Finding('dead_units', 'warning',
                        'channels negative for every example of a batch (dead under ReLU): ' +
@@ -116,16 +156,24 @@ def layer_grad_norms(grads) -> dict[str, float]:
   """Global gradient norm per layer (a parameter's parent path)."""
   norms: dict[str, float] = {}
   for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
-    layer = path_string(path).rsplit('/', 1)[0]
-    norms[layer] = norms.get(layer, 0.0) + float(jnp.sum(jnp.square(g.astype(jnp.float32))))
+    norms[_layer(path)] = (norms.get(_layer(path), 0.0)
+                           + float(jnp.sum(jnp.square(g.astype(jnp.float32)))))
   return {k: math.sqrt(v) for k, v in norms.items()}
 
 
-def frozen_findings(norms: dict[str, float]) -> list[Finding]:
-  frozen = [layer for layer, n in norms.items() if n == 0.0]
-  if not frozen or len(frozen) == len(norms):
-    return []
-  return [Finding('frozen_layer', 'error',
+def frozen_findings(norms: dict[str, float], unused: set[str] = frozenset()) -> list[Finding]:
+  """Layers with zero gradient; those the loss never reads (`unused`) are reported, not blamed."""
+  out = []
+  if unused:
+    out.append(Finding('unused_layers', 'info',
+                       f"{len(unused)} layers take no part in this task's loss (no gradient by "
+                       'design; if not, the forward pass skips them): '
+                       f"{', '.join(sorted(unused)[:6])}",
+                       data={'layers': sorted(unused)}))
+  frozen = [layer for layer, n in norms.items() if n == 0.0 and layer not in unused]
+  if not frozen or len(frozen) == len(norms) - len(unused):
+    return out
+  return out + [Finding('frozen_layer', 'error',
                   f"{len(frozen)} of {len(norms)} layers get exactly zero gradient after a few "
                   f"steps: {', '.join(frozen[:6])}",
                   'look for stop_gradient, a detached branch, an output multiplied by zero or '
@@ -186,7 +234,7 @@ def input_sensitivity(exp, state, batches) -> list[Finding]:
 
   def root_output(batch):
     model = exp.template.merge(params, model_state)
-    with layer_probe.recording(model) as records:
+    with layer_probe.recording(model, root_method=exp.task.prediction_method) as records:
       exp.task.evaluate(model, batch)
     root = [out for path, out in records if path == '<model>']
     return layer_probe.array_leaves(root[0])[0].astype(jnp.float32) if root else None

@@ -73,15 +73,17 @@ def diagnose_experiment(exp, workdir: str, options: Options = Options()) -> dict
     data_findings, report['data'] = data_checks.run(task, exp.host_batch, options.sample_examples)
     findings += _log(data_findings)
 
-  train_batches = task.train_batches(exp.host_batch, 0)
-  first_batch = next(train_batches)
+  # The run's own batches: under DP-SGD, padded Poisson samples with their mask.
+  first_batch = next(exp.train_batches(0))
   if {'init', 'overfit'} & set(options.checks):
     state, _ = exp.create_state()
     view = exp.strategy.checkpoint_view(state)
     key = jax.random.key(exp.config.seed)
     probed = model_checks.probe(task, exp.template, view.params, view.model_state, first_batch,
                                 key)
-    report['initial'] = {'loss': probed['loss'], 'uniform_loss': probed['uniform_loss'],
+    # No uniform figure where the loss never calls the task's prediction method (RNN-T).
+    uniform = probed['uniform_loss'] if probed['root_called'] else None
+    report['initial'] = {'loss': probed['loss'], 'uniform_loss': uniform,
                          'output_std': probed['output_std'], 'layers': probed['layers'],
                          'grad_norms': model_checks.layer_grad_norms(probed['grads'])}
     if 'init' in options.checks:
@@ -99,14 +101,14 @@ def diagnose_experiment(exp, workdir: str, options: Options = Options()) -> dict
     after = model_checks.probe(task, exp.template, view.params, view.model_state, first_batch, key)
     norms = model_checks.layer_grad_norms(after['grads'])
     report['trained_grad_norms'] = norms
-    findings += _log(model_checks.frozen_findings(norms))
+    findings += _log(model_checks.frozen_findings(norms, probed['unused']))
     eval_batches = list(itertools.islice(task.eval_batches(exp.host_batch), 2))
     if len(eval_batches) == 2:
       findings += _log(model_checks.input_sensitivity(exp, trained.state, eval_batches))
 
   if 'lr_range' in options.checks and exp.teacher is None:  # A teacher's state is not rebuilt.
     range_findings, report['lr_range'] = model_checks.learning_rate_range(
-        exp, task.train_batches(exp.host_batch, 0), *options.lr_range, options.lr_range_steps,
+        exp, exp.train_batches(0), *options.lr_range, options.lr_range_steps,
         workdir, writer)
     findings += _log(range_findings)
 

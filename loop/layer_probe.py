@@ -17,42 +17,47 @@ from jax._src import core as jax_core  # Private: only to tell an inner trace fr
 
 
 @contextlib.contextmanager
-def recording(model: nnx.Module, replace_root_output=None):
+def recording(model: nnx.Module, replace_root_output=None, root_method: str = '__call__'):
   """Yields a list that fills with (module path, output) as `model`'s modules run.
 
-  `replace_root_output`, a function of the root module's output, replaces what the model
-  returns (the doctor's uniform-prediction loss: zeros in place of the logits).
+  The root's output ('<model>') is what its `root_method` returns (a task's
+  prediction_method: 'classify' for a BERT's class logits); `replace_root_output`, a function
+  of it, replaces it (the doctor's uniform-prediction loss: zeros in place of the logits).
   """
   # iter_modules paths are tuples of attribute names and list indices.
-  paths = {id(module): '/'.join(map(str, path)) or '<model>'
-           for path, module in nnx.iter_modules(model)}
+  paths = {id(module): '/'.join(map(str, path)) for path, module in nnx.iter_modules(model)}
   records: list[tuple[str, object]] = []
   outer_trace = _current_trace()
-  classes = {type(module) for _, module in nnx.iter_modules(model)}
-  originals = {cls: (cls.__dict__.get('__call__'), cls.__call__) for cls in classes
-               if callable(getattr(cls, '__call__', None))}
+  wrapped = {(type(module), '__call__') for _, module in nnx.iter_modules(model)}
+  wrapped.add((type(model), root_method))
+  originals = {(cls, name): (cls.__dict__.get(name), getattr(cls, name)) for cls, name in wrapped
+               if callable(getattr(cls, name, None))}
 
-  def wrap(call):
+  def wrap(call, name):
     def recorded(self, *args, **kwargs):
       out = call(self, *args, **kwargs)
       path = paths.get(id(self))
+      if path == '' and name != root_method:  # The root's other methods are not its output.
+        path = None
       if path is not None and _current_trace() is outer_trace:
-        if path == '<model>' and replace_root_output is not None:
-          out = replace_root_output(out)
+        if path == '':
+          path = '<model>'
+          if replace_root_output is not None:
+            out = replace_root_output(out)
         records.append((path, out))
       return out
     return recorded
 
   try:
-    for cls, (_, resolved) in originals.items():
-      cls.__call__ = wrap(resolved)
+    for (cls, name), (_, resolved) in originals.items():
+      setattr(cls, name, wrap(resolved, name))
     yield records
   finally:
-    for cls, (own, _) in originals.items():
+    for (cls, name), (own, _) in originals.items():
       if own is None:
-        del cls.__call__
+        delattr(cls, name)
       else:
-        cls.__call__ = own
+        setattr(cls, name, own)
 
 
 def _current_trace():

@@ -74,6 +74,9 @@ class Task(abc.ABC):
 
   # Dtype of the model input, for XLA's FLOP count of a model that does not count its own.
   model_input_dtype = np.float32
+  # The model method whose output the loss scores: the doctor zeroes it for the loss of uniform
+  # predictions and compares it across inputs.
+  prediction_method = '__call__'
 
   @abc.abstractmethod
   def build_model(self, rngs: nnx.Rngs, norm_axis_name: str | None = None) -> nnx.Module:

@@ -24,6 +24,7 @@ class SequenceClassificationMetrics(metrics.Collection):
 class SequenceClassification(TextTask):
   """Softmax cross-entropy on `model.classify` logits; padding never takes part in attention."""
   metrics_class = SequenceClassificationMetrics
+  prediction_method = 'classify'  # The BERT's class logits; its __call__ is the MLM head.
 
   def load_data(self, process_index, process_count):
     model_name = self.config.model.name

@@ -20,7 +20,7 @@ from doctor.findings import problems
 from input_pipeline import batching
 from loop import experiment
 from loop.state import ModelTemplate
-from tests.tiny import REPO, tiny_config
+from tests.tiny import REPO, tiny_bert_classify_config, tiny_config
 
 
 def _options(checks: str, **changes) -> run.Options:
@@ -140,6 +140,61 @@ def test_model_bugs_are_named(bug, wrap, expected, tmp_path, devices):
   else:  # It cannot memorise a batch either (and its first conv, fed zeros, gets no gradient).
     assert {'input_ignored', 'overfit_failed'} <= found <= {'input_ignored', 'overfit_failed',
                                                             'frozen_layer'}
+
+
+class _Silenced(nnx.Module):
+  """A layer whose output is lost (multiplied by zero) though its weights are not zero."""
+
+  def __init__(self, inner):
+    self.inner = inner
+
+  def __call__(self, *args, **kwargs):
+    return 0.0 * self.inner(*args, **kwargs)
+
+
+def _tiny_resnet_config():
+  config = tiny_config()
+  config.model = config.model.__class__({'name': 'resnet18', 'stem': 'cifar', 'width': 4,
+                                         'stage_sizes': (1, 1), 'zero_init_last_bn': True})
+  return config
+
+
+def test_zero_initialised_residual_norms_are_not_vanishing_or_dead(tmp_path, devices):
+  """Each block's last BatchNorm starts at scale 0 (the block is the identity): its exactly-zero
+  output is reported as zero-initialised, not as a vanishing or dead layer."""
+  found, report = _diagnose(experiment.build_experiment(_tiny_resnet_config()), tmp_path, 'init')
+  assert not {'activation_scale', 'dead_units'} & found, found
+  zero = next(f for f in report['findings'] if f.check == 'zero_initialised')
+  assert zero.severity == 'info' and zero.data['layers'] == ['blocks/0/norms/1', 'blocks/1/norms/1']
+
+
+@pytest.mark.slow  # The control of the test above: a second model compiled.
+def test_a_silenced_layer_with_nonzero_weights_still_vanishes(tmp_path, devices):
+  exp = experiment.build_experiment(tiny_config())
+
+  def silence_first_conv(model):
+    model.stages[0][0].conv = _Silenced(model.stages[0][0].conv)
+    return model
+  _wrap_model(exp, silence_first_conv)
+  found, report = _diagnose(exp, tmp_path, 'init')
+  assert 'activation_scale' in found
+  scale = next(f for f in report['findings'] if f.check == 'activation_scale')
+  assert 'stages/0/0/conv rms 0' in scale.message
+  assert not any(f.check == 'zero_initialised' for f in report['findings'])
+
+
+@pytest.mark.slow  # Compiles a BERT and trains it.
+def test_bert_classifier_scored_on_its_class_logits_and_its_unused_mlm_head_is_not_frozen(
+    tmp_path, devices):
+  """The classifying BERT's prediction is model.classify, not its __call__ (the masked-LM
+  head, which this task never reads): the uniform loss is ln 4 for 4 speakers, and the MLM
+  head's zero gradient is reported as unused, not as a frozen layer."""
+  found, report = _diagnose(experiment.build_experiment(tiny_bert_classify_config()), tmp_path,
+                            'init,overfit', overfit_steps=15)
+  assert report['initial']['uniform_loss'] == pytest.approx(np.log(4), rel=1e-5)
+  assert not {'frozen_layer', 'input_ignored', 'initial_loss'} & found, found
+  unused = next(f for f in report['findings'] if f.check == 'unused_layers')
+  assert unused.data['layers'] == ['mlm_bias', 'mlm_dense', 'mlm_norm']
 
 
 @pytest.mark.slow  # Every group of checks: trains, sweeps rates, compiles for several batches.
