@@ -23,6 +23,9 @@ from loop.state import TrainState
 from core.paths import path_string
 
 CHECKPOINTS_FOLDER = 'checkpoints'  # Inside a run's workdir.
+# TrainState fields that are bookkeeping, not learned: a checkpoint without them resumes with
+# them fresh (the numerics guard's loss window, which runs with the guard off never store).
+FRESH_WHEN_MISSING = ('guard',)
 
 
 class CorruptCheckpoint(KilnError):
@@ -106,34 +109,32 @@ class Checkpointer:
     self._verify(step)
     target = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings)
-    # A checkpoint from before the numerics guard: its window starts afresh (`abstract_state`'s).
-    fresh_guard = None
-    if target.guard is not None and not self._has_guard(step):
-      fresh_guard, target = abstract_state.guard, target.replace(guard=None)
+    try:
+      stored = self.manager.item_metadata(step)['state']
+    except Exception:  # noqa: BLE001  _difference reports unreadable metadata.
+      stored = {}
+    held = {path.split('/')[0] for path in _shapes_by_path(stored)}
+    # A checkpoint that holds no leaves for a field in FRESH_WHEN_MISSING (written before the
+    # field existed, or with its feature off) starts that field afresh: `abstract_state`'s.
+    fresh = {name: getattr(abstract_state, name) for name in FRESH_WHEN_MISSING
+             if getattr(target, name) is not None and name not in held}
+    target = target.replace(**{name: None for name in fresh})
     # Checked before restoring: a failed Orbax restore also floods stderr from its I/O threads.
     difference = self._difference(step, target)
     if difference is None:
       try:
-        # A run from before a TrainState field existed (the guard, Group DRO's 'fairness')
-        # stored no key for it at all (one with the feature off stored None there), which a
-        # TrainState target always has: restore the fields the checkpoint holds as a dict
-        # instead; the others keep the target's value (None: _difference has checked).
-        stored = self.manager.item_metadata(step)['state']
-        names = [field.name for field in dataclasses.fields(target)]
-        item = target if fresh_guard is None and all(n in stored for n in names) else {
-            name: getattr(target, name) for name in names if name in stored}
+        # Restored as a dict of the fields the checkpoint stores: a run from before a
+        # TrainState field existed (Group DRO's 'fairness') stored no key for it at all, which
+        # a TrainState target always has. The others keep the target's value (None: checked).
+        item = {field.name: getattr(target, field.name) for field in dataclasses.fields(target)
+                if field.name in stored}
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(item), loop=ocp.args.JsonRestore()))
-        state = restored['state']
-        if item is not target:
-          state = target.replace(**state)
-        if fresh_guard is not None:
-          state = state.replace(guard=fresh_guard)
-        return state, restored['loop']
       except Exception as error:  # noqa: BLE001  The layout matched: the files are bad.
         raise CorruptCheckpoint(
             f"checkpoint {step} in '{self.manager.directory}' cannot be read "
             f"({' '.join(str(error).split())[:200]})") from error
+      return target.replace(**{**restored['state'], **fresh}), restored['loop']
     raise KilnError(f"checkpoint {step} in '{self.manager.directory}' was not written by this "
                     f'model and optimizer ({difference}): resume with the config that wrote it, '
                     'or pass a new --workdir')
@@ -160,13 +161,6 @@ class Checkpointer:
           raise KilnError(f'{error}, and no earlier checkpoint is left: delete '
                           f"'{self.manager.directory}' to start again") from error
         logging.warning('%s: moved aside; resuming from checkpoint %d instead', error, older)
-
-  def _has_guard(self, step: int) -> bool:
-    try:
-      return any(p.startswith('guard/') for p in
-                 _shapes_by_path(self.manager.item_metadata(step)['state']))
-    except Exception:  # noqa: BLE001  Unreadable: _difference reports it.
-      return True
 
   def _difference(self, step: int, target) -> str | None:
     """The first leaf whose shape or presence differs between the checkpoint and `target`."""
