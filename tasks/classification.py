@@ -81,10 +81,9 @@ class ImageClassification(ImageTask):
     if not feature:
       return None
     fairness.check_feature(feature, ('label',), f"dataset '{self.config.dataset.name}'")
-    counts = fairness.train_counts(fairness.whole_split_feature(self.source.train, 'label'),
+    train = self.source.train
+    counts = fairness.train_counts(train, fairness.whole_split_feature(train, 'label'),
                                    self.source.num_classes)
-    if not self.source.train.sliced:  # Each host read its own share: the shares add up.
-      counts = counts * self.source.train.process_count
     return fairness.Groups(feature, tuple(str(c) for c in range(self.source.num_classes)),
                            lambda batch: batch['label'], counts)
   # --- end fairness ---

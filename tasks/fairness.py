@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from clu import metrics
 from flax import struct
+from jax.experimental import multihost_utils
 
 from core.errors import KilnError
 
@@ -72,9 +73,14 @@ def whole_split_feature(split, key: str) -> np.ndarray:
   return np.concatenate(list(values.as_numpy_iterator()))
 
 
-def train_counts(groups_of_examples: np.ndarray, num_groups: int) -> np.ndarray:
+def train_counts(split, groups_of_examples: np.ndarray, num_groups: int) -> np.ndarray:
+  """Examples of each group in the whole of `split`, from the groups of this host's examples
+  (-1: none): a split each host reads a share of (not `sliced`) adds every host's counts."""
   ids = np.asarray(groups_of_examples)
-  return np.bincount(ids[ids >= 0], minlength=num_groups).astype(np.int64)
+  counts = np.bincount(ids[ids >= 0], minlength=num_groups).astype(np.int64)
+  if not split.sliced and split.process_count > 1:
+    counts = np.asarray(multihost_utils.process_allgather(counts)).sum(0)
+  return counts
 
 
 # ------------------------------------------------------------------ the statistics

@@ -18,7 +18,8 @@ from flax import nnx, struct
 
 from core.errors import KilnError
 from input_pipeline import audio
-from models import create_model
+from models import IMAGE_CLASSIFIERS, create_model
+from models.spectrogram_image import SpectrogramImage
 from tasks import decoding
 from tasks import fairness
 from tasks.base import Batch, Distilled, Serving, Task
@@ -128,7 +129,7 @@ class SpeechTask(Task):
     self.speaker_group = tuple(table)  # Group of each speaker.
     return fairness.Groups(feature, tuple(names),
                            lambda batch: fairness.lookup(table, self._speaker(batch)),
-                           fairness.train_counts(train_groups, len(names)))
+                           fairness.train_counts(src.train, train_groups, len(names)))
 
   def _group_outputs(self, batch) -> dict:
     return {} if self.groups is None else {'group': self.groups.of_batch(batch)}
@@ -186,6 +187,20 @@ class SpeechClassification(SpeechTask):
   classifying the mean-pooled encoder output, since the head is linear)."""
   rates = {'accuracy': ('correct', None)}
   group_rate = 'accuracy'
+
+  def build_model(self, rngs, norm_axis_name=None):
+    """A speech encoder, or an image classifier (config.model.name in IMAGE_CLASSIFIERS)
+    over the log-mel frames as a one-channel image [max_frames, num_mels, 1]."""
+    if self.config.model.name not in IMAGE_CLASSIFIERS:
+      return super().build_model(rngs, norm_axis_name)
+    a = self.config.audio
+    if audio.eval_max_frames(a) != a.max_frames:
+      raise KilnError(f"config.model.name='{self.config.model.name}' sees a fixed image of "
+                      f'config.audio.max_frames={a.max_frames} frames, but '
+                      f'config.audio.eval_max_frames={a.eval_max_frames}: set it to 0')
+    return SpectrogramImage(create_model(
+        self.config.model, rngs, num_classes=self.source.num_classes,
+        input_shape=(*self.model_input_shape, 1), norm_axis_name=norm_axis_name))
 
   def _logits(self, model, features, batch, train, rngs=None):
     frame_logits, frames = model(features, batch['frames'], train=train, rngs=rngs)
