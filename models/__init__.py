@@ -1,5 +1,5 @@
 """Flax NNX modules only: no losses, no data, no optimizers."""
 
-from models.registry import MODELS, create_model, register_model
+from models.registry import IMAGE_CLASSIFIERS, MODELS, create_model, register_model
 
-__all__ = ['MODELS', 'create_model', 'register_model']
+__all__ = ['IMAGE_CLASSIFIERS', 'MODELS', 'create_model', 'register_model']

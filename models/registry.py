@@ -38,6 +38,10 @@ MODELS = {
     'yolo': YOLO,  # Detection: grid detector (objectness, box, class per anchor).
 }
 
+# Models that map one image [H, W, C] to class logits: the speech classifier also runs them
+# over log-mel frames as a one-channel image (models.spectrogram_image).
+IMAGE_CLASSIFIERS = ('cnn', 'mlp', 'resnet', 'resnet18', 'resnet34', 'resnet50')
+
 
 def register_model(name: str, model_cls: type[nnx.Module]) -> type[nnx.Module]:
   """Makes `model_cls` buildable as `config.model.name = name` (a fork or a test adds a
