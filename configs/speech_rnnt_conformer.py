@@ -32,7 +32,7 @@ def get_config():
   c.decoding.max_symbols_per_frame = 3
   c.batch_size = 32
   c.eval_batch_size = 100
-  c.num_epochs = 12.0
+  c.num_epochs = 16.0  # At 12 train and eval losses still fell at the end (eval 0.089; here 0.062).
   c.optimizer.name = 'adamw'
   c.optimizer.learning_rate = 1e-3
   c.regularization.weight_decay = 1e-2
