@@ -42,7 +42,9 @@ def probe(task, template, params, model_state, batch, key):
   call order, the root output's std and every parameter's gradient."""
   paths = []
 
-  def loss_fn(params):
+  # The batch and model state are arguments, not constants: XLA would fold a constant batch
+  # (a GPT's 64x256 tokens took 16 GB and minutes of constant folding).
+  def loss_fn(params, model_state, batch):
     model = template.merge(params, model_state)
     with layer_probe.recording(model, root_method=task.prediction_method) as records:
       loss, _ = task.loss(model, batch, nnx.Rngs(dropout=key))
@@ -56,22 +58,23 @@ def probe(task, template, params, model_state, batch, key):
     return jax.tree.map(lambda x: jnp.zeros_like(x) if jnp.issubdtype(x.dtype, jnp.inexact)
                         else x, out)
 
-  def uniform_loss(params):
+  def uniform_loss(params, model_state, batch):
     model = template.merge(params, model_state)
     with layer_probe.recording(model, zeros, task.prediction_method):
       return task.loss(model, batch, nnx.Rngs(dropout=key))[0]
 
-  def both(params):
-    (loss, (layer_stats, root_std)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return loss, uniform_loss(params), layer_stats, root_std, grads
+  def both(params, model_state, batch):
+    (loss, (layer_stats, root_std)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, model_state, batch)
+    return loss, uniform_loss(params, model_state, batch), layer_stats, root_std, grads
 
-  loss, uniform, layer_stats, root_std, grads = jax.jit(both)(params)
+  loss, uniform, layer_stats, root_std, grads = jax.jit(both)(params, model_state, batch)
   return {'loss': float(loss), 'uniform_loss': float(uniform), 'output_std': float(root_std),
           'root_called': '<model>' in paths,  # Else the loss calls sub-modules (RNN-T).
           'layers': [(path, {k: float(v) for k, v in s[0].items()} if s else {})
                      for path, s in zip(paths, layer_stats)],
           'zero_params': _layers_where(params, lambda leaf: not bool(jnp.any(leaf != 0))),
-          'unused': _unused_layers(loss_fn, params),
+          'unused': _unused_layers(loss_fn, params, model_state, batch),
           'grads': grads}
 
 
@@ -88,10 +91,10 @@ def _layers_where(params, predicate) -> set[str]:
   return {layer for layer, holds in every.items() if holds}
 
 
-def _unused_layers(loss_fn, params) -> set[str]:
+def _unused_layers(loss_fn, params, *rest) -> set[str]:
   """Layers none of whose parameters the loss reads (a head another task uses: a classifying
   BERT's masked-LM head). No gradient reaches them by design, so they are not 'frozen'."""
-  jaxpr = jax.make_jaxpr(loss_fn)(params).jaxpr
+  jaxpr = jax.make_jaxpr(loss_fn)(params, *rest).jaxpr  # Its first inputs are `params`' leaves.
   read = {v for eqn in jaxpr.eqns for v in eqn.invars if not hasattr(v, 'val')}  # Not literals.
   read.update(v for v in jaxpr.outvars if not hasattr(v, 'val'))
   unread = {id(leaf) for leaf, var in zip(jax.tree.leaves(params), jaxpr.invars)
@@ -194,11 +197,32 @@ def _step_loss(batch_metrics, scalars) -> float:
   return float(scalars['guard_loss'])
 
 
+class _OneDraw:
+  """`task` with its training randomness (dropout masks, a masked LM's corruption) drawn once:
+  the overfit check then memorises one fixed problem, as one batch's host-side augmentation is
+  fixed once drawn. A masked LM re-corrupted at every step is a new problem each step."""
+
+  def __init__(self, task, key):
+    self._task, self._key = task, key
+
+  def __getattr__(self, name):
+    return getattr(self._task, name)
+
+  def loss(self, model, batch, rngs):
+    del rngs
+    return self._task.loss(model, batch, nnx.Rngs(dropout=self._key))
+
+  def example_train_losses(self, model, batch, rngs):
+    del rngs
+    return self._task.example_train_losses(model, batch, nnx.Rngs(dropout=self._key))
+
+
 def overfit_one_batch(exp, host_batch, num_steps: int, target: float, uniform: float
                       ) -> tuple[list[Finding], Trained]:
-  """Trains the run's own step on one batch; the loss should fall near zero."""
+  """Trains the run's own step on one batch, its randomness drawn once; the loss should fall
+  near zero."""
   state, shardings = exp.create_state()
-  train_step = exp.train_step(shardings)
+  train_step = exp.train_step(shardings, _OneDraw(exp.task, jax.random.key(exp.config.seed)))
   batch = exp.strategy.place(host_batch)
   losses = []
   for _ in range(num_steps):

@@ -151,10 +151,11 @@ class Experiment:
       total = batch_metrics if total is None else total.merge(batch_metrics)
     return total
 
-  def train_step(self, shardings):
-    """Compiled `(state, batch) -> (state, task metrics, optimizer scalars)`."""
+  def train_step(self, shardings, task=None):
+    """Compiled `(state, batch) -> (state, task metrics, optimizer scalars)`; `task` in place
+    of the run's (the doctor's, with its randomness drawn once)."""
     return self.strategy.compile_train(steps.train_step_fn(
-        self.task, self.template, self.tx, self.step_options,
+        self.task if task is None else task, self.template, self.tx, self.step_options,
         mesh=self.mesh if self.strategy.name == 'jit' else None,
         axis_name=self.strategy.norm_axis_name, teacher=self.teacher, lora=self.lora),
         shardings)

@@ -20,7 +20,7 @@ from doctor.findings import problems
 from input_pipeline import batching
 from loop import experiment
 from loop.state import ModelTemplate
-from tests.tiny import REPO, tiny_bert_classify_config, tiny_config
+from tests.tiny import REPO, tiny_bert_classify_config, tiny_bert_config, tiny_config
 
 
 def _options(checks: str, **changes) -> run.Options:
@@ -195,6 +195,40 @@ def test_bert_classifier_scored_on_its_class_logits_and_its_unused_mlm_head_is_n
   assert not {'frozen_layer', 'input_ignored', 'initial_loss'} & found, found
   unused = next(f for f in report['findings'] if f.check == 'unused_layers')
   assert unused.data['layers'] == ['mlm_bias', 'mlm_dense', 'mlm_norm']
+
+
+@pytest.mark.slow  # Compiles a BERT and trains it.
+def test_masked_lm_memorises_one_batch_with_its_corruption_drawn_once(tmp_path, devices):
+  """A masked LM draws which tokens to corrupt at every step: the overfit check holds that
+  draw (and dropout's) fixed, so that one batch is one problem to memorise."""
+  config = tiny_bert_config()
+  config.dataset.seq_len = 32
+  config.dataset.window_stride = 32
+  config.batch_size = 16
+  found, report = _diagnose(experiment.build_experiment(config), tmp_path, 'overfit',
+                            overfit_steps=150)
+  assert 'overfit_one_batch' in {f.check for f in report['findings']}, found
+
+
+@pytest.mark.slow  # Compiles DP-SGD's per-example step and trains it.
+def test_overfit_check_trains_dp_sgd_on_its_padded_poisson_batch(tmp_path, devices):
+  """Under DP-SGD the doctor's batch is the run's own: a Poisson sample padded to a fixed shape
+  with its mask (the DP step reads it), and the clipped, noised step still memorises it."""
+  config = tiny_config()
+  config.model.norm = 'group'  # BatchNorm is refused under DP.
+  config.model.norm_groups = 4
+  config.model.dropout_rate = 0.0
+  config.privacy.enabled = True
+  config.batch_size = 128  # Noise std / batch near configs/mnist_dp.py's (sigma ~1, 512 rows).
+  config.num_train_steps = 1000  # The schedule's decay stays far beyond the check's steps.
+  config.privacy.noise_multiplier = 0.3
+  config.optimizer.name = 'sgd'  # configs/mnist_dp.py's recipe for clipped, noised gradients.
+  config.optimizer.learning_rate = 0.25
+  config.optimizer.sgd.momentum = 0.9
+  found, report = _diagnose(experiment.build_experiment(config), tmp_path, 'init,overfit',
+                            overfit_steps=100)
+  assert 'overfit_one_batch' in {f.check for f in report['findings']}, report['overfit']
+  assert not found, found
 
 
 @pytest.mark.slow  # Every group of checks: trains, sweeps rates, compiles for several batches.
