@@ -2,7 +2,11 @@
 [160 frames, 40 mels] as a one-channel image, models.spectrogram_image): a candidate of the
 spoken-digit model selection (select_models.py beside configs/speech_digits.py's Conformer and
 configs/speech_digits_lstm.py's LSTM). Same data, batch, optimizer and length as the Conformer;
-only the model differs."""
+only the model differs.
+
+Measured (README, "Model selection"): 92.3% of the 300 test recordings after 12 epochs
+(select_models.py's full-budget run; the Conformer 96.7%),
+76.7% after 3; its own 25: not measured."""
 
 from configs import speech_digits
 

@@ -1,7 +1,11 @@
 """Spoken-digit classification on FSDD with a 2x128 bidirectional LSTM over log-mel frames: a
 candidate of the spoken-digit model selection (select_models.py beside configs/speech_digits.py's
 Conformer and configs/speech_digits_cnn.py's CNN). Same data, batch, optimizer and length as the
-Conformer; only the model differs."""
+Conformer; only the model differs.
+
+Measured (README, "Model selection"): 94.3% of the 300 test recordings after 12 epochs
+(select_models.py's full-budget run; the Conformer 96.7%),
+92.7% after 6; its own 25: not measured."""
 
 from configs import speech_digits
 
