@@ -145,6 +145,10 @@ class SpeechTask(Task):
     return (self.source.max_frames, self.source.num_mels)
 
   def build_model(self, rngs, norm_axis_name=None):
+    if self.config.model.name in IMAGE_CLASSIFIERS:  # Classification overrides this method.
+      raise KilnError(f"config.model.name='{self.config.model.name}' gives one answer per "
+                      f"utterance, but task '{self.config.task}' labels frames: choose a "
+                      "frame-wise encoder (lstm, conformer; transducer for RNN-T)")
     return create_model(self.config.model, rngs, input_dim=self.source.num_mels,
                         num_outputs=self.source.num_classes, vocab_size=self.source.num_classes,
                         max_label_len=self.source.max_label_len, norm_axis_name=norm_axis_name)
@@ -345,6 +349,7 @@ class SpeechCTC(_Transcription):
 class SpeechRNNT(_Transcription):
   """Transducer: encoder, prediction network and joint network, with the RNN-T loss of
   tasks/rnnt_loss.py; greedy and beam decoding from tasks/decoding.py."""
+  prediction_method = 'joint_lattice'  # The loss scores its logits; __call__ is not used.
 
   def _loss(self, model, features, batch, train, rngs=None):
     encoded, frames = model.encode(features, batch['frames'], train=train, rngs=rngs)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import speech_digits_cnn
+from configs import speech_ctc_lstm, speech_digits_cnn
 from core.errors import KilnError
 from models.cnn import CNN
 from models.spectrogram_image import SpectrogramImage
@@ -36,6 +36,14 @@ def test_image_model_with_other_eval_frames_is_refused():
   c.audio.eval_max_frames = 280  # A CNN's dense head fixes the image's frame count.
   with pytest.raises(KilnError, match=r"model.name='cnn' sees a fixed image of "
                      r'config.audio.max_frames=160 frames.*eval_max_frames=280: set it to 0'):
+    create_task(c).build_model(nnx.Rngs(0))
+
+
+def test_an_image_classifier_is_refused_for_frame_labelling_tasks():
+  c = speech_ctc_lstm.get_config()
+  c.model = speech_digits_cnn.get_config().model
+  with pytest.raises(KilnError, match=r"model.name='cnn' gives one answer per utterance, but "
+                     r"task 'speech_ctc' labels frames: choose a frame-wise encoder"):
     create_task(c).build_model(nnx.Rngs(0))
 
 
