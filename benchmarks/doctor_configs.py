@@ -1,7 +1,7 @@
 """The doctor's initial-loss and overfit-one-batch checks on every config in configs/, and the
 default config trained at the range test's suggested learning rate.
 
-  .venv/bin/python benchmarks/doctor_configs.py [CONFIG.py ...] [--overfit_steps 300]
+  .venv/bin/python benchmarks/doctor_configs.py [CONFIG.py ...] [--overfit_steps N]
   .venv/bin/python benchmarks/doctor_configs.py --suggested_lr [--config configs/default.py]
 
 Configs whose data is not on this machine (TFDS downloads) are listed as skipped, with why.
@@ -31,11 +31,13 @@ from loop import experiment  # noqa: E402
 def check(config_path: str, overfit_steps: int) -> dict:
   started = time.perf_counter()
   try:
-    exp = experiment.build_experiment(load_config(config_path))
+    config = load_config(config_path)
+    exp = experiment.build_experiment(config)
   except (KilnError, OSError) as error:
     return {'config': config_path, 'skipped': ' '.join(str(error).split())}
-  options = dataclasses.replace(run.Options(), checks=('init', 'overfit'),
-                                overfit_steps=overfit_steps)
+  options = dataclasses.replace(run.Options.from_config(config), checks=('init', 'overfit'))
+  if overfit_steps:  # Else the config's own doctor.overfit_steps.
+    options = dataclasses.replace(options, overfit_steps=overfit_steps)
   with tempfile.TemporaryDirectory() as workdir:
     report = run.diagnose_experiment(exp, workdir, options)
   by_check = {f.check: f for f in report['findings']}
@@ -66,7 +68,7 @@ def suggested_lr(config_path: str) -> None:
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('configs', nargs='*')
-  parser.add_argument('--overfit_steps', type=int, default=300)
+  parser.add_argument('--overfit_steps', type=int, default=0, help='0: config.doctor.overfit_steps')
   parser.add_argument('--suggested_lr', action='store_true')
   parser.add_argument('--config', default='configs/default.py')
   args = parser.parse_args(argv)
