@@ -224,7 +224,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # weight_decay) or early stopping on worst_group_accuracy; otherwise every group's training
   # loss reaches zero and it trains as ERM does.
   c.fairness = ml_collections.ConfigDict()
-  c.fairness.group = ''  # Feature that groups examples (FSDD: speaker, accent, gender; classification: label); '' off.
+  c.fairness.group = ''  # Feature that groups examples (FSDD: speaker, accent, gender; classification: label or a TFDS ClassLabel); '' off.
   c.fairness.mitigation = 'none'  # 'none', 'reweight' (inverse group frequency) or 'group_dro' (Sagawa et al. 2020).
   c.fairness.dro_step_size = 0.01  # Group DRO's eta: q_g <- q_g exp(eta loss_g) every step; larger reacts faster.
   c.fairness.dro_adjustment = 0.0  # Group DRO's C: q sees loss_g + C / sqrt(n_g), favouring small groups that generalise worse.

@@ -53,6 +53,10 @@ class Source:
   # Reported once at the end of a run, never used to choose anything; None: no test split.
   # Keyword-only so that subclasses may add fields without defaults.
   test: HostSplit | None = dataclasses.field(default=None, kw_only=True)
+  # Per-example class features beside the label (a TFDS ClassLabel such as cifar100's
+  # coarse_label) -> their class names: what config.fairness.group may name.
+  group_features: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict,
+                                                                 kw_only=True)
 
 
 def shared_datasets_dir() -> Path:
@@ -188,14 +192,18 @@ def _tfds_source(config, process_index, process_count) -> Source:
     per_host = tfds.even_splits(split, n=process_count, drop_remainder=False)
     datasets = [builder.as_dataset(split=s, shuffle_files=False) for s in per_host]
     counts = [_num_examples(info, s, ds) for s, ds in zip(per_host, datasets)]
-    examples = datasets[process_index].map(_tfds_image_example,
-                                           num_parallel_calls=tf.data.AUTOTUNE)
+    examples = datasets[process_index].map(
+        lambda example: _tfds_image_example(example, tuple(group_features)),
+        num_parallel_calls=tf.data.AUTOTUNE)
     return HostSplit(examples, counts[process_index], max(counts))
 
+  group_features = {name: tuple(feature.names) for name, feature in info.features.items()
+                    if name not in ('image', 'label') and feature.shape == ()
+                    and isinstance(feature, tfds.features.ClassLabel)}
   with tfds_prepared(builder):
     train, eval_ = host_split(config.train_split), host_split(config.eval_split)
   return Source(train=train, eval=eval_, num_classes=info.features['label'].num_classes,
-                image_shape=tuple(info.features['image'].shape))
+                image_shape=tuple(info.features['image'].shape), group_features=group_features)
 
 
 def _num_examples(info, split: str, dataset: tf.data.Dataset) -> int:
@@ -206,6 +214,7 @@ def _num_examples(info, split: str, dataset: tf.data.Dataset) -> int:
   return cardinality if cardinality >= 0 else int(dataset.reduce(0, lambda n, _: n + 1))
 
 
-def _tfds_image_example(example):
+def _tfds_image_example(example, group_features: tuple[str, ...] = ()):
   return {'image': tf.cast(example['image'], tf.float32) / 255.0,
-          'label': tf.cast(example['label'], tf.int32)}
+          'label': tf.cast(example['label'], tf.int32),
+          **{name: tf.cast(example[name], tf.int32) for name in group_features}}

@@ -73,19 +73,22 @@ class ImageClassification(ImageTask):
       self.metrics_class = fairness.with_fields(
           ClassificationMetrics, fairness.eval_fields(self.groups, self.source.num_classes))
 
-  # --- fairness: the class of each example is its group (per-class accuracy and gaps) ---
+  # --- fairness: groups are the classes ('label') or a class feature of the dataset (a TFDS
+  # ClassLabel beside the label, e.g. cifar100's coarse_label): per-group accuracy and gaps ---
   fairness_gaps = fairness.GAPS
 
   def _load_groups(self) -> fairness.Groups | None:
     feature = self.config.get('fairness', {}).get('group', '')
     if not feature:
       return None
-    fairness.check_feature(feature, ('label',), f"dataset '{self.config.dataset.name}'")
+    fairness.check_feature(feature, ('label', *self.source.group_features),
+                           f"dataset '{self.config.dataset.name}'")
+    names = self.source.group_features.get(feature) or tuple(
+        str(c) for c in range(self.source.num_classes))
     train = self.source.train
-    counts = fairness.train_counts(train, fairness.whole_split_feature(train, 'label'),
-                                   self.source.num_classes)
-    return fairness.Groups(feature, tuple(str(c) for c in range(self.source.num_classes)),
-                           lambda batch: batch['label'], counts)
+    counts = fairness.train_counts(train, fairness.whole_split_feature(train, feature),
+                                   len(names))
+    return fairness.Groups(feature, names, lambda batch: batch[feature], counts)
   # --- end fairness ---
 
   def train_batches(self, host_batch_size, start_step, sampling_rate=None):

@@ -205,3 +205,47 @@ def test_worst_group_wer_is_the_highest_group_rate():
   # Group c has only padding and the -1 row counts nowhere: rates a 1/6, b 5/9.
   np.testing.assert_allclose(float(got['worst_group_wer']), 5 / 9, rtol=1e-6)
   np.testing.assert_allclose(float(got['group_wer_gap']), 5 / 9 - 1 / 6, rtol=1e-6)
+
+
+def _tfds_coarse_label_config():
+  """The tiny CNN on TFDS cifar100 (mocked: no download), grouped by its 20 superclasses."""
+  c = tiny_config()
+  c.dataset.name = 'tfds:cifar100'
+  c.fairness.group = 'coarse_label'
+  return c
+
+
+def test_a_tfds_class_feature_beside_the_label_groups_the_examples():
+  import tensorflow_datasets as tfds
+  with tfds.testing.mock_data(num_examples=40):
+    task = create_task(_tfds_coarse_label_config())
+    task.load_data(0, 1)
+    train = list(task.source.train.examples.as_numpy_iterator())
+  groups = task.groups
+  assert groups.num_groups == len(groups.names) == 20  # cifar100's superclasses.
+  coarse = np.array([example['coarse_label'] for example in train])
+  np.testing.assert_array_equal(groups.train_counts, np.bincount(coarse, minlength=20))
+  batch = {'coarse_label': jnp.asarray(coarse[:5]), 'label': jnp.zeros(5, jnp.int32)}
+  np.testing.assert_array_equal(groups.of_batch(batch), coarse[:5])
+  c = _tfds_coarse_label_config()
+  c.fairness.group = 'superclass'
+  with tfds.testing.mock_data(num_examples=40), pytest.raises(
+      KilnError, match=r"group='superclass' is not a group feature .*choose one of label, "
+                       r'coarse_label'):
+    create_task(c).load_data(0, 1)
+
+
+@pytest.mark.slow  # A short training run (mocked data).
+def test_a_tfds_class_feature_gives_per_group_eval_metrics(tmp_path):
+  import tensorflow_datasets as tfds
+  c = _tfds_coarse_label_config()
+  c.num_train_steps = 4
+  c.eval_every_steps = 4
+  c.checkpoint_every_steps = 4
+  with tfds.testing.mock_data(num_examples=64):
+    train_and_evaluate(c, str(tmp_path / 'run'))
+  final = json.loads((tmp_path / 'run' / 'summary.json').read_text())['final_eval']
+  per_group = [final[f'accuracy_coarse_label_{g}'] for g in range(20)]
+  present = [a for a in per_group if a is not None and np.isfinite(a)]
+  assert present and final['worst_group_accuracy'] == pytest.approx(min(present))
+  assert 'demographic_parity_difference' in final and 'equalized_odds_difference' in final
