@@ -42,8 +42,8 @@ def probe(task, template, params, model_state, batch, key):
   call order, the root output's std and every parameter's gradient."""
   paths = []
 
-  # The batch and model state are arguments, not constants: XLA would fold a constant batch
-  # (a GPT's 64x256 tokens took 16 GB and minutes of constant folding).
+  # The batch and model state are arguments, not constants baked into the compiled program
+  # (XLA constant-folds what is computed from constants alone, at compile time).
   def loss_fn(params, model_state, batch):
     model = template.merge(params, model_state)
     with layer_probe.recording(model, root_method=task.prediction_method) as records:
