@@ -131,7 +131,7 @@ def search(config: ml_collections.ConfigDict) -> Search:
                     'sharded step for each size): set a number with pmap')
   budget, source = memory_budget(config.auto_batch.limit_gb)
   state, shardings = exp.create_state()
-  host_batch = next(iter(exp.task.train_batches(exp.host_batch, 0)))
+  host_batch = next(iter(exp.train_batches(0)))  # Under DP-SGD: its padded Poisson batch.
   good, bad, measured = largest_fitting_batch(exp, state, shardings, host_batch, budget,
                                               config.auto_batch.max_batch_size, step)
   if good is None:

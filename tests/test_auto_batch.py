@@ -43,3 +43,16 @@ def test_auto_picks_the_largest_batch_under_the_budget():
   resolved = auto_batch.resolve(c)
   assert resolved.batch_size == 64 and c.batch_size == 'auto'
   assert resolved.optimizer.learning_rate == pytest.approx(1e-2 * math.sqrt(64 / 32))
+
+
+@pytest.mark.slow  # Compiles the DP-SGD step at several sizes.
+def test_auto_searches_with_dp_sgd_padded_batches():
+  """DP-SGD's step reads its Poisson batch's mask: the search must compile it with one."""
+  c = tiny_config()
+  c.privacy.enabled = True
+  c.privacy.noise_multiplier, c.privacy.target_epsilon = 1.0, 0.0  # No calibration: fast.
+  c.model.norm = 'group'  # DP-SGD refuses BatchNorm.
+  c.batch_size = 'auto'
+  c.auto_batch.limit_gb = 1.0  # Ample: the search stops at max_batch_size.
+  c.auto_batch.max_batch_size = 32
+  assert auto_batch.resolve(c).batch_size == 32
