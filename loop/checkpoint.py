@@ -111,16 +111,18 @@ class Checkpointer:
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings)
     try:
       stored = self.manager.item_metadata(step)['state']
-    except Exception:  # noqa: BLE001  _difference reports unreadable metadata.
-      stored = {}
-    held = {path.split('/')[0] for path in _shapes_by_path(stored)}
+    except Exception as error:  # noqa: BLE001  Metadata unreadable: the files are bad.
+      raise CorruptCheckpoint(f"checkpoint {step} in '{self.manager.directory}' has unreadable "
+                              f"metadata ({' '.join(str(error).split())[:200]})") from error
+    stored_shapes = _shapes_by_path(stored)
+    held = {path.split('/')[0] for path in stored_shapes}
     # A checkpoint that holds no leaves for a field in FRESH_WHEN_MISSING (written before the
     # field existed, or with its feature off) starts that field afresh: `abstract_state`'s.
     fresh = {name: getattr(abstract_state, name) for name in FRESH_WHEN_MISSING
              if getattr(target, name) is not None and name not in held}
     target = target.replace(**{name: None for name in fresh})
     # Checked before restoring: a failed Orbax restore also floods stderr from its I/O threads.
-    difference = self._difference(step, target)
+    difference = _difference(stored_shapes, target)
     if difference is None:
       try:
         # Restored as a dict of the fields the checkpoint stores: a run from before a
@@ -162,24 +164,6 @@ class Checkpointer:
                           f"'{self.manager.directory}' to start again") from error
         logging.warning('%s: moved aside; resuming from checkpoint %d instead', error, older)
 
-  def _difference(self, step: int, target) -> str | None:
-    """The first leaf whose shape or presence differs between the checkpoint and `target`."""
-    try:
-      stored = _shapes_by_path(self.manager.item_metadata(step)['state'])
-    except Exception as error:  # noqa: BLE001  Metadata unreadable: the files are bad.
-      raise CorruptCheckpoint(f"checkpoint {step} in '{self.manager.directory}' has unreadable "
-                              f"metadata ({' '.join(str(error).split())[:200]})") from error
-    wanted = _shapes_by_path(target)
-    for path, shape in wanted.items():
-      if path in stored and stored[path] != shape:
-        return f'{path} is {stored[path]} there, {shape} here'
-    for path in wanted:
-      if path not in stored:
-        return f'it has no {path}'
-    for path in stored:
-      if path not in wanted:
-        return f'it has {path}, which this model lacks'
-    return None
 
   def read_host(self, step: int) -> dict:
     """The train state of checkpoint `step` as a nested dict of host NumPy arrays, whatever
@@ -206,3 +190,19 @@ def _shapes_by_path(tree) -> dict[str, tuple[int, ...]]:
   return {path_string(path): tuple(leaf.shape)
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
           if hasattr(leaf, 'shape')}
+
+
+def _difference(stored: dict, target) -> str | None:
+  """The first leaf whose shape or presence differs between a checkpoint (`stored`: shapes by
+  path) and `target`."""
+  wanted = _shapes_by_path(target)
+  for path, shape in wanted.items():
+    if path in stored and stored[path] != shape:
+      return f'{path} is {stored[path]} there, {shape} here'
+  for path in wanted:
+    if path not in stored:
+      return f'it has no {path}'
+  for path in stored:
+    if path not in wanted:
+      return f'it has {path}, which this model lacks'
+  return None

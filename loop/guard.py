@@ -1,8 +1,8 @@
 """The numerics guard (config.guard): a bad step's update is dropped inside the jitted step,
 and the loop then skips on, rolls back to the last good checkpoint, or stops.
 
-Inside the step (`check`, then loop/steps.py's `lax.cond` around the update): the loss and the global gradient norm must be finite,
-and the loss must not exceed the mean of the last `window` accepted losses by more than
+Inside the step (`check`, then loop/steps.py's `lax.cond` around the update): the loss and
+the global gradient norm must be finite, and the loss must not exceed the mean of the last `window` accepted losses by more than
 `spike_zscore` standard deviations. A step that fails either keeps the state it started from
 (only the step counter moves on), so nothing non-finite ever reaches the params or the
 optimizer moments, whatever the policy. On the host (`Guard`), read one step late so that
