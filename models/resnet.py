@@ -134,7 +134,12 @@ class ResNet(nnx.Module):
   bottlenecks) and stride 2 in its first block except stage 0. `stem`: 'imagenet' is
   a 7x7/2 conv + BN + ReLU + 3x3/2 max-pool (for 224x224 inputs); 'cifar' a 3x3/1 conv
   + BN + ReLU (for 28x28-32x32 inputs, which the ImageNet stem would shrink 4x first).
-  `zero_init_last_bn`: start each block's last BatchNorm scale at zero. `norm_axis_name`:
+  `zero_init_last_bn`: start each block's last BatchNorm scale at zero.
+  `zero_init_classifier`: start the classifier's kernel at zero, so the first logits are all
+  zero and the first loss is exactly ln C (as big_vision's ResNets start their head). It matters
+  where the last feature map is 1 x 1 (8 x 8 inputs, cifar stem): the pooling then averages
+  nothing away and LeCun-initialised logits start with a spread that costs ~25% above ln C.
+  `norm_axis_name`:
   mapped axis BatchNorm averages over (pmap). `dtype`: compute dtype (parameters stay
   float32); logits are always float32.
   """
@@ -145,13 +150,14 @@ class ResNet(nnx.Module):
       'width': F.POSITIVE_INT,
       'stem': F.Choices(STEMS),
       'zero_init_last_bn': F.FLAG,
+      'zero_init_classifier': F.FLAG,
       'dtype': F.Choices(COMPUTE_DTYPES),
   }
 
   def __init__(self, *, num_classes: int, input_shape: Sequence[int],
                stage_sizes: Sequence[int] = (2, 2, 2, 2), block: str = 'basic', width: int = 64,
                stem: str = 'imagenet', zero_init_last_bn: bool = False,
-               norm_axis_name: str | None = None, dtype=None, rngs: nnx.Rngs):
+               zero_init_classifier: bool = False, norm_axis_name: str | None = None, dtype=None, rngs: nnx.Rngs):
     if block not in BLOCKS:
       raise KilnError(f"model.block='{block}' is not a ResNet block: use one of {BLOCKS}")
     if stem not in STEMS:
@@ -176,6 +182,8 @@ class ResNet(nnx.Module):
         channels = blocks[-1].out_features
     self.blocks = nnx.List(blocks)
     self.classifier = nnx.Linear(channels, num_classes, dtype=dtype, rngs=rngs,
+                                 **({'kernel_init': nnx.initializers.zeros_init()}
+                                    if zero_init_classifier else {}),
                                  kernel_metadata={'logical_axes': ('embed', 'classes')})
 
   def features(self, images: jax.Array, *, train: bool = False) -> jax.Array:

@@ -88,6 +88,20 @@ def test_zero_init_last_bn_makes_blocks_start_as_identity():
   assert not np.allclose(plain, jax.nn.relu(x), atol=1e-3)
 
 
+def test_zero_init_classifier_starts_at_the_uniform_prediction():
+  """Zero first logits whatever the features: the first loss is ln C exactly."""
+  @jax.jit
+  def logits(x):
+    kwargs = dict(num_classes=10, input_shape=(8, 8, 1), stage_sizes=(1, 1), width=4,
+                  stem='cifar', rngs=nnx.Rngs(0))
+    return (ResNet(zero_init_classifier=True, **kwargs)(x),
+            ResNet(zero_init_classifier=False, **kwargs)(x))
+
+  zero, lecun = logits(jax.random.uniform(jax.random.key(0), (4, 8, 8, 1)))
+  np.testing.assert_array_equal(zero, 0.0)
+  assert float(jnp.std(lecun)) > 0.1
+
+
 def test_bad_resnet_settings_are_one_line_errors():
   with pytest.raises(KilnError, match='not a ResNet block'):
     ResNet(num_classes=10, input_shape=(8, 8, 1), block='wide', rngs=nnx.Rngs(0))
