@@ -2,6 +2,7 @@
 
   python tune.py --config=configs/default.py --study_dir=studies/digits --n_trials=30 \
       [--sampler=tpe|gp|cmaes|nsga2|random|grid] [--pruner=median|hyperband|none] \
+      [--pruner_startup_trials=5] [--pruner_warmup_steps=0] \
       [--storage=postgresql://...] [--seed=0] [--config.KEY=VALUE ...]
 
 Each trial trains in <study_dir>/trials/<number>. --n_trials counts the whole study: start
@@ -29,6 +30,12 @@ _N_TRIALS = flags.DEFINE_integer('n_trials', None, 'Trials in the whole study (a
 _SAMPLER = flags.DEFINE_enum('sampler', 'tpe', list(study_lib.SAMPLERS), 'Optuna sampler.')
 _PRUNER = flags.DEFINE_enum('pruner', 'auto', ['auto', *study_lib.PRUNERS],
                             'auto: median for one eval-metric objective, none otherwise.')
+_PRUNER_STARTUP = flags.DEFINE_integer(
+    'pruner_startup_trials', 5, 'median: trials that complete before any is pruned.',
+    lower_bound=0)
+_PRUNER_WARMUP = flags.DEFINE_integer(
+    'pruner_warmup_steps', 0, 'median: no trial is judged before this train step; hyperband: '
+    'its smallest budget (at least eval_every_steps).', lower_bound=0)
 _STORAGE = flags.DEFINE_string('storage', '', 'RDB URL for workers on many hosts; empty: the '
                                'journal file in --study_dir (workers on one host).')
 _STUDY_NAME = flags.DEFINE_string('study_name', 'kiln', 'Study name inside the storage.')
@@ -64,7 +71,8 @@ def main(argv, config_flag):
         config_path=config_path, config=config, config_overrides=overrides, space=space,
         study_dir=_STUDY_DIR.value, study_name=_STUDY_NAME.value, storage_url=_STORAGE.value,
         sampler=_SAMPLER.value, pruner=pruner, seed=_SEED.value,
-        population_size=_POPULATION.value)
+        population_size=_POPULATION.value, pruner_startup_trials=_PRUNER_STARTUP.value,
+        pruner_warmup_steps=_PRUNER_WARMUP.value)
     study = study_lib.run_worker(spec, _N_TRIALS.value)
     summary = results.write_results(study, _STUDY_DIR.value)
   except KilnError as e:

@@ -3,6 +3,7 @@ best validation accuracy and total train steps of each study, in one table.
 
   .venv/bin/python benchmarks/tune_search.py [--root studies/bench] [--n_trials 30]
       [--config configs/default.py] [--set num_epochs=10 --set eval_every_steps=25]
+      [--pruner_startup_trials 5] [--pruner_warmup_steps 0]
 
 Each study runs `tune.py` in --root/<name>; a study that already holds its trials is only
 read (its journal continues an interrupted one).
@@ -24,6 +25,10 @@ def main():
   parser.add_argument('--n_trials', type=int, default=30)
   parser.add_argument('--config', default='configs/default.py')
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--pruner_startup_trials', type=int, default=5,
+                      help="tune.py's, for the pruned study")
+  parser.add_argument('--pruner_warmup_steps', type=int, default=0,
+                      help="tune.py's, for the pruned study")
   parser.add_argument('--set', action='append', default=[],
                       help='KEY=VALUE config override for every trial of both studies')
   args = parser.parse_args()
@@ -34,6 +39,9 @@ def main():
                f'--study_dir={study_dir}', f'--n_trials={args.n_trials}', f'--sampler={sampler}',
                f'--pruner={pruner}', f'--seed={args.seed}',
                *[f'--config.{kv}' for kv in args.set]]
+    if pruner != 'none':
+      command += [f'--pruner_startup_trials={args.pruner_startup_trials}',
+                  f'--pruner_warmup_steps={args.pruner_warmup_steps}']
     print('$', ' '.join(command), flush=True)
     subprocess.run(command, check=True, cwd=REPO_ROOT)
     with open(os.path.join(study_dir, 'best.json')) as f:

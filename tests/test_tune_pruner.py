@@ -1,0 +1,74 @@
+"""tune/study.py's median pruner: its reference is every earlier trial (pruned ones counted as
+behind), its startup and warm-up come from tune.py's flags, and bad values fail in one line."""
+
+import optuna
+import pytest
+from optuna.trial import TrialState, create_trial
+
+from core.errors import KilnError
+from tests.tiny import tiny_config
+from tune import space as space_lib, study as study_lib
+
+LR = 'optimizer.learning_rate'
+SPACE = space_lib.parse_search_space(
+    {'params': {LR: {'type': 'float', 'low': 1e-3, 'high': 1e-1}},
+     'objectives': (('accuracy', 'max'),)}, tiny_config())
+DIST = {LR: optuna.distributions.FloatDistribution(1e-3, 1e-1)}
+
+
+def _study(pruner):
+  """Four completed trials (0.96-0.99 at step 50) and two pruned at step 25 (0.30)."""
+  study = optuna.create_study(direction='maximize', pruner=pruner)
+  for final, at_50 in ((0.97, 0.96), (0.98, 0.97), (0.99, 0.98), (0.995, 0.99)):
+    study.add_trial(create_trial(params={LR: 0.01}, distributions=DIST, value=final,
+                                 intermediate_values={25: 0.5, 50: at_50, 100: final}))
+  for _ in range(2):
+    study.add_trial(create_trial(params={LR: 0.001}, distributions=DIST,
+                                 state=TrialState.PRUNED, intermediate_values={25: 0.30}))
+  return study
+
+
+def _pruned_at(study, reports: dict[int, float]) -> bool:
+  trial = study.ask()
+  for step, value in reports.items():
+    trial.report(value, step)
+  return trial.should_prune()
+
+
+def test_pruned_trials_count_as_behind_so_the_bar_is_the_population_median():
+  # Of the six, two stopped at 25 and count as behind at 50: the median is (0.96 + 0.97) / 2.
+  study = _study(study_lib.make_pruner('median', SPACE, tiny_config(), startup_trials=4))
+  assert not _pruned_at(study, {50: 0.966})
+  assert _pruned_at(study, {50: 0.964})
+  # Optuna's own rule (the median of the completed four, 0.975) prunes what this one keeps.
+  assert _pruned_at(_study(optuna.pruners.MedianPruner(n_startup_trials=4)), {50: 0.966})
+
+
+def test_startup_and_warmup_hold_pruning_off():
+  config = tiny_config()
+  assert not _pruned_at(_study(study_lib.make_pruner('median', SPACE, config, startup_trials=5)),
+                        {50: 0.5})  # Four completed trials: not yet five.
+  warm = _study(study_lib.make_pruner('median', SPACE, config, startup_trials=4,
+                                      warmup_steps=100))
+  assert not _pruned_at(warm, {50: 0.5})
+  assert _pruned_at(warm, {50: 0.5, 100: 0.5})
+
+
+def test_the_spec_reaches_the_pruner(tmp_path):
+  spec = study_lib.StudySpec(
+      config_path='configs/default.py', config=tiny_config(), config_overrides=(), space=SPACE,
+      study_dir=str(tmp_path), study_name='test', pruner_startup_trials=3, pruner_warmup_steps=60)
+  pruner = study_lib.open_study(spec).pruner
+  assert (pruner.startup_trials, pruner.warmup_steps) == (3, 60)
+  # Hyperband's smallest budget is the warm-up, once it is past the first eval.
+  assert study_lib.make_pruner('hyperband', SPACE, tiny_config(), 5, 60)._min_resource == 60
+  assert study_lib.make_pruner('hyperband', SPACE, tiny_config(), 5, 0)._min_resource == 20
+
+
+@pytest.mark.parametrize('startup, warmup, message', [
+    (-1, 0, '--pruner_startup_trials=-1: it counts trials: pass 0 or more'),
+    (5, -25, '--pruner_warmup_steps=-25: it counts train steps: pass 0 or more')])
+def test_a_negative_count_fails_with_one_line(startup, warmup, message):
+  with pytest.raises(KilnError, match=message) as e:
+    study_lib.make_pruner('median', SPACE, tiny_config(), startup, warmup)
+  assert '\n' not in str(e.value)
