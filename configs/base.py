@@ -209,15 +209,17 @@ def get_base_config() -> ml_collections.ConfigDict:
   # --- robustness (trust/training/adversarial.py): attacks on [0, 1] pixels, inside the jitted steps ---
   c.adversarial = ml_collections.ConfigDict()
   c.adversarial.eval = False  # Also report robust_<metric> at every eval: the metrics on PGD/FGSM inputs.
-  c.adversarial.train = 'none'  # 'none', 'pgd' (Madry et al. 2018) or 'fgsm_rs' (Wong et al. 2020): train on attacked inputs.
+  c.adversarial.train = 'none'  # 'none', 'pgd' (Madry et al. 2018), 'fgsm_rs' (Wong et al. 2020) or 'n_fgsm' (de Jorge et al. 2022): train on attacked inputs.
   c.adversarial.norm = 'linf'  # Threat model: 'linf' or 'l2' ball around each input.
   c.adversarial.epsilon = 0.3  # Radius of the ball, in pixel units ([0, 1] images); MNIST's standard is 0.3 (linf).
   c.adversarial.eval_steps = 40  # PGD steps of the eval attack (1 with eval_step_size = epsilon and no random start is FGSM).
   c.adversarial.eval_step_size = 0.01  # Step of the eval attack (Madry's MNIST: 0.01 for 40-100 steps).
   c.adversarial.restarts = 1  # Random restarts of the eval attack; each example keeps its worst.
   c.adversarial.random_start = True  # Start each attack at a uniform point of the ball (else at the input).
-  c.adversarial.train_steps = 7  # pgd training: steps per batch (fgsm_rs always takes 1).
-  c.adversarial.train_step_size = -1.0  # Training step; -1: 2.5 epsilon / train_steps (pgd), 1.25 epsilon (fgsm_rs).
+  c.adversarial.train_steps = 7  # pgd training: steps per batch (fgsm_rs and n_fgsm always take 1).
+  c.adversarial.train_step_size = -1.0  # Training step; -1: 2.5 epsilon / train_steps (pgd), 1.25 epsilon (fgsm_rs), epsilon (n_fgsm).
+  c.adversarial.train_noise = 2.0  # n_fgsm: the start is uniform within train_noise * epsilon, so inputs reach (train_noise + 1) epsilon.
+  c.adversarial.epsilon_warmup_steps = 0  # Training: epsilon (with its step and noise) grows linearly from 0 over these first steps.
 
   # --- fairness (tasks/fairness.py, trust/training/fairness.py): groups at eval and in the loss ---
   # Sagawa et al. 2020: Group DRO helps unseen data only with strong L2 (regularization.l2 or

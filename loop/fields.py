@@ -170,6 +170,8 @@ BASE: dict[str, F.Constraint] = {
     'adversarial.random_start': F.FLAG,
     'adversarial.train_steps': F.POSITIVE_INT,
     'adversarial.train_step_size': F.Range(-1, nonzero=True),  # -1: chosen from epsilon.
+    'adversarial.train_noise': F.NON_NEGATIVE,
+    'adversarial.epsilon_warmup_steps': F.NON_NEGATIVE_INT,  # 0: no ramp.
     # --- end robustness ---
     'export.calibration_batches': F.POSITIVE_INT,
     'export.max_eval_examples': F.NON_NEGATIVE_INT,

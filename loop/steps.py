@@ -89,18 +89,20 @@ def train_step_fn(task: Task, template: ModelTemplate, tx: optax.GradientTransfo
 
   # --- adversarial training: the step trains on the worst inputs in the ball around each
   # example, found against the current parameters in eval mode (no gradient reaches them) ---
-  def attacked(params, model_state, batch, key):
+  def attacked(params, model_state, batch, key, step):
     if lora is not None:
       params = lora.apply(params['params'], params['lora'])
     model = template.merge(jax.lax.stop_gradient(params), model_state)
-    return attack_batch(task, model, batch, key, options.train_attack)
+    attack = options.train_attack
+    return attack_batch(task, model, batch, key, attack, attack.scale(step))
   # --- end adversarial training ---
 
-  def loss_and_grads(params, model_state, batch, key, teacher_values=None, with_penalty=True,
-                     fairness_state=None):
-    """(loss, (task metrics, model state, (fairness state, fairness scalars))), grads."""
+  def loss_and_grads(params, model_state, batch, key, step, teacher_values=None,
+                     with_penalty=True, fairness_state=None):
+    """(loss, (task metrics, model state, (fairness state, fairness scalars))), grads.
+    `step`: the optimizer step, which sets the adversarial ramp's radius."""
     if options.train_attack is not None:
-      batch = attacked(params, model_state, batch, jax.random.fold_in(key, _ATTACK_STREAM))
+      batch = attacked(params, model_state, batch, jax.random.fold_in(key, _ATTACK_STREAM), step)
 
     def loss_fn(params):
       if lora is not None:  # LoRA: `params` is {'params', 'lora'}; the model sees W + s A B.
@@ -122,10 +124,10 @@ def train_step_fn(task: Task, template: ModelTemplate, tx: optax.GradientTransfo
 
   # --- DP-SGD: per-example gradients (vmap over rows), each clipped, summed over the sample;
   # padding rows (mask 0) add nothing. The data-independent penalty joins after the noise. ---
-  def clipped_sum(params, model_state, batch, key, teacher_values):
+  def clipped_sum(params, model_state, batch, key, step, teacher_values):
     def one_example(example, example_key):
       (loss, (example_metrics, example_state, _)), grads = loss_and_grads(
-          params, model_state, jax.tree.map(lambda x: x[None], example), example_key,
+          params, model_state, jax.tree.map(lambda x: x[None], example), example_key, step,
           teacher_values, with_penalty=False)
       return grads, loss, example_metrics, example_state
     mask = batch['mask']
@@ -158,12 +160,13 @@ def train_step_fn(task: Task, template: ModelTemplate, tx: optax.GradientTransfo
     dp_scalars, fairness_state, fairness_scalars = {}, state.fairness, {}
     if privacy is not None:  # DP-SGD: clipped sums over the (micro-)batches, noised once.
       if k == 1:
-        private = clipped_sum(params, state.model_state, batch, step_key, state.teacher)
+        private = clipped_sum(params, state.model_state, batch, step_key, state.step,
+                              state.teacher)
       else:
         def private_micro_step(carry, micro):
           index, micro_batch = micro
           private = clipped_sum(params, carry.model_state, micro_batch,
-                                jax.random.fold_in(step_key, index), state.teacher)
+                                jax.random.fold_in(step_key, index), state.step, state.teacher)
           return carry.add(private), private.metrics
         zeros = privacy_lib.PrivateGrads.zeros(params, state.model_state)
         private, stacked_metrics = jax.lax.scan(
@@ -179,7 +182,7 @@ def train_step_fn(task: Task, template: ModelTemplate, tx: optax.GradientTransfo
       dp_scalars = private.scalars()
     elif k == 1:
       (loss, (batch_metrics, model_state, (fairness_state, fairness_scalars))), grads = (
-          loss_and_grads(params, state.model_state, batch, step_key, state.teacher,
+          loss_and_grads(params, state.model_state, batch, step_key, state.step, state.teacher,
                          fairness_state=state.fairness))
     else:
       def micro_step(carry, micro):
@@ -187,7 +190,7 @@ def train_step_fn(task: Task, template: ModelTemplate, tx: optax.GradientTransfo
         index, micro_batch = micro
         # Group DRO refuses micro-batches (trust/training/fairness.py): no state to carry.
         (micro_loss, (micro_metrics, model_state, _)), grads = loss_and_grads(
-            params, model_state, micro_batch, jax.random.fold_in(step_key, index),
+            params, model_state, micro_batch, jax.random.fold_in(step_key, index), state.step,
             state.teacher)
         return (jax.tree.map(jnp.add, grads_sum, grads), model_state), (micro_metrics,
                                                                         micro_loss)
@@ -258,11 +261,12 @@ def train_step_fn(task: Task, template: ModelTemplate, tx: optax.GradientTransfo
   return train_step
 
 
-def attack_batch(task: Task, model, batch, key, attack: adversarial.Attack):
-  """`batch` with its inputs replaced by `attack`'s worst ones against `model`."""
+def attack_batch(task: Task, model, batch, key, attack: adversarial.Attack, scale=1.0):
+  """`batch` with its inputs replaced by `attack`'s worst ones against `model` (`scale`: the
+  fraction of its radius in force, adversarial.Attack.scale)."""
   pixels = adversarial.perturb(
       lambda p: task.example_losses(model, task.with_pixels(batch, p)),
-      task.attack_pixels(batch), key, attack)
+      task.attack_pixels(batch), key, attack, scale)
   return task.with_pixels(batch, pixels)
 
 

@@ -1,5 +1,7 @@
 """Attacks (trust/training/adversarial.py) and their wiring into the eval and train steps."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,7 @@ import optax
 import pytest
 
 from core.errors import KilnError
+from loop import fields
 from loop.experiment import build_experiment
 from tests.stepping import host_batches
 from tests.tiny import tiny_config
@@ -77,6 +80,82 @@ def test_more_restarts_never_find_weaker_inputs():
   one, two, five = loss_after(1), loss_after(2), loss_after(5)
   assert np.all(two >= one - 1e-6) and np.all(five >= two - 1e-6)
   assert np.any(five > one + 1e-4)  # The extra restarts found something.
+
+
+def test_n_fgsm_steps_past_the_ball_from_its_wider_noise_and_stays_in_the_box():
+  """N-FGSM (de Jorge et al. 2022): a start uniform within 2 epsilon, one signed step of
+  epsilon, no projection. On a linear model the gradient's sign s is the same everywhere, so
+  each pixel moves by noise + epsilon s: up to 3 epsilon, never against s by more than epsilon,
+  and past epsilon for many pixels (FGSM-RS from the same key stays within epsilon)."""
+  w, x, labels, losses = _linear_problem()
+  eps = 0.1
+  s = np.sign(np.asarray((w[:, 1] - w[:, 0])[None, :] * jnp.where(labels == 0, 1.0, -1.0)[:, None]))
+  n_fgsm = adversarial.Attack('linf', eps, step_size=eps, steps=1, noise=2.0, project=False)
+  delta = np.asarray(adversarial.perturb(losses, x, jax.random.key(0), n_fgsm) - x)
+  assert np.abs(delta).max() <= 3 * eps + 1e-6
+  assert np.mean(np.abs(delta) > eps + 1e-6) > 0.3  # Uniform noise: about half of the pixels.
+  assert np.min(delta * s) >= -eps - 1e-6
+  fgsm_rs = adversarial.Attack('linf', eps, step_size=1.25 * eps, steps=1)
+  assert np.abs(np.asarray(adversarial.perturb(losses, x, jax.random.key(0), fgsm_rs) - x)).max(
+      ) <= eps + 1e-6
+  # Near the box's edges the pixels are clipped to [0, 1], not to the ball.
+  edge = jnp.asarray(np.random.default_rng(1).choice([0.0, 0.05, 0.95, 1.0], size=x.shape),
+                     jnp.float32)
+  adv = np.asarray(adversarial.perturb(losses, edge, jax.random.key(0), n_fgsm))
+  assert adv.min() >= 0 and adv.max() <= 1
+
+
+def test_the_ramp_grows_the_radius_linearly_then_holds_it():
+  attack = adversarial.Attack('linf', 0.3, 0.3, steps=1, warmup_steps=4)
+  scales = [float(attack.scale(jnp.asarray(step))) for step in range(6)]
+  np.testing.assert_allclose(scales, [0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
+  assert float(dataclasses.replace(attack, warmup_steps=0).scale(jnp.asarray(0))) == 1.0
+  # A scale of 0.5 halves the radius, the step and the noise: N-FGSM then reaches 1.5 epsilon.
+  _, x, _, losses = _linear_problem()
+  n_fgsm = adversarial.Attack('linf', 0.1, 0.1, steps=1, noise=2.0, project=False)
+  full = np.asarray(adversarial.perturb(losses, x, jax.random.key(0), n_fgsm) - x)
+  half = np.asarray(adversarial.perturb(losses, x, jax.random.key(0), n_fgsm, scale=0.5) - x)
+  np.testing.assert_allclose(half, full / 2, atol=1e-6)  # x is far from the box's edges.
+
+
+def test_training_attacks_from_the_config_and_bad_settings():
+  config = tiny_config()
+  config.adversarial.epsilon = 0.3
+  config.adversarial.train = 'n_fgsm'
+  attack = adversarial.train_attack(config)
+  assert (attack.step_size, attack.steps, attack.noise, attack.project) == (0.3, 1, 2.0, False)
+  config.adversarial.train = 'fgsm_rs'
+  attack = adversarial.train_attack(config)
+  assert (attack.step_size, attack.noise, attack.project) == (0.375, 1.0, True)
+  config.adversarial.train_noise = -1.0
+  with pytest.raises(KilnError, match='train_noise'):
+    fields.validate(config)
+  config.adversarial.train_noise, config.adversarial.epsilon_warmup_steps = 2.0, -5
+  with pytest.raises(KilnError, match='epsilon_warmup_steps'):
+    fields.validate(config)
+
+
+@pytest.mark.slow  # Compiles four train steps.
+def test_the_train_step_trains_on_n_fgsm_inputs_and_ramps_them(devices):
+  """One step from the same state and batch: N-FGSM and FGSM-RS update differently, and at
+  the start of a long ramp N-FGSM's update is (nearly) the clean one."""
+  def params_after_one_step(train, warmup_steps=0):
+    config = _mlp_config()
+    config.adversarial.train = train
+    config.adversarial.epsilon_warmup_steps = warmup_steps
+    config.schedule.warmup_steps = 0  # The learning rate's warmup would make step 0 a no-op.
+    config.optimizer.name = 'sgd'  # Steps in proportion to the gradient; Adam's first is its sign.
+    exp = build_experiment(config, devices)
+    state, shardings = exp.create_state()
+    state, _, _ = exp.train_step(shardings)(state, exp.strategy.place(host_batches(exp, 1)[0]))
+    return np.concatenate([np.ravel(p) for p in jax.tree.leaves(jax.device_get(state.params))])
+
+  clean, n_fgsm = params_after_one_step('none'), params_after_one_step('n_fgsm')
+  fgsm_rs = params_after_one_step('fgsm_rs')
+  ramped = params_after_one_step('n_fgsm', warmup_steps=10**6)
+  gap = np.abs(n_fgsm - clean).max()
+  assert np.abs(n_fgsm - fgsm_rs).max() > 0.1 * gap > 0
+  assert np.abs(ramped - clean).max() < 1e-3 * gap
 
 
 def _mlp_config():

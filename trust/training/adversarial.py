@@ -1,6 +1,7 @@
 """Adversarial examples inside the jitted steps: FGSM and PGD (Madry et al. 2018) under an
-L-inf or L2 budget, with random starts and restarts, for robust-accuracy evaluation; PGD
-and FGSM with a random start (Wong et al. 2020, "Fast is better than free") as training.
+L-inf or L2 budget, with random starts and restarts, for robust-accuracy evaluation; PGD,
+FGSM with a random start (Wong et al. 2020, "Fast is better than free") and N-FGSM (de Jorge
+et al. 2022: a start of twice the radius and no projection) as training.
 
 An attack sees the task only through three functions the loop hands it: the input as [0, 1]
 pixels, the batch with other pixels, and per-example losses of a batch. Everything is
@@ -18,7 +19,7 @@ from clu import metrics
 from core.errors import KilnError
 
 NORMS = ('linf', 'l2')
-TRAINING = ('none', 'pgd', 'fgsm_rs')
+TRAINING = ('none', 'pgd', 'fgsm_rs', 'n_fgsm')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +30,15 @@ class Attack:
   steps: int  # 1 with random_start and step_size 1.25 epsilon is Wong et al.'s FGSM-RS.
   restarts: int = 1  # Independent random starts; each example keeps its worst one.
   random_start: bool = True
+  noise: float = 1.0  # Radius of the random start, in epsilons (N-FGSM: 2).
+  project: bool = True  # Back into the ball after each step; N-FGSM's one step does not.
+  warmup_steps: int = 0  # Training: the radius grows linearly from 0 over these first steps.
+
+  def scale(self, step: jax.Array) -> jax.Array:
+    """The fraction of the radius (and of the step and noise) in force at training `step`."""
+    if self.warmup_steps <= 0:
+      return jnp.ones((), jnp.float32)
+    return jnp.minimum(1.0, (step.astype(jnp.float32) + 1.0) / self.warmup_steps)
 
 
 def _per_example_norm(x: jax.Array) -> jax.Array:
@@ -36,46 +46,50 @@ def _per_example_norm(x: jax.Array) -> jax.Array:
       -1, *[1] * (x.ndim - 1))
 
 
-def _project(delta: jax.Array, attack: Attack) -> jax.Array:
-  if attack.norm == 'linf':
-    return jnp.clip(delta, -attack.epsilon, attack.epsilon)
-  return delta * jnp.minimum(1.0, attack.epsilon / jnp.maximum(_per_example_norm(delta), 1e-12))
+def _project(delta: jax.Array, norm: str, epsilon) -> jax.Array:
+  if norm == 'linf':
+    return jnp.clip(delta, -epsilon, epsilon)
+  return delta * jnp.minimum(1.0, epsilon / jnp.maximum(_per_example_norm(delta), 1e-12))
 
 
-def _random_start(key: jax.Array, shape, attack: Attack) -> jax.Array:
-  if attack.norm == 'linf':
-    return jax.random.uniform(key, shape, minval=-attack.epsilon, maxval=attack.epsilon)
+def _random_start(key: jax.Array, shape, norm: str, radius) -> jax.Array:
+  if norm == 'linf':
+    return jax.random.uniform(key, shape, minval=-radius, maxval=radius)
   # Uniform in the L2 ball: a Gaussian direction, radius eps * U^(1/d).
   direction_key, radius_key = jax.random.split(key)
   direction = jax.random.normal(direction_key, shape)
   dims = 1
   for size in shape[1:]:
     dims *= size
-  radius = attack.epsilon * jax.random.uniform(radius_key, (shape[0],)) ** (1.0 / dims)
+  radius = radius * jax.random.uniform(radius_key, (shape[0],)) ** (1.0 / dims)
   return direction / jnp.maximum(_per_example_norm(direction), 1e-12) * radius.reshape(
       -1, *[1] * (len(shape) - 1))
 
 
 def perturb(losses: Callable[[jax.Array], jax.Array], pixels: jax.Array, key: jax.Array,
-            attack: Attack) -> jax.Array:
+            attack: Attack, scale: jax.Array | float = 1.0) -> jax.Array:
   """The worst inputs found in the ball around `pixels` (kept in [0, 1]): per example, the
-  restart whose final loss `losses(pixels) -> [B]` is largest."""
+  restart whose final loss `losses(pixels) -> [B]` is largest. `scale` (traced: the training
+  ramp) multiplies the radius, the step and the start alike."""
   pixels = jax.lax.stop_gradient(pixels)
+  epsilon, step_size = attack.epsilon * scale, attack.step_size * scale
   grad = jax.grad(lambda x: jnp.sum(losses(x)))
 
   def step(delta, _):
     g = grad(pixels + delta)
     if attack.norm == 'linf':
-      delta = delta + attack.step_size * jnp.sign(g)
+      delta = delta + step_size * jnp.sign(g)
     else:
-      delta = delta + attack.step_size * g / jnp.maximum(_per_example_norm(g), 1e-12)
-    delta = _project(delta, attack)
+      delta = delta + step_size * g / jnp.maximum(_per_example_norm(g), 1e-12)
+    if attack.project:
+      delta = _project(delta, attack.norm, epsilon)
     return jnp.clip(pixels + delta, 0.0, 1.0) - pixels, None
 
   def restart(best, index):
     best_inputs, best_losses = best
     restart_key = jax.random.fold_in(key, index)  # Restart i is the same whatever the count.
-    delta = (_random_start(restart_key, pixels.shape, attack).astype(pixels.dtype)
+    delta = (_random_start(restart_key, pixels.shape, attack.norm,
+                           attack.noise * epsilon).astype(pixels.dtype)
              if attack.random_start else jnp.zeros_like(pixels))
     delta = jnp.clip(pixels + delta, 0.0, 1.0) - pixels
     delta, _ = jax.lax.scan(step, delta, None, length=attack.steps)
@@ -99,18 +113,24 @@ def eval_attack(config) -> Attack | None:
 
 
 def train_attack(config) -> Attack | None:
-  """config.adversarial's training attack (PGD, or FGSM-RS: one step of 1.25 epsilon from a
-  random start); None when adversarial.train is 'none'."""
+  """config.adversarial's training attack (PGD; FGSM-RS: one step of 1.25 epsilon from a
+  random start in the ball; N-FGSM: one step of epsilon from a random start in train_noise
+  times the ball, never projected back); None when adversarial.train is 'none'."""
   a = config.adversarial
   if a.train == 'none':
     return None
+  ramp = dict(warmup_steps=a.epsilon_warmup_steps)
   if a.train == 'fgsm_rs':
     step = a.train_step_size if a.train_step_size > 0 else 1.25 * a.epsilon
-    return Attack(a.norm, a.epsilon, step, steps=1, restarts=1, random_start=True)
+    return Attack(a.norm, a.epsilon, step, steps=1, restarts=1, random_start=True, **ramp)
+  if a.train == 'n_fgsm':
+    step = a.train_step_size if a.train_step_size > 0 else a.epsilon
+    return Attack(a.norm, a.epsilon, step, steps=1, restarts=1, random_start=True,
+                  noise=a.train_noise, project=False, **ramp)
   if a.train == 'pgd':
     step = a.train_step_size if a.train_step_size > 0 else 2.5 * a.epsilon / a.train_steps
     return Attack(a.norm, a.epsilon, step, steps=a.train_steps, restarts=1,
-                  random_start=a.random_start)
+                  random_start=a.random_start, **ramp)
   raise KilnError(f"config.adversarial.train={a.train!r}: choose one of {', '.join(TRAINING)}")
 
 
