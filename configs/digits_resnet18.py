@@ -11,5 +11,5 @@ def get_config():
   c.model.stem = 'cifar'  # 3x3/1 stem conv, no max-pool: 8x8 digits keep their resolution.
   c.model.width = 16  # Stage widths 16-128: a quarter of the published 64, for CPU speed.
   c.model.zero_init_last_bn = True  # Each block starts as the identity.
-  c.model.zero_init_classifier = True  # Zero first logits: 8x8 digits leave a 1x1 map to pool.
+  c.model.classifier_init = 'torch'  # A third of LeCun's variance: 8x8 digits leave a 1x1 map to pool.
   return c

@@ -32,6 +32,13 @@ COMPUTE_DTYPES = ('float32', 'bfloat16')  # Names a config may give `compute_dty
 _CHANNELS = {'logical_axes': ('conv_out',)}
 
 
+CLASSIFIER_INITS = {
+    'lecun': nnx.initializers.lecun_normal(),
+    'torch': nnx.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform'),
+    'zeros': nnx.initializers.zeros_init(),
+}
+
+
 def conv(in_features: int, out_features: int, kernel: int, stride: int, *, dtype, rngs):
   # No bias: the BatchNorm shift that follows makes it redundant. He (fan-out) init as in
   # the reference implementations.
@@ -135,10 +142,11 @@ class ResNet(nnx.Module):
   a 7x7/2 conv + BN + ReLU + 3x3/2 max-pool (for 224x224 inputs); 'cifar' a 3x3/1 conv
   + BN + ReLU (for 28x28-32x32 inputs, which the ImageNet stem would shrink 4x first).
   `zero_init_last_bn`: start each block's last BatchNorm scale at zero.
-  `zero_init_classifier`: start the classifier's kernel at zero, so the first logits are all
-  zero and the first loss is exactly ln C (as big_vision's ResNets start their head). It matters
-  where the last feature map is 1 x 1 (8 x 8 inputs, cifar stem): the pooling then averages
-  nothing away and LeCun-initialised logits start with a spread that costs ~25% above ln C.
+  `classifier_init`: the classifier kernel's init: 'lecun' (Flax's default, variance
+  1 / fan_in), 'torch' (PyTorch's nn.Linear default, uniform in +-1 / sqrt(fan_in): a third of
+  the variance) or 'zeros' (big_vision's head: first logits all zero, first loss ln C). The
+  smaller starts matter where the last feature map is 1 x 1 (8 x 8 inputs, cifar stem): the
+  pooling then averages nothing away and LeCun logits start ~25% above ln C.
   `norm_axis_name`:
   mapped axis BatchNorm averages over (pmap). `dtype`: compute dtype (parameters stay
   float32); logits are always float32.
@@ -150,16 +158,20 @@ class ResNet(nnx.Module):
       'width': F.POSITIVE_INT,
       'stem': F.Choices(STEMS),
       'zero_init_last_bn': F.FLAG,
-      'zero_init_classifier': F.FLAG,
+      'classifier_init': F.Choices(tuple(CLASSIFIER_INITS)),
       'dtype': F.Choices(COMPUTE_DTYPES),
   }
 
   def __init__(self, *, num_classes: int, input_shape: Sequence[int],
                stage_sizes: Sequence[int] = (2, 2, 2, 2), block: str = 'basic', width: int = 64,
                stem: str = 'imagenet', zero_init_last_bn: bool = False,
-               zero_init_classifier: bool = False, norm_axis_name: str | None = None, dtype=None, rngs: nnx.Rngs):
+               classifier_init: str = 'lecun', norm_axis_name: str | None = None,
+               dtype=None, rngs: nnx.Rngs):
     if block not in BLOCKS:
       raise KilnError(f"model.block='{block}' is not a ResNet block: use one of {BLOCKS}")
+    if classifier_init not in CLASSIFIER_INITS:
+      raise KilnError(f"model.classifier_init='{classifier_init}' is not an init: use one of "
+                      f"{tuple(CLASSIFIER_INITS)}")
     if stem not in STEMS:
       raise KilnError(f"model.stem='{stem}' is not a ResNet stem: use one of {STEMS}")
     if not stage_sizes or min(stage_sizes) < 1 or width < 1:
@@ -182,8 +194,7 @@ class ResNet(nnx.Module):
         channels = blocks[-1].out_features
     self.blocks = nnx.List(blocks)
     self.classifier = nnx.Linear(channels, num_classes, dtype=dtype, rngs=rngs,
-                                 **({'kernel_init': nnx.initializers.zeros_init()}
-                                    if zero_init_classifier else {}),
+                                 kernel_init=CLASSIFIER_INITS[classifier_init],
                                  kernel_metadata={'logical_axes': ('embed', 'classes')})
 
   def features(self, images: jax.Array, *, train: bool = False) -> jax.Array:

@@ -88,23 +88,27 @@ def test_zero_init_last_bn_makes_blocks_start_as_identity():
   assert not np.allclose(plain, jax.nn.relu(x), atol=1e-3)
 
 
-def test_zero_init_classifier_starts_at_the_uniform_prediction():
-  """Zero first logits whatever the features: the first loss is ln C exactly."""
+def test_classifier_inits_set_the_first_logits_scale():
+  """'zeros': zero first logits whatever the features (first loss ln C); 'torch' (variance
+  1 / (3 fan_in)) starts at about 1/sqrt(3) of LeCun's spread on the same features."""
   @jax.jit
   def logits(x):
-    kwargs = dict(num_classes=10, input_shape=(8, 8, 1), stage_sizes=(1, 1), width=4,
-                  stem='cifar', rngs=nnx.Rngs(0))
-    return (ResNet(zero_init_classifier=True, **kwargs)(x),
-            ResNet(zero_init_classifier=False, **kwargs)(x))
+    kwargs = dict(num_classes=10, input_shape=(8, 8, 1), stage_sizes=(1, 1), width=64,
+                  stem='cifar')
+    return [ResNet(classifier_init=init, rngs=nnx.Rngs(0), **kwargs)(x)
+            for init in ('zeros', 'torch', 'lecun')]
 
-  zero, lecun = logits(jax.random.uniform(jax.random.key(0), (4, 8, 8, 1)))
+  zero, torch, lecun = logits(jax.random.uniform(jax.random.key(0), (64, 8, 8, 1)))
   np.testing.assert_array_equal(zero, 0.0)
-  assert float(jnp.std(lecun)) > 0.1
+  ratio = float(jnp.std(torch) / jnp.std(lecun))
+  assert 0.4 < ratio < 0.75, ratio  # 1/sqrt(3) = 0.577, up to the draw over 128 x 10 weights.
 
 
 def test_bad_resnet_settings_are_one_line_errors():
   with pytest.raises(KilnError, match='not a ResNet block'):
     ResNet(num_classes=10, input_shape=(8, 8, 1), block='wide', rngs=nnx.Rngs(0))
+  with pytest.raises(KilnError, match="classifier_init='he' is not an init"):
+    ResNet(num_classes=10, input_shape=(8, 8, 1), classifier_init='he', rngs=nnx.Rngs(0))
   with pytest.raises(KilnError, match='not a ResNet stem'):
     ResNet(num_classes=10, input_shape=(8, 8, 1), stem='tiny', rngs=nnx.Rngs(0))
   with pytest.raises(KilnError, match='not a dtype'):
