@@ -25,7 +25,7 @@ import train  # noqa: E402  First (it configures the host before JAX or TF start
 from absl import app, flags, logging  # noqa: E402
 
 from core.errors import KilnError  # noqa: E402
-from tune import selection  # noqa: E402
+from tune import selection, space  # noqa: E402
 
 _CANDIDATES = flags.DEFINE_list('candidates', None, 'Config files to compare, comma-separated.')
 _BUDGET = flags.DEFINE_float('budget_epochs', None, 'Epochs the winner trains (the full budget).')
@@ -39,20 +39,6 @@ _SET = flags.DEFINE_multi_string('set', [], 'KEY=VALUE config override for every
                                  '(Python literals: 1e-3, (8, 16), True).')
 
 
-def _overrides(pairs: list[str]) -> dict:
-  import ast
-  out = {}
-  for pair in pairs:
-    key, sep, value = pair.partition('=')
-    if not sep:
-      raise KilnError(f"--set='{pair}': give KEY=VALUE")
-    try:
-      out[key] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      out[key] = value  # A bare string.
-  return out
-
-
 def main(argv):
   logging.get_absl_handler().addFilter(train._OwnLinesOnly())
   if len(argv) > 1:
@@ -61,13 +47,13 @@ def main(argv):
     if flag.value is None:
       sys.exit(f'error: --{flag.name} is required: {flags.FLAGS[flag.name].help}')
   try:
-    candidates = selection.load_candidates(_CANDIDATES.value, _overrides(_SET.value))
+    candidates = selection.load_candidates(_CANDIDATES.value, space.parse_overrides(_SET.value))
     board = selection.successive_halving(candidates, _BUDGET.value, _WORKDIR.value,
                                          _METRIC.value, _MODE.value, _SEED.value)
     extra = {'budget_epochs': _BUDGET.value, 'metric': _METRIC.value, 'mode': _MODE.value}
     if _CHECK.value:
       full = selection.full_budget_best(candidates, _BUDGET.value, _WORKDIR.value, _METRIC.value,
-                                        _MODE.value, _SEED.value)
+                                        _MODE.value, _SEED.value, board)
       extra['full_budget'] = full
       extra['winner_matches_full_budget'] = full[0]['candidate'] == board[0]['candidate']
     text = selection.write_leaderboard(board, _WORKDIR.value, _METRIC.value, extra)

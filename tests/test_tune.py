@@ -346,6 +346,12 @@ def test_successive_halving_ranks_equal_budgets_and_repeats_with_its_seed(tmp_pa
   again = selection.successive_halving(candidates, 1.0, str(tmp_path / 'b'), seed=1)
   keys = ('candidate', 'round', 'steps', 'val_accuracy', 'params', 'seed')
   assert [{k: r[k] for k in keys} for r in again] == [{k: r[k] for k in keys} for r in board]
+  # The full-budget check trains only the candidate the halving stopped early.
+  full = selection.full_budget_best(candidates, 1.0, str(tmp_path / 'a'), seed=1, board=board)
+  by_name = {r['candidate']: r for r in full}
+  assert by_name['cnn']['workdir'] == board[0]['workdir']
+  assert not (tmp_path / 'a' / 'full' / 'cnn').exists()
+  assert by_name['mlp1']['steps'] == board[0]['steps']  # Now at the full budget.
 
 
 def test_candidates_must_share_task_and_data(tmp_path):

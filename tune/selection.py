@@ -118,15 +118,24 @@ def successive_halving(candidates: list[Candidate], budget_epochs: float, root: 
 
 
 def full_budget_best(candidates: list[Candidate], budget_epochs: float, root: str,
-                     metric: str = 'accuracy', mode: str = 'max', seed: int = 0) -> list[dict]:
-  """Every candidate trained at the full budget (the check successive halving should pass)."""
+                     metric: str = 'accuracy', mode: str = 'max', seed: int = 0,
+                     board: list[dict] = ()) -> list[dict]:
+  """Every candidate trained at the full budget (the check successive halving should pass).
+  A `board` row already trained at the full budget (the halving's last round) is that run:
+  same config, seed and epochs, so it is reused rather than trained again."""
   sign = -1.0 if mode == 'max' else 1.0
+  done = {r['candidate']: r for r in board if r['epochs'] == budget_epochs}
   out = []
   for candidate in candidates:
+    if candidate.name in done:
+      row = done[candidate.name]
+      out.append({'candidate': candidate.name, f'val_{metric}': row[f'val_{metric}'],
+                  'steps': row['steps'], 'workdir': row['workdir']})
+      continue
     workdir = os.path.join(root, 'full', candidate.name)
     summary = _run(candidate, budget_epochs, seed, workdir)
     out.append({'candidate': candidate.name, f'val_{metric}': summary['final_eval'][metric],
-                'steps': summary['steps']})
+                'steps': summary['steps'], 'workdir': workdir})
   return sorted(out, key=lambda r: sign * r[f'val_{metric}'])
 
 

@@ -13,6 +13,7 @@ Each param names a config key (dotted path); 'float' and 'int' take `low`, `high
 or a `model_stats.<key>` of the run's summary, with 'max' or 'min'.
 """
 
+import ast
 import dataclasses
 import importlib.util
 import math
@@ -157,6 +158,20 @@ def config_value(config: ml_collections.ConfigDict, key: str):
                       'existing config field')
     node = node[part]
   return node
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+  """`KEY=VALUE` flags as a dict: values are Python literals (1e-3, (8, 16), True), else strings."""
+  out = {}
+  for pair in pairs:
+    key, sep, value = pair.partition('=')
+    if not sep:
+      raise KilnError(f"--set='{pair}': give KEY=VALUE")
+    try:
+      out[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[key] = value  # A bare string.
+  return out
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
