@@ -72,7 +72,8 @@ def resize_shorter_and_center_crop(image: tf.Tensor, shorter: int, crop: int) ->
   size = tf.maximum(size, shorter)
   image = tf.image.resize(image, size, method='bilinear', antialias=True)
   top, left = (size[0] - crop) // 2, (size[1] - crop) // 2
-  return image[top:top + crop, left:left + crop]
+  # Offsets from tensors leave the slice's shape unknown; eval padding needs it static.
+  return tf.ensure_shape(image[top:top + crop, left:left + crop], (crop, crop, image.shape[-1]))
 
 
 def prepare_source(source: Source, config) -> Source:

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -145,6 +146,17 @@ def test_batchnorm_is_synchronised_across_pmap_devices(one_device_resnet, device
                              rtol=2e-5)
 
 
+def test_center_crop_of_images_of_any_size_has_a_static_shape():
+  """Eval pads its last batch with zeros of the element shape, which must be fully known."""
+  sizes = [(30, 50), (64, 40)]
+  images = tf.data.Dataset.from_generator(
+      lambda: (np.zeros(size + (3,), np.uint8) for size in sizes),
+      output_signature=tf.TensorSpec((None, None, 3), tf.uint8))
+  crops = images.map(lambda image: augment.resize_shorter_and_center_crop(image, 36, 32))
+  assert crops.element_spec.shape == (32, 32, 3)
+  assert [c.shape for c in crops.as_numpy_iterator()] == [(32, 32, 3)] * 2
+
+
 # ---- ResNet-50 at 224x224, DP and FSDP on 8 devices, from the ImageNet config ----
 
 @pytest.mark.slow  # Two ResNet-50 compiles at 224x224.
@@ -172,6 +184,8 @@ def test_resnet50_imagenet_trains_a_step_under_dp_and_fsdp(devices):
         state = jax.device_put(state, shardings)
       batch = exp.strategy.place(host_batches(exp, 1)[0])
       assert batch['image'].shape == (8, 224, 224, 3)
+      eval_batch = next(iter(exp.task.eval_batches(exp.host_eval_batch)))  # Padded: static shapes.
+      assert eval_batch['image'].shape == (8, 224, 224, 3)
       step = exp.train_step(shardings).lower(state, batch).compile(
           compiler_options={'xla_backend_optimization_level': 0})
       state, batch_metrics, _ = step(state, batch)
