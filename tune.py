@@ -1,8 +1,9 @@
 """Hyper-parameter search over a config's get_search_space(), with Optuna.
 
   python tune.py --config=configs/default.py --study_dir=studies/digits --n_trials=30 \
-      [--sampler=tpe|gp|cmaes|nsga2|random|grid] [--pruner=median|hyperband|none] \
-      [--pruner_startup_trials=5] [--pruner_warmup_steps=0] \
+      [--sampler=tpe|gp|cmaes|nsga2|random|grid] \
+      [--pruner=median|median_completed|hyperband|none] [--pruner_startup_trials=5] \
+      [--pruner_warmup_steps=0] \
       [--storage=postgresql://...] [--seed=0] [--config.KEY=VALUE ...]
 
 Each trial trains in <study_dir>/trials/<number>. --n_trials counts the whole study: start
@@ -31,10 +32,10 @@ _SAMPLER = flags.DEFINE_enum('sampler', 'tpe', list(study_lib.SAMPLERS), 'Optuna
 _PRUNER = flags.DEFINE_enum('pruner', 'auto', ['auto', *study_lib.PRUNERS],
                             'auto: median for one eval-metric objective, none otherwise.')
 _PRUNER_STARTUP = flags.DEFINE_integer(
-    'pruner_startup_trials', 5, 'median: trials that complete before any is pruned.',
+    'pruner_startup_trials', 5, 'median*: trials that complete before any is pruned.',
     lower_bound=0)
 _PRUNER_WARMUP = flags.DEFINE_integer(
-    'pruner_warmup_steps', 0, 'median: no trial is judged before this train step; hyperband: '
+    'pruner_warmup_steps', 0, 'median*: no trial is judged before this train step; hyperband: '
     'its smallest budget (at least eval_every_steps).', lower_bound=0)
 _STORAGE = flags.DEFINE_string('storage', '', 'RDB URL for workers on many hosts; empty: the '
                                'journal file in --study_dir (workers on one host).')

@@ -3,7 +3,8 @@ best validation accuracy and total train steps of each study, in one table.
 
   .venv/bin/python benchmarks/tune_search.py [--root studies/bench] [--n_trials 30]
       [--config configs/default.py] [--set num_epochs=10 --set eval_every_steps=25]
-      [--pruner_startup_trials 5] [--pruner_warmup_steps 0]
+      [--pruner median|median_completed|hyperband] [--pruner_startup_trials 5]
+      [--pruner_warmup_steps 0]
 
 Each study runs `tune.py` in --root/<name>; a study that already holds its trials is only
 read (its journal continues an interrupted one).
@@ -16,7 +17,6 @@ import subprocess
 import sys
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STUDIES = (('tpe_median', 'tpe', 'median'), ('random', 'random', 'none'))
 
 
 def main():
@@ -25,15 +25,17 @@ def main():
   parser.add_argument('--n_trials', type=int, default=30)
   parser.add_argument('--config', default='configs/default.py')
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--pruner', default='median', help="tune.py's, for the TPE study")
   parser.add_argument('--pruner_startup_trials', type=int, default=5,
-                      help="tune.py's, for the pruned study")
+                      help="tune.py's, for the TPE study")
   parser.add_argument('--pruner_warmup_steps', type=int, default=0,
-                      help="tune.py's, for the pruned study")
+                      help="tune.py's, for the TPE study")
   parser.add_argument('--set', action='append', default=[],
                       help='KEY=VALUE config override for every trial of both studies')
   args = parser.parse_args()
   rows = []
-  for name, sampler, pruner in STUDIES:
+  for name, sampler, pruner in ((f'tpe_{args.pruner}', 'tpe', args.pruner),
+                                ('random', 'random', 'none')):
     study_dir = os.path.join(args.root, name)
     command = [sys.executable, os.path.join(REPO_ROOT, 'tune.py'), f'--config={args.config}',
                f'--study_dir={study_dir}', f'--n_trials={args.n_trials}', f'--sampler={sampler}',
@@ -54,7 +56,7 @@ def main():
     print(f"| {name} | {best['best']['values']['accuracy']:.4f} | {t['complete']} / {t['pruned']} "
           f"/ {t['fail']} | {best['total_steps']:,} |")
   (_, tpe), (_, rnd) = rows
-  print(f"\nTPE+median best - random best: "
+  print(f"\nTPE+{args.pruner} best - random best: "
         f"{tpe['best']['values']['accuracy'] - rnd['best']['values']['accuracy']:+.4f}; "
         f"steps TPE / random: {tpe['total_steps'] / rnd['total_steps']:.1%}")
 

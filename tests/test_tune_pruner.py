@@ -40,8 +40,9 @@ def test_pruned_trials_count_as_behind_so_the_bar_is_the_population_median():
   study = _study(study_lib.make_pruner('median', SPACE, tiny_config(), startup_trials=4))
   assert not _pruned_at(study, {50: 0.966})
   assert _pruned_at(study, {50: 0.964})
-  # Optuna's own rule (the median of the completed four, 0.975) prunes what this one keeps.
-  assert _pruned_at(_study(optuna.pruners.MedianPruner(n_startup_trials=4)), {50: 0.966})
+  # Optuna's rule (the median of the completed four, 0.975) prunes what this one keeps.
+  optunas = study_lib.make_pruner('median_completed', SPACE, tiny_config(), startup_trials=4)
+  assert _pruned_at(_study(optunas), {50: 0.966})
 
 
 def test_startup_and_warmup_hold_pruning_off():
@@ -60,6 +61,8 @@ def test_the_spec_reaches_the_pruner(tmp_path):
       study_dir=str(tmp_path), study_name='test', pruner_startup_trials=3, pruner_warmup_steps=60)
   pruner = study_lib.open_study(spec).pruner
   assert (pruner.startup_trials, pruner.warmup_steps) == (3, 60)
+  optunas = study_lib.make_pruner('median_completed', SPACE, tiny_config(), 3, 60)
+  assert (optunas._n_startup_trials, optunas._n_warmup_steps) == (3, 60)
   # Hyperband's smallest budget is the warm-up, once it is past the first eval.
   assert study_lib.make_pruner('hyperband', SPACE, tiny_config(), 5, 60)._min_resource == 60
   assert study_lib.make_pruner('hyperband', SPACE, tiny_config(), 5, 0)._min_resource == 20
