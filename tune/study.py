@@ -126,7 +126,9 @@ class MedianPruner(optuna.pruners.BasePruner):
   are the survivors of every earlier check, so its bar is the median of the better half, and it
   climbs as TPE concentrates on good regions. On the digits space that pruned exactly the best
   trials: high learning rates lag the leaders at the first evals (peak rate, not yet decayed)
-  and pass them late, and TPE then learned that high rates were bad (README, tune section).
+  and pass them late, and TPE then learned that high rates were bad. The price is that more
+  trials complete: 63-72% of random search's steps there, against 36-55% for Optuna's rule
+  (`median_completed`), which ended 1-2 held-out images short (README, tune section).
   """
 
   def __init__(self, startup_trials: int = 5, warmup_steps: int = 0):
