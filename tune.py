@@ -2,7 +2,7 @@
 
   python tune.py --config=configs/default.py --study_dir=studies/digits --n_trials=30 \
       [--sampler=tpe|gp|cmaes|nsga2|random|grid] \
-      [--pruner=median|median_completed|hyperband|none] [--pruner_startup_trials=5] \
+      [--pruner=median|median_all|hyperband|none] [--pruner_startup_trials=5] \
       [--pruner_warmup_steps=0] \
       [--storage=postgresql://...] [--seed=0] [--config.KEY=VALUE ...]
 

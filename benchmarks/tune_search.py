@@ -3,7 +3,7 @@ best validation accuracy and total train steps of each study, in one table.
 
   .venv/bin/python benchmarks/tune_search.py [--root studies/bench] [--n_trials 30]
       [--config configs/default.py] [--set num_epochs=10 --set eval_every_steps=25]
-      [--pruner median|median_completed|hyperband] [--pruner_startup_trials 5]
+      [--pruner median|median_all|hyperband] [--pruner_startup_trials 5]
       [--pruner_warmup_steps 0]
 
 Each study runs `tune.py` in --root/<name>; a study that already holds its trials is only

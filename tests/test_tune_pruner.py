@@ -1,5 +1,6 @@
-"""tune/study.py's median pruner: its reference is every earlier trial (pruned ones counted as
-behind), its startup and warm-up come from tune.py's flags, and bad values fail in one line."""
+"""tune/study.py's pruners: median_all's reference is every earlier trial (pruned ones counted as
+behind), median's (Optuna's) the completed ones; startup and warm-up come from tune.py's flags,
+and bad values fail in one line."""
 
 import optuna
 import pytest
@@ -37,19 +38,19 @@ def _pruned_at(study, reports: dict[int, float]) -> bool:
 
 def test_pruned_trials_count_as_behind_so_the_bar_is_the_population_median():
   # Of the six, two stopped at 25 and count as behind at 50: the median is (0.96 + 0.97) / 2.
-  study = _study(study_lib.make_pruner('median', SPACE, tiny_config(), startup_trials=4))
+  study = _study(study_lib.make_pruner('median_all', SPACE, tiny_config(), startup_trials=4))
   assert not _pruned_at(study, {50: 0.966})
   assert _pruned_at(study, {50: 0.964})
   # Optuna's rule (the median of the completed four, 0.975) prunes what this one keeps.
-  optunas = study_lib.make_pruner('median_completed', SPACE, tiny_config(), startup_trials=4)
+  optunas = study_lib.make_pruner('median', SPACE, tiny_config(), startup_trials=4)
   assert _pruned_at(_study(optunas), {50: 0.966})
 
 
 def test_startup_and_warmup_hold_pruning_off():
   config = tiny_config()
-  assert not _pruned_at(_study(study_lib.make_pruner('median', SPACE, config, startup_trials=5)),
-                        {50: 0.5})  # Four completed trials: not yet five.
-  warm = _study(study_lib.make_pruner('median', SPACE, config, startup_trials=4,
+  early = _study(study_lib.make_pruner('median_all', SPACE, config, startup_trials=5))
+  assert not _pruned_at(early, {50: 0.5})  # Four completed trials: not yet five.
+  warm = _study(study_lib.make_pruner('median_all', SPACE, config, startup_trials=4,
                                       warmup_steps=100))
   assert not _pruned_at(warm, {50: 0.5})
   assert _pruned_at(warm, {50: 0.5, 100: 0.5})
@@ -59,9 +60,11 @@ def test_the_spec_reaches_the_pruner(tmp_path):
   spec = study_lib.StudySpec(
       config_path='configs/default.py', config=tiny_config(), config_overrides=(), space=SPACE,
       study_dir=str(tmp_path), study_name='test', pruner_startup_trials=3, pruner_warmup_steps=60)
-  pruner = study_lib.open_study(spec).pruner
-  assert (pruner.startup_trials, pruner.warmup_steps) == (3, 60)
-  optunas = study_lib.make_pruner('median_completed', SPACE, tiny_config(), 3, 60)
+  pruner = study_lib.open_study(spec).pruner  # The spec's default pruner: Optuna's median.
+  assert (pruner._n_startup_trials, pruner._n_warmup_steps) == (3, 60)
+  ours = study_lib.make_pruner('median_all', SPACE, tiny_config(), 3, 60)
+  assert (ours.startup_trials, ours.warmup_steps) == (3, 60)
+  optunas = study_lib.make_pruner('median', SPACE, tiny_config(), 3, 60)
   assert (optunas._n_startup_trials, optunas._n_warmup_steps) == (3, 60)
   # Hyperband's smallest budget is the warm-up, once it is past the first eval.
   assert study_lib.make_pruner('hyperband', SPACE, tiny_config(), 5, 60)._min_resource == 60
@@ -73,5 +76,5 @@ def test_the_spec_reaches_the_pruner(tmp_path):
     (5, -25, '--pruner_warmup_steps=-25: it counts train steps: pass 0 or more')])
 def test_a_negative_count_fails_with_one_line(startup, warmup, message):
   with pytest.raises(KilnError, match=message) as e:
-    study_lib.make_pruner('median', SPACE, tiny_config(), startup, warmup)
+    study_lib.make_pruner('median_all', SPACE, tiny_config(), startup, warmup)
   assert '\n' not in str(e.value)
