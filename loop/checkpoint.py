@@ -164,7 +164,6 @@ class Checkpointer:
                           f"'{self.manager.directory}' to start again") from error
         logging.warning('%s: moved aside; resuming from checkpoint %d instead', error, older)
 
-
   def read_host(self, step: int) -> dict:
     """The train state of checkpoint `step` as a nested dict of host NumPy arrays, whatever
     mesh, strategy or number of processes wrote it; list indices (e.g. of layer blocks) come

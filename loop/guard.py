@@ -2,16 +2,17 @@
 and the loop then skips on, rolls back to the last good checkpoint, or stops.
 
 Inside the step (`check`, then loop/steps.py's `lax.cond` around the update): the loss and
-the global gradient norm must be finite, and the loss must not exceed the mean of the last `window` accepted losses by more than
-`spike_zscore` standard deviations. A step that fails either keeps the state it started from
-(only the step counter moves on), so nothing non-finite ever reaches the params or the
-optimizer moments, whatever the policy. On the host (`Guard`), read one step late so that
-the check never stalls the step just dispatched: each event is logged, named (the first
-layer whose output went non-finite, from `loop.layer_probe`), kept for summary.json
-(`guard_events`) and answered by the policy: 'skip' carries on; 'rollback' restores the
-last checkpoint, jumps the data past the offending batch plus `rollback_skip_batches` more
-(PaLM restarted ~100 steps before each spike and skipped 200-500 batches) and optionally
-cuts the learning rate; 'stop' ends the run with one line.
+the global gradient norm must be finite, and the loss must not exceed the mean of the last
+`window` accepted losses by more than `spike_zscore` standard deviations. A step that fails
+either keeps the state it started from (only the step counter moves on), so nothing
+non-finite ever reaches the params or the optimizer moments, whatever the policy. On the
+host (`Guard`), read one step late so that the check never stalls the step just dispatched:
+each event is logged, named (the first layer whose output went non-finite, from
+`loop.layer_probe`), kept for summary.json (`guard_events`) and answered by the policy:
+'skip' carries on; 'rollback' restores the last checkpoint, jumps the data past the
+offending batch plus `rollback_skip_batches` more (PaLM restarted ~100 steps before each
+spike and skipped 200-500 batches) and optionally cuts the learning rate; 'stop' ends the
+run with one line.
 """
 
 import dataclasses
