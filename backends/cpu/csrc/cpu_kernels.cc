@@ -1515,6 +1515,22 @@ struct LstmResiduals {
   float *activations, *h_before, *c_before, *tanh_cell;
 };
 
+// Asks for `floats` of each of `rows` rows `ld` apart (the block's rows at the next
+// frame) while this step computes: they are T frames apart in memory, more streams than
+// the hardware prefetchers follow, and without this every step waited on them (a
+// replica of the forward loop: 11.0 -> 10.3 ms per thread at issue 28's shape). `write`:
+// the step will store there.
+void PrefetchRows(const float* first, int64_t rows, int64_t ld, int64_t floats, bool write) {
+  constexpr int64_t kLineFloats = 16;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < floats; j += kLineFloats) {
+      if (write)
+        __builtin_prefetch(first + r * ld + j, 1, 2);
+      else
+        __builtin_prefetch(first + r * ld + j, 0, 2);
+    }
+}
+
 ffi::Error LstmRun(ffi::Buffer<ffi::F32>& gates, ffi::Buffer<ffi::PRED>& mask,
                    ffi::Buffer<ffi::F32>& kernels, float* out, const LstmResiduals& keep,
                    int32_t reverse, ffi::ThreadPool& pool) {
@@ -1554,6 +1570,18 @@ ffi::Error LstmRun(ffi::Buffer<ffi::F32>& gates, ffi::Buffer<ffi::PRED>& mask,
       const int64_t first = (b0 * T + t) * gs + dir * 4 * H;
       float* pre = train ? keep.activations + first : s.pre.data();
       const int64_t ld_pre = train ? T * gs : 4 * H;
+      if (step + 1 < T) {
+        const int64_t next = backwards ? t - 1 : t + 1;
+        const int64_t next_gate = (b0 * T + next) * gs + dir * 4 * H;
+        PrefetchRows(gx + next_gate, n, T * gs, 4 * H, false);
+        const int64_t next_state = (b0 * T + next) * ss + dir * H;
+        PrefetchRows(out + next_state, n, T * ss, H, true);
+        if (train) {
+          PrefetchRows(keep.activations + next_gate, n, T * gs, 4 * H, true);
+          for (float* residual : {keep.h_before, keep.c_before, keep.tanh_cell})
+            PrefetchRows(residual + next_state, n, T * ss, H, true);
+        }
+      }
       PanelMatmul(s.h.data(), H, n, packed[dir], gx + first, T * gs, pre, ld_pre);
       for (int64_t r = 0; r < n; ++r) {
         const int64_t row = (b0 + r) * T + t, at_state = row * ss + dir * H;
@@ -1642,6 +1670,16 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> kerne
     s.dc_total.resize(H);
     for (int64_t step = T - 1; step >= 0; --step) {
       const int64_t t = backwards ? T - 1 - step : step;
+      if (step > 0) {
+        const int64_t next = backwards ? t + 1 : t - 1;
+        const int64_t next_gate = (b0 * T + next) * gs + dir * 4 * H;
+        const int64_t next_state = (b0 * T + next) * ss + dir * H;
+        PrefetchRows(activations.typed_data() + next_gate, n, T * gs, 4 * H, false);
+        PrefetchRows(dgates + next_gate, n, T * gs, 4 * H, true);
+        for (const float* residual : {tanh_cell.typed_data(), c_before.typed_data(),
+                                      out_grad.typed_data()})
+          PrefetchRows(residual + next_state, n, T * ss, H, false);
+      }
       for (int64_t r = 0; r < n; ++r) {
         const int64_t row = (b0 + r) * T + t;
         const int64_t at_gate = row * gs + dir * 4 * H, at_state = row * ss + dir * H;
