@@ -3,7 +3,7 @@
   python tune.py --config=configs/default.py --study_dir=studies/digits --n_trials=30 \
       [--sampler=tpe|gp|cmaes|nsga2|random|grid] \
       [--pruner=median|median_all|hyperband|none] [--pruner_startup_trials=5] \
-      [--pruner_warmup_steps=0] \
+      [--pruner_warmup_steps=0] [--pruner_interval_steps=1] \
       [--storage=postgresql://...] [--seed=0] [--config.KEY=VALUE ...]
 
 Each trial trains in <study_dir>/trials/<number>. --n_trials counts the whole study: start
@@ -37,6 +37,9 @@ _PRUNER_STARTUP = flags.DEFINE_integer(
 _PRUNER_WARMUP = flags.DEFINE_integer(
     'pruner_warmup_steps', 0, 'median*: no trial is judged before this train step; hyperband: '
     'its smallest budget (at least eval_every_steps).', lower_bound=0)
+_PRUNER_INTERVAL = flags.DEFINE_integer(
+    'pruner_interval_steps', 1, 'median: judge a trial only at the first eval at or after '
+    'warm-up + k * this many steps (fewer checks on noisy evals; 1: every eval).')
 _STORAGE = flags.DEFINE_string('storage', '', 'RDB URL for workers on many hosts; empty: the '
                                'journal file in --study_dir (workers on one host).')
 _STUDY_NAME = flags.DEFINE_string('study_name', 'kiln', 'Study name inside the storage.')
@@ -73,7 +76,7 @@ def main(argv, config_flag):
         study_dir=_STUDY_DIR.value, study_name=_STUDY_NAME.value, storage_url=_STORAGE.value,
         sampler=_SAMPLER.value, pruner=pruner, seed=_SEED.value,
         population_size=_POPULATION.value, pruner_startup_trials=_PRUNER_STARTUP.value,
-        pruner_warmup_steps=_PRUNER_WARMUP.value)
+        pruner_warmup_steps=_PRUNER_WARMUP.value, pruner_interval_steps=_PRUNER_INTERVAL.value)
     study = study_lib.run_worker(spec, _N_TRIALS.value)
     summary = results.write_results(study, _STUDY_DIR.value)
   except KilnError as e:

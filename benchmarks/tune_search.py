@@ -4,7 +4,7 @@ best validation accuracy and total train steps of each study, in one table.
   .venv/bin/python benchmarks/tune_search.py [--root studies/bench] [--n_trials 30]
       [--config configs/default.py] [--set num_epochs=10 --set eval_every_steps=25]
       [--pruner median|median_all|hyperband] [--pruner_startup_trials 5]
-      [--pruner_warmup_steps 0]
+      [--pruner_warmup_steps 0] [--pruner_interval_steps 1]
 
 Each study runs `tune.py` in --root/<name>; a study that already holds its trials is only
 read (its journal continues an interrupted one).
@@ -30,6 +30,8 @@ def main():
                       help="tune.py's, for the TPE study")
   parser.add_argument('--pruner_warmup_steps', type=int, default=0,
                       help="tune.py's, for the TPE study")
+  parser.add_argument('--pruner_interval_steps', type=int, default=1,
+                      help="tune.py's, for the TPE study (median only)")
   parser.add_argument('--set', action='append', default=[],
                       help='KEY=VALUE config override for every trial of both studies')
   args = parser.parse_args()
@@ -44,6 +46,8 @@ def main():
     if pruner != 'none':
       command += [f'--pruner_startup_trials={args.pruner_startup_trials}',
                   f'--pruner_warmup_steps={args.pruner_warmup_steps}']
+      if args.pruner_interval_steps != 1:  # Other pruners reject it.
+        command.append(f'--pruner_interval_steps={args.pruner_interval_steps}')
     print('$', ' '.join(command), flush=True)
     subprocess.run(command, check=True, cwd=REPO_ROOT)
     with open(os.path.join(study_dir, 'best.json')) as f:

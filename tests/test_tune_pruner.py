@@ -1,6 +1,6 @@
 """tune/study.py's pruners: median_all's reference is every earlier trial (pruned ones counted as
-behind), median's (Optuna's) the completed ones; startup and warm-up come from tune.py's flags,
-and bad values fail in one line."""
+behind), median's (Optuna's) the completed ones; startup, warm-up and median's interval come
+from tune.py's flags, and bad values fail in one line."""
 
 import optuna
 import pytest
@@ -56,12 +56,23 @@ def test_startup_and_warmup_hold_pruning_off():
   assert _pruned_at(warm, {50: 0.5, 100: 0.5})
 
 
+def test_an_interval_judges_only_its_steps():
+  # Judged at 25, then at the first eval at or after 75: the dip at 50 goes unjudged.
+  spaced = study_lib.make_pruner('median', SPACE, tiny_config(), startup_trials=4,
+                                 warmup_steps=25, interval_steps=50)
+  assert not _pruned_at(_study(spaced), {25: 0.6, 50: 0.6})
+  assert _pruned_at(_study(spaced), {25: 0.6, 50: 0.6, 100: 0.6})
+  every = study_lib.make_pruner('median', SPACE, tiny_config(), startup_trials=4, warmup_steps=25)
+  assert _pruned_at(_study(every), {25: 0.6, 50: 0.6})
+
+
 def test_the_spec_reaches_the_pruner(tmp_path):
   spec = study_lib.StudySpec(
       config_path='configs/default.py', config=tiny_config(), config_overrides=(), space=SPACE,
-      study_dir=str(tmp_path), study_name='test', pruner_startup_trials=3, pruner_warmup_steps=60)
+      study_dir=str(tmp_path), study_name='test', pruner_startup_trials=3, pruner_warmup_steps=60,
+      pruner_interval_steps=40)
   pruner = study_lib.open_study(spec).pruner  # The spec's default pruner: Optuna's median.
-  assert (pruner._n_startup_trials, pruner._n_warmup_steps) == (3, 60)
+  assert (pruner._n_startup_trials, pruner._n_warmup_steps, pruner._interval_steps) == (3, 60, 40)
   ours = study_lib.make_pruner('median_all', SPACE, tiny_config(), 3, 60)
   assert (ours.startup_trials, ours.warmup_steps) == (3, 60)
   optunas = study_lib.make_pruner('median', SPACE, tiny_config(), 3, 60)
@@ -71,10 +82,13 @@ def test_the_spec_reaches_the_pruner(tmp_path):
   assert study_lib.make_pruner('hyperband', SPACE, tiny_config(), 5, 0)._min_resource == 20
 
 
-@pytest.mark.parametrize('startup, warmup, message', [
-    (-1, 0, '--pruner_startup_trials=-1: it counts trials: pass 0 or more'),
-    (5, -25, '--pruner_warmup_steps=-25: it counts train steps: pass 0 or more')])
-def test_a_negative_count_fails_with_one_line(startup, warmup, message):
+@pytest.mark.parametrize('name, startup, warmup, interval, message', [
+    ('median_all', -1, 0, 1, '--pruner_startup_trials=-1: it counts trials: pass 0 or more'),
+    ('median_all', 5, -25, 1, '--pruner_warmup_steps=-25: it counts train steps: pass 0 or more'),
+    ('median', 5, 0, 0, r'--pruner_interval_steps=0: .* pass 1 or more'),
+    ('median_all', 5, 0, 50, r'--pruner_interval_steps=50 is an option of --pruner=median'),
+    ('hyperband', 5, 0, 50, r'--pruner_interval_steps=50 is an option of --pruner=median')])
+def test_a_bad_count_fails_with_one_line(name, startup, warmup, interval, message):
   with pytest.raises(KilnError, match=message) as e:
-    study_lib.make_pruner('median_all', SPACE, tiny_config(), startup, warmup)
+    study_lib.make_pruner(name, SPACE, tiny_config(), startup, warmup, interval)
   assert '\n' not in str(e.value)

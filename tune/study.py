@@ -96,7 +96,7 @@ def make_sampler(name: str, seed: int, space: SearchSpace, population_size: int 
 
 
 def make_pruner(name: str, space: SearchSpace, config, startup_trials: int = 5,
-                warmup_steps: int = 0) -> optuna.pruners.BasePruner:
+                warmup_steps: int = 0, interval_steps: int = 1) -> optuna.pruners.BasePruner:
   if name == 'none':
     return optuna.pruners.NopPruner()
   if name not in PRUNERS:
@@ -108,9 +108,17 @@ def make_pruner(name: str, space: SearchSpace, config, startup_trials: int = 5,
                             ('pruner_warmup_steps', warmup_steps, 'train steps')):
     if value < 0:
       raise KilnError(f'--{flag}={value}: it counts {unit}: pass 0 or more')
+  if interval_steps < 1:
+    raise KilnError(f'--pruner_interval_steps={interval_steps}: it counts train steps between '
+                    'judgements: pass 1 or more (1: every eval)')
+  if interval_steps != 1 and name != 'median':
+    raise KilnError(f'--pruner_interval_steps={interval_steps} is an option of --pruner=median '
+                    f"(Optuna's MedianPruner), not of {name}: drop it or pass --pruner=median")
   if name == 'median':  # The median stopping rule as published (Vizier) and as Optuna has it.
+    # interval_steps: judged at the first eval at or after warm-up + k * interval only.
     return optuna.pruners.MedianPruner(n_startup_trials=startup_trials,
-                                       n_warmup_steps=warmup_steps)
+                                       n_warmup_steps=warmup_steps,
+                                       interval_steps=interval_steps)
   if name == 'median_all':  # Keeps late starters; costs more steps (README: both on digits).
     return MedianOfAllPruner(startup_trials, warmup_steps)
   return optuna.pruners.HyperbandPruner(min_resource=max(config.eval_every_steps, warmup_steps),
@@ -218,13 +226,14 @@ class StudySpec:
   population_size: int = 0
   pruner_startup_trials: int = 5  # median*: trials that finish unpruned before pruning starts.
   pruner_warmup_steps: int = 0  # median*: no trial is judged before this step (hyperband: min).
+  pruner_interval_steps: int = 1  # median: judged every this many steps from the warm-up on.
 
 
 def open_study(spec: StudySpec) -> optuna.Study:
   """The study, created on first use (a second creator loads it instead)."""
   sampler = make_sampler(spec.sampler, spec.seed, spec.space, spec.population_size)
   pruner = make_pruner(spec.pruner, spec.space, spec.config, spec.pruner_startup_trials,
-                       spec.pruner_warmup_steps)
+                       spec.pruner_warmup_steps, spec.pruner_interval_steps)
   study = optuna.create_study(
       storage=storage_for(spec.study_dir, spec.storage_url), study_name=spec.study_name,
       sampler=_PerTrialSeed(sampler, spec.seed), pruner=pruner, load_if_exists=True,
