@@ -1,7 +1,10 @@
 """A small VGG-style CNN: stages of (conv-norm-ReLU) x2 and max-pooling, then an MLP head.
 
 The norm is BatchNorm, or GroupNorm (`norm='group'`), whose statistics are per example:
-DP-SGD's per-example gradients need a model in which no example sees another."""
+DP-SGD's per-example gradients need a model in which no example sees another; or none
+(`norm='none'`, biased convs). `downsample='stride'` halves each stage with its first conv's
+stride 2 instead of pooling: with `norm='none'` and `kernel_size=4` that is Wong et al.'s
+(2020) tiny MNIST model, ~20x cheaper than the default."""
 
 from collections.abc import Sequence
 
@@ -17,19 +20,25 @@ from models.conv import Conv
 from core.logical_axes import constrain
 
 
-NORMS = ('batch', 'group')
+NORMS = ('batch', 'group', 'none')
+DOWNSAMPLES = ('max_pool', 'stride')
 
 
 class ConvBlock(nnx.Module):
-  """3x3 conv, BatchNorm or GroupNorm, ReLU."""
+  """kxk conv (stride 1 or 2), then BatchNorm, GroupNorm or no norm, ReLU."""
 
   def __init__(self, in_features: int, out_features: int, *, norm_axis_name: str | None,
-               rngs: nnx.Rngs, norm: str = 'batch', norm_groups: int = 8):
-    # No conv bias: the norm's shift that follows makes it redundant.
-    self.conv = Conv(in_features, out_features, (3, 3), use_bias=False, rngs=rngs,
-                         kernel_metadata={'logical_axes': (None, None, 'conv_in', 'conv_out')})
+               rngs: nnx.Rngs, norm: str = 'batch', norm_groups: int = 8,
+               kernel_size: int = 3, stride: int = 1):
+    # No conv bias under a norm: the norm's shift that follows makes it redundant.
+    self.conv = Conv(in_features, out_features, (kernel_size, kernel_size),
+                     strides=(stride, stride), use_bias=norm == 'none', rngs=rngs,
+                     kernel_metadata={'logical_axes': (None, None, 'conv_in', 'conv_out')},
+                     bias_metadata={'logical_axes': ('conv_out',)})
     channels = {'logical_axes': ('conv_out',)}
-    if norm == 'group':
+    if norm == 'none':
+      self.norm = None
+    elif norm == 'group':
       if out_features % norm_groups:
         raise KilnError(f'config.model.norm_groups={norm_groups} must divide every stage\'s '
                         f'channels (config.model.features has {out_features})')
@@ -41,8 +50,10 @@ class ConvBlock(nnx.Module):
 
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     x = self.conv(x)
-    x = (self.norm(x, use_running_average=not train) if isinstance(self.norm, nnx.BatchNorm)
-         else self.norm(x))
+    if isinstance(self.norm, nnx.BatchNorm):
+      x = self.norm(x, use_running_average=not train)
+    elif self.norm is not None:
+      x = self.norm(x)
     return constrain(jax.nn.relu(x), ('batch', None, None, 'conv_out'))
 
 
@@ -56,24 +67,39 @@ class CNN(nnx.Module):
       'norm': F.Choices(NORMS),
       'norm_groups': F.POSITIVE_INT,
       'convs_per_stage': F.POSITIVE_INT,
+      'kernel_size': F.POSITIVE_INT,
+      'downsample': F.Choices(DOWNSAMPLES),
   }
 
 
   def __init__(self, *, num_classes: int, input_shape: Sequence[int],
                features: Sequence[int] = (32, 64), dense_features: int = 128,
                dropout_rate: float = 0.2, norm: str = 'batch', norm_groups: int = 8,
-               convs_per_stage: int = 2, norm_axis_name: str | None = None, rngs: nnx.Rngs):
-    """`norm`: 'batch' or 'group' (GroupNorm over `norm_groups` channel groups, per example).
-    `convs_per_stage`: conv blocks before each pooling (1 makes DP-SGD's per-example gradients
-    several times cheaper). `norm_axis_name`: mapped axis BatchNorm averages over (pmap)."""
+               convs_per_stage: int = 2, kernel_size: int = 3, downsample: str = 'max_pool',
+               norm_axis_name: str | None = None, rngs: nnx.Rngs):
+    """`norm`: 'batch', 'group' (GroupNorm over `norm_groups` channel groups, per example) or
+    'none'. `convs_per_stage`: conv blocks per stage (1 makes DP-SGD's per-example gradients
+    several times cheaper). `downsample`: 'max_pool' (2x2 after each stage) or 'stride' (each
+    stage's first conv has stride 2, 'SAME' padding). `norm_axis_name`: mapped axis BatchNorm
+    averages over (pmap)."""
+    if downsample not in DOWNSAMPLES:
+      raise KilnError(f"config.model.downsample='{downsample}' is unknown: use one of "
+                      f"{', '.join(DOWNSAMPLES)}")
+    if norm not in NORMS:
+      raise KilnError(f"config.model.norm='{norm}' is unknown: use one of {', '.join(NORMS)}")
+    self.downsample = downsample
     height, width, channels = input_shape
     stages = []
     for out in features:
-      block = dict(norm_axis_name=norm_axis_name, norm=norm, norm_groups=norm_groups, rngs=rngs)
-      stages.append(nnx.List([ConvBlock(channels, out, **block)] + [
+      block = dict(norm_axis_name=norm_axis_name, norm=norm, norm_groups=norm_groups,
+                   kernel_size=kernel_size, rngs=rngs)
+      first_stride = 2 if downsample == 'stride' else 1
+      stages.append(nnx.List([ConvBlock(channels, out, stride=first_stride, **block)] + [
           ConvBlock(out, out, **block) for _ in range(convs_per_stage - 1)]))
       channels = out
-      height, width = height // 2, width // 2
+      # VALID 2x2 pooling floors; a 'SAME' stride-2 conv rounds up.
+      height, width = ((height // 2, width // 2) if downsample == 'max_pool'
+                       else (-(-height // 2), -(-width // 2)))
     if height < 1 or width < 1:
       raise KilnError(f'input {tuple(input_shape)} is too small for {len(features)} '
                       'pooling stages: use fewer config.model.features')
@@ -91,14 +117,15 @@ class CNN(nnx.Module):
     for stage in self.stages:
       for block in stage:
         x = block(x, train=train)
-      x = layers.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+      if self.downsample == 'max_pool':
+        x = layers.max_pool(x, window_shape=(2, 2), strides=(2, 2))
     x = constrain(jax.nn.relu(self.hidden(x.reshape(x.shape[0], -1))), ('batch', 'mlp'))
     x = self.dropout(x, deterministic=not train, rngs=rngs)
     return self.classifier(x).astype(jnp.float32)
 
   def forward_flops(self, input_shape: Sequence[int]) -> float:
     """One example's forward FLOPs (models.cost conventions), mirroring __call__: conv
-    blocks per stage, a 2x2/2 max-pool after each, the dense head."""
+    blocks per stage, a 2x2/2 max-pool after each (unless the convs stride), the dense head."""
     if len(input_shape) != 3:
       raise KilnError(f'CNN input_shape {tuple(input_shape)} must be one example\'s (H, W, C)')
     *spatial, channels = input_shape
@@ -111,7 +138,8 @@ class CNN(nnx.Module):
         flops, spatial = conv_flops(block.conv, spatial)
         total += flops
         channels = block.conv.out_features
-      spatial = [size // 2 for size in spatial]  # VALID 2x2 windows, stride 2.
+      if self.downsample == 'max_pool':
+        spatial = [size // 2 for size in spatial]  # VALID 2x2 windows, stride 2.
     flattened = channels
     for size in spatial:
       flattened *= size
