@@ -114,7 +114,7 @@ def make_pruner(name: str, space: SearchSpace, config, startup_trials: int = 5,
   if interval_steps != 1 and name != 'median':
     raise KilnError(f'--pruner_interval_steps={interval_steps} is an option of --pruner=median '
                     f"(Optuna's MedianPruner), not of {name}: drop it or pass --pruner=median")
-  if name == 'median':  # The median stopping rule as published (Vizier) and as Optuna has it.
+  if name == 'median':  # Vizier's median stopping rule as Optuna has it (README, tune section).
     # interval_steps: judged at the first eval at or after warm-up + k * interval only.
     return optuna.pruners.MedianPruner(n_startup_trials=startup_trials,
                                        n_warmup_steps=warmup_steps,
