@@ -136,8 +136,9 @@ class MedianOfAllPruner(optuna.pruners.BasePruner):
   climbs as TPE concentrates on good regions. On the digits space that pruned exactly the best
   trials: high learning rates lag the leaders at the first evals (peak rate, not yet decayed)
   and pass them late, and TPE then learned that high rates were bad. The price is that more
-  trials complete: 63-72% of random search's steps there, against 36-55% for Optuna's rule
-  (`median`), which ended 1-2 held-out images short (README, tune section).
+  trials complete: 63-72% of random search's steps there, against 37-57% for Optuna's rule
+  (`median`), which matched random search's best on seeds 0 and 2 and ended one held-out
+  image short on seed 1 (README, tune section).
   """
 
   def __init__(self, startup_trials: int = 5, warmup_steps: int = 0):
