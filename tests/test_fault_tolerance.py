@@ -15,7 +15,7 @@ import train
 from core.errors import KilnError
 from loop.checkpoint import CHECKPOINTS_FOLDER
 from tests.checkpoints import latest_params
-from tests.tiny import REPO, fault_config, multihost_config
+from tests.tiny import REPO, fault_config
 
 CHAOS_SEED = 20261204  # The kill steps are random, and reproducible from this seed.
 
@@ -124,13 +124,12 @@ def test_unwritable_workdir_fails_in_one_line(tmp_path, devices):
   assert '\n' not in str(error.value)
 
 
-@pytest.mark.slow  # Two interpreters, twice, plus the one-process reference.
-def test_two_process_job_resumes_after_one_process_is_killed(tmp_path, devices):
+@pytest.mark.slow  # Two interpreters, twice (the one-process reference is shared).
+def test_two_process_job_resumes_after_one_process_is_killed(multihost_reference, tmp_path):
   """SIGKILL one of two processes mid-run (the other is stuck in a collective and is killed
   by the "scheduler" too), restart both: the job ends equal to one uninterrupted process."""
   from tests.test_multihost import _free_port, _run_two_processes
-  reference = str(tmp_path / 'one_process')
-  train.train_and_evaluate(multihost_config(), reference)
+  reference = multihost_reference[0]
   workdir = str(tmp_path / 'two_processes')
   port = _free_port()
   procs = [subprocess.Popen([sys.executable, 'tests/multihost_worker.py', str(i), '2', str(port),

@@ -11,10 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-import train
 from monitor import run_log
 from tests.checkpoints import latest_params
-from tests.tiny import REPO, multihost_config
+from tests.tiny import REPO
 
 
 
@@ -39,10 +38,9 @@ def _losses(workdir: str) -> list[float]:
   return list(run_log.read_scalars(workdir)['train_loss'][1])
 
 
-@pytest.mark.slow  # Two more interpreters, twice, plus the one-process reference.
-def test_two_processes_match_one_process_step_for_step(tmp_path, devices):
-  reference = str(tmp_path / 'one_process')
-  expected = train.train_and_evaluate(multihost_config(), reference)
+@pytest.mark.slow  # Two more interpreters, twice (the one-process reference is shared).
+def test_two_processes_match_one_process_step_for_step(multihost_reference, tmp_path):
+  reference, expected = multihost_reference
   multi = str(tmp_path / 'two_processes')
   _run_two_processes(multi, stop_at_step=6)
   assert sorted(os.listdir(os.path.join(multi, 'checkpoints'))) == ['3', '6']
