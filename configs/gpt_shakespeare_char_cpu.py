@@ -15,7 +15,8 @@ def get_config():
   c.model.dropout_rate = 0.0
   c.batch_size = 12
   # Two micro-batches of 6 per step (one update, same gradient): activations stay in the
-  # caches, 1.3x the tokens/s on 2 CPU cores (benchmarks/gpt_throughput.py --shape cpu).
+  # caches. Host-dependent: 1.3x the tokens/s on the 2-core host it was tuned on, 0.88x on a
+  # later one (benchmarks/gpt_throughput.py --shape cpu times both; set 1 where faster).
   c.gradient.accumulation_steps = 2
   c.eval_batch_size = 240
   c.num_train_steps = 2000
