@@ -11,16 +11,6 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
-# One persistent compilation cache, config.compilation_cache_dir's default folder, for the
-# session from its first compile and for every interpreter it starts (workers, train.py,
-# serve.py, notebook kernels, the lower-ISA pytest): they compile the same programs again and
-# again, and each fresh interpreter otherwise compiles them all anew. Every program is kept,
-# however quick to compile (JAX's default keeps only those over 1 s): most of the suite's are
-# small, and it starts hundreds of interpreters.
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.expanduser('~/.cache/kiln/jax'))
-os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
-os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '-1'
-
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
