@@ -83,7 +83,7 @@ def _parse(argv):
                            'and 1)')
   args = parser.parse_args(argv)
   if (min(args.rounds, args.steps_per_round) < 1 or args.warmup < 0 or
-      any(a < 1 for a in (args.accumulation or ()) + tuple(args.torch_threads or ()))):
+      any(a < 1 for a in tuple(args.accumulation or ()) + tuple(args.torch_threads or ()))):
     sys.exit(f'error: --rounds={args.rounds}, --steps-per-round={args.steps_per_round}, '
              f'--accumulation and --torch-threads must be >= 1, --warmup={args.warmup} >= 0')
   return args

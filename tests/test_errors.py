@@ -47,3 +47,18 @@ def test_entry_points_name_a_missing_flag_in_one_line(command, expected):
   assert result.returncode != 0
   assert result.stderr.strip().splitlines()[-1].startswith(expected), result.stderr[-2000:]
   assert 'Traceback' not in result.stderr
+
+
+# The benchmark checks its counts before importing JAX, so each case takes well under a second.
+@pytest.mark.parametrize('flags', [
+    ['--accumulation', '0'],
+    ['--accumulation', '1', '--accumulation', '2', '--torch-threads', '0'],
+    ['--rounds', '0'],
+])
+def test_gpt_benchmark_rejects_bad_counts_in_one_line(flags):
+  result = subprocess.run([sys.executable, 'benchmarks/gpt_throughput.py', *flags], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, env={'PATH': ''})
+  assert result.returncode != 0
+  last_line = result.stderr.strip().splitlines()[-1]
+  assert last_line.startswith('error: ') and '--accumulation' in last_line, result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr
