@@ -9,7 +9,10 @@ Models call these instead of the JAX functions they stand for:
 - `max_pool(x, window_shape, strides, padding)`: `nnx.max_pool`;
 - `erf(x)`: `jax.lax.erf`, in plain StableHLO arithmetic on the portable path;
 - `lstm(gates, mask, kernels, *, reverse)`: the LSTM recurrence of one layer's directions
-  from their projected inputs (a `lax.scan` on the portable path).
+  from their projected inputs (a `lax.scan` on the portable path);
+- `dense(x, kernel)`: x @ kernel for a dense layer's [..., I] x [I, O] (the same product;
+  a backend may compute its kernel gradient its own way); `dot_general` is the hook
+  `nnx.Linear` takes, sending its product to `dense`.
 
 Each has a portable implementation here in plain JAX: what accelerators run, what
 `jax.export` sees, and all there is when no backend package is installed. A backend package
@@ -39,7 +42,7 @@ from jax import lax
 from backends import installed_cpu
 from core.errors import KilnError
 
-OPS = ('causal_attention', 'random_bits', 'conv_general_dilated', 'max_pool', 'lstm')
+OPS = ('causal_attention', 'random_bits', 'conv_general_dilated', 'max_pool', 'lstm', 'dense')
 MODES = ('auto', 'xla', 'cpu')  # config.backend.cpu_kernels values.
 
 
@@ -249,6 +252,28 @@ def lstm(gates: jax.Array, mask: jax.Array, kernels: jax.Array, *,
                        (gates.transpose(2, 1, 0, 3), masks.transpose(2, 1, 0)))
   # hs [T, D, B, H] -> each direction back in frame order, side by side: [B, T, D*H].
   return jnp.concatenate([flip(hs[:, d].swapaxes(0, 1), d) for d in range(directions)], -1)
+
+
+def dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x [..., I] @ kernel [I, O] -> [..., O]: a dense layer's product."""
+  chosen = _chosen('dense')
+  if chosen is not None:
+    return chosen(x, kernel)
+  return x @ kernel
+
+
+def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
+                preferred_element_type=None, **kwargs) -> jax.Array:
+  """`jax.lax.dot_general` (same arguments), the hook `nnx.Linear` takes: its product (lhs's
+  last dimension against a 2-D rhs's first, nothing else asked) goes through `dense`."""
+  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+  if (rhs.ndim == 2 and tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,)
+      and not lhs_batch and not rhs_batch and precision is None and lhs.dtype == rhs.dtype
+      and preferred_element_type in (None, lhs.dtype)
+      and all(value is None for value in kwargs.values())):
+    return dense(lhs, rhs)
+  return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                         preferred_element_type=preferred_element_type, **kwargs)
 
 
 def _register_installed_backends() -> None:

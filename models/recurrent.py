@@ -41,7 +41,7 @@ def project_frames(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Arra
   (13 MB at the issue 28 shape) for the kernel's gradient; from the 2-D form it transposes
   x, which is 4H / F times smaller."""
   batch, length, features = x.shape
-  return (x.reshape(batch * length, features) @ kernel + bias).reshape(batch, length, -1)
+  return (ops.dense(x.reshape(batch * length, features), kernel) + bias).reshape(batch, length, -1)
 
 
 class LSTMLayer(nnx.Module):

@@ -144,7 +144,8 @@ class Attention(nnx.Module):
     # One 2D [B*T, E] x [E, 3E] matmul (the parameter's [E, 3, N, H] layout flattens for
     # free); with heads-major attention and the 2D output matmul below, a faster step than
     # the 'bte,eknh->kbtnh' / 'btnh,nhe->bte' einsums (benchmarks/README.md, "attention").
-    qkv = x.reshape(batch * length, embed) @ self.qkv[...].astype(self.dtype).reshape(embed, -1)
+    qkv = ops.dense(x.reshape(batch * length, embed),
+                    self.qkv[...].astype(self.dtype).reshape(embed, -1))
     if self.qkv_bias is not None:
       qkv = qkv + self.qkv_bias[...].astype(self.dtype).reshape(-1)
     # Split along the matmul's columns, so the backward pass concatenates the three gradients
@@ -186,7 +187,7 @@ class Attention(nnx.Module):
 
   def _project_out(self, y, shape):
     """[B*T, N*H] attention output -> [B, T, E] through the output projection."""
-    y = y @ self.out[...].astype(self.dtype).reshape(y.shape[-1], shape[-1])
+    y = ops.dense(y, self.out[...].astype(self.dtype).reshape(y.shape[-1], shape[-1]))
     if self.out_bias is not None:
       y = y + self.out_bias[...].astype(self.dtype)
     return y.reshape(shape)
@@ -205,10 +206,10 @@ class MLP(nnx.Module):
                out_init=_INIT):
     self.dtype = dtype
     self.fc1 = nnx.Linear(embed_dim, hidden_dim, use_bias=use_bias, dtype=dtype, rngs=rngs,
-                          kernel_init=_INIT, kernel_metadata={'logical_axes': ('embed', 'mlp')},
+                          kernel_init=_INIT, dot_general=ops.dot_general, kernel_metadata={'logical_axes': ('embed', 'mlp')},
                           bias_metadata={'logical_axes': ('mlp',)})
     self.fc2 = nnx.Linear(hidden_dim, embed_dim, use_bias=use_bias, dtype=dtype, rngs=rngs,
-                          kernel_init=out_init, kernel_metadata={'logical_axes': ('mlp', 'embed')},
+                          kernel_init=out_init, dot_general=ops.dot_general, kernel_metadata={'logical_axes': ('mlp', 'embed')},
                           bias_metadata={'logical_axes': ('embed',)})
 
   def __call__(self, x):

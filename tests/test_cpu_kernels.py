@@ -191,6 +191,54 @@ def test_bad_kernel_settings_name_the_fix(monkeypatch, tmp_path):
   assert not ops.accelerated('causal_attention') and not ops.accelerated('random_bits')
 
 
+# Rows: one, several chunks with a ragged last one (I=5: 6,553 rows a chunk); inputs: a
+# partial register tile, whole tiles; outputs: a partial panel, whole panels and a ragged
+# one; two directions side by side.
+@pytest.mark.parametrize('rows, inputs, outputs, directions', [
+    (1, 3, 5, 1), (7000, 5, 70, 1), (300, 16, 64, 1), (96, 13, 40, 2)])
+def test_weight_grad_equals_the_xla_dot(rows, inputs, outputs, directions):
+  x = jax.random.normal(jax.random.key(0), (rows, directions * inputs))
+  g = jax.random.normal(jax.random.key(1), (rows, directions * outputs))
+  expected = jnp.einsum('ndi,ndo->dio', x.reshape(rows, directions, inputs),
+                        g.reshape(rows, directions, outputs), precision='highest')
+  ours = cpu_kernels.weight_grad(x, g, directions)
+  assert ours.shape == (directions, inputs, outputs)
+  np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5 * np.sqrt(rows))
+
+
+def test_dense_layers_equal_xla_outputs_and_gradients():
+  """nnx.Linear through ops.dot_general and ops.dense on 3-D inputs: the kernel's gradient
+  path against plain XLA; bfloat16 and a contraction that is no dense layer's stay plain."""
+  layer = nnx.Linear(24, 40, dot_general=ops.dot_general, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(2), (3, 11, 24))
+  g = jax.random.normal(jax.random.key(3), (3, 11, 40))
+
+  def grads(kernels):
+    with ops.use(kernels):
+      assert ops.accelerated('dense') == (kernels == 'cpu')
+      loss = lambda m, x: ((m(x) * g).sum() + (ops.dense(x, m.kernel[...]) * g).sum())
+      return nnx.grad(loss, argnums=(0, 1))(layer, x)
+  (model_grads, x_grad), (expected_model, expected_x) = grads('cpu'), grads('xla')
+  np.testing.assert_allclose(x_grad, expected_x, rtol=1e-5, atol=1e-5)
+  for ours, reference in zip(jax.tree.leaves(model_grads), jax.tree.leaves(expected_model)):
+    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-4)
+  with ops.use('cpu'):
+    half = jax.jit(ops.dense).lower(x.astype(jnp.bfloat16), layer.kernel[...].astype(
+        jnp.bfloat16)).as_text()
+    batched = jax.jit(lambda a, b: ops.dot_general(a, b, (((2,), (1,)), ((0,), (0,))))).lower(
+        x, jnp.ones((3, 24, 5))).as_text()
+    kernel_grad = jax.jit(jax.grad(lambda x, w: (ops.dense(x, w) * g).sum(), 1)).lower(
+        x, layer.kernel[...]).as_text()
+  assert 'KilnWeightGrad' in kernel_grad
+  assert 'KilnWeightGrad' not in half and 'dot_general' in batched
+
+
+def test_weight_grad_rejects_mismatched_shapes():
+  with pytest.raises(KilnError, match=r'weight_grad needs x \[N, D\*I\] and g \[N, D\*O\] '
+                                      r'with D=2, got \(4, 3\) and \(4, 6\)'):
+    cpu_kernels.weight_grad(jnp.ones((4, 3)), jnp.ones((4, 6)), 2)
+
+
 LOWER_ISA = ('-mno-avx512f',)  # The AVX2 (and scalar) paths of csrc/cpu_kernels.cc.
 # Attention, dropout and Philox checks above, every conv lowering against native (direct =
 # the compiled kernel) and the LSTM recurrence against its scan, rerun against the
@@ -198,7 +246,8 @@ LOWER_ISA = ('-mno-avx512f',)  # The AVX2 (and scalar) paths of csrc/cpu_kernels
 _RECHECKED = [f'tests/test_cpu_kernels.py::test_{name}' for name in (
     'attention_and_gradients_equal_xla', 'attention_dropout_is_inverted_dropout_on_the_'
     'probabilities', 'attention_dropout_gradients_use_the_forward_mask',
-    'random_bits_are_uniform_and_reproducible', 'gpt_with_kernels_equals_gpt_without')] + [
+    'random_bits_are_uniform_and_reproducible', 'gpt_with_kernels_equals_gpt_without',
+    'weight_grad_equals_the_xla_dot', 'dense_layers_equal_xla_outputs_and_gradients')] + [
     'tests/test_conv.py::test_lowerings_match_native_outputs_and_gradients',
     'tests/test_lstm_kernel.py::test_kernel_outputs_and_gradients_equal_the_scan']
 

@@ -36,3 +36,4 @@ def register(register_op) -> None:
   register_op('conv_general_dilated', conv_lowering.conv_general_dilated, platform='cpu')
   register_op('max_pool', max_pool.max_pool, platform='cpu')
   register_op('lstm', kernels.lstm, platform='cpu', ready=kernels.ensure)
+  register_op('dense', kernels.dense, platform='cpu', ready=kernels.ensure)
