@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from backends import ops
@@ -53,9 +54,18 @@ def _param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], ini
 def rotary(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> jax.Array:
   """Rotary position embedding (Su et al. 2021) on [B, T, N, H] with positions [B, T]."""
   half = x.shape[-1] // 2
-  frequencies = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angles = positions[..., None, None].astype(jnp.float32) * frequencies  # [B, T, 1, half]
-  sin, cos = jnp.sin(angles).astype(x.dtype), jnp.cos(angles).astype(x.dtype)
+  if isinstance(positions, np.ndarray) and (positions == positions[:1]).all():
+    # Positions known when tracing (a training step's 0..T-1 in every row): the tables are
+    # constants, where XLA:CPU otherwise ran sin and cos of every angle in every layer, every
+    # step (1.7% of the GPT CPU config's step).
+    # float32 as on the traced path, so both give the same angles.
+    frequencies = np.float32(base) ** (-np.arange(half, dtype=np.float32) / np.float32(half))
+    angles = positions[:1, :, None, None].astype(np.float32) * frequencies  # [1, T, 1, half]
+    sin, cos = (jnp.asarray(table, x.dtype) for table in (np.sin(angles), np.cos(angles)))
+  else:
+    frequencies = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions[..., None, None].astype(jnp.float32) * frequencies  # [B, T, 1, half]
+    sin, cos = jnp.sin(angles).astype(x.dtype), jnp.cos(angles).astype(x.dtype)
   # split, not x[..., :half]: indexing under a symbolic batch dim (jax.export) lowers to a
   # dynamic gather that the TFLite converter cannot read.
   x1, x2 = jnp.split(x, 2, axis=-1)
@@ -299,7 +309,9 @@ class Transformer(nnx.Module):
                train: bool = False, rngs: nnx.Rngs | None = None):
     """Hidden states [B, T, E] (and the updated cache when `cache` is given)."""
     batch, length = tokens.shape
-    if positions is None:
+    if positions is None and cache is None and isinstance(batch, int):
+      positions = np.broadcast_to(np.arange(length), (batch, length))  # Known when tracing.
+    elif positions is None:
       start = 0 if cache is None else self._cache_index(cache)
       positions = jnp.broadcast_to(start + jnp.arange(length), (batch, length))
     x = self.embed(tokens, positions, train=train, rngs=rngs)

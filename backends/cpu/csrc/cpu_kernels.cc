@@ -1838,15 +1838,19 @@ ffi::Error WeightGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
   // kPanelCols accumulates into a padded copy of its columns of out.
   auto work = [&](int64_t item, int64_t) {
     const int64_t first = item * total / items, last = (item + 1) * total / items;
-    std::vector<float> block(chunk * kPanelCols, 0.0f), edge;
+    // Uninitialised: only a narrow panel's padding columns are read before written.
+    std::unique_ptr<float[]> block(new float[std::min(chunk, N) * kPanelCols]);
+    std::vector<float> edge;
     for (int64_t row = 0; row < N; row += chunk) {
       const int64_t rows = std::min(chunk, N - row);
       for (int64_t p = first; p < last; ++p) {
         const int64_t d = p / panels, col = (p % panels) * kPanelCols;
         const int64_t cols = std::min(kPanelCols, O - col);
         const float* source = gs + row * ldg + d * O + col;
-        for (int64_t n = 0; n < rows; ++n)
-          std::copy(source + n * ldg, source + n * ldg + cols, block.data() + n * kPanelCols);
+        for (int64_t n = 0; n < rows; ++n) {
+          std::copy(source + n * ldg, source + n * ldg + cols, block.get() + n * kPanelCols);
+          std::fill(block.get() + n * kPanelCols + cols, block.get() + (n + 1) * kPanelCols, 0.0f);
+        }
         float* c = result + d * I * O + col;
         int64_t ldc = O;
         if (cols < kPanelCols) {
@@ -1860,7 +1864,7 @@ ffi::Error WeightGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
         const float* xr = xs + row * ldx + d * I;
         for (int64_t i = 0; i < I; i += kPanelTileRows) {
           const int count = int(std::min<int64_t>(kPanelTileRows, I - i));
-          WeightGradTileUpTo<kPanelTileRows>(count, xr + i, ldx, block.data(), kPanelCols, rows,
+          WeightGradTileUpTo<kPanelTileRows>(count, xr + i, ldx, block.get(), kPanelCols, rows,
                                              row > 0, c + i * ldc, ldc);
         }
         if (cols < kPanelCols)
