@@ -5,8 +5,9 @@ CPU implementations of its ops, and deleting this folder leaves the portable pla
 (backends/ops.py tolerates its absence). Importing the package starts nothing (no JAX), so
 scripts can reach `host_memory` before JAX starts.
 
-- `kernels`: compiled attention, Philox dropout bits, direct convolutions and the LSTM
-  recurrence (C++ in csrc/, built on first use for this CPU and cached);
+- `kernels`: compiled attention, Philox dropout bits, direct convolutions, the LSTM
+  recurrence and dense layers' kernel gradients (C++ in csrc/, built on first use for this
+  CPU and cached);
 - `conv_lowering`: the per-shape choice between XLA's convolution and GEMM rewrites of it;
 - `max_pool`: max-pool and its gradient as fused elementwise work (XLA:CPU's
   select_and_scatter is slow);

@@ -14,6 +14,11 @@
   `lax.scan` as a while loop of small kernels per step; the kernel gives each thread a
   (direction, block of batch rows) for all steps, with the hidden kernel packed once per
   call for a register-tiled matmul (gains: benchmarks/README.md, "LSTM kernel").
+- `dense`: a dense layer's product x @ kernel whose kernel gradient x^T g is `weight_grad`'s
+  register-tiled kernel. XLA:CPU gives that dot (both operands contracted on their first
+  dimension) to Eigen, which packs both operands on every call; the GPT steps' weight
+  gradients ran at a third to three quarters of the matmul peak there (gains:
+  benchmarks/README.md, "weight-gradient kernel").
 
 The library is compiled from source on first use with the C++ compiler on PATH (`$CXX`,
 else g++), against the XLA FFI headers that ship with jaxlib and the Eigen headers that
