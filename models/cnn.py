@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from backends import ops
 from core.errors import KilnError
 from core import fields as F
 from models import layers
@@ -105,10 +106,12 @@ class CNN(nnx.Module):
                       'pooling stages: use fewer config.model.features')
     self.stages = nnx.List(stages)
     self.hidden = nnx.Linear(height * width * channels, dense_features, rngs=rngs,
+                             dot_general=ops.dot_general,
                              kernel_metadata={'logical_axes': ('embed', 'mlp')},
                              bias_metadata={'logical_axes': ('mlp',)})
     self.dropout = nnx.Dropout(dropout_rate)
     self.classifier = nnx.Linear(dense_features, num_classes, rngs=rngs,
+                                 dot_general=ops.dot_general,
                                  kernel_metadata={'logical_axes': ('mlp', 'classes')})
 
   def __call__(self, images: jax.Array, *, train: bool = False,

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from backends import ops
 from core.errors import KilnError
 from core import fields as F
 from models.conv import Conv
@@ -41,7 +42,7 @@ class ConvSubsampling(nnx.Module):
                       kernel_metadata={'logical_axes': (None, None, 'conv_in', 'conv_out')})
     self.out_bins = -(-(-(-input_dim // 2)) // 2)
     self.proj = nnx.Linear(channels * self.out_bins, model_dim, rngs=rngs,
-                           kernel_metadata={'logical_axes': ('embed', 'mlp')})
+                           dot_general=ops.dot_general, kernel_metadata={'logical_axes': ('embed', 'mlp')})
 
   def __call__(self, features: jax.Array, mask: jax.Array) -> jax.Array:
     x = jnp.where(mask[..., None], features, 0.0)[..., None]  # [B, T, F, 1]
@@ -54,9 +55,9 @@ class ConvSubsampling(nnx.Module):
 class FeedForward(nnx.Module):
   def __init__(self, dim: int, hidden: int, dropout_rate: float, *, rngs: nnx.Rngs):
     self.norm = nnx.LayerNorm(dim, scale_metadata=_NORM, bias_metadata=_NORM, rngs=rngs)
-    self.fc1 = nnx.Linear(dim, hidden, rngs=rngs,
+    self.fc1 = nnx.Linear(dim, hidden, rngs=rngs, dot_general=ops.dot_general,
                           kernel_metadata={'logical_axes': ('embed', 'mlp')})
-    self.fc2 = nnx.Linear(hidden, dim, rngs=rngs,
+    self.fc2 = nnx.Linear(hidden, dim, rngs=rngs, dot_general=ops.dot_general,
                           kernel_metadata={'logical_axes': ('mlp', 'embed')})
     self.dropout = nnx.Dropout(dropout_rate)
 

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from backends import ops
 from core.errors import KilnError
 from core import fields as F
 from core.logical_axes import constrain
@@ -25,11 +26,13 @@ class MLP(nnx.Module):
                rngs: nnx.Rngs):
     sizes = [math.prod(input_shape), *hidden_features]
     self.hidden = nnx.List([
-        nnx.Linear(a, b, rngs=rngs, kernel_metadata={'logical_axes': ('embed', 'mlp')},
+        nnx.Linear(a, b, rngs=rngs, dot_general=ops.dot_general,
+                   kernel_metadata={'logical_axes': ('embed', 'mlp')},
                    bias_metadata={'logical_axes': ('mlp',)})
         for a, b in zip(sizes[:-1], sizes[1:])])
     self.dropout = nnx.Dropout(dropout_rate)
     self.classifier = nnx.Linear(sizes[-1], num_classes, rngs=rngs,
+                                 dot_general=ops.dot_general,
                                  kernel_metadata={'logical_axes': ('mlp', 'classes')})
 
   def __call__(self, inputs: jax.Array, *, train: bool = False,

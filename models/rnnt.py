@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from backends import ops
 from core.errors import KilnError
 from core import fields as F
 from models.conformer import ConformerEncoder
@@ -60,10 +61,13 @@ class Transducer(nnx.Module):
                            embedding_metadata={'logical_axes': ('vocab', 'embed')})
     self.predictor = LSTMLayer(embed_dim, pred_hidden_dim, rngs=rngs)
     self.enc_proj = nnx.Linear(self.encoder.output_dim, joint_dim, rngs=rngs,
+                               dot_general=ops.dot_general,
                                kernel_metadata={'logical_axes': ('embed', 'mlp')})
     self.pred_proj = nnx.Linear(pred_hidden_dim, joint_dim, use_bias=False, rngs=rngs,
+                                dot_general=ops.dot_general,
                                 kernel_metadata={'logical_axes': ('embed', 'mlp')})
     self.joint_out = nnx.Linear(joint_dim, vocab_size, rngs=rngs,
+                                dot_general=ops.dot_general,
                                 kernel_metadata={'logical_axes': ('mlp', 'vocab')})
 
   def encode(self, features, frames, *, train: bool = False, rngs=None):
