@@ -262,12 +262,22 @@ def dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return x @ kernel
 
 
+_LAX_DOT_GENERAL = lax.dot_general
+_LAX_DOT_GENERAL_CODE = lax.dot_general.__code__
+
+
 def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
                 preferred_element_type=None, **kwargs) -> jax.Array:
   """`jax.lax.dot_general` (same arguments), the hook `nnx.Linear` takes: its product (lhs's
-  last dimension against a 2-D rhs's first, nothing else asked) goes through `dense`."""
+  last dimension against a 2-D rhs's first, nothing else asked) goes through `dense`.
+  Quantization (qwix) swaps `lax.dot_general` out, or its code, while a model runs and may
+  hand in quantized weights that are no arrays: those calls go to whatever `lax.dot_general`
+  is then."""
   (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
-  if (rhs.ndim == 2 and tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,)
+  intercepted = (lax.dot_general is not _LAX_DOT_GENERAL
+                 or lax.dot_general.__code__ is not _LAX_DOT_GENERAL_CODE)
+  if (not intercepted and isinstance(lhs, jax.Array) and isinstance(rhs, jax.Array)
+      and rhs.ndim == 2 and tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,)
       and not lhs_batch and not rhs_batch and precision is None and lhs.dtype == rhs.dtype
       and preferred_element_type in (None, lhs.dtype)
       and all(value is None for value in kwargs.values())):
