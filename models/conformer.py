@@ -42,7 +42,8 @@ class ConvSubsampling(nnx.Module):
                       kernel_metadata={'logical_axes': (None, None, 'conv_in', 'conv_out')})
     self.out_bins = -(-(-(-input_dim // 2)) // 2)
     self.proj = nnx.Linear(channels * self.out_bins, model_dim, rngs=rngs,
-                           dot_general=ops.dot_general, kernel_metadata={'logical_axes': ('embed', 'mlp')})
+                           dot_general=ops.dot_general,
+                           kernel_metadata={'logical_axes': ('embed', 'mlp')})
 
   def __call__(self, features: jax.Array, mask: jax.Array) -> jax.Array:
     x = jnp.where(mask[..., None], features, 0.0)[..., None]  # [B, T, F, 1]

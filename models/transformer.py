@@ -216,10 +216,12 @@ class MLP(nnx.Module):
                out_init=_INIT):
     self.dtype = dtype
     self.fc1 = nnx.Linear(embed_dim, hidden_dim, use_bias=use_bias, dtype=dtype, rngs=rngs,
-                          kernel_init=_INIT, dot_general=ops.dot_general, kernel_metadata={'logical_axes': ('embed', 'mlp')},
+                          kernel_init=_INIT, dot_general=ops.dot_general,
+                          kernel_metadata={'logical_axes': ('embed', 'mlp')},
                           bias_metadata={'logical_axes': ('mlp',)})
     self.fc2 = nnx.Linear(hidden_dim, embed_dim, use_bias=use_bias, dtype=dtype, rngs=rngs,
-                          kernel_init=out_init, dot_general=ops.dot_general, kernel_metadata={'logical_axes': ('mlp', 'embed')},
+                          kernel_init=out_init, dot_general=ops.dot_general,
+                          kernel_metadata={'logical_axes': ('mlp', 'embed')},
                           bias_metadata={'logical_axes': ('embed',)})
 
   def __call__(self, x):
