@@ -4,9 +4,8 @@
 //
 // Why: XLA:CPU runs attention's small batched dots ([T, H] x [H, T] per batch and head) at
 // about a third of its matmul peak and materialises every [T, T] intermediate in memory.
-// Here each thread takes whole (batch, head) pairs, keeps a block of scores in its cache and
-// multiplies with single-threaded Eigen GEMMs, which reach ~80% of a core's peak on these
-// shapes. Dropout masks come from Philox-4x32-10 (Salmon et al. 2011, the generator of
+// Here each thread takes whole (batch, head) pairs, keeps a tile of query rows' scores in its
+// cache and multiplies on register tiles that skip the keys a tile's rows cannot see. Dropout masks come from Philox-4x32-10 (Salmon et al. 2011, the generator of
 // PyTorch's and cuRAND's dropout), keyed by a per-call seed and counted by (pair, row,
 // column), so the backward pass regenerates exactly the forward pass's masks.
 //
@@ -26,6 +25,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -101,11 +101,19 @@ inline Lane MultiplyAdd(Lane a, Lane b, Lane c) {
   for (int64_t i = 0; i < kLane; ++i) c.v[i] += a.v[i] * b.v[i];
   return c;
 }
+using TailMask = int64_t;  // How many leading floats count.
+inline TailMask Tail(int64_t n) { return n; }
+inline Lane LoadTail(const float* p, TailMask m) {
+  Lane l = ZeroLane();
+  std::copy(p, p + m, l.v);
+  return l;
+}
+inline void StoreTail(float* p, TailMask m, Lane v) { std::copy(v.v, v.v + m, p); }
 #endif
 
-// Query rows per block: the block reads keys only up to its last row, so with 64-row
-// blocks a 256-token sequence computes 5/8 of the full score matrix instead of all of it.
-constexpr int64_t kBlock = 64;
+// Columns of one register tile: two vectors.
+constexpr int64_t kPanelCols = 2 * kLane;
+
 constexpr uint32_t kLevels = 1u << 16;
 
 struct Dims {
@@ -313,6 +321,99 @@ ffi::Error CheckDims(const ffi::AnyBuffer::Dimensions& q, const ffi::AnyBuffer::
   return ffi::Error::Success();
 }
 
+// c[R, cols] = a[R, k0:k1] x b[k0:k1, cols] for cols <= kPanelCols, with element (r, k) of
+// a at a[r * row_step + k * k_step] (a transposed operand is the same call with the steps
+// swapped) and rows of b and c `ldb` and `ldc` apart; columns past `cols` are neither read
+// nor written. The result is stored, not added, so no output is zeroed first: Eigen's GEMMs
+// zero theirs, and at attention's [64, 32] x [32, 64] shapes that zeroing (a memset per
+// row) and the packing took more time than the multiplications.
+template <int R, bool kPartial>
+void StridedTile(const float* a, int64_t row_step, int64_t k_step, const float* b, int64_t ldb,
+                 int64_t k0, int64_t k1, float* c, int64_t ldc, int64_t cols) {
+  Lane acc[R][2];
+#pragma GCC unroll 16
+  for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = ZeroLane();
+  const TailMask first = Tail(std::min<int64_t>(cols, kLane));
+  const TailMask second = Tail(std::max<int64_t>(cols - kLane, 0));
+  for (int64_t k = k0; k < k1; ++k) {
+    const float* row = b + k * ldb;
+    const Lane w0 = kPartial ? LoadTail(row, first) : LoadLane(row);
+    const Lane w1 = kPartial ? LoadTail(row + kLane, second) : LoadLane(row + kLane);
+    const float* column = a + k * k_step;
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+      const Lane x = Broadcast(column[i * row_step]);
+      acc[i][0] = MultiplyAdd(x, w0, acc[i][0]);
+      acc[i][1] = MultiplyAdd(x, w1, acc[i][1]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < R; ++i) {
+    if (kPartial) {
+      StoreTail(c + i * ldc, first, acc[i][0]);
+      StoreTail(c + i * ldc + kLane, second, acc[i][1]);
+    } else {
+      StoreLane(c + i * ldc, acc[i][0]);
+      StoreLane(c + i * ldc + kLane, acc[i][1]);
+    }
+  }
+}
+
+// StridedTile for `rows` <= R rows (a block's last tile).
+template <int R>
+void StridedTileUpTo(int rows, bool partial, const float* a, int64_t row_step, int64_t k_step,
+                     const float* b, int64_t ldb, int64_t k0, int64_t k1, float* c, int64_t ldc,
+                     int64_t cols) {
+  if (rows == R) {
+    if (partial) {
+      StridedTile<R, true>(a, row_step, k_step, b, ldb, k0, k1, c, ldc, cols);
+    } else {
+      StridedTile<R, false>(a, row_step, k_step, b, ldb, k0, k1, c, ldc, cols);
+    }
+  } else if constexpr (R > 1) {
+    StridedTileUpTo<R - 1>(rows, partial, a, row_step, k_step, b, ldb, k0, k1, c, ldc, cols);
+  }
+}
+
+// c[rows, cols] = a[rows, k0:k1] x b[k0:k1, cols], steps and strides as in StridedTile;
+// column panel by column panel, so each panel of b is reused from the cache by every tile.
+void StridedProduct(const float* a, int64_t row_step, int64_t k_step, const float* b,
+                    int64_t ldb, int64_t k0, int64_t k1, float* c, int64_t ldc, int64_t rows,
+                    int64_t cols) {
+  for (int64_t c0 = 0; c0 < cols; c0 += kPanelCols) {
+    const int64_t width = std::min(kPanelCols, cols - c0);
+    for (int64_t r0 = 0; r0 < rows; r0 += kPanelTileRows) {
+      const int n = int(std::min<int64_t>(kPanelTileRows, rows - r0));
+      StridedTileUpTo<kPanelTileRows>(n, width < kPanelCols, a + r0 * row_step, row_step,
+                                      k_step, b + c0, ldb, k0, k1, c + r0 * ldc + c0, ldc,
+                                      width);
+    }
+  }
+}
+
+// out[H, T] = the [T, H] rows `stride` apart, transposed (contiguous).
+void Transpose(const float* in, int64_t T, int64_t H, int64_t stride, float* out) {
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 0; h < H; ++h) out[h * T + t] = in[t * stride + h];
+}
+
+// Row i of a pair's scores s[0, T) becomes its softmax over keys 0..i, zeros after. Columns
+// i+1 up to the next whole vector read as -inf, so exp runs on whole vectors (Eigen's
+// scalar tail of up to 15 expf calls per row cost as much as the rest of the row).
+void CausalSoftmaxRow(float* s, int64_t i, int64_t T) {
+  const int64_t visible = i + 1;
+  const int64_t padded = std::min(T, (visible + kLane - 1) / kLane * kLane);
+  std::fill(s + visible, s + padded, -std::numeric_limits<float>::infinity());
+  Eigen::Map<Eigen::ArrayXf> weights(s, padded);
+  const float top = weights.head(visible).maxCoeff();
+  weights = (weights - top).exp();
+  weights *= 1.0f / weights.head(visible).sum();
+  std::fill(s + padded, s + T, 0.0f);
+}
+
+// Rows of query tiles: as many as a register tile has.
+constexpr int64_t kQueryRows = kPanelTileRows;
+
 ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                    ffi::Buffer<ffi::U32> seed, ffi::Buffer<ffi::S32> shard,
                    ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> probabilities,
@@ -324,47 +425,37 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
   const int64_t T = d.length, H = d.dim, stride = d.stride();
   const bool dropout = threshold < int32_t(kLevels);
   const int64_t threads = Participants(pool, d.pairs());
-  // Per thread: the dropped weights of one block and a row of dropout scales.
-  std::vector<RowMatrix> dropped(threads, RowMatrix(std::min(kBlock, T), T));
-  std::vector<std::vector<float>> scales(threads, std::vector<float>(T));
+  // Per thread: k transposed, and the dropped weights of one tile of rows.
+  std::vector<std::vector<float>> keys(threads, std::vector<float>(H * T));
+  std::vector<std::vector<float>> dropped(threads, std::vector<float>(kQueryRows * T));
   const uint32_t* key = seed.typed_data();
   auto work = [&](int64_t pair, int64_t thread) {
     const int64_t at = d.offset(pair);
-    const Eigen::OuterStride<> step(stride);
-    ConstView Q(q.typed_data() + at, T, H, step), K(k.typed_data() + at, T, H, step);
-    ConstView V(v.typed_data() + at, T, H, step);
-    View O(out->typed_data() + at, T, H, step);
+    const float *Q = q.typed_data() + at, *V = v.typed_data() + at;
+    float* O = out->typed_data() + at;
     // This pair's [T, T] probabilities, kept for the backward pass (as XLA keeps its
-    // softmax output); only the causal blocks (row i: columns up to its block's end) are
-    // written and read.
-    View S(probabilities->typed_data() + pair * T * T, T, T, Eigen::OuterStride<>(T));
-    float* scale = scales[thread].data();
-    for (int64_t start = 0; start < T; start += kBlock) {
-      const int64_t rows = std::min(kBlock, T - start), columns = start + rows;
-      auto P = S.block(start, 0, rows, columns);
-      P.noalias() = Q.middleRows(start, rows) * K.topRows(columns).transpose();
-      auto W = dropped[thread].topLeftCorner(rows, columns);
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t i = start + r, visible = i + 1;
-        float* s = S.row(i).data();
-        Eigen::Map<Eigen::ArrayXf> weights(s, visible);  // Eigen's exp is vectorised.
-        const float top = weights.maxCoeff();
-        weights = (weights - top).exp();
-        weights *= 1.0f / weights.sum();
-        for (int64_t j = visible; j < columns; ++j) s[j] = 0.0f;
-        if (dropout) {
-          DropoutRow(key, uint32_t(threshold), d.global_pair(pair), i, visible, scale);
-          float* w = dropped[thread].row(r).data();
-          Eigen::Map<Eigen::ArrayXf>(w, visible) =
-              weights * Eigen::Map<Eigen::ArrayXf>(scale, visible);
-          for (int64_t j = visible; j < columns; ++j) w[j] = 0.0f;
-        }
-      }
+    // softmax output); row i holds zeros after column i.
+    float* S = probabilities->typed_data() + pair * T * T;
+    float* kt = keys[thread].data();
+    float* W = dropped[thread].data();
+    Transpose(k.typed_data() + at, T, H, stride, kt);
+    for (int64_t start = 0; start < T; start += kQueryRows) {
+      // The tile's rows see keys [0, seen) at most.
+      const int64_t rows = std::min(kQueryRows, T - start), seen = start + rows;
+      StridedProduct(Q + start * stride, stride, 1, kt, T, 0, H, S + start * T, T, rows, seen);
+      for (int64_t i = start; i < seen; ++i) CausalSoftmaxRow(S + i * T, i, T);
+      const float* weights = S + start * T;
       if (dropout) {
-        O.middleRows(start, rows).noalias() = W * V.topRows(columns);
-      } else {
-        O.middleRows(start, rows).noalias() = P * V.topRows(columns);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t i = start + r;
+          float* w = W + r * T;
+          DropoutRow(key, uint32_t(threshold), d.global_pair(pair), i, i + 1, w);
+          for (int64_t j = 0; j <= i; ++j) w[j] *= S[i * T + j];
+          std::fill(w + i + 1, w + seen, 0.0f);
+        }
+        weights = W;
       }
+      StridedProduct(weights, T, 1, V, stride, 0, seen, O + start * stride, stride, rows, H);
     }
   };
   ForEachItem(pool, d.pairs(), threads, work);
@@ -384,57 +475,63 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
   const int64_t T = d.length, H = d.dim, stride = d.stride();
   const bool dropout = threshold < int32_t(kLevels);
   const int64_t threads = Participants(pool, d.pairs());
-  const int64_t block_rows = std::min(kBlock, T);
-  // Per thread: the score gradient, the gradient of the dropped weights, the dropped weights.
-  std::vector<RowMatrix> score_grads(threads, RowMatrix(block_rows, T));
-  std::vector<RowMatrix> grads(threads, RowMatrix(block_rows, T));
-  std::vector<RowMatrix> dropped(threads, RowMatrix(block_rows, T));
+  // Per thread: v transposed, the score gradients [T, T], the dropped weights [T, T] (with
+  // dropout), a row of dropout scales and the softmax backward's row terms.
+  std::vector<std::vector<float>> values(threads, std::vector<float>(H * T));
+  std::vector<std::vector<float>> score_grads(threads, std::vector<float>(T * T));
+  std::vector<std::vector<float>> dropped(threads, std::vector<float>(dropout ? T * T : 0));
   std::vector<std::vector<float>> scales(threads, std::vector<float>(T));
   std::vector<std::vector<float>> deltas(threads, std::vector<float>(T));
   const uint32_t* key = seed.typed_data();
   auto work = [&](int64_t pair, int64_t thread) {
     const int64_t at = d.offset(pair);
-    const Eigen::OuterStride<> step(stride);
-    ConstView Q(q.typed_data() + at, T, H, step), K(k.typed_data() + at, T, H, step);
-    ConstView V(v.typed_data() + at, T, H, step), O(out.typed_data() + at, T, H, step);
-    ConstView dO(out_grad.typed_data() + at, T, H, step);
-    View dQ(q_grad->typed_data() + at, T, H, step), dK(k_grad->typed_data() + at, T, H, step);
-    View dV(v_grad->typed_data() + at, T, H, step);
-    ConstView S(probabilities.typed_data() + pair * T * T, T, T, Eigen::OuterStride<>(T));
-    float* scale = scales[thread].data();
+    const float *Q = q.typed_data() + at, *K = k.typed_data() + at;
+    const float *O = out.typed_data() + at, *dO = out_grad.typed_data() + at;
+    float *dQ = q_grad->typed_data() + at, *dK = k_grad->typed_data() + at;
+    float* dV = v_grad->typed_data() + at;
+    const float* P = probabilities.typed_data() + pair * T * T;  // Zeros after the diagonal.
+    float *vt = values[thread].data(), *dS = score_grads[thread].data();
+    float *W = dropped[thread].data(), *scale = scales[thread].data();
     float* delta = deltas[thread].data();
     // delta_i = sum_j P_ij dP_ij = dO_i . O_i, the softmax backward's row term.
-    for (int64_t i = 0; i < T; ++i) delta[i] = dO.row(i).dot(O.row(i));
-    dK.setZero();
-    dV.setZero();
-    for (int64_t start = 0; start < T; start += kBlock) {
-      const int64_t rows = std::min(kBlock, T - start), columns = start + rows;
-      auto P = S.block(start, 0, rows, columns);
-      auto dS = score_grads[thread].topLeftCorner(rows, columns);
-      auto G = grads[thread].topLeftCorner(rows, columns);
-      auto W = dropped[thread].topLeftCorner(rows, columns);
-      G.noalias() = dO.middleRows(start, rows) * V.topRows(columns).transpose();
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t i = start + r;
-        Eigen::Map<const Eigen::ArrayXf> prob(S.row(i).data(), columns);
-        Eigen::Map<Eigen::ArrayXf> grad(grads[thread].row(r).data(), columns);
-        Eigen::Map<Eigen::ArrayXf> score_grad(score_grads[thread].row(r).data(), columns);
-        if (dropout) {  // Masked columns hold probability 0, so their gradients are 0 too.
-          DropoutRow(key, uint32_t(threshold), d.global_pair(pair), i, columns, scale);
-          Eigen::Map<Eigen::ArrayXf> keep(scale, columns);
-          Eigen::Map<Eigen::ArrayXf>(dropped[thread].row(r).data(), columns) = prob * keep;
-          score_grad = prob * (grad * keep - delta[i]);
+    for (int64_t i = 0; i < T; ++i) {
+      Eigen::Map<const Eigen::VectorXf> o(O + i * stride, H), g(dO + i * stride, H);
+      delta[i] = o.dot(g);
+    }
+    Transpose(v.typed_data() + at, T, H, stride, vt);
+    for (int64_t start = 0; start < T; start += kQueryRows) {
+      const int64_t rows = std::min(kQueryRows, T - start), seen = start + rows;
+      // dP (the dropped weights' gradient) for the tile's rows, into dS's rows.
+      StridedProduct(dO + start * stride, stride, 1, vt, T, 0, H, dS + start * T, T, rows,
+                     seen);
+      for (int64_t i = start; i < seen; ++i) {
+        float* ds = dS + i * T;
+        const float* p = P + i * T;
+        if (dropout) {  // Dropped columns hold scale 0, so their gradients are 0 too.
+          DropoutRow(key, uint32_t(threshold), d.global_pair(pair), i, i + 1, scale);
+          float* w = W + i * T;
+          for (int64_t j = 0; j <= i; ++j) {
+            w[j] = p[j] * scale[j];
+            ds[j] = p[j] * (ds[j] * scale[j] - delta[i]);
+          }
+          std::fill(w + i + 1, w + T, 0.0f);
         } else {
-          score_grad = prob * (grad - delta[i]);
+          for (int64_t j = 0; j <= i; ++j) ds[j] = p[j] * (ds[j] - delta[i]);
         }
+        std::fill(ds + i + 1, ds + T, 0.0f);
       }
-      if (dropout) {
-        dV.topRows(columns).noalias() += W.transpose() * dO.middleRows(start, rows);
-      } else {
-        dV.topRows(columns).noalias() += P.transpose() * dO.middleRows(start, rows);
-      }
-      dQ.middleRows(start, rows).noalias() = dS * K.topRows(columns);
-      dK.topRows(columns).noalias() += dS.transpose() * Q.middleRows(start, rows);
+      StridedProduct(dS + start * T, T, 1, K, stride, 0, seen, dQ + start * stride, stride,
+                     rows, H);
+    }
+    // Key rows [start, start + rows) gather from query rows [start, T), the transposed
+    // products reading dS and the weights down their columns.
+    const float* weights = dropout ? W : P;
+    for (int64_t start = 0; start < T; start += kQueryRows) {
+      const int64_t rows = std::min(kQueryRows, T - start);
+      StridedProduct(weights + start, 1, T, dO, stride, start, T, dV + start * stride, stride,
+                     rows, H);
+      StridedProduct(dS + start, 1, T, Q, stride, start, T, dK + start * stride, stride, rows,
+                     H);
     }
   };
   ForEachItem(pool, d.pairs(), threads, work);
@@ -1377,8 +1474,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KilnConvKernelGrad, ConvKernelGrad, ConvBinding())
 // matmul, left to XLA.
 
 namespace {
-
-constexpr int64_t kPanelCols = 2 * kLane;
 
 // A [K, N] matrix in panels of kPanelCols columns, each panel [K, kPanelCols] contiguous
 // and zero-padded past N, so a tile's loop over K reads one stream of whole registers.
