@@ -35,16 +35,22 @@ def import_torch():
   return torch
 
 
-def interleaved(variants: dict, rounds: int, warmup: int, calls_per_round: int = 1) -> dict:
+def interleaved(variants: dict, rounds: int, warmup: int, calls_per_round: int = 1,
+                settle_calls: int = 1) -> dict:
   """{name: (median seconds, median CPU seconds of this process)} per call: each round runs
   `calls_per_round` calls of every variant in turn, so load from the host's other tenants
-  falls on all of them alike."""
+  falls on all of them alike. Each variant's turn starts with `settle_calls` untimed calls:
+  the first step after another framework's ran slow, an interference no training run has
+  (GPT CPU config, Kiln after eager PyTorch: 35-36 ms, then 29.6-31; PyTorch after Kiln:
+  38.5-39.6, then 38.2; no page faults either way)."""
   for run in variants.values():
     for _ in range(warmup):
       run()
   times = {name: ([], []) for name in variants}
   for _ in range(rounds):
     for name, run in variants.items():
+      for _ in range(settle_calls):
+        run()
       for _ in range(calls_per_round):
         started, cpu_started = time.perf_counter(), time.process_time()
         run()

@@ -38,7 +38,9 @@ instruction sets and matmul peak.
 The host is shared, so a shape's variants (Kiln and PyTorch, each micro-batch count) run in
 alternating rounds, `--steps-per-round` steps of each in turn (back to back within a
 variant, as in training: interleaving single steps slowed the 8-micro-batch step from 944
-to 1,146 ms, an interference train.py never has), and rates are medians over all rounds.
+to 1,146 ms, an interference train.py never has), each turn after one untimed step (the
+first step after the other framework's runs slow, cpu_host.interleaved), and rates are
+medians over all rounds.
 The CPU matmul peak (monitor.hardware.measure_cpu_matmul_flops, not the cached figure) is
 probed in every round; MFU divides by the best probe. MFU = analytic model FLOPs
 (GPT.forward_flops: each matmul, causal attention counted half) per second / that peak;

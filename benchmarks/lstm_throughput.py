@@ -15,8 +15,9 @@ PyTorch (when `import torch` works; pip install '.[bench]'): the same models in 
 (after `clip_grad_norm_` for CTC), with as many threads as cores and with one thread.
 
 The host is shared, so the variants of a step are timed interleaved: each round times one
-step of each variant in turn, and rates are medians over the rounds; 'vs PyTorch (best)' is
-utterances/s over the faster PyTorch setting's in the same rounds. 'CPU ms/step' is the
+step of each variant in turn, after one untimed step of it (the first step after another
+framework's runs slow, cpu_host.interleaved), and rates are medians over the rounds;
+'vs PyTorch (best)' is utterances/s over the faster PyTorch setting's in the same rounds. 'CPU ms/step' is the
 process's CPU time per step (all its threads; PyTorch's spin-waiting threads count). The fp32 matmul peak
 (monitor.hardware.measure_cpu_matmul_flops) is measured before and after; the best is shown.
 
