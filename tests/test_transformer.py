@@ -9,7 +9,7 @@ from flax import nnx
 from backends import ops
 from models import sampling
 from core.errors import KilnError
-from models.transformer import BERT, GPT
+from models.transformer import BERT, GPT, gelu
 from monitor import flops
 
 
@@ -43,6 +43,17 @@ def test_sampling_is_reproducible_and_filters_work():
   np.testing.assert_array_equal(top1, greedy)  # top-1 sampling is greedy decoding.
   tiny_p = draw(4, top_p=1e-6)
   np.testing.assert_array_equal(tiny_p, greedy)
+
+
+def test_gelu_is_the_exact_gelu_with_its_derivative_kept_from_the_forward_pass():
+  x = jnp.linspace(-9.0, 9.0, 2001)
+  np.testing.assert_allclose(gelu(x), jax.nn.gelu(x, approximate=False), rtol=1e-6, atol=1e-6)
+  # d/dx x Phi(x) = Phi(x) + x phi(x), against autodiff of the published formula.
+  reference = jax.vmap(jax.grad(lambda t: jax.nn.gelu(t, approximate=False)))(x)
+  np.testing.assert_allclose(jax.vmap(jax.grad(gelu))(x), reference, rtol=1e-5, atol=1e-6)
+  # Differentiable twice still (the slope is traced from x): 2 phi(0) = 2 / sqrt(2 pi).
+  second = jax.vmap(jax.grad(jax.grad(gelu)))(jnp.array([0.0]))
+  np.testing.assert_allclose(second, [2 * 0.3989422804014327], rtol=1e-5)
 
 
 def test_filter_logits_by_hand():
