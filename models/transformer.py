@@ -253,7 +253,7 @@ class MLP(nnx.Module):
 def _layer_norm(embed_dim: int, use_bias: bool, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
   """LayerNorm whose bias follows the projections' (nanoGPT's LayerNorm(bias=...))."""
   norm = {'logical_axes': ('embed',)}
-  return nnx.LayerNorm(embed_dim, dtype=dtype, use_bias=use_bias, scale_metadata=norm,
+  return ops.LayerNorm(embed_dim, dtype=dtype, use_bias=use_bias, scale_metadata=norm,
                        bias_metadata=norm, rngs=rngs)
 
 

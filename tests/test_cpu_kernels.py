@@ -249,6 +249,36 @@ def test_per_example_dense_gradients_under_vmap_equal_xla():
   assert 'KilnWeightGrad' not in text
 
 
+@pytest.mark.parametrize('width, use_bias', [(128, False), (37, True)])
+def test_layer_norm_equals_nnx_layer_norm_outputs_and_gradients(width, use_bias):
+  """ops.LayerNorm through the kernel against nnx.LayerNorm's own code (the same parameters),
+  3-D inputs; 37 features leave a partial vector on both instruction sets. Under 'xla' and
+  for bfloat16 no kernel is lowered."""
+  norm = ops.LayerNorm(width, use_bias=use_bias, rngs=nnx.Rngs(0))
+  norm.scale[...] = jax.random.normal(jax.random.key(6), (width,))
+  if use_bias:
+    norm.bias[...] = jax.random.normal(jax.random.key(7), (width,))
+  x = 2.0 * jax.random.normal(jax.random.key(8), (3, 11, width)) + 0.5
+  g = jax.random.normal(jax.random.key(9), (3, 11, width))
+  loss = lambda m, x: (m(x) * g).sum()
+
+  def run(kernels):
+    with ops.use(kernels):
+      step = jax.jit(nnx.value_and_grad(loss, argnums=(0, 1)))
+      return step(norm, x), step.lower(norm, x).as_text()
+  ((value, (grads, x_grad)), text), ((expected, (expected_grads, expected_x)), plain) = (
+      run('cpu'), run('xla'))
+  np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(x_grad, expected_x, rtol=1e-5, atol=1e-5)
+  for ours, reference in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
+    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-4)
+  assert 'KilnLayerNormForward' in text and 'KilnLayerNormBackward' in text
+  assert 'KilnLayerNorm' not in plain
+  with ops.use('cpu'):
+    half = jax.jit(lambda x: norm(x)).lower(x.astype(jnp.bfloat16)).as_text()
+  assert 'KilnLayerNorm' not in half
+
+
 def test_weight_grad_rejects_mismatched_shapes():
   with pytest.raises(KilnError, match=r'weight_grad needs x \[N, D\*I\] and g \[N, D\*O\] '
                                       r'with D=2, got \(4, 3\) and \(4, 6\)'):
@@ -264,7 +294,8 @@ _RECHECKED = [f'tests/test_cpu_kernels.py::test_{name}' for name in (
     'probabilities', 'attention_dropout_gradients_use_the_forward_mask',
     'random_bits_are_uniform_and_reproducible', 'gpt_with_kernels_equals_gpt_without',
     'weight_grad_equals_the_xla_dot', 'dense_layers_equal_xla_outputs_and_gradients',
-    'per_example_dense_gradients_under_vmap_equal_xla')] + [
+    'per_example_dense_gradients_under_vmap_equal_xla',
+    'layer_norm_equals_nnx_layer_norm_outputs_and_gradients')] + [
     'tests/test_conv.py::test_lowerings_match_native_outputs_and_gradients',
     'tests/test_lstm_kernel.py::test_kernel_outputs_and_gradients_equal_the_scan']
 

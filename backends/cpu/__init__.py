@@ -6,7 +6,7 @@ CPU implementations of its ops, and deleting this folder leaves the portable pla
 scripts can reach `host_memory` before JAX starts.
 
 - `kernels`: compiled attention, Philox dropout bits, direct convolutions, the LSTM
-  recurrence and dense layers' kernel gradients (C++ in csrc/, built on first use for this
+  recurrence, dense layers' kernel gradients and LayerNorm (C++ in csrc/, built on first use for this
   CPU and cached);
 - `conv_lowering`: the per-shape choice between XLA's convolution and GEMM rewrites of it;
 - `max_pool`: max-pool and its gradient as fused elementwise work (XLA:CPU's
@@ -38,3 +38,4 @@ def register(register_op) -> None:
   register_op('max_pool', max_pool.max_pool, platform='cpu')
   register_op('lstm', kernels.lstm, platform='cpu', ready=kernels.ensure)
   register_op('dense', kernels.dense, platform='cpu', ready=kernels.ensure)
+  register_op('layer_norm', kernels.layer_norm, platform='cpu', ready=kernels.ensure)

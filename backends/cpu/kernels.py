@@ -61,7 +61,8 @@ _TARGETS = {'forward': 'KilnCausalAttentionForward', 'backward': 'KilnCausalAtte
             'bits': 'KilnPhiloxBits', 'conv_forward': 'KilnConvForward',
             'conv_input_grad': 'KilnConvInputGrad', 'conv_kernel_grad': 'KilnConvKernelGrad',
             'lstm_inference': 'KilnLstmInference', 'lstm_forward': 'KilnLstmForward',
-            'lstm_backward': 'KilnLstmBackward', 'weight_grad': 'KilnWeightGrad'}
+            'lstm_backward': 'KilnLstmBackward', 'weight_grad': 'KilnWeightGrad',
+            'norm_forward': 'KilnLayerNormForward', 'norm_backward': 'KilnLayerNormBackward'}
 ARCH_FLAGS_ENV = 'KILN_CPU_ARCH_FLAGS'
 _FIX = "or set config.backend.cpu_kernels='xla'"
 _LEVELS = 1 << 16  # Dropout draws are 16-bit, as in models/dropout.py.
@@ -372,6 +373,46 @@ def dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return x @ kernel
   ensure()
   return _dense(x, kernel)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm(x, scale, bias, epsilon):
+  return _layer_norm_fwd(x, scale, bias, epsilon)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon):
+  rows = jax.ShapeDtypeStruct(x.shape[:1], jnp.float32)
+  y, mean, rstd = jax.ffi.ffi_call(
+      _TARGETS['norm_forward'], (jax.ShapeDtypeStruct(x.shape, jnp.float32), rows, rows),
+      vmap_method='sequential')(x, scale, bias, epsilon=np.float32(epsilon))
+  return y, (x, scale, mean, rstd)
+
+
+def _layer_norm_bwd(epsilon, residuals, out_grad):
+  del epsilon
+  x, scale, mean, rstd = residuals
+  vector = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
+  return tuple(jax.ffi.ffi_call(
+      _TARGETS['norm_backward'], (jax.ShapeDtypeStruct(x.shape, jnp.float32), vector, vector),
+      vmap_method='sequential')(x, scale, mean, rstd, out_grad))
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array | None,
+               epsilon: float) -> jax.Array | None:
+  """backends.ops.layer_norm over x's last axis in one kernel call each way (float32, one
+  device); None where it does not apply (the caller's own path runs)."""
+  if x.dtype != jnp.float32 or scale.dtype != jnp.float32 or \
+      (bias is not None and bias.dtype != jnp.float32) or not _single_device():
+    return None
+  ensure()
+  width = x.shape[-1]
+  zero_bias = bias is None
+  bias = jnp.zeros((width,), jnp.float32) if zero_bias else bias
+  y = _layer_norm(x.reshape(-1, width), scale, bias, float(epsilon))
+  return y.reshape(x.shape)
 
 
 def _reverse_bits(reverse: tuple[bool, ...]) -> np.int32:
