@@ -55,7 +55,7 @@ class ConvSubsampling(nnx.Module):
 
 class FeedForward(nnx.Module):
   def __init__(self, dim: int, hidden: int, dropout_rate: float, *, rngs: nnx.Rngs):
-    self.norm = nnx.LayerNorm(dim, scale_metadata=_NORM, bias_metadata=_NORM, rngs=rngs)
+    self.norm = ops.LayerNorm(dim, scale_metadata=_NORM, bias_metadata=_NORM, rngs=rngs)
     self.fc1 = nnx.Linear(dim, hidden, rngs=rngs, dot_general=ops.dot_general,
                           kernel_metadata={'logical_axes': ('embed', 'mlp')})
     self.fc2 = nnx.Linear(hidden, dim, rngs=rngs, dot_general=ops.dot_general,
@@ -72,7 +72,7 @@ class ConvModule(nnx.Module):
 
   def __init__(self, dim: int, kernel_size: int, dropout_rate: float, *, conv_norm: str,
                norm_axis_name: str | None, rngs: nnx.Rngs):
-    self.norm = nnx.LayerNorm(dim, scale_metadata=_NORM, bias_metadata=_NORM, rngs=rngs)
+    self.norm = ops.LayerNorm(dim, scale_metadata=_NORM, bias_metadata=_NORM, rngs=rngs)
     self.pointwise1 = Conv(dim, 2 * dim, (1,), rngs=rngs,
                            kernel_metadata={'logical_axes': (None, 'conv_in', 'conv_out')})
     self.depthwise = Conv(dim, dim, (kernel_size,), feature_group_count=dim, padding='SAME',
@@ -81,7 +81,7 @@ class ConvModule(nnx.Module):
       self.depth_norm = nnx.BatchNorm(dim, momentum=0.9, epsilon=1e-5, axis_name=norm_axis_name,
                                       scale_metadata=_NORM, bias_metadata=_NORM, rngs=rngs)
     elif conv_norm == 'layer':
-      self.depth_norm = nnx.LayerNorm(dim, scale_metadata=_NORM, bias_metadata=_NORM, rngs=rngs)
+      self.depth_norm = ops.LayerNorm(dim, scale_metadata=_NORM, bias_metadata=_NORM, rngs=rngs)
     else:
       raise KilnError(f"conformer conv_norm='{conv_norm}' must be 'batch' or 'layer': set "
                       'config.model.conv_norm (config.model.encoder.conv_norm under RNN-T)')
@@ -106,13 +106,13 @@ class ConformerBlock(nnx.Module):
                dropout_rate: float, *, conv_norm: str, norm_axis_name: str | None,
                rngs: nnx.Rngs):
     self.ff1 = FeedForward(dim, ff_ratio * dim, dropout_rate, rngs=rngs)
-    self.attn_norm = nnx.LayerNorm(dim, scale_metadata=_NORM, bias_metadata=_NORM, rngs=rngs)
+    self.attn_norm = ops.LayerNorm(dim, scale_metadata=_NORM, bias_metadata=_NORM, rngs=rngs)
     self.attn = Attention(dim, num_heads, use_bias=True, rotary_positions=True,
                           dtype=jnp.float32, rngs=rngs)
     self.conv = ConvModule(dim, kernel_size, dropout_rate, conv_norm=conv_norm,
                            norm_axis_name=norm_axis_name, rngs=rngs)
     self.ff2 = FeedForward(dim, ff_ratio * dim, dropout_rate, rngs=rngs)
-    self.out_norm = nnx.LayerNorm(dim, scale_metadata=_NORM, bias_metadata=_NORM, rngs=rngs)
+    self.out_norm = ops.LayerNorm(dim, scale_metadata=_NORM, bias_metadata=_NORM, rngs=rngs)
     self.dropout = nnx.Dropout(dropout_rate)
 
   def __call__(self, x, mask, positions, *, train, rngs):

@@ -483,7 +483,7 @@ class BERT(nnx.Module):
     # MLM head as in BERT: dense + GELU + LayerNorm, then the tied embedding and a bias.
     self.mlm_dense = nnx.Linear(embed_dim, embed_dim, dtype=dt, kernel_init=_INIT, rngs=rngs,
                                 kernel_metadata={'logical_axes': ('embed', 'mlp')})
-    self.mlm_norm = nnx.LayerNorm(embed_dim, dtype=dt, rngs=rngs)
+    self.mlm_norm = ops.LayerNorm(embed_dim, dtype=dt, rngs=rngs)
     self.mlm_bias = _param(rngs, (vocab_size,), ('vocab',), nnx.initializers.zeros)
     self.classifier = (nnx.Linear(embed_dim, num_classes, kernel_init=_INIT, rngs=rngs)
                        if num_classes else None)
