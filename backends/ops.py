@@ -13,8 +13,9 @@ Models call these instead of the JAX functions they stand for:
 - `dense(x, kernel)`: x @ kernel for a dense layer's [..., I] x [I, O] (the same product;
   a backend may compute its kernel gradient its own way); `dot_general` is the hook
   `nnx.Linear` takes, sending its product to `dense`;
-- `layer_norm(x, scale, bias, epsilon)`: LayerNorm over the last axis (biased variance),
-  as `nnx.LayerNorm` computes it; `LayerNorm` is that module, routed here.
+- `LayerNorm`: `nnx.LayerNorm` (same parameters), whose float32 normalisation over the last
+  axis a backend's 'layer_norm(x, scale, bias, epsilon)' may take (biased variance; it
+  returns None for what it declines); nnx.LayerNorm's own code is the portable path.
 
 Each has a portable implementation here in plain JAX: what accelerators run, what
 `jax.export` sees, and all there is when no backend package is installed. A backend package
@@ -265,37 +266,21 @@ def dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return x @ kernel
 
 
-def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array | None,
-               epsilon: float) -> jax.Array:
-  """(x - mean) / sqrt(var + epsilon) * scale (+ bias) over x's last axis, var the biased
-  variance. A backend's implementation may decline (return None) for dtypes or layouts it
-  does not cover."""
-  chosen = _chosen('layer_norm')
-  if chosen is not None:
-    y = chosen(x, scale, bias, epsilon)
-    if y is not None:
-      return y
-  mean = jnp.mean(x, axis=-1, keepdims=True)
-  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-  y = (x - mean) * lax.rsqrt(var + epsilon) * scale
-  return y if bias is None else y + bias
-
-
 class LayerNorm(nnx.LayerNorm):
   """`nnx.LayerNorm` (same parameters, so checkpoints load either way) whose float32
-  normalisation over the last axis goes through `layer_norm`: XLA:CPU splits one into ~13
-  thunks forward and backward. Other settings (masks, other axes or dtypes) run
-  nnx.LayerNorm's own code."""
+  normalisation over the last axis goes through a backend's `layer_norm`: XLA:CPU splits
+  one into ~13 thunks forward and backward. Everything else (no backend, masks, other axes,
+  dtypes the backend declines) runs nnx.LayerNorm's own code."""
 
   def __call__(self, x, *, mask=None):
-    plain = (mask is not None or self.reduction_axes not in (-1, (-1,)) or
-             self.feature_axes not in (-1, (-1,)) or x.dtype != jnp.float32 or
-             self.dtype not in (None, jnp.float32) or not self.use_scale or
-             mode() == 'xla' or not accelerated('layer_norm'))
-    if plain:
-      return super().__call__(x, mask=mask)
-    bias = self.bias[...] if self.use_bias else None
-    return layer_norm(x, self.scale[...], bias, self.epsilon)
+    chosen = _chosen('layer_norm')
+    if (chosen is not None and mask is None and self.use_scale and
+        self.reduction_axes in (-1, (-1,)) and self.feature_axes in (-1, (-1,)) and
+        self.dtype in (None, jnp.float32)):
+      y = chosen(x, self.scale[...], self.bias[...] if self.use_bias else None, self.epsilon)
+      if y is not None:
+        return y
+    return super().__call__(x, mask=mask)
 
 
 _LAX_DOT_GENERAL = lax.dot_general

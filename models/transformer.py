@@ -217,11 +217,15 @@ def gelu(x: jax.Array) -> jax.Array:
   multiply: autodiff kept erf's output and x, and its backward pass computed exp over the
   whole MLP activation, which took longer than the forward pass (benchmarks/README.md,
   "GELU slope")."""
-  return 0.5 * x * (1 + ops.erf(x * _SQRT_HALF))
+  return x * _normal_cdf(x)
+
+
+def _normal_cdf(x):
+  return 0.5 * (1 + ops.erf(x * _SQRT_HALF))
 
 
 def _gelu_forward(x):
-  cdf = 0.5 * (1 + ops.erf(x * _SQRT_HALF))
+  cdf = _normal_cdf(x)
   return x * cdf, cdf + x * jnp.exp(-0.5 * x * x) * _INV_SQRT_2PI
 
 

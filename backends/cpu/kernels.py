@@ -402,15 +402,15 @@ _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array | None,
                epsilon: float) -> jax.Array | None:
-  """backends.ops.layer_norm over x's last axis in one kernel call each way (float32, one
-  device); None where it does not apply (the caller's own path runs)."""
+  """The 'layer_norm' op ops.LayerNorm takes: LayerNorm over x's last axis in one kernel call
+  each way (float32, one device); None where it does not apply (nnx.LayerNorm's code runs)."""
   if x.dtype != jnp.float32 or scale.dtype != jnp.float32 or \
       (bias is not None and bias.dtype != jnp.float32) or not _single_device():
     return None
   ensure()
   width = x.shape[-1]
-  zero_bias = bias is None
-  bias = jnp.zeros((width,), jnp.float32) if zero_bias else bias
+  if bias is None:  # The kernel always adds one; its gradient is then dropped.
+    bias = jnp.zeros((width,), jnp.float32)
   y = _layer_norm(x.reshape(-1, width), scale, bias, float(epsilon))
   return y.reshape(x.shape)
 

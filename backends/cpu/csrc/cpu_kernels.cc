@@ -5,9 +5,10 @@
 // Why: XLA:CPU runs attention's small batched dots ([T, H] x [H, T] per batch and head) at
 // about a third of its matmul peak and materialises every [T, T] intermediate in memory.
 // Here each thread takes whole (batch, head) pairs, keeps a tile of query rows' scores in its
-// cache and multiplies on register tiles that skip the keys a tile's rows cannot see. Dropout masks come from Philox-4x32-10 (Salmon et al. 2011, the generator of
-// PyTorch's and cuRAND's dropout), keyed by a per-call seed and counted by (pair, row,
-// column), so the backward pass regenerates exactly the forward pass's masks.
+// cache and multiplies on register tiles that skip the keys a tile's rows cannot see.
+// Dropout masks come from Philox-4x32-10 (Salmon et al. 2011, the generator of PyTorch's and
+// cuRAND's dropout), keyed by a per-call seed and counted by (pair, row, column), so the
+// backward pass regenerates exactly the forward pass's masks.
 //
 // Layout: q, k, v, out and their gradients are token-major [B, T, N, H] (q already scaled
 // by 1/sqrt(H)); the softmax probabilities, kept from the forward pass for the backward
@@ -129,6 +130,19 @@ inline void StoreTail(float* p, TailMask m, Lane v) { std::copy(v.v, v.v + m, p)
 
 // Columns of one register tile: two vectors.
 constexpr int64_t kPanelCols = 2 * kLane;
+
+// A whole vector at p, or (partial) only the floats under mask m, the rest 0 / untouched.
+inline Lane Load(const float* p, bool partial, TailMask m) {
+  return partial ? LoadTail(p, m) : LoadLane(p);
+}
+
+inline void Store(float* p, bool partial, TailMask m, Lane v) {
+  if (partial) {
+    StoreTail(p, m, v);
+  } else {
+    StoreLane(p, v);
+  }
+}
 
 inline float SumLanes(Lane v) {
   alignas(64) float lanes[kLane];
@@ -361,8 +375,7 @@ void StridedTile(const float* a, int64_t row_step, int64_t k_step, const float* 
   const TailMask second = Tail(std::max<int64_t>(cols - kLane, 0));
   for (int64_t k = k0; k < k1; ++k) {
     const float* row = b + k * ldb;
-    const Lane w0 = kPartial ? LoadTail(row, first) : LoadLane(row);
-    const Lane w1 = kPartial ? LoadTail(row + kLane, second) : LoadLane(row + kLane);
+    const Lane w0 = Load(row, kPartial, first), w1 = Load(row + kLane, kPartial, second);
     const float* column = a + k * k_step;
 #pragma GCC unroll 16
     for (int i = 0; i < R; ++i) {
@@ -373,13 +386,8 @@ void StridedTile(const float* a, int64_t row_step, int64_t k_step, const float* 
   }
 #pragma GCC unroll 16
   for (int i = 0; i < R; ++i) {
-    if (kPartial) {
-      StoreTail(c + i * ldc, first, acc[i][0]);
-      StoreTail(c + i * ldc + kLane, second, acc[i][1]);
-    } else {
-      StoreLane(c + i * ldc, acc[i][0]);
-      StoreLane(c + i * ldc + kLane, acc[i][1]);
-    }
+    Store(c + i * ldc, kPartial, first, acc[i][0]);
+    Store(c + i * ldc + kLane, kPartial, second, acc[i][1]);
   }
 }
 
@@ -2033,18 +2041,6 @@ float RowSum(int64_t D, Row row) {
   for (; d + kLane <= D; d += kLane) acc = AddLanes(acc, row(d, false, Tail(0)));
   if (d < D) acc = AddLanes(acc, row(d, true, Tail(D - d)));
   return SumLanes(acc);
-}
-
-inline Lane Load(const float* p, bool partial, TailMask m) {
-  return partial ? LoadTail(p, m) : LoadLane(p);
-}
-
-inline void Store(float* p, bool partial, TailMask m, Lane v) {
-  if (partial) {
-    StoreTail(p, m, v);
-  } else {
-    StoreLane(p, v);
-  }
 }
 
 ffi::Error NormForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
