@@ -8,8 +8,8 @@ Models call these instead of the JAX functions they stand for:
 - `conv_general_dilated(...)`: `jax.lax.conv_general_dilated`, as `nnx.Conv` calls it;
 - `max_pool(x, window_shape, strides, padding)`: `nnx.max_pool`;
 - `erf(x)`: `jax.lax.erf`, in plain StableHLO arithmetic on the portable path;
-- `lstm(gates, mask, kernels, *, reverse)`: the LSTM recurrence of one layer's directions
-  from their projected inputs (a `lax.scan` on the portable path);
+- `lstm(gates, mask, kernels, *, reverse, bias)`: the LSTM recurrence of one layer's
+  directions from their projected inputs (a `lax.scan` on the portable path);
 - `dense(x, kernel)`: x @ kernel for a dense layer's [..., I] x [I, O] (the same product;
   a backend may compute its kernel gradient its own way); `dot_general` is the hook
   `nnx.Linear` takes, sending its product to `dense`;
@@ -225,18 +225,20 @@ def lstm_cell(gates: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def lstm(gates: jax.Array, mask: jax.Array, kernels: jax.Array, *,
-         reverse: Sequence[bool]) -> jax.Array:
+         reverse: Sequence[bool], bias: jax.Array | None = None) -> jax.Array:
   """The LSTM recurrence of D directions of one layer (models/recurrent.py) at once, from
-  zero state: their projected inputs `gates` [B, T, D*4H] (direction d's at d*4H, biases
-  added), a [B, T] mask of valid frames and hidden kernels [D, H, 4H] -> hidden states
-  [B, T, D*H] (direction d's at d*H). Direction d runs from the last frame when
-  reverse[d]. A masked step leaves the state as it was and outputs 0.
+  zero state: their projected inputs `gates` [B, T, D*4H] (direction d's at d*4H) plus
+  `bias` [D*4H] if given, a [B, T] mask of valid frames and hidden kernels [D, H, 4H] ->
+  hidden states [B, T, D*H] (direction d's at d*H). Direction d runs from the last frame
+  when reverse[d]. A masked step leaves the state as it was and outputs 0.
 
   The portable path is one `lax.scan` of T steps that advances every direction with one
   batched [D, B, H] x [D, H, 4H] matmul (the reversed ones on flipped time)."""
   chosen = _chosen('lstm')
   if chosen is not None:
-    return chosen(gates, mask, kernels, reverse=tuple(reverse))
+    return chosen(gates, mask, kernels, reverse=tuple(reverse), bias=bias)
+  if bias is not None:
+    gates = gates + bias
   batch, _, _ = gates.shape
   directions, hidden, _ = kernels.shape
   flip = lambda x, d: x[:, ::-1] if reverse[d] else x  # noqa: E731  [B, T, ...] time flip.

@@ -35,13 +35,14 @@ def time_mask(frames: jax.Array, length: int) -> jax.Array:
   return jnp.arange(length)[None, :] < frames[:, None]
 
 
-def project_frames(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-  """x [B, T, F] @ kernel [F, G] + bias -> [B, T, G] as one 2-D matmul over the B*T frames.
-  Why 2-D: differentiating the 3-D form, XLA:CPU transposed the [B*T, G] gate gradient
-  (13 MB at the issue 28 shape) for the kernel's gradient; from the 2-D form it transposes
-  x, which is 4H / F times smaller."""
+def project_frames(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x [B, T, F] @ kernel [F, G] -> [B, T, G] as one 2-D matmul over the B*T frames; the
+  bias goes to backends.ops.lstm, which adds it as it reads the gates (on CPU, an add of its
+  own read and wrote the whole [B, T, G] once more). Why 2-D: differentiating the 3-D form,
+  XLA:CPU transposed the [B*T, G] gate gradient (13 MB at the issue 28 shape) for the
+  kernel's gradient; from the 2-D form it transposes x, which is 4H / F times smaller."""
   batch, length, features = x.shape
-  return (ops.dense(x.reshape(batch * length, features), kernel) + bias).reshape(batch, length, -1)
+  return ops.dense(x.reshape(batch * length, features), kernel).reshape(batch, length, -1)
 
 
 class LSTMLayer(nnx.Module):
@@ -75,8 +76,9 @@ class LSTMLayer(nnx.Module):
     """x [B, T, F], mask [B, T] -> hidden states [B, T, H]. Reversed, the recurrence runs
     from the last frame, and padding at the end is skipped, so it starts at each
     utterance's end."""
-    return ops.lstm(project_frames(x, self.input_proj.kernel[...], self.input_proj.bias[...]),
-                    mask, self.hidden_proj.kernel[...][None], reverse=(reverse,))
+    return ops.lstm(project_frames(x, self.input_proj.kernel[...]), mask,
+                    self.hidden_proj.kernel[...][None], reverse=(reverse,),
+                    bias=self.input_proj.bias[...])
 
 
 def bidirectional_lstm(forward: LSTMLayer, backward: LSTMLayer, x: jax.Array, mask: jax.Array
@@ -87,10 +89,10 @@ def bidirectional_lstm(forward: LSTMLayer, backward: LSTMLayer, x: jax.Array, ma
   batched matmul, so the recurrence has T sequential steps instead of 2T. Same result as
   `concatenate([forward(x, mask), backward(x, mask, reverse=True)], -1)`."""
   layers = (forward.input_proj, backward.input_proj)
-  gates = project_frames(x, jnp.concatenate([p.kernel[...] for p in layers], -1),
-                         jnp.concatenate([p.bias[...] for p in layers], -1))  # [B, T, 8H]
+  gates = project_frames(x, jnp.concatenate([p.kernel[...] for p in layers], -1))  # [B, T, 8H]
   kernels = jnp.stack([forward.hidden_proj.kernel[...], backward.hidden_proj.kernel[...]])
-  return ops.lstm(gates, mask, kernels, reverse=(False, True))
+  return ops.lstm(gates, mask, kernels, reverse=(False, True),
+                  bias=jnp.concatenate([p.bias[...] for p in layers], -1))
 
 
 class LSTMEncoder(nnx.Module):

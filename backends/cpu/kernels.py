@@ -434,28 +434,31 @@ def _per_batch_shard(function, batch_major, replicated):
                        out_specs=spec, check_vma=False)(*batch_major, *replicated)
 
 
-def _lstm_forward(gates, mask, kernels, reverse, *, train: bool):
+def _lstm_forward(gates, mask, kernels, bias, reverse, *, train: bool):
   target = _TARGETS['lstm_forward' if train else 'lstm_inference']
 
-  def local(gates, mask, kernels):  # Shapes are a device's own inside the shard_map.
+  def local(gates, mask, kernels, bias):  # Shapes are a device's own inside the shard_map.
     batch, length, _ = gates.shape
     directions, hidden, _ = kernels.shape
     states = jax.ShapeDtypeStruct((batch, length, directions * hidden), jnp.float32)
     shapes = (states, jax.ShapeDtypeStruct(gates.shape, jnp.float32), states, states,
               states) if train else states
-    return jax.ffi.ffi_call(target, shapes, vmap_method='sequential')(
-        gates, mask, kernels, reverse=_reverse_bits(reverse))
-  return _per_batch_shard(local, (gates, mask), (kernels,))
+    # Training writes each step's activations where its gates were (read just before): in a
+    # fresh buffer, every line written was first read from memory.
+    return jax.ffi.ffi_call(target, shapes, vmap_method='sequential',
+                            input_output_aliases={0: 1} if train else None)(
+        gates, mask, kernels, bias, reverse=_reverse_bits(reverse))
+  return _per_batch_shard(local, (gates, mask), (kernels, bias))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _lstm(gates, mask, kernels, reverse):
-  return _lstm_forward(gates, mask, kernels, reverse, train=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _lstm(gates, mask, kernels, bias, reverse):
+  return _lstm_forward(gates, mask, kernels, bias, reverse, train=False)
 
 
-def _lstm_fwd(gates, mask, kernels, reverse):
-  out, activations, h_before, c_before, tanh_cell = _lstm_forward(gates, mask, kernels, reverse,
-                                                                  train=True)
+def _lstm_fwd(gates, mask, kernels, bias, reverse):
+  out, activations, h_before, c_before, tanh_cell = _lstm_forward(gates, mask, kernels, bias,
+                                                                  reverse, train=True)
   return out, (mask, kernels, activations, h_before, c_before, tanh_cell)
 
 
@@ -463,36 +466,44 @@ def _lstm_bwd(reverse, residuals, out_grad):
   mask, kernels, activations, h_before, c_before, tanh_cell = residuals
 
   def local(mask, activations, c_before, tanh_cell, out_grad, kernels):
-    return jax.ffi.ffi_call(_TARGETS['lstm_backward'],
-                            jax.ShapeDtypeStruct(activations.shape, jnp.float32),
-                            vmap_method='sequential')(
+    # The gate gradients go where the activations were (each read just before), and the
+    # device's bias gradient comes as a [1, D*4H] row (batch-major like the rest).
+    return jax.ffi.ffi_call(
+        _TARGETS['lstm_backward'],
+        (jax.ShapeDtypeStruct(activations.shape, jnp.float32),
+         jax.ShapeDtypeStruct((1, activations.shape[2]), jnp.float32)),
+        vmap_method='sequential', input_output_aliases={2: 0})(
         mask, kernels, activations, c_before, tanh_cell, out_grad, reverse=_reverse_bits(reverse))
-  gates_grad = _per_batch_shard(
+  gates_grad, bias_grads = _per_batch_shard(
       local, (mask, activations, c_before, tanh_cell, out_grad.astype(jnp.float32)), (kernels,))
   directions, hidden, _ = kernels.shape
   # sum over (b, t) of h_{t-1}^T dgates_t per direction: one large matmul for XLA (through
   # `weight_grad` instead, the issue 28 step measured no different: 90.9 vs 91.5 ms).
   kernels_grad = jnp.einsum('ndh,ndk->dhk', h_before.reshape(-1, directions, hidden),
                             gates_grad.reshape(-1, directions, 4 * hidden))
-  return gates_grad, np.zeros(mask.shape, jax.dtypes.float0), kernels_grad
+  return (gates_grad, np.zeros(mask.shape, jax.dtypes.float0), kernels_grad,
+          bias_grads.sum(0))
 
 
 _lstm.defvjp(_lstm_fwd, _lstm_bwd)
 
 
 def lstm(gates: jax.Array, mask: jax.Array, kernels: jax.Array, *,
-         reverse: tuple[bool, ...]) -> jax.Array:
+         reverse: tuple[bool, ...], bias: jax.Array | None = None) -> jax.Array:
   """backends.ops.lstm: the LSTM recurrence of D directions at once from their projected
-  inputs `gates` [B, T, D*4H] (biases added), a [B, T] mask of valid frames and hidden
-  kernels [D, H, 4H] -> hidden states [B, T, D*H]; direction d runs from the last frame
-  when reverse[d]. Computes in float32 and returns gates' dtype."""
+  inputs `gates` [B, T, D*4H] plus `bias` [D*4H] (none: zeros), a [B, T] mask of valid
+  frames and hidden kernels [D, H, 4H] -> hidden states [B, T, D*H]; direction d runs from
+  the last frame when reverse[d]. Computes in float32 and returns gates' dtype."""
   ensure()
   directions, hidden, four_hidden = kernels.shape
+  if bias is None:
+    bias = jnp.zeros((gates.shape[-1],), jnp.float32)
   if (gates.ndim != 3 or mask.shape != gates.shape[:2] or four_hidden != 4 * hidden
-      or gates.shape[2] != directions * four_hidden or len(reverse) != directions):
-    raise KilnError(f'lstm needs gates [B, T, D*4H], mask [B, T], kernels [D, H, 4H] and D '
-                    f'reverse flags, got {gates.shape}, {mask.shape}, {kernels.shape}, '
-                    f'{len(reverse)} flags')
+      or gates.shape[2] != directions * four_hidden or len(reverse) != directions
+      or bias.shape != (directions * four_hidden,)):
+    raise KilnError(f'lstm needs gates [B, T, D*4H], mask [B, T], kernels [D, H, 4H], D '
+                    f'reverse flags and a [D*4H] bias, got {gates.shape}, {mask.shape}, '
+                    f'{kernels.shape}, {len(reverse)} flags, {bias.shape}')
   out = _lstm(gates.astype(jnp.float32), mask.astype(bool), kernels.astype(jnp.float32),
-              tuple(bool(r) for r in reverse))
+              bias.astype(jnp.float32), tuple(bool(r) for r in reverse))
   return out.astype(gates.dtype)

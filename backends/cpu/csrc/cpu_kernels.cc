@@ -1495,7 +1495,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KilnConvKernelGrad, ConvKernelGrad, ConvBinding())
 // both operands again on every call: a third of its time at these shapes).
 //
 // Layout: the projected inputs `gates` are batch-major [B, T, D * 4H] (direction d's
-// columns at d * 4H), the mask [B, T], the hidden kernels [D, H, 4H]; outputs and the
+// columns at d * 4H), their bias [D * 4H] (added here: as an XLA add of its own, it
+// read and wrote the [B, T, 4H] gates once more, 2.6 ms of issue 28's ~96 ms step), the
+// mask [B, T], the hidden kernels [D, H, 4H]; outputs and the
 // state residuals are [B, T, D * H] (direction d at d * H), so a bidirectional layer's
 // output is its two directions side by side with no transposes or flips. Direction d runs
 // from the last frame when bit d of `reverse` is set. A masked (padded) step leaves the
@@ -1529,17 +1531,20 @@ struct PanelMatrix {
   const float* panel(int64_t p) const { return data.data() + p * K * kPanelCols; }
 };
 
-// c[R, kPanelCols] = (init or 0) + a[R, K] x panel[K, kPanelCols], rows of a, init and
-// c `lda`, `ldi` and `ldc` apart. Loops over rows are unrolled, so the accumulators live
-// in registers (GCC otherwise kept the array on the stack: 45 instead of 150+ GFLOP/s).
+// c[R, kPanelCols] = (init or 0) + (bias or 0) + a[R, K] x panel[K, kPanelCols], rows of a,
+// init and c `lda`, `ldi` and `ldc` apart, the one row of bias added to each. Loops over rows
+// are unrolled, so the accumulators live in registers (GCC otherwise kept the array on the
+// stack: 45 instead of 150+ GFLOP/s).
 template <int R>
 void PanelTile(const float* a, int64_t lda, const float* panel, int64_t K, const float* init,
-               int64_t ldi, float* c, int64_t ldc) {
+               int64_t ldi, const float* bias, float* c, int64_t ldc) {
+  const Lane bias0 = bias ? LoadLane(bias) : ZeroLane();
+  const Lane bias1 = bias ? LoadLane(bias + kLane) : ZeroLane();
   Lane acc[R][2];
 #pragma GCC unroll 16
   for (int i = 0; i < R; ++i) {
-    acc[i][0] = init ? LoadLane(init + i * ldi) : ZeroLane();
-    acc[i][1] = init ? LoadLane(init + i * ldi + kLane) : ZeroLane();
+    acc[i][0] = init ? AddLanes(LoadLane(init + i * ldi), bias0) : bias0;
+    acc[i][1] = init ? AddLanes(LoadLane(init + i * ldi + kLane), bias1) : bias1;
   }
   for (int64_t k = 0; k < K; ++k) {
     const Lane w0 = LoadLane(panel + k * kPanelCols), w1 = LoadLane(panel + k * kPanelCols + kLane);
@@ -1560,35 +1565,40 @@ void PanelTile(const float* a, int64_t lda, const float* panel, int64_t K, const
 // PanelTile for a tile of `rows` <= R rows (a block's last tile).
 template <int R>
 void PanelTileUpTo(int rows, const float* a, int64_t lda, const float* panel, int64_t K,
-                   const float* init, int64_t ldi, float* c, int64_t ldc) {
+                   const float* init, int64_t ldi, const float* bias, float* c, int64_t ldc) {
   if (rows == R) {
-    PanelTile<R>(a, lda, panel, K, init, ldi, c, ldc);
+    PanelTile<R>(a, lda, panel, K, init, ldi, bias, c, ldc);
   } else if constexpr (R > 1) {
-    PanelTileUpTo<R - 1>(rows, a, lda, panel, K, init, ldi, c, ldc);
+    PanelTileUpTo<R - 1>(rows, a, lda, panel, K, init, ldi, bias, c, ldc);
   }
 }
 
-// c[n, N] = (init or 0) + a[n, K] x b, with b packed; panel by panel, so each panel is
-// read from memory once and reused from the cache by every tile of rows. A last panel
-// narrower than kPanelCols goes through a zero-padded copy of its columns.
+// c[n, N] = (init or 0) + (bias or 0) + a[n, K] x b, with b packed and the one row of bias
+// [N] added to each; panel by panel, so each panel is read from memory once and reused from
+// the cache by every tile of rows. A last panel narrower than kPanelCols goes through a
+// zero-padded copy of its columns.
 void PanelMatmul(const float* a, int64_t lda, int64_t n, const PanelMatrix& b,
-                 const float* init, int64_t ldi, float* c, int64_t ldc) {
+                 const float* init, int64_t ldi, const float* bias, float* c, int64_t ldc) {
   alignas(64) float edge_init[kPanelTileRows * kPanelCols], edge_out[kPanelTileRows * kPanelCols];
+  alignas(64) float edge_bias[kPanelCols] = {};
   for (int64_t col = 0, p = 0; col < b.N; col += kPanelCols, ++p) {
     const int64_t cols = std::min(kPanelCols, b.N - col);
+    const float* panel_bias = bias ? bias + col : nullptr;
     for (int64_t row = 0; row < n; row += kPanelTileRows) {
       const int rows = int(std::min<int64_t>(kPanelTileRows, n - row));
       const float* tile_init = init ? init + row * ldi + col : nullptr;
       if (cols == kPanelCols) {
         PanelTileUpTo<kPanelTileRows>(rows, a + row * lda, lda, b.panel(p), b.K, tile_init, ldi,
-                                 c + row * ldc + col, ldc);
+                                      panel_bias, c + row * ldc + col, ldc);
         continue;
       }
       if (tile_init)
         for (int i = 0; i < rows; ++i)
           std::copy(tile_init + i * ldi, tile_init + i * ldi + cols, edge_init + i * kPanelCols);
+      if (panel_bias) std::copy(panel_bias, panel_bias + cols, edge_bias);
       PanelTileUpTo<kPanelTileRows>(rows, a + row * lda, lda, b.panel(p), b.K,
-                               tile_init ? edge_init : nullptr, kPanelCols, edge_out, kPanelCols);
+                                    tile_init ? edge_init : nullptr, kPanelCols,
+                                    panel_bias ? edge_bias : nullptr, edge_out, kPanelCols);
       for (int i = 0; i < rows; ++i)
         std::copy(edge_out + i * kPanelCols, edge_out + i * kPanelCols + cols,
                   c + (row + i) * ldc + col);
@@ -1659,13 +1669,15 @@ void PrefetchRows(const float* first, int64_t rows, int64_t ld, int64_t floats, 
 }
 
 ffi::Error LstmRun(ffi::Buffer<ffi::F32>& gates, ffi::Buffer<ffi::PRED>& mask,
-                   ffi::Buffer<ffi::F32>& kernels, float* out, const LstmResiduals& keep,
-                   int32_t reverse, ffi::ThreadPool& pool) {
+                   ffi::Buffer<ffi::F32>& kernels, ffi::Buffer<ffi::F32>& bias, float* out,
+                   const LstmResiduals& keep, int32_t reverse, ffi::ThreadPool& pool) {
   LstmDims d;
   if (ffi::Error error = MakeLstmDims(gates.dimensions(), mask.dimensions(),
                                       kernels.dimensions(), &d);
       error.failure())
     return error;
+  if (bias.element_count() != d.gate_stride())
+    return ffi::Error::InvalidArgument("lstm: bias must be [D * 4H]");
   const int64_t T = d.length, H = d.hidden, gs = d.gate_stride(), ss = d.state_stride();
   const LstmSplit split(d, pool);
   std::vector<PanelMatrix> packed(d.directions);
@@ -1692,8 +1704,8 @@ ffi::Error LstmRun(ffi::Buffer<ffi::F32>& gates, ffi::Buffer<ffi::PRED>& mask,
     s.tanh_cell.resize(H);
     for (int64_t step = 0; step < T; ++step) {
       const int64_t t = backwards ? T - 1 - step : step;
-      // Pre-activations of the block's rows at frame t: gates + h W, into the activation
-      // residuals themselves when training (rows T * gs apart), else into scratch.
+      // Pre-activations of the block's rows at frame t: gates + bias + h W, into the
+      // activation residuals themselves when training (rows T * gs apart), else scratch.
       const int64_t first = (b0 * T + t) * gs + dir * 4 * H;
       float* pre = train ? keep.activations + first : s.pre.data();
       const int64_t ld_pre = train ? T * gs : 4 * H;
@@ -1709,7 +1721,8 @@ ffi::Error LstmRun(ffi::Buffer<ffi::F32>& gates, ffi::Buffer<ffi::PRED>& mask,
             PrefetchRows(residual + next_state, n, T * ss, H, true);
         }
       }
-      PanelMatmul(s.h.data(), H, n, packed[dir], gx + first, T * gs, pre, ld_pre);
+      PanelMatmul(s.h.data(), H, n, packed[dir], gx + first, T * gs,
+                  bias.typed_data() + dir * 4 * H, pre, ld_pre);
       for (int64_t r = 0; r < n; ++r) {
         const int64_t row = (b0 + r) * T + t, at_state = row * ss + dir * H;
         float* act = pre + r * ld_pre;
@@ -1742,19 +1755,21 @@ ffi::Error LstmRun(ffi::Buffer<ffi::F32>& gates, ffi::Buffer<ffi::PRED>& mask,
 }
 
 ffi::Error LstmInference(ffi::Buffer<ffi::F32> gates, ffi::Buffer<ffi::PRED> mask,
-                         ffi::Buffer<ffi::F32> kernels, ffi::ResultBuffer<ffi::F32> out,
-                         int32_t reverse, ffi::ThreadPool pool) {
-  return LstmRun(gates, mask, kernels, out->typed_data(), {nullptr, nullptr, nullptr, nullptr},
-                 reverse, pool);
+                         ffi::Buffer<ffi::F32> kernels, ffi::Buffer<ffi::F32> bias,
+                         ffi::ResultBuffer<ffi::F32> out, int32_t reverse,
+                         ffi::ThreadPool pool) {
+  return LstmRun(gates, mask, kernels, bias, out->typed_data(),
+                 {nullptr, nullptr, nullptr, nullptr}, reverse, pool);
 }
 
 ffi::Error LstmForward(ffi::Buffer<ffi::F32> gates, ffi::Buffer<ffi::PRED> mask,
-                       ffi::Buffer<ffi::F32> kernels, ffi::ResultBuffer<ffi::F32> out,
+                       ffi::Buffer<ffi::F32> kernels, ffi::Buffer<ffi::F32> bias,
+                       ffi::ResultBuffer<ffi::F32> out,
                        ffi::ResultBuffer<ffi::F32> activations,
                        ffi::ResultBuffer<ffi::F32> h_before, ffi::ResultBuffer<ffi::F32> c_before,
                        ffi::ResultBuffer<ffi::F32> tanh_cell, int32_t reverse,
                        ffi::ThreadPool pool) {
-  return LstmRun(gates, mask, kernels, out->typed_data(),
+  return LstmRun(gates, mask, kernels, bias, out->typed_data(),
                  {activations->typed_data(), h_before->typed_data(), c_before->typed_data(),
                   tanh_cell->typed_data()},
                  reverse, pool);
@@ -1766,12 +1781,15 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> kerne
                         ffi::Buffer<ffi::F32> activations,
                         ffi::Buffer<ffi::F32> c_before, ffi::Buffer<ffi::F32> tanh_cell,
                         ffi::Buffer<ffi::F32> out_grad, ffi::ResultBuffer<ffi::F32> gates_grad,
-                        int32_t reverse, ffi::ThreadPool pool) {
+                        ffi::ResultBuffer<ffi::F32> bias_grad, int32_t reverse,
+                        ffi::ThreadPool pool) {
   LstmDims d;
   if (ffi::Error error = MakeLstmDims(activations.dimensions(), mask.dimensions(),
                                       kernels.dimensions(), &d);
       error.failure())
     return error;
+  if (bias_grad->element_count() != d.gate_stride())
+    return ffi::Error::InvalidArgument("lstm: the bias gradient must be [D * 4H]");
   const int64_t T = d.length, H = d.hidden, gs = d.gate_stride(), ss = d.state_stride();
   const LstmSplit split(d, pool);
   std::vector<PanelMatrix> packed(d.directions);  // W^T [4H, H]: d h_{t-1} = dgates_t W^T.
@@ -1779,9 +1797,12 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> kerne
     packed[dir].Pack(kernels.typed_data() + dir * H * 4 * H, 4 * H, H, /*transpose=*/true);
   struct Scratch {
     RowMatrix dh, dc, carried;
-    Eigen::ArrayXf dh_new, dc_total;
+    Eigen::ArrayXf dh_new, dc_total, cell_grad;
   };
   std::vector<Scratch> scratch(split.threads);
+  // Per item: its rows' gate gradients summed over frames, the bias gradient's share (summed
+  // here while each row is in cache, instead of by XLA reading all of them once more).
+  std::vector<Eigen::ArrayXf> bias_sums(split.items(d), Eigen::ArrayXf::Zero(4 * H));
   const bool* valid = mask.typed_data();
   float* dgates = gates_grad->typed_data();
   auto work = [&](int64_t item, int64_t slot) {
@@ -1795,6 +1816,7 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> kerne
     s.carried.resize(n, H);
     s.dh_new.resize(H);
     s.dc_total.resize(H);
+    s.cell_grad.resize(H);
     for (int64_t step = T - 1; step >= 0; --step) {
       const int64_t t = backwards ? T - 1 - step : step;
       if (step > 0) {
@@ -1823,20 +1845,29 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> kerne
         s.dh_new = s.dh.row(r).array().transpose() +
                    ConstArrayMap(out_grad.typed_data() + at_state, H);
         s.dc_total = dc + s.dh_new * o * (1.0f - tc.square());
-        ArrayMap(dpre, H) = s.dc_total * g * i * (1.0f - i);
-        ArrayMap(dpre + H, H) = s.dc_total * c_old * f * (1.0f - f);
-        ArrayMap(dpre + 2 * H, H) = s.dc_total * i * (1.0f - g.square());
-        ArrayMap(dpre + 3 * H, H) = s.dh_new * tc * o * (1.0f - o);
+        // dpre may be act itself (XLA aliases them): each gate's gradient is stored only
+        // after the last read of that gate's activation, element by element.
+        s.cell_grad = s.dc_total * i * (1.0f - g.square());
         dc = s.dc_total * f;
+        ArrayMap(dpre + 3 * H, H) = s.dh_new * tc * o * (1.0f - o);
+        ArrayMap(dpre + H, H) = s.dc_total * c_old * f * (1.0f - f);
+        ArrayMap(dpre, H) = s.dc_total * g * i * (1.0f - i);
+        ArrayMap(dpre + 2 * H, H) = s.cell_grad;
+        bias_sums[item] += ConstArrayMap(dpre, 4 * H);
       }
       // d h_{t-1} = dgates_t W^T for the block's rows at once (rows T * gs apart).
       const int64_t first = (b0 * T + t) * gs + dir * 4 * H;
-      PanelMatmul(dgates + first, T * gs, n, packed[dir], nullptr, 0, s.carried.data(), H);
+      PanelMatmul(dgates + first, T * gs, n, packed[dir], nullptr, 0, nullptr, s.carried.data(),
+                  H);
       for (int64_t r = 0; r < n; ++r)
         if (valid[(b0 + r) * T + t]) s.dh.row(r) = s.carried.row(r);
     }
   };
   ForEachItem(pool, split.items(d), split.threads, work);
+  ArrayMap sums(bias_grad->typed_data(), d.gate_stride());
+  sums.setZero();
+  for (int64_t item = 0; item < split.items(d); ++item)
+    sums.segment(item / split.blocks * 4 * H, 4 * H) += bias_sums[item];
   return ffi::Error::Success();
 }
 
@@ -1847,6 +1878,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KilnLstmInference, LstmInference,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("reverse")
                                   .Ctx<ffi::ThreadPool>());
@@ -1855,6 +1887,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KilnLstmForward, LstmForward,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
@@ -1872,6 +1905,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KilnLstmBackward, LstmBackward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("reverse")
                                   .Ctx<ffi::ThreadPool>());
