@@ -64,6 +64,7 @@ using TailMask = __mmask16;
 inline TailMask Tail(int64_t n) { return TailMask((1u << n) - 1); }
 inline Lane LoadTail(const float* p, TailMask m) { return _mm512_maskz_loadu_ps(m, p); }
 inline void StoreTail(float* p, TailMask m, Lane v) { _mm512_mask_storeu_ps(p, m, v); }
+inline void StreamLane(float* p, Lane v) { _mm512_stream_ps(p, v); }  // p 64-byte aligned.
 #elif defined(__AVX2__) && defined(__FMA__)
 #define KILN_VECTOR_LANES 8
 using Lane = __m256;
@@ -83,6 +84,7 @@ inline TailMask Tail(int64_t n) {
 }
 inline Lane LoadTail(const float* p, TailMask m) { return _mm256_maskload_ps(p, m); }
 inline void StoreTail(float* p, TailMask m, Lane v) { _mm256_maskstore_ps(p, m, v); }
+inline void StreamLane(float* p, Lane v) { _mm256_stream_ps(p, v); }  // p 32-byte aligned.
 #else
 #define KILN_VECTOR_LANES 0
 struct Lane {
@@ -825,6 +827,27 @@ inline void CopyFloats(const float* from, float* to, int64_t n) {
   }
 #else
   std::copy(from, from + n, to);
+#endif
+}
+
+// CopyFloats for data read again only much later (an LSTM's residuals, read by the backward
+// pass): whole vectors bypass the cache, so their lines are not first read from memory.
+// The writing thread calls StreamFence() before others may read them.
+inline void StreamFloats(const float* from, float* to, int64_t n) {
+#if KILN_VECTOR_LANES
+  if (reinterpret_cast<uintptr_t>(to) % (kLane * sizeof(float)) == 0) {
+    int64_t i = 0;
+    for (; i + kLane <= n; i += kLane) StreamLane(to + i, LoadLane(from + i));
+    CopyFloats(from + i, to + i, n - i);
+    return;
+  }
+#endif
+  CopyFloats(from, to, n);
+}
+
+inline void StreamFence() {
+#if KILN_VECTOR_LANES
+  _mm_sfence();
 #endif
 }
 
@@ -1715,11 +1738,8 @@ ffi::Error LstmRun(ffi::Buffer<ffi::F32>& gates, ffi::Buffer<ffi::PRED>& mask,
         PrefetchRows(gx + next_gate, n, T * gs, 4 * H, false);
         const int64_t next_state = (b0 * T + next) * ss + dir * H;
         PrefetchRows(out + next_state, n, T * ss, H, true);
-        if (train) {
+        if (train && keep.activations != gx)  // Unless XLA aliased them.
           PrefetchRows(keep.activations + next_gate, n, T * gs, 4 * H, true);
-          for (float* residual : {keep.h_before, keep.c_before, keep.tanh_cell})
-            PrefetchRows(residual + next_state, n, T * ss, H, true);
-        }
       }
       PanelMatmul(s.h.data(), H, n, packed[dir], gx + first, T * gs,
                   bias.typed_data() + dir * 4 * H, pre, ld_pre);
@@ -1732,16 +1752,16 @@ ffi::Error LstmRun(ffi::Buffer<ffi::F32>& gates, ffi::Buffer<ffi::PRED>& mask,
         ConstArrayMap i(act, H), f(act + H, H), g(act + 2 * H, H), o(act + 3 * H, H);
         auto h = s.h.row(r).array().transpose();
         auto c = s.c.row(r).array().transpose();
-        float* tanh_cell = train ? keep.tanh_cell + at_state : s.tanh_cell.data();
         if (train) {
-          ArrayMap(keep.h_before + at_state, H) = h;
-          ArrayMap(keep.c_before + at_state, H) = c;
+          StreamFloats(s.h.data() + r * H, keep.h_before + at_state, H);
+          StreamFloats(s.c.data() + r * H, keep.c_before + at_state, H);
         }
         s.cell = f * c + i * g;
-        ArrayMap(tanh_cell, H) = s.cell.tanh();
+        s.tanh_cell = s.cell.tanh();
+        if (train) StreamFloats(s.tanh_cell.data(), keep.tanh_cell + at_state, H);
         ArrayMap h_out(out + at_state, H);
         if (valid[row]) {
-          h_out = o * ConstArrayMap(tanh_cell, H);
+          h_out = o * s.tanh_cell;
           h = h_out;
           c = s.cell;
         } else {
@@ -1749,6 +1769,7 @@ ffi::Error LstmRun(ffi::Buffer<ffi::F32>& gates, ffi::Buffer<ffi::PRED>& mask,
         }
       }
     }
+    StreamFence();  // Before ForEachItem counts the item done.
   };
   ForEachItem(pool, split.items(d), split.threads, work);
   return ffi::Error::Success();
