@@ -423,7 +423,8 @@ def _per_batch_shard(function, batch_major, replicated):
   """`function(*batch_major, *replicated)` on each device's batch shard inside
   `core.logical_axes.activate` with a multi-device mesh (the kernels run on local arrays:
   without this, XLA would gather the whole batch onto every device), else as it is. Every
-  array of `batch_major` and every result has the batch first."""
+  array of `batch_major` and every result has the batch first (or [B * T] rows, b-major),
+  and the first one's first axis is the batch itself, which decides the split."""
   active = logical_axes.active()
   if active is None or active[0].size == 1:
     return function(*batch_major, *replicated)
@@ -437,8 +438,8 @@ def _per_batch_shard(function, batch_major, replicated):
 def _lstm_forward(gates, mask, kernels, bias, reverse, *, train: bool):
   target = _TARGETS['lstm_forward' if train else 'lstm_inference']
 
-  def local(gates, mask, kernels, bias):  # Shapes are a device's own inside the shard_map.
-    batch, length, _ = gates.shape
+  def local(mask, gates, kernels, bias):  # Shapes are a device's own inside the shard_map.
+    batch, length = mask.shape
     directions, hidden, _ = kernels.shape
     states = jax.ShapeDtypeStruct((batch, length, directions * hidden), jnp.float32)
     shapes = (states, jax.ShapeDtypeStruct(gates.shape, jnp.float32), states, states,
@@ -448,7 +449,8 @@ def _lstm_forward(gates, mask, kernels, bias, reverse, *, train: bool):
     return jax.ffi.ffi_call(target, shapes, vmap_method='sequential',
                             input_output_aliases={0: 1} if train else None)(
         gates, mask, kernels, bias, reverse=_reverse_bits(reverse))
-  return _per_batch_shard(local, (gates, mask), (kernels, bias))
+  # The mask first: it sets the split, whole utterances of gates' [B * T] rows per device.
+  return _per_batch_shard(local, (mask, gates), (kernels, bias))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -471,7 +473,7 @@ def _lstm_bwd(reverse, residuals, out_grad):
     return jax.ffi.ffi_call(
         _TARGETS['lstm_backward'],
         (jax.ShapeDtypeStruct(activations.shape, jnp.float32),
-         jax.ShapeDtypeStruct((1, activations.shape[2]), jnp.float32)),
+         jax.ShapeDtypeStruct((1, activations.shape[-1]), jnp.float32)),
         vmap_method='sequential', input_output_aliases={2: 0})(
         mask, kernels, activations, c_before, tanh_cell, out_grad, reverse=_reverse_bits(reverse))
   gates_grad, bias_grads = _per_batch_shard(
@@ -504,6 +506,10 @@ def lstm(gates: jax.Array, mask: jax.Array, kernels: jax.Array, *,
     raise KilnError(f'lstm needs gates [B, T, D*4H], mask [B, T], kernels [D, H, 4H], D '
                     f'reverse flags and a [D*4H] bias, got {gates.shape}, {mask.shape}, '
                     f'{kernels.shape}, {len(reverse)} flags, {bias.shape}')
-  out = _lstm(gates.astype(jnp.float32), mask.astype(bool), kernels.astype(jnp.float32),
-              bias.astype(jnp.float32), tuple(bool(r) for r in reverse))
+  # The kernel takes the gates 2-D, [B * T, D*4H], as a projection's matmul writes them
+  # (XLA copies a 3-D view before letting the kernel overwrite it).
+  batch, length, width = gates.shape
+  out = _lstm(gates.reshape(batch * length, width).astype(jnp.float32), mask.astype(bool),
+              kernels.astype(jnp.float32), bias.astype(jnp.float32),
+              tuple(bool(r) for r in reverse))
   return out.astype(gates.dtype)

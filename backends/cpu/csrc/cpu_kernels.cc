@@ -1517,18 +1517,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KilnConvKernelGrad, ConvKernelGrad, ConvBinding())
 // into column panels that a register-tiled matmul streams every step (Eigen's GEMM packs
 // both operands again on every call: a third of its time at these shapes).
 //
-// Layout: the projected inputs `gates` are batch-major [B, T, D * 4H] (direction d's
-// columns at d * 4H), their bias [D * 4H] (added here: as an XLA add of its own, it
-// read and wrote the [B, T, 4H] gates once more, 2.6 ms of issue 28's ~96 ms step), the
-// mask [B, T], the hidden kernels [D, H, 4H]; outputs and the
-// state residuals are [B, T, D * H] (direction d at d * H), so a bidirectional layer's
-// output is its two directions side by side with no transposes or flips. Direction d runs
-// from the last frame when bit d of `reverse` is set. A masked (padded) step leaves the
-// state as it was and outputs 0. The forward pass for training keeps, per step, the gate
-// activations [B, T, D * 4H], the state before the step (h and c) and tanh of the new cell;
-// the backward pass returns the gradient of the pre-activation gates, which is also the
-// gradient of `gates`; the hidden kernels' gradient sum_t h_{t-1}^T dgates_t is one big
-// matmul, left to XLA.
+// Layout: the projected inputs `gates` are [B * T, D * 4H], frame t of utterance b in row
+// b * T + t and direction d's columns at d * 4H (2-D as the input projection's matmul
+// writes them: XLA copied a 3-D view of them before letting this overwrite it); their bias
+// [D * 4H] (added here: as an XLA add of its own, it read and wrote the gates once more,
+// 2.6 ms of issue 28's ~96 ms step); the mask [B, T]; the hidden kernels [D, H, 4H]. Outputs
+// and the state residuals are [B, T, D * H] (direction d at d * H), so a bidirectional
+// layer's output is its two directions side by side with no transposes or flips. Direction
+// d runs from the last frame when bit d of `reverse` is set. A masked (padded) step leaves
+// the state as it was and outputs 0. The forward pass for training keeps, per step, the gate
+// activations (laid out as the gates), the state before the step (h and c) and tanh of the
+// new cell; the backward pass returns the gradient of the pre-activation gates, which is
+// also the gradient of `gates`, and of the bias; the hidden kernels' gradient
+// sum_t h_{t-1}^T dgates_t is one big matmul, left to XLA.
 
 namespace {
 
@@ -1638,12 +1639,12 @@ struct LstmDims {
 ffi::Error MakeLstmDims(const ffi::AnyBuffer::Dimensions& gates,
                         const ffi::AnyBuffer::Dimensions& mask,
                         const ffi::AnyBuffer::Dimensions& kernels, LstmDims* d) {
-  if (gates.size() != 3 || mask.size() != 2 || kernels.size() != 3)
-    return ffi::Error::InvalidArgument("lstm takes [B, T, D*4H] gates, a [B, T] mask and "
+  if (gates.size() != 2 || mask.size() != 2 || kernels.size() != 3)
+    return ffi::Error::InvalidArgument("lstm takes [B * T, D*4H] gates, a [B, T] mask and "
                                        "[D, H, 4H] kernels");
-  *d = LstmDims{gates[0], gates[1], kernels[0], kernels[1]};
-  if (kernels[2] != 4 * d->hidden || gates[2] != d->gate_stride() || mask[0] != gates[0] ||
-      mask[1] != gates[1])
+  *d = LstmDims{mask[0], mask[1], kernels[0], kernels[1]};
+  if (kernels[2] != 4 * d->hidden || gates[1] != d->gate_stride() ||
+      gates[0] != mask[0] * mask[1])
     return ffi::Error::InvalidArgument("lstm: gates, mask and kernel shapes disagree");
   return ffi::Error::Success();
 }
