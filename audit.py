@@ -21,7 +21,6 @@ from absl import app, flags  # noqa: E402
 
 from configs import base  # noqa: E402
 from core.errors import KilnError  # noqa: E402
-from trust import audit  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder of a finished train.py run.')
 _NUM_EXAMPLES = flags.DEFINE_integer(
@@ -33,6 +32,8 @@ def main(argv):
     sys.exit(f'error: unexpected arguments {argv[1:]}')
   if not _WORKDIR.value:
     sys.exit(f'error: --workdir is required: {flags.FLAGS["workdir"].help}')
+  # Imported here: a missing flag is reported without loading the training stack (~5 s).
+  from trust import audit
   try:
     report = audit.membership_inference(_WORKDIR.value, _NUM_EXAMPLES.value,
                                         defaults=base.get_base_config())

@@ -19,7 +19,6 @@ import train  # noqa: E402  First (it configures the host before JAX or TF start
 from absl import flags  # noqa: E402
 
 from core.errors import KilnError  # noqa: E402
-from doctor import run  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/doctor', 'Folder for doctor.json and its plots.')
 
@@ -27,6 +26,8 @@ _WORKDIR = flags.DEFINE_string('workdir', 'runs/doctor', 'Folder for doctor.json
 def main(argv, config_flag):
   train.check_arguments(argv)
   config = train.load_config(config_flag)
+  # Imported here: a missing flag is reported without loading the training stack (~5 s).
+  from doctor import run
   try:
     report = run.diagnose(config, _WORKDIR.value)
   except KilnError as e:

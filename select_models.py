@@ -25,7 +25,6 @@ import train  # noqa: E402  First (it configures the host before JAX or TF start
 from absl import app, flags, logging  # noqa: E402
 
 from core.errors import KilnError  # noqa: E402
-from tune import selection, space  # noqa: E402
 
 _CANDIDATES = flags.DEFINE_list('candidates', None, 'Config files to compare, comma-separated.')
 _BUDGET = flags.DEFINE_float('budget_epochs', None, 'Epochs the winner trains (the full budget).')
@@ -46,6 +45,8 @@ def main(argv):
   for flag in (_CANDIDATES, _BUDGET, _WORKDIR):
     if flag.value is None:
       sys.exit(f'error: --{flag.name} is required: {flags.FLAGS[flag.name].help}')
+  # Imported here: a missing flag is reported without loading the training stack (~5 s).
+  from tune import selection, space
   try:
     candidates = selection.load_candidates(_CANDIDATES.value, space.parse_overrides(_SET.value))
     board = selection.successive_halving(candidates, _BUDGET.value, _WORKDIR.value,

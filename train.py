@@ -22,8 +22,17 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from core.errors import KilnError  # noqa: E402
-from loop.training import train_and_evaluate  # noqa: E402,F401 (offered to notebooks, tests)
 from parallel import distributed  # noqa: E402
+
+
+def __getattr__(name):
+  """`train.train_and_evaluate` for notebooks and tests, imported when first asked for: the
+  training stack (JAX, TensorFlow, CLU: ~5 s) is then not loaded before a bad flag or file
+  has been reported."""
+  if name == 'train_and_evaluate':
+    from loop.training import train_and_evaluate
+    return train_and_evaluate
+  raise AttributeError(f"module 'train' has no attribute {name!r}")
 
 
 class _OwnLinesOnly:
@@ -69,6 +78,7 @@ def main(argv, config_flag, workdir_flag):
   config = load_config(config_flag)
   distributed.initialize(config.distributed)
   try:
+    from loop.training import train_and_evaluate
     train_and_evaluate(config, workdir_flag.value)
   except KilnError as e:
     sys.exit(f'error: {e}')
