@@ -1520,8 +1520,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KilnConvKernelGrad, ConvKernelGrad, ConvBinding())
 // Layout: the projected inputs `gates` are [B * T, D * 4H], frame t of utterance b in row
 // b * T + t and direction d's columns at d * 4H (2-D as the input projection's matmul
 // writes them: XLA copied a 3-D view of them before letting this overwrite it); their bias
-// [D * 4H] (added here: as an XLA add of its own, it read and wrote the gates once more,
-// 2.6 ms of issue 28's ~96 ms step); the mask [B, T]; the hidden kernels [D, H, 4H]. Outputs
+// [D * 4H] (added here, and its gradient summed by the backward pass: as XLA's add and
+// reduction, each read the whole gates once more; a step with no bias at all was 2.6 ms
+// faster of issue 28's ~96 ms); the mask [B, T]; the hidden kernels [D, H, 4H]. Outputs
 // and the state residuals are [B, T, D * H] (direction d at d * H), so a bidirectional
 // layer's output is its two directions side by side with no transposes or flips. Direction
 // d runs from the last frame when bit d of `reverse` is set. A masked (padded) step leaves
@@ -1739,7 +1740,7 @@ ffi::Error LstmRun(ffi::Buffer<ffi::F32>& gates, ffi::Buffer<ffi::PRED>& mask,
         PrefetchRows(gx + next_gate, n, T * gs, 4 * H, false);
         const int64_t next_state = (b0 * T + next) * ss + dir * H;
         PrefetchRows(out + next_state, n, T * ss, H, true);
-        if (train && keep.activations != gx)  // Unless XLA aliased them.
+        if (train && keep.activations != gx)  // Unless XLA aliased them (kernels.py does).
           PrefetchRows(keep.activations + next_gate, n, T * gs, 4 * H, true);
       }
       PanelMatmul(s.h.data(), H, n, packed[dir], gx + first, T * gs,
@@ -1845,8 +1846,9 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> kerne
         const int64_t next = backwards ? t + 1 : t - 1;
         const int64_t next_gate = (b0 * T + next) * gs + dir * 4 * H;
         const int64_t next_state = (b0 * T + next) * ss + dir * H;
-        PrefetchRows(activations.typed_data() + next_gate, n, T * gs, 4 * H, false);
         PrefetchRows(dgates + next_gate, n, T * gs, 4 * H, true);
+        if (dgates != activations.typed_data())  // Unless XLA aliased them (kernels.py does).
+          PrefetchRows(activations.typed_data() + next_gate, n, T * gs, 4 * H, false);
         for (const float* residual : {tanh_cell.typed_data(), c_before.typed_data(),
                                       out_grad.typed_data()})
           PrefetchRows(residual + next_state, n, T * ss, H, false);
