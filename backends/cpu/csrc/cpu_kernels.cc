@@ -133,6 +133,18 @@ inline void StoreTail(float* p, TailMask m, Lane v) { std::copy(v.v, v.v + m, p)
 // Columns of one register tile: two vectors.
 constexpr int64_t kPanelCols = 2 * kLane;
 
+// Rows [0, n) in the fewest register tiles of at most R rows, spread evenly: 16 rows on the
+// AVX2 build's 6-row tile as 6 + 5 + 5, not 6 + 6 + 4, whose 8 accumulators barely cover the
+// FMAs' latency (in the LSTM kernel that 4-row tile took a third of the time for a quarter
+// of the work).
+struct EvenTiles {
+  int64_t count, rows_each, longer;
+  EvenTiles(int64_t n, int64_t R)
+      : count((n + R - 1) / R), rows_each(count ? n / count : 0), longer(count ? n % count : 0) {}
+  int64_t first(int64_t tile) const { return tile * rows_each + std::min(tile, longer); }
+  int rows(int64_t tile) const { return int(rows_each + (tile < longer)); }
+};
+
 // A whole vector at p, or (partial) only the floats under mask m, the rest 0 / untouched.
 inline Lane Load(const float* p, bool partial, TailMask m) {
   return partial ? LoadTail(p, m) : LoadLane(p);
@@ -393,7 +405,7 @@ void StridedTile(const float* a, int64_t row_step, int64_t k_step, const float* 
   }
 }
 
-// StridedTile for `rows` <= R rows (a block's last tile).
+// StridedTile for `rows` <= R rows (EvenTiles makes the shorter ones).
 template <int R>
 void StridedTileUpTo(int rows, bool partial, const float* a, int64_t row_step, int64_t k_step,
                      const float* b, int64_t ldb, int64_t k0, int64_t k1, float* c, int64_t ldc,
@@ -416,8 +428,10 @@ void StridedProduct(const float* a, int64_t row_step, int64_t k_step, const floa
                     int64_t cols) {
   for (int64_t c0 = 0; c0 < cols; c0 += kPanelCols) {
     const int64_t width = std::min(kPanelCols, cols - c0);
-    for (int64_t r0 = 0; r0 < rows; r0 += kPanelTileRows) {
-      const int n = int(std::min<int64_t>(kPanelTileRows, rows - r0));
+    const EvenTiles tiles(rows, kPanelTileRows);
+    for (int64_t tile = 0; tile < tiles.count; ++tile) {
+      const int64_t r0 = tiles.first(tile);
+      const int n = tiles.rows(tile);
       StridedTileUpTo<kPanelTileRows>(n, width < kPanelCols, a + r0 * row_step, row_step,
                                       k_step, b + c0, ldb, k0, k1, c + r0 * ldc + c0, ldc,
                                       width);
@@ -473,9 +487,10 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
     float* kt = keys[thread].data();
     float* W = dropped[thread].data();
     Transpose(k.typed_data() + at, T, H, stride, kt);
-    for (int64_t start = 0; start < T; start += kQueryRows) {
+    const EvenTiles tiles(T, kQueryRows);
+    for (int64_t tile = 0; tile < tiles.count; ++tile) {
       // The tile's rows see keys [0, seen) at most.
-      const int64_t rows = std::min(kQueryRows, T - start), seen = start + rows;
+      const int64_t start = tiles.first(tile), rows = tiles.rows(tile), seen = start + rows;
       StridedProduct(Q + start * stride, stride, 1, kt, T, 0, H, S + start * T, T, rows, seen);
       for (int64_t i = start; i < seen; ++i) CausalSoftmaxRow(S + i * T, i, T);
       const float* weights = S + start * T;
@@ -533,8 +548,9 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
       delta[i] = o.dot(g);
     }
     Transpose(v.typed_data() + at, T, H, stride, vt);
-    for (int64_t start = 0; start < T; start += kQueryRows) {
-      const int64_t rows = std::min(kQueryRows, T - start), seen = start + rows;
+    const EvenTiles tiles(T, kQueryRows);
+    for (int64_t tile = 0; tile < tiles.count; ++tile) {
+      const int64_t start = tiles.first(tile), rows = tiles.rows(tile), seen = start + rows;
       // dP (the dropped weights' gradient) for the tile's rows, into dS's rows.
       StridedProduct(dO + start * stride, stride, 1, vt, T, 0, H, dS + start * T, T, rows,
                      seen);
@@ -560,8 +576,8 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
     // Key rows [start, start + rows) gather from query rows [start, T), the transposed
     // products reading dS and the weights down their columns.
     const float* weights = dropout ? W : P;
-    for (int64_t start = 0; start < T; start += kQueryRows) {
-      const int64_t rows = std::min(kQueryRows, T - start);
+    for (int64_t tile = 0; tile < tiles.count; ++tile) {
+      const int64_t start = tiles.first(tile), rows = tiles.rows(tile);
       StridedProduct(weights + start, 1, T, dO, stride, start, T, dV + start * stride, stride,
                      rows, H);
       StridedProduct(dS + start, 1, T, Q, stride, start, T, dK + start * stride, stride, rows,
@@ -1602,7 +1618,7 @@ void PanelTile(const float* a, int64_t lda, const float* panel, int64_t K, const
   }
 }
 
-// PanelTile for a tile of `rows` <= R rows (a block's last tile).
+// PanelTile for a tile of `rows` <= R rows (EvenTiles makes the shorter ones).
 template <int R>
 void PanelTileUpTo(int rows, const float* a, int64_t lda, const float* panel, int64_t K,
                    const float* init, int64_t ldi, const float* bias, float* c, int64_t ldc) {
@@ -1621,17 +1637,13 @@ void PanelMatmul(const float* a, int64_t lda, int64_t n, const PanelMatrix& b,
                  const float* init, int64_t ldi, const float* bias, float* c, int64_t ldc) {
   alignas(64) float edge_init[kPanelTileRows * kPanelCols], edge_out[kPanelTileRows * kPanelCols];
   alignas(64) float edge_bias[kPanelCols] = {};
-  // Rows spread evenly over the fewest tiles: 16 rows on the 6-row AVX2 tile as 6 + 5 + 5,
-  // not 6 + 6 + 4, whose 8 accumulators barely cover the FMAs' latency (that 4-row tile
-  // took a third of the kernel's time for a quarter of its work).
-  const int64_t tiles = (n + kPanelTileRows - 1) / kPanelTileRows;
-  const int64_t tile_rows = tiles ? n / tiles : 0, longer_tiles = tiles ? n % tiles : 0;
+  const EvenTiles tiles(n, kPanelTileRows);
   for (int64_t col = 0, p = 0; col < b.N; col += kPanelCols, ++p) {
     const int64_t cols = std::min(kPanelCols, b.N - col);
     const float* panel_bias = bias ? bias + col : nullptr;
-    for (int64_t tile = 0; tile < tiles; ++tile) {
-      const int64_t row = tile * tile_rows + std::min(tile, longer_tiles);
-      const int rows = int(tile_rows + (tile < longer_tiles));
+    for (int64_t tile = 0; tile < tiles.count; ++tile) {
+      const int64_t row = tiles.first(tile);
+      const int rows = tiles.rows(tile);
       const float* tile_init = init ? init + row * ldi + col : nullptr;
       if (cols == kPanelCols) {
         PanelTileUpTo<kPanelTileRows>(rows, a + row * lda, lda, b.panel(p), b.K, tile_init, ldi,
@@ -2019,7 +2031,7 @@ void WeightGradTile(const float* x, int64_t ldx, const float* g, int64_t ldg, in
   }
 }
 
-// WeightGradTile for a tile of `count` <= R rows of out (the last tile of a panel).
+// WeightGradTile for a tile of `count` <= R rows of out (EvenTiles makes the shorter ones).
 template <int R>
 void WeightGradTileUpTo(int count, const float* x, int64_t ldx, const float* g, int64_t ldg,
                         int64_t rows, bool accumulate, float* c, int64_t ldc) {
@@ -2048,6 +2060,7 @@ ffi::Error WeightGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
   }
   const int64_t chunk = std::clamp<int64_t>(kWeightGradChunkBytes / (4 * I), 32, 4096);
   const int64_t items = std::min(total, kWeightGradItemsPerThread * pool.num_threads());
+  const EvenTiles out_tiles(I, kPanelTileRows);
   // Item k: panels [k * total / items, (k + 1) * total / items) of all directions. Chunks of
   // rows outermost, so x's chunk is read from memory once per item; each panel's rows of g
   // are copied into one contiguous zero-padded block (rows of g are O * D floats apart:
@@ -2082,8 +2095,9 @@ ffi::Error WeightGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
         for (int64_t slice = 0; slice < rows; slice += kWeightGradSliceRows) {
           const int64_t slice_rows = std::min(kWeightGradSliceRows, rows - slice);
           const float* xr = xs + (row + slice) * ldx + d * I;
-          for (int64_t i = 0; i < I; i += kPanelTileRows) {
-            const int count = int(std::min<int64_t>(kPanelTileRows, I - i));
+          for (int64_t tile = 0; tile < out_tiles.count; ++tile) {
+            const int64_t i = out_tiles.first(tile);
+            const int count = out_tiles.rows(tile);
             WeightGradTileUpTo<kPanelTileRows>(count, xr + i, ldx,
                                                block.get() + slice * kPanelCols, kPanelCols,
                                                slice_rows, row + slice > 0, c + i * ldc, ldc);
