@@ -2077,9 +2077,17 @@ ffi::Error WeightGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
         const int64_t d = p / panels, col = (p % panels) * kPanelCols;
         const int64_t cols = std::min(kPanelCols, O - col);
         const float* source = gs + row * ldg + d * O + col;
-        for (int64_t n = 0; n < rows; ++n) {
-          std::copy(source + n * ldg, source + n * ldg + cols, block.get() + n * kPanelCols);
-          std::fill(block.get() + n * kPanelCols + cols, block.get() + (n + 1) * kPanelCols, 0.0f);
+        if (cols == kPanelCols) {  // In registers: a memmove call per 64-byte row (AVX2) cost
+          for (int64_t n = 0; n < rows; ++n) {  // ~6% of the kernel's time.
+            StoreLane(block.get() + n * kPanelCols, LoadLane(source + n * ldg));
+            StoreLane(block.get() + n * kPanelCols + kLane, LoadLane(source + n * ldg + kLane));
+          }
+        } else {
+          for (int64_t n = 0; n < rows; ++n) {
+            std::copy(source + n * ldg, source + n * ldg + cols, block.get() + n * kPanelCols);
+            std::fill(block.get() + n * kPanelCols + cols, block.get() + (n + 1) * kPanelCols,
+                      0.0f);
+          }
         }
         float* c = result + d * I * O + col;
         int64_t ldc = O;
