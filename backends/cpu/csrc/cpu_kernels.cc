@@ -426,9 +426,9 @@ void StridedTileUpTo(int rows, bool partial, const float* a, int64_t row_step, i
 void StridedProduct(const float* a, int64_t row_step, int64_t k_step, const float* b,
                     int64_t ldb, int64_t k0, int64_t k1, float* c, int64_t ldc, int64_t rows,
                     int64_t cols) {
+  const EvenTiles tiles(rows, kPanelTileRows);
   for (int64_t c0 = 0; c0 < cols; c0 += kPanelCols) {
     const int64_t width = std::min(kPanelCols, cols - c0);
-    const EvenTiles tiles(rows, kPanelTileRows);
     for (int64_t tile = 0; tile < tiles.count; ++tile) {
       const int64_t r0 = tiles.first(tile);
       const int n = tiles.rows(tile);
