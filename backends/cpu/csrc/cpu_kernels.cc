@@ -1591,9 +1591,21 @@ struct PanelMatrix {
 // init and c `lda`, `ldi` and `ldc` apart, the one row of bias added to each. Loops over rows
 // are unrolled, so the accumulators live in registers (GCC otherwise kept the array on the
 // stack: 45 instead of 150+ GFLOP/s).
+// Lines of init that the next tile starts from, for a tile to ask the cache for `distance`
+// steps of K before it ends. The LSTM's rows of init are a frame apart in memory, all at one
+// offset within a page (so they compete for one set of L1), and a tile's panel streams
+// through L1 between them: its first loads missed, 11% of the forward pass's time. Asked for
+// a whole frame ahead, or one panel ahead, they were evicted again before use.
+struct TilePrefetch {
+  const float* rows = nullptr;
+  int64_t ld = 0;
+  int count = 0;
+  static constexpr int64_t distance = 64;
+};
+
 template <int R>
 void PanelTile(const float* a, int64_t lda, const float* panel, int64_t K, const float* init,
-               int64_t ldi, const float* bias, float* c, int64_t ldc) {
+               int64_t ldi, const float* bias, float* c, int64_t ldc, TilePrefetch next) {
   const Lane bias0 = bias ? LoadLane(bias) : ZeroLane();
   const Lane bias1 = bias ? LoadLane(bias + kLane) : ZeroLane();
   Lane acc[R][2];
@@ -1602,15 +1614,26 @@ void PanelTile(const float* a, int64_t lda, const float* panel, int64_t K, const
     acc[i][0] = init ? AddLanes(LoadLane(init + i * ldi), bias0) : bias0;
     acc[i][1] = init ? AddLanes(LoadLane(init + i * ldi + kLane), bias1) : bias1;
   }
-  for (int64_t k = 0; k < K; ++k) {
-    const Lane w0 = LoadLane(panel + k * kPanelCols), w1 = LoadLane(panel + k * kPanelCols + kLane);
+  auto steps = [&](int64_t from, int64_t to) {
+    for (int64_t k = from; k < to; ++k) {
+      const Lane w0 = LoadLane(panel + k * kPanelCols);
+      const Lane w1 = LoadLane(panel + k * kPanelCols + kLane);
 #pragma GCC unroll 16
-    for (int i = 0; i < R; ++i) {
-      const Lane x = Broadcast(a[i * lda + k]);
-      acc[i][0] = MultiplyAdd(x, w0, acc[i][0]);
-      acc[i][1] = MultiplyAdd(x, w1, acc[i][1]);
+      for (int i = 0; i < R; ++i) {
+        const Lane x = Broadcast(a[i * lda + k]);
+        acc[i][0] = MultiplyAdd(x, w0, acc[i][0]);
+        acc[i][1] = MultiplyAdd(x, w1, acc[i][1]);
+      }
     }
+  };
+  const int64_t split = next.rows ? std::max<int64_t>(0, K - TilePrefetch::distance) : K;
+  steps(0, split);
+  for (int i = 0; i < next.count; ++i) {
+    const float* row = next.rows + i * next.ld;
+    for (int64_t j = 0; j < kPanelCols; j += 16) __builtin_prefetch(row + j);
+    __builtin_prefetch(row + kPanelCols - 1);  // In case the row is not line-aligned.
   }
+  steps(split, K);
 #pragma GCC unroll 16
   for (int i = 0; i < R; ++i) {
     StoreLane(c + i * ldc, acc[i][0]);
@@ -1621,20 +1644,23 @@ void PanelTile(const float* a, int64_t lda, const float* panel, int64_t K, const
 // PanelTile for a tile of `rows` <= R rows (EvenTiles makes the shorter ones).
 template <int R>
 void PanelTileUpTo(int rows, const float* a, int64_t lda, const float* panel, int64_t K,
-                   const float* init, int64_t ldi, const float* bias, float* c, int64_t ldc) {
+                   const float* init, int64_t ldi, const float* bias, float* c, int64_t ldc,
+                   TilePrefetch next = {}) {
   if (rows == R) {
-    PanelTile<R>(a, lda, panel, K, init, ldi, bias, c, ldc);
+    PanelTile<R>(a, lda, panel, K, init, ldi, bias, c, ldc, next);
   } else if constexpr (R > 1) {
-    PanelTileUpTo<R - 1>(rows, a, lda, panel, K, init, ldi, bias, c, ldc);
+    PanelTileUpTo<R - 1>(rows, a, lda, panel, K, init, ldi, bias, c, ldc, next);
   }
 }
 
 // c[n, N] = (init or 0) + (bias or 0) + a[n, K] x b, with b packed and the one row of bias
 // [N] added to each; panel by panel, so each panel is read from memory once and reused from
 // the cache by every tile of rows. A last panel narrower than kPanelCols goes through a
-// zero-padded copy of its columns.
+// zero-padded copy of its columns. Each tile asks for the init lines of the tile after it,
+// the last one for those of `next_init` (rows ldi apart, the next call's init), if given.
 void PanelMatmul(const float* a, int64_t lda, int64_t n, const PanelMatrix& b,
-                 const float* init, int64_t ldi, const float* bias, float* c, int64_t ldc) {
+                 const float* init, int64_t ldi, const float* bias, float* c, int64_t ldc,
+                 const float* next_init = nullptr) {
   alignas(64) float edge_init[kPanelTileRows * kPanelCols], edge_out[kPanelTileRows * kPanelCols];
   alignas(64) float edge_bias[kPanelCols] = {};
   const EvenTiles tiles(n, kPanelTileRows);
@@ -1646,8 +1672,17 @@ void PanelMatmul(const float* a, int64_t lda, int64_t n, const PanelMatrix& b,
       const int rows = tiles.rows(tile);
       const float* tile_init = init ? init + row * ldi + col : nullptr;
       if (cols == kPanelCols) {
+        TilePrefetch next;
+        if (init) {
+          const bool last = tile + 1 == tiles.count;
+          next.rows = !last                      ? init + tiles.first(tile + 1) * ldi + col
+                      : col + kPanelCols < b.N ? init + col + kPanelCols
+                      : next_init;
+          next.ld = ldi;
+          next.count = next.rows ? tiles.rows(last ? 0 : tile + 1) : 0;
+        }
         PanelTileUpTo<kPanelTileRows>(rows, a + row * lda, lda, b.panel(p), b.K, tile_init, ldi,
-                                      panel_bias, c + row * ldc + col, ldc);
+                                      panel_bias, c + row * ldc + col, ldc, next);
         continue;
       }
       if (tile_init)
@@ -1714,7 +1749,8 @@ struct LstmResiduals {
 // frame) while this step computes: they are T frames apart in memory, more streams than
 // the hardware prefetchers follow, and without this every step waited on them (a
 // replica of the forward loop: 11.0 -> 10.3 ms per thread at issue 28's shape). `write`:
-// the step will store there.
+// the step will store there. The forward pass's gates are asked for tile by tile instead
+// (TilePrefetch): a frame ahead, they were evicted again before use.
 void PrefetchRows(const float* first, int64_t rows, int64_t ld, int64_t floats, bool write) {
   constexpr int64_t kLineFloats = 16;
   for (int64_t r = 0; r < rows; ++r)
@@ -1768,17 +1804,18 @@ ffi::Error LstmRun(ffi::Buffer<ffi::F32>& gates, ffi::Buffer<ffi::PRED>& mask,
       const int64_t first = (b0 * T + t) * gs + dir * 4 * H;
       float* pre = train ? keep.activations + first : s.pre.data();
       const int64_t ld_pre = train ? T * gs : 4 * H;
+      const float* next_init = nullptr;  // The next frame's gates (PanelMatmul asks for them).
       if (step + 1 < T) {
         const int64_t next = backwards ? t - 1 : t + 1;
         const int64_t next_gate = (b0 * T + next) * gs + dir * 4 * H;
-        PrefetchRows(gx + next_gate, n, T * gs, 4 * H, false);
+        next_init = gx + next_gate;
         const int64_t next_state = (b0 * T + next) * ss + dir * H;
         PrefetchRows(out + next_state, n, T * ss, H, true);
         if (train && keep.activations != gx)  // Unless XLA aliased them (kernels.py does).
           PrefetchRows(keep.activations + next_gate, n, T * gs, 4 * H, true);
       }
       PanelMatmul(s.h.data(), H, n, packed[dir], gx + first, T * gs,
-                  bias.typed_data() + dir * 4 * H, pre, ld_pre);
+                  bias.typed_data() + dir * 4 * H, pre, ld_pre, next_init);
       for (int64_t r = 0; r < n; ++r) {
         const int64_t row = (b0 + r) * T + t, at_state = row * ss + dir * H;
         float* act = pre + r * ld_pre;
