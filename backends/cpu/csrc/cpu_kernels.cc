@@ -132,6 +132,8 @@ inline void StoreTail(float* p, TailMask m, Lane v) { std::copy(v.v, v.v + m, p)
 
 // Columns of one register tile: two vectors.
 constexpr int64_t kPanelCols = 2 * kLane;
+// Floats per 64-byte cache line: the step between software prefetches along a row.
+constexpr int64_t kLineFloats = 16;
 
 // Rows [0, n) in the fewest register tiles of at most R rows, spread evenly: 16 rows on the
 // AVX2 build's 6-row tile as 6 + 5 + 5, not 6 + 6 + 4, whose 8 accumulators barely cover the
@@ -1631,7 +1633,7 @@ void PanelTile(const float* a, int64_t lda, const float* panel, int64_t K, const
   steps(0, split);
   for (int i = 0; i < next.count; ++i) {
     const float* row = next.rows + i * next.ld;
-    for (int64_t j = 0; j < kPanelCols; j += 16) __builtin_prefetch(row + j);
+    for (int64_t j = 0; j < kPanelCols; j += kLineFloats) __builtin_prefetch(row + j);
     __builtin_prefetch(row + kPanelCols - 1);  // In case the row is not line-aligned.
   }
   steps(split, K);
@@ -1657,8 +1659,9 @@ void PanelTileUpTo(int rows, const float* a, int64_t lda, const float* panel, in
 // c[n, N] = (init or 0) + (bias or 0) + a[n, K] x b, with b packed and the one row of bias
 // [N] added to each; panel by panel, so each panel is read from memory once and reused from
 // the cache by every tile of rows. A last panel narrower than kPanelCols goes through a
-// zero-padded copy of its columns. Each tile asks for the init lines of the tile after it,
-// the last one for those of `next_init` (rows ldi apart, the next call's init), if given.
+// zero-padded copy of its columns. Each tile of a full panel asks for the init lines of the
+// tile after it, the last one for those of `next_init` (rows ldi apart, the next call's
+// init), if given.
 void PanelMatmul(const float* a, int64_t lda, int64_t n, const PanelMatrix& b,
                  const float* init, int64_t ldi, const float* bias, float* c, int64_t ldc,
                  const float* next_init = nullptr) {
@@ -1753,7 +1756,6 @@ struct LstmResiduals {
 // the step will store there. The forward pass's gates are asked for tile by tile instead
 // (TilePrefetch): a frame ahead, they were evicted again before use.
 void PrefetchRows(const float* first, int64_t rows, int64_t ld, int64_t floats, bool write) {
-  constexpr int64_t kLineFloats = 16;
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t j = 0; j < floats; j += kLineFloats) {
       if (write)
