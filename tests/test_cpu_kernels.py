@@ -191,12 +191,14 @@ def test_bad_kernel_settings_name_the_fix(monkeypatch, tmp_path):
   assert not ops.accelerated('causal_attention') and not ops.accelerated('random_bits')
 
 
-# Rows: one, several chunks with a ragged last one (I=5: 4,096 rows a chunk), and on the
-# AVX2 build slices of 256 rows with ragged last ones (7,000 and 300 rows); inputs: a
-# partial register tile, whole tiles; outputs: a partial panel, whole panels and a ragged
-# one; two directions side by side.
+# Rows: one, several chunks with a ragged last one (I=5: 4,096 rows a chunk; I=300: 873),
+# and on the AVX2 build slices of 256 rows with ragged last ones (7,000, 2,000 and 300 rows);
+# inputs: a partial register tile, whole tiles; outputs: a partial panel, whole panels and a
+# ragged one; two directions side by side. The last three have x wider than g, so threads
+# split out's rows instead of its panels.
 @pytest.mark.parametrize('rows, inputs, outputs, directions', [
-    (1, 3, 5, 1), (7000, 5, 70, 1), (300, 16, 64, 1), (96, 13, 40, 2)])
+    (1, 3, 5, 1), (7000, 5, 70, 1), (300, 16, 64, 1), (96, 13, 40, 2), (300, 70, 5, 1),
+    (2000, 300, 20, 1), (96, 40, 13, 2)])
 def test_weight_grad_equals_the_xla_dot(rows, inputs, outputs, directions):
   x = jax.random.normal(jax.random.key(0), (rows, directions * inputs))
   g = jax.random.normal(jax.random.key(1), (rows, directions * outputs))
