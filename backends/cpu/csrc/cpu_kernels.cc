@@ -2123,8 +2123,8 @@ ffi::Error WeightGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
       tile_first = share * out_tiles.count / shares;
       tile_last = (share + 1) * out_tiles.count / shares;
     }
-    const int64_t row_first = out_tiles.first(tile_first);
-    const int64_t row_last = tile_last < out_tiles.count ? out_tiles.first(tile_last) : I;
+    // first(count) is I: the rows [row_first, row_last) are the item's tiles'.
+    const int64_t row_first = out_tiles.first(tile_first), row_last = out_tiles.first(tile_last);
     // Uninitialised: only a narrow panel's padding columns are read before written.
     std::unique_ptr<float[]> block(new float[std::min(chunk, N) * kPanelCols]);
     std::vector<float> edge;
