@@ -4,6 +4,9 @@ Models call these instead of the JAX functions they stand for:
 
 - `causal_attention(q, k, v, *, dropout_rate, key)`: softmax(q k^T, causal) v on token-major
   [B, T, N, H] arrays (q already scaled), dropout on the weights when `key` is given;
+- `causal_attention_packed(qkv, *, scale, rotary, dropout_rate, key)`: the same on q * scale,
+  k and v packed [B, T, 3, N, H] as a qkv projection writes them, q and k first turned by
+  rotary tables (`apply_rotary`, a plain helper) if given;
 - `random_bits(key, shape)`: uniform uint32 words (dropout masks);
 - `conv_general_dilated(...)`: `jax.lax.conv_general_dilated`, as `nnx.Conv` calls it;
 - `max_pool(x, window_shape, strides, padding)`: `nnx.max_pool`;
@@ -45,8 +48,8 @@ from jax import lax
 from backends import installed_cpu
 from core.errors import KilnError
 
-OPS = ('causal_attention', 'random_bits', 'conv_general_dilated', 'max_pool', 'lstm', 'dense',
-       'layer_norm')
+OPS = ('causal_attention', 'causal_attention_packed', 'random_bits', 'conv_general_dilated',
+       'max_pool', 'lstm', 'dense', 'layer_norm')
 MODES = ('auto', 'xla', 'cpu')  # config.backend.cpu_kernels values.
 
 
@@ -166,6 +169,31 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, dropout_rate: 
     weights = jnp.where(keep, weights * (_LEVELS / threshold), 0.0)
   y = jnp.einsum('bnts,bsnh->btnh', weights, v.astype(jnp.float32))
   return y.astype(q.dtype)
+
+
+def apply_rotary(x: jax.Array, cos, sin) -> jax.Array:
+  """x [..., T, N, H] turned by rotary angles (Su et al. 2021) whose cos and sin are [..., T,
+  H/2]: halves (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), in x's dtype."""
+  cos, sin = (jnp.asarray(t, x.dtype)[..., None, :] for t in (cos, sin))
+  # split, not x[..., :half]: indexing under a symbolic batch dim (jax.export) lowers to a
+  # dynamic gather that the TFLite converter cannot read.
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def causal_attention_packed(qkv: jax.Array, *, scale: float, rotary=None,
+                            dropout_rate: float = 0.0, key: jax.Array | None = None) -> jax.Array:
+  """`causal_attention` of q * scale, k and v packed in qkv [B, T, 3, N, H] (a qkv
+  projection's output), q and k first turned by `apply_rotary` with `rotary` = (cos, sin)
+  [T, H/2] if given -> [B, T, N, H]. A backend may do all of it in one call each way: no
+  slices of qkv, rotations or concatenated gradients around it."""
+  chosen = _chosen('causal_attention_packed')
+  if chosen is not None:
+    return chosen(qkv, scale=scale, rotary=rotary, dropout_rate=dropout_rate, key=key)
+  q, k, v = (t[:, :, 0] for t in jnp.split(qkv, 3, axis=2))
+  if rotary is not None:
+    q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+  return causal_attention(q * scale, k, v, dropout_rate=dropout_rate, key=key)
 
 
 def random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:

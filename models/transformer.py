@@ -51,25 +51,24 @@ def _param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], ini
                    **metadata)
 
 
+def rotary_tables(positions, half: int, base: float = 10_000.0):
+  """(cos, sin) of the rotary angles (Su et al. 2021) of positions [B, T], half a head's
+  width each: numpy constants [T, half] where the positions are known when tracing and the
+  same in every row (a training step's 0..T-1: XLA:CPU otherwise ran sin and cos of every
+  angle in every layer, every step, 1.7% of the GPT CPU config's step), else traced
+  [B, T, half]; float32 either way, so both give the same angles."""
+  if isinstance(positions, np.ndarray) and (positions == positions[:1]).all():
+    frequencies = np.float32(base) ** (-np.arange(half, dtype=np.float32) / np.float32(half))
+    angles = positions[0, :, None].astype(np.float32) * frequencies
+    return np.cos(angles), np.sin(angles)
+  frequencies = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions[..., None].astype(jnp.float32) * frequencies
+  return jnp.cos(angles), jnp.sin(angles)
+
+
 def rotary(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> jax.Array:
   """Rotary position embedding (Su et al. 2021) on [B, T, N, H] with positions [B, T]."""
-  half = x.shape[-1] // 2
-  if isinstance(positions, np.ndarray) and (positions == positions[:1]).all():
-    # Positions known when tracing (a training step's 0..T-1 in every row): the tables are
-    # constants, where XLA:CPU otherwise ran sin and cos of every angle in every layer, every
-    # step (1.7% of the GPT CPU config's step).
-    # float32 as on the traced path, so both give the same angles.
-    frequencies = np.float32(base) ** (-np.arange(half, dtype=np.float32) / np.float32(half))
-    angles = positions[:1, :, None, None].astype(np.float32) * frequencies  # [1, T, 1, half]
-    sin, cos = (jnp.asarray(table, x.dtype) for table in (np.sin(angles), np.cos(angles)))
-  else:
-    frequencies = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angles = positions[..., None, None].astype(jnp.float32) * frequencies  # [B, T, 1, half]
-    sin, cos = jnp.sin(angles).astype(x.dtype), jnp.cos(angles).astype(x.dtype)
-  # split, not x[..., :half]: indexing under a symbolic batch dim (jax.export) lowers to a
-  # dynamic gather that the TFLite converter cannot read.
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return ops.apply_rotary(x, *rotary_tables(positions, x.shape[-1] // 2, base))
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None,
@@ -158,17 +157,27 @@ class Attention(nnx.Module):
                     self.qkv[...].astype(self.dtype).reshape(embed, -1))
     if self.qkv_bias is not None:
       qkv = qkv + self.qkv_bias[...].astype(self.dtype).reshape(-1)
+    tables = rotary_tables(positions, head_dim // 2) if self.rotary_positions else None
+    # A backend's fused causal attention (backends.ops) where one runs: no padding or cache.
+    fused = causal and cache is None and key_mask is None and ops.accelerated('causal_attention')
+    if fused:
+      key = rngs.dropout() if dropout is not None and rngs is not None else None
+      rate = 0.0 if dropout is None else dropout.rate
+      if tables is None or isinstance(tables[0], np.ndarray):
+        # q, k and v as the projection wrote them, scaled and turned inside the kernel: at the
+        # GPT CPU config's shapes a layer's attention forward + backward took 577 instead of
+        # 751 us with the slices, rotations and concatenated gradients around it.
+        y = ops.causal_attention_packed(qkv.reshape(batch, length, 3, heads, head_dim),
+                                        scale=head_dim ** -0.5, rotary=tables,
+                                        dropout_rate=rate, key=key)
+        return self._project_out(y.reshape(batch * length, heads * head_dim), x.shape), None
     # Split along the matmul's columns, so the backward pass concatenates the three gradients
     # (no pad + add); measured neutral on CPU, kept for the simpler backward graph.
     q, k, v = (t.reshape(batch, length, heads, head_dim) for t in jnp.split(qkv, 3, axis=1))
-    if self.rotary_positions:
-      q, k = rotary(q, positions), rotary(k, positions)
-    # A backend's fused causal attention (backends.ops) where one runs: no padding or cache.
-    if causal and cache is None and key_mask is None and ops.accelerated('causal_attention'):
-      key = rngs.dropout() if dropout is not None and rngs is not None else None
-      y = ops.causal_attention(
-          q * head_dim ** -0.5, k, v, dropout_rate=0.0 if dropout is None else dropout.rate,
-          key=key)
+    if tables is not None:
+      q, k = ops.apply_rotary(q, *tables), ops.apply_rotary(k, *tables)
+    if fused:
+      y = ops.causal_attention(q * head_dim ** -0.5, k, v, dropout_rate=rate, key=key)
       return self._project_out(y.reshape(batch * length, heads * head_dim), x.shape), None
     drop = (functools.partial(dropout, deterministic=False, rngs=rngs)
             if dropout is not None and rngs is not None else None)

@@ -121,6 +121,76 @@ def test_sharded_attention_equals_one_device_masks_included(devices):
     np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-5)
 
 
+def _rotary_tables(length, dim):
+  half = dim // 2
+  angles = np.arange(length, dtype=np.float32)[:, None] * 10_000.0 ** (-np.arange(half) / half)
+  return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def _unpacked(qkv, scale, rotary, **dropout):
+  """The packed call's definition: q * scale, k and v sliced out of qkv, q and k turned."""
+  q, k, v = (qkv[:, :, i] for i in range(3))
+  if rotary is not None:
+    q, k = ops.apply_rotary(q, *rotary), ops.apply_rotary(k, *rotary)
+  return cpu_kernels.causal_attention(q * scale, k, v, **dropout)
+
+
+@pytest.mark.parametrize('turned', [False, True])
+def test_packed_attention_equals_its_definition_gradients_and_masks_included(turned):
+  """Against the unpacked kernel on scaled, turned slices (same dropout masks), and without
+  dropout against plain XLA (backends.ops' portable path)."""
+  batch, length, heads, dim = 2, 21, 3, 16
+  qkv, g = (jax.random.normal(key, shape) for key, shape in zip(
+      jax.random.split(jax.random.key(9), 2),
+      ((batch, length, 3, heads, dim), (batch, length, heads, dim))))
+  rotary = _rotary_tables(length, dim) if turned else None
+  scale = dim ** -0.5
+  for dropout in ({}, {'dropout_rate': 0.3, 'key': jax.random.key(4)}):
+    def packed(qkv):
+      return (cpu_kernels.causal_attention_packed(qkv, scale=scale, rotary=rotary, **dropout)
+              * g).sum()
+    value, grad = jax.jit(jax.value_and_grad(packed))(qkv)
+    expected, expected_grad = jax.value_and_grad(
+        lambda qkv: (_unpacked(qkv, scale, rotary, **dropout) * g).sum())(qkv)
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=1e-5)
+  with ops.use('xla'):
+    xla_value, xla_grad = jax.value_and_grad(
+        lambda qkv: (ops.causal_attention_packed(qkv, scale=scale, rotary=rotary) * g).sum())(qkv)
+  value, grad = jax.value_and_grad(
+      lambda qkv: (cpu_kernels.causal_attention_packed(qkv, scale=scale, rotary=rotary)
+                   * g).sum())(qkv)
+  np.testing.assert_allclose(value, xla_value, rtol=1e-5)
+  np.testing.assert_allclose(grad, xla_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_sharded_packed_attention_equals_one_device(devices):
+  mesh = Mesh(np.asarray(devices).reshape(2, 2, 2), ('data', 'fsdp', 'tensor'))
+  rules = sharding.parse_rules([('batch', ('data', 'fsdp')), ('heads', 'tensor')], mesh)
+  batch, length, heads, dim = 8, 24, 4, 8
+  qkv = jax.random.normal(jax.random.key(2), (batch, length, 3, heads, dim))
+  g = jax.random.normal(jax.random.key(3), (batch, length, heads, dim))
+  rotary = _rotary_tables(length, dim)
+
+  def loss(qkv):
+    return (cpu_kernels.causal_attention_packed(qkv, scale=0.5, rotary=rotary,
+                                                dropout_rate=0.25, key=jax.random.key(6))
+            * g).sum()
+  expected, expected_grad = jax.value_and_grad(loss)(qkv)
+  with logical_axes.activate(mesh, rules):
+    sharded, sharded_grad = jax.jit(jax.value_and_grad(loss))(qkv)
+  np.testing.assert_allclose(sharded, expected, rtol=1e-5)
+  np.testing.assert_allclose(sharded_grad, expected_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_packed_attention_names_bad_shapes():
+  with pytest.raises(KilnError, match=r'qkv \[B, T, 3, N, H\], got \(2, 5, 4, 8\)'):
+    cpu_kernels.causal_attention_packed(jnp.zeros((2, 5, 4, 8)), scale=1.0)
+  with pytest.raises(KilnError, match=r'rotary tables \[T, H/2\] = \[5, 4\]'):
+    cpu_kernels.causal_attention_packed(jnp.zeros((2, 5, 3, 1, 8)), scale=1.0,
+                                        rotary=_rotary_tables(6, 8))
+
+
 def test_random_bits_are_uniform_and_reproducible():
   key = jax.random.key(0)
   words = np.asarray(jax.jit(cpu_kernels.random_bits, static_argnums=1)(key, (1000, 37)))
@@ -296,6 +366,7 @@ _RECHECKED = [f'tests/test_cpu_kernels.py::test_{name}' for name in (
     'attention_and_gradients_equal_xla', 'attention_dropout_is_inverted_dropout_on_the_'
     'probabilities', 'attention_dropout_gradients_use_the_forward_mask',
     'random_bits_are_uniform_and_reproducible', 'gpt_with_kernels_equals_gpt_without',
+    'packed_attention_equals_its_definition_gradients_and_masks_included',
     'weight_grad_equals_the_xla_dot', 'dense_layers_equal_xla_outputs_and_gradients',
     'per_example_dense_gradients_under_vmap_equal_xla',
     'layer_norm_equals_nnx_layer_norm_outputs_and_gradients')] + [

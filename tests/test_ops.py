@@ -80,7 +80,7 @@ def test_gpt_forward_exports_under_portable_and_equals_the_model():
   forward, state = _forward(model), nnx.state(model)
   tokens = jax.random.randint(jax.random.key(2), (2, 32), 0, 65)
   if HAS_CPU_ROOM and ops.accelerated('causal_attention'):
-    with pytest.raises(ValueError, match='KilnCausalAttention'):
+    with pytest.raises(ValueError, match='KilnPackedAttention'):
       _export(forward, state, tokens)
   with ops.portable():
     assert not ops.accelerated('causal_attention')

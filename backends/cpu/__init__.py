@@ -33,6 +33,8 @@ def register(register_op) -> None:
   from backends.cpu import conv_lowering, kernels, max_pool
   register_op('causal_attention', kernels.causal_attention, platform='cpu',
               ready=kernels.ensure)
+  register_op('causal_attention_packed', kernels.causal_attention_packed, platform='cpu',
+              ready=kernels.ensure)
   register_op('random_bits', kernels.random_bits, platform='cpu', ready=kernels.ensure)
   register_op('conv_general_dilated', conv_lowering.conv_general_dilated, platform='cpu')
   register_op('max_pool', max_pool.max_pool, platform='cpu')

@@ -6,7 +6,9 @@
   whole (batch, head) pairs, keeps a block of scores in cache and multiplies with
   single-threaded Eigen GEMMs on XLA's intra-op threads; the softmax probabilities are
   kept for the backward pass (as XLA keeps them), the dropout mask is regenerated there
-  (gains: benchmarks/README.md, "attention kernel").
+  (gains: benchmarks/README.md, "attention kernel"). `causal_attention_packed` runs it on
+  the qkv projection's packed output, scaling q and turning q and k by rotary tables
+  inside, so no slices, rotations or concatenated gradients run around it.
 - `random_bits`: uniform 32-bit words from Philox-4x32-10 (AVX-512 where the CPU has it),
   for dropout masks; XLA lowers jax.random's Threefry on CPU as a rolled loop over whole
   arrays.
@@ -58,6 +60,8 @@ from core import host, logical_axes
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'cpu_kernels.cc')
 _FLAGS = ('-O3', '-march=native', '-DNDEBUG', '-fPIC', '-shared', '-std=c++17', '-pthread')
 _TARGETS = {'forward': 'KilnCausalAttentionForward', 'backward': 'KilnCausalAttentionBackward',
+            'packed_forward': 'KilnPackedAttentionForward',
+            'packed_backward': 'KilnPackedAttentionBackward',
             'bits': 'KilnPhiloxBits', 'conv_forward': 'KilnConvForward',
             'conv_input_grad': 'KilnConvInputGrad', 'conv_kernel_grad': 'KilnConvKernelGrad',
             'lstm_inference': 'KilnLstmInference', 'lstm_forward': 'KilnLstmForward',
@@ -258,9 +262,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, dropout_rate: 
   if not (q.shape == k.shape == v.shape and q.ndim == 4):
     raise KilnError(f'causal_attention needs q, k, v of one [B, T, N, H] shape, got '
                     f'{q.shape}, {k.shape}, {v.shape}')
-  threshold = _LEVELS if key is None or dropout_rate == 0.0 else keep_threshold(dropout_rate)
-  seed = (jnp.zeros((2,), jnp.uint32) if key is None
-          else jax.random.bits(key, (2,), jnp.uint32))
+  threshold, seed = _dropout_seed(key, dropout_rate)
   dtype, heads = q.dtype, q.shape[2]
   q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
   active = logical_axes.active()
@@ -277,6 +279,93 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, dropout_rate: 
     return _attention(q, k, v, seed, shard, threshold)
   return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P()), out_specs=spec,
                        check_vma=False)(q, k, v, seed).astype(dtype)
+
+
+def _packed_forward(qkv, tables, seed, shard, threshold, scale, rotary):
+  """(output [B, T, N, H], the [B, N, T, T] probabilities) from qkv [B, T, 3, N, H]."""
+  batch, length, _, heads, dim = qkv.shape
+  out = jax.ShapeDtypeStruct((batch, length, heads, dim), jnp.float32)
+  probabilities = jax.ShapeDtypeStruct((batch, heads, length, length), jnp.float32)
+  return jax.ffi.ffi_call(_TARGETS['packed_forward'], (out, probabilities),
+                          vmap_method='sequential')(
+      qkv, tables, seed, shard, threshold=np.int32(threshold), scale=np.float32(scale),
+      rotary=np.int32(rotary))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _packed_attention(qkv, tables, seed, shard, threshold, scale, rotary):
+  return _packed_forward(qkv, tables, seed, shard, threshold, scale, rotary)[0]
+
+
+def _packed_attention_fwd(qkv, tables, seed, shard, threshold, scale, rotary):
+  out, probabilities = _packed_forward(qkv, tables, seed, shard, threshold, scale, rotary)
+  return out, (qkv, tables, seed, shard, out, probabilities)
+
+
+def _packed_attention_bwd(threshold, scale, rotary, residuals, out_grad):
+  qkv, tables, seed, shard, out, probabilities = residuals
+  qkv_grad = jax.ffi.ffi_call(_TARGETS['packed_backward'],
+                              jax.ShapeDtypeStruct(qkv.shape, jnp.float32),
+                              vmap_method='sequential')(
+      qkv, tables, seed, shard, out, probabilities, out_grad.astype(jnp.float32),
+      threshold=np.int32(threshold), scale=np.float32(scale), rotary=np.int32(rotary))
+  # The tables are constants of the model (positions' angles): no gradient flows to them.
+  no_grad = [np.zeros(x.shape, jax.dtypes.float0) for x in (seed, shard)]
+  return qkv_grad, jnp.zeros_like(tables), *no_grad
+
+
+_packed_attention.defvjp(_packed_attention_fwd, _packed_attention_bwd)
+
+
+def _dropout_seed(key, dropout_rate):
+  """(threshold, the kernel's 2-word seed) for dropout at `dropout_rate` under `key`."""
+  threshold = _LEVELS if key is None or dropout_rate == 0.0 else keep_threshold(dropout_rate)
+  seed = (jnp.zeros((2,), jnp.uint32) if key is None
+          else jax.random.bits(key, (2,), jnp.uint32))
+  return threshold, seed
+
+
+def causal_attention_packed(qkv: jax.Array, *, scale: float,
+                            rotary: tuple[jax.Array, jax.Array] | None = None,
+                            dropout_rate: float = 0.0, key: jax.Array | None = None) -> jax.Array:
+  """backends.ops.causal_attention_packed: `causal_attention` of q * scale, k and v packed
+  in qkv [B, T, 3, N, H] (q and k first turned by the rotary tables (cos, sin) [T, H/2],
+  if given) -> [B, T, N, H] in qkv's dtype; one kernel call each way, with no slices,
+  rotations or concatenation around it. Sharded as `causal_attention` is."""
+  ensure()
+  if qkv.ndim != 5 or qkv.shape[2] != 3:
+    raise KilnError(f'causal_attention_packed needs qkv [B, T, 3, N, H], got {qkv.shape}')
+  _, length, _, heads, dim = qkv.shape
+  if rotary is None:
+    tables = jnp.zeros((2, 1, 1), jnp.float32)
+  else:
+    if dim % 2 or any(np.shape(t) != (length, dim // 2) for t in rotary):
+      raise KilnError(f'causal_attention_packed needs rotary tables [T, H/2] = '
+                      f'[{length}, {dim // 2}] for an even H, got '
+                      f'{[np.shape(t) for t in rotary]}')
+    tables = jnp.stack([jnp.asarray(t, jnp.float32) for t in rotary])
+  threshold, seed = _dropout_seed(key, dropout_rate)
+  dtype = qkv.dtype
+  qkv = qkv.astype(jnp.float32)
+  turned = rotary is not None
+
+  def attend(qkv, tables, seed, shard):
+    return _packed_attention(qkv, tables, seed, shard, threshold, float(scale), turned)
+  active = logical_axes.active()
+  if active is None or active[0].size == 1:
+    return attend(qkv, tables, seed, jnp.array([0, 0, heads], jnp.int32)).astype(dtype)
+  mesh, rules = active
+  spec = logical_axes.logical_to_spec(('batch', None, None, 'heads', None), qkv.shape, mesh,
+                                      rules)
+  batch_axes, _, _, head_axes, _ = (*spec, None, None, None, None, None)[:5]
+  out_spec = P(batch_axes, None, head_axes)
+
+  def local(qkv, tables, seed):
+    shard = jnp.stack([_shard_index(batch_axes, mesh) * qkv.shape[0],
+                       _shard_index(head_axes, mesh) * qkv.shape[3], jnp.int32(heads)])
+    return attend(qkv, tables, seed, shard)
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec, P(), P()), out_specs=out_spec,
+                       check_vma=False)(qkv, tables, seed).astype(dtype)
 
 
 def _conv_call(target: str, result_shape, a, b, strides, padding, dilation):

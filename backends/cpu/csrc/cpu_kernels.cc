@@ -11,7 +11,9 @@
 // backward pass regenerates exactly the forward pass's masks.
 //
 // Layout: q, k, v, out and their gradients are token-major [B, T, N, H] (q already scaled
-// by 1/sqrt(H)); the softmax probabilities, kept from the forward pass for the backward
+// by 1/sqrt(H)), or q, k and v come packed [B, T, 3, N, H] as the qkv projection wrote them
+// (their gradient too), q scaled and q and k turned by rotary tables inside (Operands,
+// below); the softmax probabilities, kept from the forward pass for the backward
 // pass (which then needs no q k^T and no exp), are [B, N, T, T]. Query i attends keys
 // 0..i. A weight is kept when a 16-bit draw is below `threshold` and then scaled by
 // 65536 / threshold, the same quantised inverted dropout as models/dropout.py; threshold
@@ -359,20 +361,41 @@ void ForEachItem(ffi::ThreadPool& pool, int64_t items, int64_t participants, Wor
   while (progress->done.load() < items) std::this_thread::yield();
 }
 
-ffi::Error CheckDims(const ffi::AnyBuffer::Dimensions& q, const ffi::AnyBuffer::Dimensions& k,
-                     const ffi::AnyBuffer::Dimensions& v, const ffi::Buffer<ffi::S32>& shard,
-                     Dims* dims) {
+ffi::Error ReadShard(const ffi::Buffer<ffi::S32>& shard, Dims* dims) {
   if (shard.element_count() != 3)
     return ffi::Error::InvalidArgument("causal attention's shard is [batch offset, head "
                                        "offset, total heads]");
+  const int32_t* where = shard.typed_data();
+  dims->batch_offset = where[0];
+  dims->head_offset = where[1];
+  dims->total_heads = where[2];
+  return ffi::Error::Success();
+}
+
+ffi::Error CheckDims(const ffi::AnyBuffer::Dimensions& q, const ffi::AnyBuffer::Dimensions& k,
+                     const ffi::AnyBuffer::Dimensions& v, const ffi::Buffer<ffi::S32>& shard,
+                     Dims* dims) {
   if (q.size() != 4 || k.size() != 4 || v.size() != 4)
     return ffi::Error::InvalidArgument("causal attention takes [B, T, N, H] q, k and v");
   for (int i = 0; i < 4; ++i)
     if (q[i] != k[i] || q[i] != v[i])
       return ffi::Error::InvalidArgument("causal attention needs q, k, v of one shape");
-  const int32_t* where = shard.typed_data();
-  *dims = Dims{q[0], q[1], q[2], q[3], where[0], where[1], where[2]};
-  return ffi::Error::Success();
+  *dims = Dims{q[0], q[1], q[2], q[3]};
+  return ReadShard(shard, dims);
+}
+
+// The packed form: qkv [B, T, 3, N, H] and, with `rotary`, tables [2, T, H/2] (cos, sin).
+ffi::Error CheckPackedDims(const ffi::AnyBuffer::Dimensions& qkv,
+                           const ffi::AnyBuffer::Dimensions& tables, bool rotary,
+                           const ffi::Buffer<ffi::S32>& shard, Dims* dims) {
+  if (qkv.size() != 5 || qkv[2] != 3)
+    return ffi::Error::InvalidArgument("packed causal attention takes qkv [B, T, 3, N, H]");
+  *dims = Dims{qkv[0], qkv[1], qkv[3], qkv[4]};
+  if (rotary && (dims->dim % 2 != 0 || tables.size() != 3 || tables[0] != 2 ||
+                 tables[1] != dims->length || tables[2] != dims->dim / 2))
+    return ffi::Error::InvalidArgument("packed causal attention's rotary tables are [2, T, "
+                                       "H/2] (cos, sin) for an even H");
+  return ReadShard(shard, dims);
 }
 
 // c[R, cols] = a[R, k0:k1] x b[k0:k1, cols] for cols <= kPanelCols, with element (r, k) of
@@ -441,10 +464,38 @@ void StridedProduct(const float* a, int64_t row_step, int64_t k_step, const floa
   }
 }
 
-// out[H, T] = the [T, H] rows `stride` apart, transposed (contiguous).
-void Transpose(const float* in, int64_t T, int64_t H, int64_t stride, float* out) {
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t h = 0; h < H; ++h) out[h * T + t] = in[t * stride + h];
+// y[H] = factor * x[H] turned by rotary angles whose cos and sin are c and s [H/2]: halves
+// (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), or as it is where c is null. sign -1
+// turns by minus the angles: the rotation's transpose, so its backward pass.
+inline void TurnRow(const float* __restrict__ x, int64_t H, const float* __restrict__ c,
+                    const float* __restrict__ s, float sign, float factor,
+                    float* __restrict__ y) {
+  if (c == nullptr) {
+    for (int64_t h = 0; h < H; ++h) y[h] = factor * x[h];
+    return;
+  }
+  const int64_t half = H / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float x1 = x[i], x2 = x[i + half], turn = sign * s[i];
+    y[i] = factor * (x1 * c[i] - x2 * turn);
+    y[i + half] = factor * (x2 * c[i] + x1 * turn);
+  }
+}
+
+// TurnRow on each of T rows `stride` apart, with tables [T, H/2] (or none), into rows `ld`
+// apart, or (transposed) into the columns of out [H, T].
+void TurnRows(const float* in, int64_t stride, int64_t T, int64_t H, const float* cos,
+              const float* sin, float sign, float factor, float* out, int64_t ld,
+              bool transposed = false) {
+  const int64_t half = H / 2;
+  std::vector<float> row(transposed ? H : 0);
+  for (int64_t t = 0; t < T; ++t) {
+    const float *c = cos ? cos + t * half : nullptr, *s = sin ? sin + t * half : nullptr;
+    float* y = transposed ? row.data() : out + t * ld;
+    TurnRow(in + t * stride, H, c, s, sign, factor, y);
+    if (transposed)
+      for (int64_t h = 0; h < H; ++h) out[h * T + t] = y[h];
+  }
 }
 
 // Row i of a pair's scores s[0, T) becomes its softmax over keys 0..i, zeros after. Columns
@@ -464,36 +515,70 @@ void CausalSoftmaxRow(float* s, int64_t i, int64_t T) {
 // Rows of query tiles: as many as a register tile has.
 constexpr int64_t kQueryRows = kPanelTileRows;
 
-ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                   ffi::Buffer<ffi::U32> seed, ffi::Buffer<ffi::S32> shard,
-                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> probabilities,
-                   int32_t threshold, ffi::ThreadPool pool) {
-  Dims d;
-  if (ffi::Error error = CheckDims(q.dimensions(), k.dimensions(), v.dimensions(), shard, &d);
-      error.failure())
-    return error;
-  const int64_t T = d.length, H = d.dim, stride = d.stride();
+// Where a call's q, k and v rows are (and so their gradients, in the same layout): three
+// [B, T, N, H] arrays with q already scaled, or one packed [B, T, 3, N, H] array, a token's
+// q, k and v side by side as the qkv projection's matmul writes them, which the kernel scales
+// (q) and turns by rotary angles (q and k) as it reads them, turning the gradients back as
+// it writes them. Packed, no slices of q, k and v, no rotations of them or their gradients
+// and no concatenation of the three gradients run around the kernel.
+template <typename T>
+struct Operands {
+  T *q, *k, *v;
+  int64_t stride;  // Between a pair's rows in each.
+  bool packed = false;
+  const float *cos = nullptr, *sin = nullptr;  // Rotary tables [T, H/2] (packed; or none).
+  float scale = 1.0f;                          // q's factor (packed).
+  // Offset of (pair, row 0) from q, k and v.
+  int64_t at(const Dims& d, int64_t pair) const {
+    return packed ? (pair / d.heads) * d.length * 3 * d.heads * d.dim + (pair % d.heads) * d.dim
+                  : d.offset(pair);
+  }
+};
+
+template <typename T>
+Operands<T> Packed(T* qkv, const Dims& d, const float* tables, bool rotary, float scale) {
+  const int64_t width = d.heads * d.dim, half = d.dim / 2;
+  return Operands<T>{qkv,  qkv + width,
+                     qkv + 2 * width, 3 * width,
+                     true, rotary ? tables : nullptr,
+                     rotary ? tables + d.length * half : nullptr, scale};
+}
+
+// out and probabilities as the unpacked call's (below) describes them.
+void AttentionForward(const Dims& d, const Operands<const float>& in, const uint32_t* key,
+                      int32_t threshold, float* out, float* probabilities,
+                      ffi::ThreadPool& pool) {
+  const int64_t T = d.length, H = d.dim, out_stride = d.stride();
   const bool dropout = threshold < int32_t(kLevels);
   const int64_t threads = Participants(pool, d.pairs());
-  // Per thread: k transposed, and the dropped weights of one tile of rows.
+  // Per thread: k transposed (and turned), q scaled and turned (packed), and the dropped
+  // weights of one tile of rows.
   std::vector<std::vector<float>> keys(threads, std::vector<float>(H * T));
+  std::vector<std::vector<float>> queries(threads, std::vector<float>(in.packed ? T * H : 0));
   std::vector<std::vector<float>> dropped(threads, std::vector<float>(kQueryRows * T));
-  const uint32_t* key = seed.typed_data();
   auto work = [&](int64_t pair, int64_t thread) {
-    const int64_t at = d.offset(pair);
-    const float *Q = q.typed_data() + at, *V = v.typed_data() + at;
-    float* O = out->typed_data() + at;
+    const int64_t at = in.at(d, pair);
+    const float *Q = in.q + at, *V = in.v + at;
+    int64_t q_stride = in.stride;
+    float* O = out + d.offset(pair);
     // This pair's [T, T] probabilities, kept for the backward pass (as XLA keeps its
     // softmax output); row i holds zeros after column i.
-    float* S = probabilities->typed_data() + pair * T * T;
+    float* S = probabilities + pair * T * T;
     float* kt = keys[thread].data();
     float* W = dropped[thread].data();
-    Transpose(k.typed_data() + at, T, H, stride, kt);
+    TurnRows(in.k + at, in.stride, T, H, in.cos, in.sin, 1.0f, 1.0f, kt, T, true);
+    if (in.packed) {
+      float* turned = queries[thread].data();
+      TurnRows(Q, in.stride, T, H, in.cos, in.sin, 1.0f, in.scale, turned, H);
+      Q = turned;
+      q_stride = H;
+    }
     const EvenTiles tiles(T, kQueryRows);
     for (int64_t tile = 0; tile < tiles.count; ++tile) {
       // The tile's rows see keys [0, seen) at most.
       const int64_t start = tiles.first(tile), rows = tiles.rows(tile), seen = start + rows;
-      StridedProduct(Q + start * stride, stride, 1, kt, T, 0, H, S + start * T, T, rows, seen);
+      StridedProduct(Q + start * q_stride, q_stride, 1, kt, T, 0, H, S + start * T, T, rows,
+                     seen);
       for (int64_t i = start; i < seen; ++i) CausalSoftmaxRow(S + i * T, i, T);
       const float* weights = S + start * T;
       if (dropout) {
@@ -506,56 +591,64 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
         }
         weights = W;
       }
-      StridedProduct(weights, T, 1, V, stride, 0, seen, O + start * stride, stride, rows, H);
+      StridedProduct(weights, T, 1, V, in.stride, 0, seen, O + start * out_stride, out_stride,
+                     rows, H);
     }
   };
   ForEachItem(pool, d.pairs(), threads, work);
-  return ffi::Error::Success();
 }
 
-ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                    ffi::Buffer<ffi::U32> seed, ffi::Buffer<ffi::S32> shard,
-                    ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> probabilities,
-                    ffi::Buffer<ffi::F32> out_grad, ffi::ResultBuffer<ffi::F32> q_grad,
-                    ffi::ResultBuffer<ffi::F32> k_grad, ffi::ResultBuffer<ffi::F32> v_grad,
-                    int32_t threshold, ffi::ThreadPool pool) {
-  Dims d;
-  if (ffi::Error error = CheckDims(q.dimensions(), k.dimensions(), v.dimensions(), shard, &d);
-      error.failure())
-    return error;
-  const int64_t T = d.length, H = d.dim, stride = d.stride();
+// `grads` in the layout of `in`; out, probabilities and out_grad are [B, T, N, H] and
+// [B, N, T, T] whatever the layout.
+void AttentionBackward(const Dims& d, const Operands<const float>& in, const uint32_t* key,
+                       int32_t threshold, const float* out, const float* probabilities,
+                       const float* out_grad, const Operands<float>& grads,
+                       ffi::ThreadPool& pool) {
+  const int64_t T = d.length, H = d.dim, out_stride = d.stride();
   const bool dropout = threshold < int32_t(kLevels);
   const int64_t threads = Participants(pool, d.pairs());
   // Per thread: v transposed, the score gradients [T, T], the dropped weights [T, T] (with
-  // dropout), a row of dropout scales and the softmax backward's row terms.
+  // dropout), a row of dropout scales, the softmax backward's row terms, and (packed) q and
+  // k as the forward pass multiplied them with their gradients before they are turned back.
   std::vector<std::vector<float>> values(threads, std::vector<float>(H * T));
   std::vector<std::vector<float>> score_grads(threads, std::vector<float>(T * T));
   std::vector<std::vector<float>> dropped(threads, std::vector<float>(dropout ? T * T : 0));
   std::vector<std::vector<float>> scales(threads, std::vector<float>(T));
   std::vector<std::vector<float>> deltas(threads, std::vector<float>(T));
-  const uint32_t* key = seed.typed_data();
+  std::vector<std::vector<float>> turned(threads, std::vector<float>(in.packed ? 4 * T * H : 0));
   auto work = [&](int64_t pair, int64_t thread) {
-    const int64_t at = d.offset(pair);
-    const float *Q = q.typed_data() + at, *K = k.typed_data() + at;
-    const float *O = out.typed_data() + at, *dO = out_grad.typed_data() + at;
-    float *dQ = q_grad->typed_data() + at, *dK = k_grad->typed_data() + at;
-    float* dV = v_grad->typed_data() + at;
-    const float* P = probabilities.typed_data() + pair * T * T;  // Zeros after the diagonal.
+    const int64_t at = in.at(d, pair), out_at = d.offset(pair);
+    const float *Q = in.q + at, *K = in.k + at;
+    const float *O = out + out_at, *dO = out_grad + out_at;
+    float *dQ = grads.q + at, *dK = grads.k + at, *dV = grads.v + at;
+    int64_t qk_stride = in.stride;
+    if (in.packed) {
+      float* scratch = turned[thread].data();
+      float *q_turned = scratch, *k_turned = scratch + T * H;
+      TurnRows(Q, in.stride, T, H, in.cos, in.sin, 1.0f, in.scale, q_turned, H);
+      TurnRows(K, in.stride, T, H, in.cos, in.sin, 1.0f, 1.0f, k_turned, H);
+      Q = q_turned;
+      K = k_turned;
+      dQ = scratch + 2 * T * H;
+      dK = scratch + 3 * T * H;
+      qk_stride = H;
+    }
+    const float* P = probabilities + pair * T * T;  // Zeros after the diagonal.
     float *vt = values[thread].data(), *dS = score_grads[thread].data();
     float *W = dropped[thread].data(), *scale = scales[thread].data();
     float* delta = deltas[thread].data();
     // delta_i = sum_j P_ij dP_ij = dO_i . O_i, the softmax backward's row term.
     for (int64_t i = 0; i < T; ++i) {
-      Eigen::Map<const Eigen::VectorXf> o(O + i * stride, H), g(dO + i * stride, H);
+      Eigen::Map<const Eigen::VectorXf> o(O + i * out_stride, H), g(dO + i * out_stride, H);
       delta[i] = o.dot(g);
     }
-    Transpose(v.typed_data() + at, T, H, stride, vt);
+    TurnRows(in.v + at, in.stride, T, H, nullptr, nullptr, 1.0f, 1.0f, vt, T, true);
     const EvenTiles tiles(T, kQueryRows);
     for (int64_t tile = 0; tile < tiles.count; ++tile) {
       const int64_t start = tiles.first(tile), rows = tiles.rows(tile), seen = start + rows;
       // dP (the dropped weights' gradient) for the tile's rows, into dS's rows.
-      StridedProduct(dO + start * stride, stride, 1, vt, T, 0, H, dS + start * T, T, rows,
-                     seen);
+      StridedProduct(dO + start * out_stride, out_stride, 1, vt, T, 0, H, dS + start * T, T,
+                     rows, seen);
       for (int64_t i = start; i < seen; ++i) {
         float* ds = dS + i * T;
         const float* p = P + i * T;
@@ -572,21 +665,92 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
         }
         std::fill(ds + i + 1, ds + T, 0.0f);
       }
-      StridedProduct(dS + start * T, T, 1, K, stride, 0, seen, dQ + start * stride, stride,
-                     rows, H);
+      StridedProduct(dS + start * T, T, 1, K, qk_stride, 0, seen, dQ + start * qk_stride,
+                     qk_stride, rows, H);
     }
     // Key rows [start, start + rows) gather from query rows [start, T), the transposed
     // products reading dS and the weights down their columns.
     const float* weights = dropout ? W : P;
     for (int64_t tile = 0; tile < tiles.count; ++tile) {
       const int64_t start = tiles.first(tile), rows = tiles.rows(tile);
-      StridedProduct(weights + start, 1, T, dO, stride, start, T, dV + start * stride, stride,
-                     rows, H);
-      StridedProduct(dS + start, 1, T, Q, stride, start, T, dK + start * stride, stride, rows,
-                     H);
+      StridedProduct(weights + start, 1, T, dO, out_stride, start, T, dV + start * in.stride,
+                     in.stride, rows, H);
+      StridedProduct(dS + start, 1, T, Q, qk_stride, start, T, dK + start * qk_stride,
+                     qk_stride, rows, H);
+    }
+    if (in.packed) {  // Back through the turns (and q's scale) into the packed gradient.
+      TurnRows(dQ, H, T, H, in.cos, in.sin, -1.0f, in.scale, grads.q + at, in.stride);
+      TurnRows(dK, H, T, H, in.cos, in.sin, -1.0f, 1.0f, grads.k + at, in.stride);
     }
   };
   ForEachItem(pool, d.pairs(), threads, work);
+}
+
+ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                   ffi::Buffer<ffi::U32> seed, ffi::Buffer<ffi::S32> shard,
+                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> probabilities,
+                   int32_t threshold, ffi::ThreadPool pool) {
+  Dims d;
+  if (ffi::Error error = CheckDims(q.dimensions(), k.dimensions(), v.dimensions(), shard, &d);
+      error.failure())
+    return error;
+  AttentionForward(d, {q.typed_data(), k.typed_data(), v.typed_data(), d.stride()},
+                   seed.typed_data(), threshold, out->typed_data(),
+                   probabilities->typed_data(), pool);
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                    ffi::Buffer<ffi::U32> seed, ffi::Buffer<ffi::S32> shard,
+                    ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> probabilities,
+                    ffi::Buffer<ffi::F32> out_grad, ffi::ResultBuffer<ffi::F32> q_grad,
+                    ffi::ResultBuffer<ffi::F32> k_grad, ffi::ResultBuffer<ffi::F32> v_grad,
+                    int32_t threshold, ffi::ThreadPool pool) {
+  Dims d;
+  if (ffi::Error error = CheckDims(q.dimensions(), k.dimensions(), v.dimensions(), shard, &d);
+      error.failure())
+    return error;
+  AttentionBackward(d, {q.typed_data(), k.typed_data(), v.typed_data(), d.stride()},
+                    seed.typed_data(), threshold, out.typed_data(), probabilities.typed_data(),
+                    out_grad.typed_data(),
+                    {q_grad->typed_data(), k_grad->typed_data(), v_grad->typed_data(), d.stride()},
+                    pool);
+  return ffi::Error::Success();
+}
+
+// The packed form: qkv [B, T, 3, N, H], tables [2, T, H/2] (cos, sin; read when `rotary`)
+// -> out [B, T, N, H] and the probabilities; q is multiplied by `scale` here.
+ffi::Error PackedForward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> tables,
+                         ffi::Buffer<ffi::U32> seed, ffi::Buffer<ffi::S32> shard,
+                         ffi::ResultBuffer<ffi::F32> out,
+                         ffi::ResultBuffer<ffi::F32> probabilities, int32_t threshold,
+                         float scale, int32_t rotary, ffi::ThreadPool pool) {
+  Dims d;
+  if (ffi::Error error =
+          CheckPackedDims(qkv.dimensions(), tables.dimensions(), rotary != 0, shard, &d);
+      error.failure())
+    return error;
+  AttentionForward(d, Packed<const float>(qkv.typed_data(), d, tables.typed_data(), rotary != 0, scale),
+                   seed.typed_data(), threshold, out->typed_data(),
+                   probabilities->typed_data(), pool);
+  return ffi::Error::Success();
+}
+
+ffi::Error PackedBackward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> tables,
+                          ffi::Buffer<ffi::U32> seed, ffi::Buffer<ffi::S32> shard,
+                          ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> probabilities,
+                          ffi::Buffer<ffi::F32> out_grad, ffi::ResultBuffer<ffi::F32> qkv_grad,
+                          int32_t threshold, float scale, int32_t rotary, ffi::ThreadPool pool) {
+  Dims d;
+  if (ffi::Error error =
+          CheckPackedDims(qkv.dimensions(), tables.dimensions(), rotary != 0, shard, &d);
+      error.failure())
+    return error;
+  const float* table = tables.typed_data();
+  AttentionBackward(d, Packed<const float>(qkv.typed_data(), d, table, rotary != 0, scale), seed.typed_data(),
+                    threshold, out.typed_data(), probabilities.typed_data(),
+                    out_grad.typed_data(),
+                    Packed<float>(qkv_grad->typed_data(), d, table, rotary != 0, scale), pool);
   return ffi::Error::Success();
 }
 
@@ -618,6 +782,34 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KilnCausalAttentionBackward, Backward,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("threshold")
+                                  .Ctx<ffi::ThreadPool>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KilnPackedAttentionForward, PackedForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("threshold")
+                                  .Attr<float>("scale")
+                                  .Attr<int32_t>("rotary")
+                                  .Ctx<ffi::ThreadPool>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KilnPackedAttentionBackward, PackedBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("threshold")
+                                  .Attr<float>("scale")
+                                  .Attr<int32_t>("rotary")
                                   .Ctx<ffi::ThreadPool>());
 
 // Uniform 32-bit words of any shape from a 2-word seed (models/dropout.py's masks).
