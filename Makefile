@@ -21,7 +21,7 @@ train: setup
 
 # Two pytest workers, a test file each at a time (its module fixtures compiled once): most of
 # the suite is single-threaded (imports, compiles, subprocesses), so the second core halves
-# little of the work but overlaps most of it (1,690 -> 1,215 s on 2 cores).
+# little of the work but overlaps most of it (1,690 -> 1,147 s on 2 cores).
 PYTEST := $(PY) -m pytest -n 2 --dist loadfile
 
 test: setup

@@ -236,6 +236,21 @@ def test_gpt_with_kernels_equals_gpt_without():
     np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-7)
 
 
+def test_traced_positions_turn_slices_for_the_unpacked_kernel():
+  """Positions unknown when tracing (a caller's own) have no constant tables for the packed
+  kernel: q and k are turned by XLA and the unpacked kernel attends, as plain XLA does."""
+  from models.transformer import GPT
+  model = GPT(vocab_size=65, max_len=24, num_layers=1, num_heads=2, embed_dim=32,
+              positions='rotary', rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, 65)
+  positions = jnp.broadcast_to(jnp.arange(16) + 5, (2, 16))
+
+  def hidden(kernels):
+    with ops.use(kernels):
+      return jax.jit(lambda p: model.transformer(tokens, causal=True, positions=p)[0])(positions)
+  np.testing.assert_allclose(hidden('cpu'), hidden('xla'), rtol=1e-5, atol=1e-5)
+
+
 def test_bad_kernel_settings_name_the_fix(monkeypatch, tmp_path):
   with pytest.raises(KilnError, match=r"config.backend.cpu_kernels='gpu' must be one of auto, "
                                       r"xla, cpu"):
