@@ -165,8 +165,9 @@ class Attention(nnx.Module):
       rate = 0.0 if dropout is None else dropout.rate
       if tables is None or isinstance(tables[0], np.ndarray):
         # q, k and v as the projection wrote them, scaled and turned inside the kernel: at the
-        # GPT CPU config's shapes a layer's attention forward + backward took 577 instead of
-        # 751 us with the slices, rotations and concatenated gradients around it.
+        # GPT CPU config's shapes a layer's attention forward + backward took 509 instead of
+        # 730 us with the slices, rotations and concatenated gradients around it
+        # (benchmarks/attention.py).
         y = ops.causal_attention_packed(qkv.reshape(batch, length, 3, heads, head_dim),
                                         scale=head_dim ** -0.5, rotary=tables,
                                         dropout_rate=rate, key=key)
