@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 
 from core.errors import KilnError
 from backends import ops
-from models.transformer import causal_attend
+from models.transformer import causal_attend, rotary_tables
 from core import logical_axes
 from parallel import sharding
 from tests.tiny import REPO
@@ -122,9 +122,8 @@ def test_sharded_attention_equals_one_device_masks_included(devices):
 
 
 def _rotary_tables(length, dim):
-  half = dim // 2
-  angles = np.arange(length, dtype=np.float32)[:, None] * 10_000.0 ** (-np.arange(half) / half)
-  return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+  """The model's constant [T, H/2] tables for positions 0..T-1."""
+  return rotary_tables(np.arange(length)[None], dim // 2)
 
 
 def _unpacked(qkv, scale, rotary, **dropout):

@@ -249,6 +249,31 @@ def _shard_index(spec_entry, mesh) -> jax.Array:
   return index
 
 
+def _by_attention_shard(attend, sharded, replicated, logical, heads: int):
+  """attend(*sharded, *replicated, shard) -> [B, T, N, H]: on one device as it is, else inside
+  `core.logical_axes.activate` with a multi-device mesh on each device's [batch, heads] shard
+  (shard_map by the 'batch' and 'heads' rules over the `logical` axes of the `sharded`
+  arrays), `shard` telling the kernel where its shard sits among the `heads` heads, so its
+  dropout masks are the single-device ones."""
+  active = logical_axes.active()
+  if active is None or active[0].size == 1:
+    return attend(*sharded, *replicated, jnp.array([0, 0, heads], jnp.int32))
+  mesh, rules = active
+  spec = logical_axes.logical_to_spec(logical, sharded[0].shape, mesh, rules)
+  entries = (*spec, *[None] * len(logical))  # P drops trailing Nones.
+  batch_axes, head_axes = entries[logical.index('batch')], entries[logical.index('heads')]
+
+  def local(*arrays):
+    shard = jnp.stack([_shard_index(batch_axes, mesh) * arrays[0].shape[0],
+                       _shard_index(head_axes, mesh) * arrays[0].shape[logical.index('heads')],
+                       jnp.int32(heads)])
+    return attend(*arrays, shard)
+  return jax.shard_map(local, mesh=mesh,
+                       in_specs=(*[spec] * len(sharded), *[P()] * len(replicated)),
+                       out_specs=P(batch_axes, None, head_axes), check_vma=False)(
+      *sharded, *replicated)
+
+
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, dropout_rate: float = 0.0,
                      key: jax.Array | None = None) -> jax.Array:
   """softmax(q k^T, causal) v on token-major [B, T, N, H] arrays (q already scaled by
@@ -265,20 +290,10 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, dropout_rate: 
   threshold, seed = _dropout_seed(key, dropout_rate)
   dtype, heads = q.dtype, q.shape[2]
   q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-  active = logical_axes.active()
-  if active is None or active[0].size == 1:
-    shard = jnp.array([0, 0, heads], jnp.int32)
-    return _attention(q, k, v, seed, shard, threshold).astype(dtype)
-  mesh, rules = active
-  spec = logical_axes.logical_to_spec(('batch', None, 'heads', None), q.shape, mesh, rules)
-  batch_axes, _, head_axes, _ = (*spec, None, None, None, None)[:4]  # P drops trailing Nones.
-
-  def local(q, k, v, seed):
-    shard = jnp.stack([_shard_index(batch_axes, mesh) * q.shape[0],
-                       _shard_index(head_axes, mesh) * q.shape[2], jnp.int32(heads)])
+  def attend(q, k, v, seed, shard):
     return _attention(q, k, v, seed, shard, threshold)
-  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P()), out_specs=spec,
-                       check_vma=False)(q, k, v, seed).astype(dtype)
+  return _by_attention_shard(attend, (q, k, v), (seed,), ('batch', None, 'heads', None),
+                             heads).astype(dtype)
 
 
 def _packed_forward(qkv, tables, seed, shard, threshold, scale, rotary):
@@ -351,21 +366,8 @@ def causal_attention_packed(qkv: jax.Array, *, scale: float,
 
   def attend(qkv, tables, seed, shard):
     return _packed_attention(qkv, tables, seed, shard, threshold, float(scale), turned)
-  active = logical_axes.active()
-  if active is None or active[0].size == 1:
-    return attend(qkv, tables, seed, jnp.array([0, 0, heads], jnp.int32)).astype(dtype)
-  mesh, rules = active
-  spec = logical_axes.logical_to_spec(('batch', None, None, 'heads', None), qkv.shape, mesh,
-                                      rules)
-  batch_axes, _, _, head_axes, _ = (*spec, None, None, None, None, None)[:5]
-  out_spec = P(batch_axes, None, head_axes)
-
-  def local(qkv, tables, seed):
-    shard = jnp.stack([_shard_index(batch_axes, mesh) * qkv.shape[0],
-                       _shard_index(head_axes, mesh) * qkv.shape[3], jnp.int32(heads)])
-    return attend(qkv, tables, seed, shard)
-  return jax.shard_map(local, mesh=mesh, in_specs=(spec, P(), P()), out_specs=out_spec,
-                       check_vma=False)(qkv, tables, seed).astype(dtype)
+  return _by_attention_shard(attend, (qkv,), (tables, seed),
+                             ('batch', None, None, 'heads', None), heads).astype(dtype)
 
 
 def _conv_call(target: str, result_shape, a, b, strides, padding, dilation):

@@ -538,10 +538,9 @@ struct Operands {
 template <typename T>
 Operands<T> Packed(T* qkv, const Dims& d, const float* tables, bool rotary, float scale) {
   const int64_t width = d.heads * d.dim, half = d.dim / 2;
-  return Operands<T>{qkv,  qkv + width,
-                     qkv + 2 * width, 3 * width,
-                     true, rotary ? tables : nullptr,
-                     rotary ? tables + d.length * half : nullptr, scale};
+  const float* cos = rotary ? tables : nullptr;
+  const float* sin = rotary ? tables + d.length * half : nullptr;
+  return Operands<T>{qkv, qkv + width, qkv + 2 * width, 3 * width, true, cos, sin, scale};
 }
 
 // out and probabilities as the unpacked call's (below) describes them.
@@ -615,7 +614,8 @@ void AttentionBackward(const Dims& d, const Operands<const float>& in, const uin
   std::vector<std::vector<float>> dropped(threads, std::vector<float>(dropout ? T * T : 0));
   std::vector<std::vector<float>> scales(threads, std::vector<float>(T));
   std::vector<std::vector<float>> deltas(threads, std::vector<float>(T));
-  std::vector<std::vector<float>> turned(threads, std::vector<float>(in.packed ? 4 * T * H : 0));
+  std::vector<std::vector<float>> turned(threads,
+                                         std::vector<float>(in.packed ? 4 * T * H : 0));
   auto work = [&](int64_t pair, int64_t thread) {
     const int64_t at = in.at(d, pair), out_at = d.offset(pair);
     const float *Q = in.q + at, *K = in.k + at;
@@ -713,7 +713,8 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
   AttentionBackward(d, {q.typed_data(), k.typed_data(), v.typed_data(), d.stride()},
                     seed.typed_data(), threshold, out.typed_data(), probabilities.typed_data(),
                     out_grad.typed_data(),
-                    {q_grad->typed_data(), k_grad->typed_data(), v_grad->typed_data(), d.stride()},
+                    {q_grad->typed_data(), k_grad->typed_data(), v_grad->typed_data(),
+                     d.stride()},
                     pool);
   return ffi::Error::Success();
 }
@@ -730,8 +731,9 @@ ffi::Error PackedForward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> tables
           CheckPackedDims(qkv.dimensions(), tables.dimensions(), rotary != 0, shard, &d);
       error.failure())
     return error;
-  AttentionForward(d, Packed<const float>(qkv.typed_data(), d, tables.typed_data(), rotary != 0, scale),
-                   seed.typed_data(), threshold, out->typed_data(),
+  const auto in = Packed<const float>(qkv.typed_data(), d, tables.typed_data(), rotary != 0,
+                                     scale);
+  AttentionForward(d, in, seed.typed_data(), threshold, out->typed_data(),
                    probabilities->typed_data(), pool);
   return ffi::Error::Success();
 }
@@ -747,10 +749,10 @@ ffi::Error PackedBackward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> table
       error.failure())
     return error;
   const float* table = tables.typed_data();
-  AttentionBackward(d, Packed<const float>(qkv.typed_data(), d, table, rotary != 0, scale), seed.typed_data(),
-                    threshold, out.typed_data(), probabilities.typed_data(),
-                    out_grad.typed_data(),
-                    Packed<float>(qkv_grad->typed_data(), d, table, rotary != 0, scale), pool);
+  const auto in = Packed<const float>(qkv.typed_data(), d, table, rotary != 0, scale);
+  const auto grads = Packed<float>(qkv_grad->typed_data(), d, table, rotary != 0, scale);
+  AttentionBackward(d, in, seed.typed_data(), threshold, out.typed_data(),
+                    probabilities.typed_data(), out_grad.typed_data(), grads, pool);
   return ffi::Error::Success();
 }
 
