@@ -1967,9 +1967,9 @@ struct LstmRowResiduals {
 void LstmCellForward(float* act, float* h, float* c, float* h_out, bool valid,
                      const LstmRowResiduals& keep, int64_t H) {
   const bool train = keep.h_before != nullptr;
+  const TailMask m = Tail(H % kLane);  // Read only by the last, partial vector.
   for (int64_t j = 0; j < H; j += kLane) {
     const bool partial = j + kLane > H;
-    const TailMask m = Tail(partial ? H - j : 0);
     const Lane i = Logistic(Load(act + j, partial, m));
     const Lane f = Logistic(Load(act + H + j, partial, m));
     const Lane g = Tanh(Load(act + 2 * H + j, partial, m));
@@ -2002,9 +2002,9 @@ void LstmCellBackward(float* dpre, const float* act, const float* tanh_cell, con
                       const float* out_grad, const float* dh, float* dc, float* bias_sum,
                       int64_t H) {
   const Lane one = Broadcast(1.0f);
+  const TailMask m = Tail(H % kLane);  // Read only by the last, partial vector.
   for (int64_t j = 0; j < H; j += kLane) {
     const bool partial = j + kLane > H;
-    const TailMask m = Tail(partial ? H - j : 0);
     const Lane i = Load(act + j, partial, m), f = Load(act + H + j, partial, m);
     const Lane g = Load(act + 2 * H + j, partial, m), o = Load(act + 3 * H + j, partial, m);
     const Lane tc = Load(tanh_cell + j, partial, m);
