@@ -252,22 +252,26 @@ def lstm_cell(gates: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
   return jax.nn.sigmoid(o) * jnp.tanh(c), c
 
 
-def lstm(gates: jax.Array, mask: jax.Array, kernels: jax.Array, *,
+def lstm(x: jax.Array, input_kernel: jax.Array, mask: jax.Array, kernels: jax.Array, *,
          reverse: Sequence[bool], bias: jax.Array | None = None) -> jax.Array:
-  """The LSTM recurrence of D directions of one layer (models/recurrent.py) at once, from
-  zero state: their projected inputs `gates` [B, T, D*4H] (direction d's at d*4H) plus
+  """The LSTM layer of D directions (models/recurrent.py) at once, from zero state: inputs
+  x [B, T, F] projected by `input_kernel` [F, D*4H] (direction d's gates at d*4H) plus
   `bias` [D*4H] if given, a [B, T] mask of valid frames and hidden kernels [D, H, 4H] ->
   hidden states [B, T, D*H] (direction d's at d*H). Direction d runs from the last frame
   when reverse[d]. A masked step leaves the state as it was and outputs 0.
 
-  The portable path is one `lax.scan` of T steps that advances every direction with one
-  batched [D, B, H] x [D, H, 4H] matmul (the reversed ones on flipped time)."""
+  The portable path projects every frame in one 2-D matmul over the B*T frames (from a 3-D
+  form, XLA:CPU's gradient transposed the [B*T, D*4H] gate gradient for the kernel's; from
+  the 2-D form it transposes x, 4H / F times smaller), then runs one `lax.scan` of T steps
+  that advances every direction with one batched [D, B, H] x [D, H, 4H] matmul (the
+  reversed ones on flipped time)."""
   chosen = _chosen('lstm')
   if chosen is not None:
-    return chosen(gates, mask, kernels, reverse=tuple(reverse), bias=bias)
+    return chosen(x, input_kernel, mask, kernels, reverse=tuple(reverse), bias=bias)
+  batch, length, features = x.shape
+  gates = dense(x.reshape(batch * length, features), input_kernel).reshape(batch, length, -1)
   if bias is not None:
     gates = gates + bias
-  batch, _, _ = gates.shape
   directions, hidden, _ = kernels.shape
   flip = lambda x, d: x[:, ::-1] if reverse[d] else x  # noqa: E731  [B, T, ...] time flip.
   gates = jnp.stack([flip(gates[..., d * 4 * hidden:(d + 1) * 4 * hidden], d)

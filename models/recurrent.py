@@ -2,9 +2,9 @@
 
 The LSTM is Hochreiter & Schmidhuber's cell with a forget gate (Gers et al. 2000), gates
 ordered (input, forget, cell, output), the forget bias starting at 1 (Jozefowicz et al.
-2015). The input projection of every time step is one matmul outside the recurrence;
-only the [B, H] x [H, 4H] hidden matmul runs inside it (backends.ops.lstm: a `lax.scan`, or
-on CPU a compiled kernel).
+2015). A layer runs as backends.ops.lstm: on the portable path the input projection of
+every time step is one matmul outside the recurrence and only the [B, H] x [H, 4H] hidden
+matmul runs inside a `lax.scan`; on CPU a compiled kernel does both per step.
 """
 
 import jax
@@ -33,16 +33,6 @@ def stack_frames(features: jax.Array, frames: jax.Array, factor: int):
 def time_mask(frames: jax.Array, length: int) -> jax.Array:
   """[B] valid lengths -> [B, length] bool."""
   return jnp.arange(length)[None, :] < frames[:, None]
-
-
-def project_frames(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """x [B, T, F] @ kernel [F, G] -> [B, T, G] as one 2-D matmul over the B*T frames; the
-  bias goes to backends.ops.lstm, which adds it as it reads the gates (on CPU, an add of its
-  own read and wrote the whole [B, T, G] once more). Why 2-D: differentiating the 3-D form,
-  XLA:CPU transposed the [B*T, G] gate gradient (13 MB at the issue 28 shape) for the
-  kernel's gradient; from the 2-D form it transposes x, which is 4H / F times smaller."""
-  batch, length, features = x.shape
-  return ops.dense(x.reshape(batch * length, features), kernel).reshape(batch, length, -1)
 
 
 class LSTMLayer(nnx.Module):
@@ -76,7 +66,7 @@ class LSTMLayer(nnx.Module):
     """x [B, T, F], mask [B, T] -> hidden states [B, T, H]. Reversed, the recurrence runs
     from the last frame, and padding at the end is skipped, so it starts at each
     utterance's end."""
-    return ops.lstm(project_frames(x, self.input_proj.kernel[...]), mask,
+    return ops.lstm(x, self.input_proj.kernel[...], mask,
                     self.hidden_proj.kernel[...][None], reverse=(reverse,),
                     bias=self.input_proj.bias[...])
 
@@ -89,9 +79,9 @@ def bidirectional_lstm(forward: LSTMLayer, backward: LSTMLayer, x: jax.Array, ma
   batched matmul, so the recurrence has T sequential steps instead of 2T. Same result as
   `concatenate([forward(x, mask), backward(x, mask, reverse=True)], -1)`."""
   layers = (forward.input_proj, backward.input_proj)
-  gates = project_frames(x, jnp.concatenate([p.kernel[...] for p in layers], -1))  # [B, T, 8H]
+  input_kernel = jnp.concatenate([p.kernel[...] for p in layers], -1)  # [F, 8H]
   kernels = jnp.stack([forward.hidden_proj.kernel[...], backward.hidden_proj.kernel[...]])
-  return ops.lstm(gates, mask, kernels, reverse=(False, True),
+  return ops.lstm(x, input_kernel, mask, kernels, reverse=(False, True),
                   bias=jnp.concatenate([p.bias[...] for p in layers], -1))
 
 

@@ -24,24 +24,26 @@ FRAMES = jnp.array([17, 0, 1, 9, 16, 17, 3, 12, 17, 5, 8])
 
 
 def _inputs(directions: int, seed: int = 0):
-  keys = jax.random.split(jax.random.key(seed), 4)
-  gates = jax.random.normal(keys[0], (BATCH, LENGTH, directions * 4 * HIDDEN))
+  """-> (x, input kernel, mask, hidden kernels, out_grad, bias)."""
+  keys = jax.random.split(jax.random.key(seed), 5)
+  x = jax.random.normal(keys[0], (BATCH, LENGTH, FEATURES))
+  input_kernel = jax.random.normal(keys[4], (FEATURES, directions * 4 * HIDDEN))
   kernels = 0.3 * jax.random.normal(keys[1], (directions, HIDDEN, 4 * HIDDEN))
   out_grad = jax.random.normal(keys[2], (BATCH, LENGTH, directions * HIDDEN))
   bias = jax.random.normal(keys[3], (directions * 4 * HIDDEN,))
   mask = jnp.arange(LENGTH)[None, :] < FRAMES[:, None]
-  return gates, mask, kernels, out_grad, bias
+  return x, input_kernel, mask, kernels, out_grad, bias
 
 
-def _value_and_grads(mode: str, gates, mask, kernels, out_grad, bias, reverse):
-  def lstm(gates, kernels, bias):
-    return ops.lstm(gates, mask, kernels, reverse=reverse, bias=bias)
+def _value_and_grads(mode: str, x, input_kernel, mask, kernels, out_grad, bias, reverse):
+  def lstm(x, input_kernel, kernels, bias):
+    return ops.lstm(x, input_kernel, mask, kernels, reverse=reverse, bias=bias)
 
   def loss(*args):
     return (lstm(*args) * out_grad).sum()
   with ops.use(mode):  # Traced here, so the mode holds.
-    return jax.jit(lambda *args: (lstm(*args), jax.grad(loss, (0, 1, 2))(*args)))(
-        gates, kernels, bias)
+    return jax.jit(lambda *args: (lstm(*args), jax.grad(loss, (0, 1, 2, 3))(*args)))(
+        x, input_kernel, kernels, bias)
 
 
 # The bidirectional case runs both directions' code paths; the single ones are slow-tier.
@@ -50,16 +52,16 @@ def _value_and_grads(mode: str, gates, mask, kernels, out_grad, bias, reverse):
                                      (False, True)],
                          ids=['forward', 'reversed', 'bidirectional'])
 def test_kernel_outputs_and_gradients_equal_the_scan(reverse):
-  gates, mask, kernels, out_grad, bias = _inputs(len(reverse))
-  expected, expected_grads = _value_and_grads('xla', gates, mask, kernels, out_grad, bias,
-                                              reverse)
-  ours, grads = _value_and_grads('cpu', gates, mask, kernels, out_grad, bias, reverse)
+  x, input_kernel, mask, kernels, out_grad, bias = _inputs(len(reverse))
+  expected, expected_grads = _value_and_grads('xla', x, input_kernel, mask, kernels, out_grad,
+                                              bias, reverse)
+  ours, grads = _value_and_grads('cpu', x, input_kernel, mask, kernels, out_grad, bias, reverse)
   np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
   padded = ~np.tile(np.asarray(mask)[..., None], (1, 1, len(reverse) * HIDDEN))
   assert not np.asarray(ours)[padded].any()  # Padded frames output exactly 0.
   for got, want in zip(grads, expected_grads):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-  assert float(jnp.abs(grads[1]).max()) > 0.1  # Gradients reach the hidden kernels.
+  assert float(jnp.abs(grads[2]).max()) > 0.1  # Gradients reach the hidden kernels.
 
 
 @pytest.mark.slow  # Two encoders' compiles, forward and backward.
@@ -96,27 +98,32 @@ def test_sharded_kernel_equals_one_device(devices):
   and outputs and gradients are those of one device."""
   mesh = Mesh(np.asarray(devices).reshape(4, 2, 1), ('data', 'fsdp', 'tensor'))
   rules = sharding.parse_rules([('batch', ('data', 'fsdp'))], mesh)
-  keys = jax.random.split(jax.random.key(3), 4)
-  gates = jax.random.normal(keys[0], (16, LENGTH, 8 * HIDDEN))
+  keys = jax.random.split(jax.random.key(3), 5)
+  x = jax.random.normal(keys[0], (16, LENGTH, FEATURES))
+  input_kernel = jax.random.normal(keys[4], (FEATURES, 8 * HIDDEN))
   bias = jax.random.normal(keys[3], (8 * HIDDEN,))
   kernels = 0.3 * jax.random.normal(keys[1], (2, HIDDEN, 4 * HIDDEN))
   out_grad = jax.random.normal(keys[2], (16, LENGTH, 2 * HIDDEN))
   mask = jnp.arange(LENGTH)[None, :] < jnp.arange(16)[:, None] + 2
 
-  def loss(gates, kernels, bias):
-    return (cpu_kernels.lstm(gates, mask, kernels, reverse=(False, True), bias=bias)
+  def loss(x, input_kernel, kernels, bias):
+    return (cpu_kernels.lstm(x, input_kernel, mask, kernels, reverse=(False, True), bias=bias)
             * out_grad).sum()
-  expected, expected_grads = jax.value_and_grad(loss, (0, 1, 2))(gates, kernels, bias)
+  args = (x, input_kernel, kernels, bias)
+  expected, expected_grads = jax.value_and_grad(loss, (0, 1, 2, 3))(*args)
   with logical_axes.activate(mesh, rules):
-    step = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))
-    sharded, sharded_grads = step(gates, kernels, bias)
-    assert 'shard_map' in str(jax.make_jaxpr(step)(gates, kernels, bias))
+    step = jax.jit(jax.value_and_grad(loss, (0, 1, 2, 3)))
+    sharded, sharded_grads = step(*args)
+    assert 'shard_map' in str(jax.make_jaxpr(step)(*args))
   np.testing.assert_allclose(sharded, expected, rtol=1e-5)
   for ours, reference in zip(sharded_grads, expected_grads):
     np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-5)
 
 
 def test_bad_shapes_name_the_problem():
-  gates, mask, kernels, _, _ = _inputs(2)
-  with pytest.raises(Exception, match=r'lstm needs gates \[B, T, D\*4H\]'):
-    cpu_kernels.lstm(gates, mask, kernels, reverse=(False,))
+  x, input_kernel, mask, kernels, _, _ = _inputs(2)
+  with pytest.raises(Exception, match=r'lstm needs x \[B, T, F\], input kernel \[F, D\*4H\]'):
+    cpu_kernels.lstm(x, input_kernel, mask, kernels, reverse=(False,))
+  with pytest.raises(Exception, match=r'input kernel \[F, D\*4H\].*got.*\(6, 192\)'):
+    cpu_kernels.lstm(x, jnp.zeros((FEATURES + 1, 8 * HIDDEN)), mask, kernels,
+                     reverse=(False, True))

@@ -526,37 +526,34 @@ def _per_batch_shard(function, batch_major, replicated):
                        out_specs=spec, check_vma=False)(*batch_major, *replicated)
 
 
-def _lstm_forward(gates, mask, kernels, bias, reverse, *, train: bool):
+def _lstm_forward(x, input_kernel, mask, kernels, bias, reverse, *, train: bool):
   target = _TARGETS['lstm_forward' if train else 'lstm_inference']
 
-  def local(mask, gates, kernels, bias):  # Shapes are a device's own inside the shard_map.
+  def local(mask, x, input_kernel, kernels, bias):  # A device's own shapes in the shard_map.
     batch, length = mask.shape
     directions, hidden, _ = kernels.shape
     states = jax.ShapeDtypeStruct((batch, length, directions * hidden), jnp.float32)
-    shapes = (states, jax.ShapeDtypeStruct(gates.shape, jnp.float32), states, states,
-              states) if train else states
-    # Training writes each step's activations where its gates were (read just before): in a
-    # fresh buffer, every line written was first read from memory.
-    return jax.ffi.ffi_call(target, shapes, vmap_method='sequential',
-                            input_output_aliases={0: 1} if train else None)(
-        gates, mask, kernels, bias, reverse=_reverse_bits(reverse))
-  # The mask first: it sets the split, whole utterances of gates' [B * T] rows per device.
-  return _per_batch_shard(local, (mask, gates), (kernels, bias))
+    activations = jax.ShapeDtypeStruct((batch * length, input_kernel.shape[1]), jnp.float32)
+    shapes = (states, activations, states, states, states) if train else states
+    return jax.ffi.ffi_call(target, shapes, vmap_method='sequential')(
+        x, input_kernel, mask, kernels, bias, reverse=_reverse_bits(reverse))
+  # The mask first: it sets the split, whole utterances of x's [B * T] rows per device.
+  return _per_batch_shard(local, (mask, x), (input_kernel, kernels, bias))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _lstm(gates, mask, kernels, bias, reverse):
-  return _lstm_forward(gates, mask, kernels, bias, reverse, train=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _lstm(x, input_kernel, mask, kernels, bias, reverse):
+  return _lstm_forward(x, input_kernel, mask, kernels, bias, reverse, train=False)
 
 
-def _lstm_fwd(gates, mask, kernels, bias, reverse):
-  out, activations, h_before, c_before, tanh_cell = _lstm_forward(gates, mask, kernels, bias,
-                                                                  reverse, train=True)
-  return out, (mask, kernels, activations, h_before, c_before, tanh_cell)
+def _lstm_fwd(x, input_kernel, mask, kernels, bias, reverse):
+  out, activations, h_before, c_before, tanh_cell = _lstm_forward(
+      x, input_kernel, mask, kernels, bias, reverse, train=True)
+  return out, (x, input_kernel, mask, kernels, activations, h_before, c_before, tanh_cell)
 
 
 def _lstm_bwd(reverse, residuals, out_grad):
-  mask, kernels, activations, h_before, c_before, tanh_cell = residuals
+  x, input_kernel, mask, kernels, activations, h_before, c_before, tanh_cell = residuals
 
   def local(mask, activations, c_before, tanh_cell, out_grad, kernels):
     # The gate gradients go where the activations were (each read just before), and the
@@ -569,38 +566,43 @@ def _lstm_bwd(reverse, residuals, out_grad):
         mask, kernels, activations, c_before, tanh_cell, out_grad, reverse=_reverse_bits(reverse))
   gates_grad, bias_grads = _per_batch_shard(
       local, (mask, activations, c_before, tanh_cell, out_grad.astype(jnp.float32)), (kernels,))
-  directions, hidden, _ = kernels.shape
-  # sum over (b, t) of h_{t-1}^T dgates_t per direction: one large matmul for XLA (through
-  # `weight_grad` instead, the issue 28 step measured no different: 90.9 vs 91.5 ms).
+  directions, hidden, four_hidden = kernels.shape
+  # Each kernel's gradient, sum over (b, t) of its input^T dgates_t, in a matmul of its own:
+  # as one over [x | h_{t-1}], through `weight_grad`, issue 28's step was 9% slower (run
+  # beside the input gradient's matmul, two matmuls on two cores split each other's threads).
+  if _single_device():
+    input_grad = weight_grad(x, gates_grad)[0]
+  else:  # On a sharded batch a sum across devices, which XLA's dot does.
+    input_grad = x.T @ gates_grad
   kernels_grad = jnp.einsum('ndh,ndk->dhk', h_before.reshape(-1, directions, hidden),
-                            gates_grad.reshape(-1, directions, 4 * hidden))
-  return (gates_grad, np.zeros(mask.shape, jax.dtypes.float0), kernels_grad,
-          bias_grads.sum(0))
+                            gates_grad.reshape(-1, directions, four_hidden))
+  return (gates_grad @ input_kernel.T, input_grad, np.zeros(mask.shape, jax.dtypes.float0),
+          kernels_grad, bias_grads.sum(0))
 
 
 _lstm.defvjp(_lstm_fwd, _lstm_bwd)
 
 
-def lstm(gates: jax.Array, mask: jax.Array, kernels: jax.Array, *,
+def lstm(x: jax.Array, input_kernel: jax.Array, mask: jax.Array, kernels: jax.Array, *,
          reverse: tuple[bool, ...], bias: jax.Array | None = None) -> jax.Array:
-  """backends.ops.lstm: the LSTM recurrence of D directions at once from their projected
-  inputs `gates` [B, T, D*4H] plus `bias` [D*4H] (none: zeros), a [B, T] mask of valid
-  frames and hidden kernels [D, H, 4H] -> hidden states [B, T, D*H]; direction d runs from
-  the last frame when reverse[d]. Computes in float32 and returns gates' dtype."""
+  """backends.ops.lstm: the LSTM layer of D directions at once from its inputs x [B, T, F],
+  input kernel [F, D*4H] and `bias` [D*4H] (none: zeros), a [B, T] mask of valid frames
+  and hidden kernels [D, H, 4H] -> hidden states [B, T, D*H]; direction d runs from the
+  last frame when reverse[d]. Computes in float32 and returns x's dtype."""
   ensure()
   directions, hidden, four_hidden = kernels.shape
   if bias is None:
-    bias = jnp.zeros((gates.shape[-1],), jnp.float32)
-  if (gates.ndim != 3 or mask.shape != gates.shape[:2] or four_hidden != 4 * hidden
-      or gates.shape[2] != directions * four_hidden or len(reverse) != directions
-      or bias.shape != (directions * four_hidden,)):
-    raise KilnError(f'lstm needs gates [B, T, D*4H], mask [B, T], kernels [D, H, 4H], D '
-                    f'reverse flags and a [D*4H] bias, got {gates.shape}, {mask.shape}, '
-                    f'{kernels.shape}, {len(reverse)} flags, {bias.shape}')
-  # The kernel takes the gates 2-D, [B * T, D*4H], as a projection's matmul writes them
-  # (XLA copies a 3-D view before letting the kernel overwrite it).
-  batch, length, width = gates.shape
-  out = _lstm(gates.reshape(batch * length, width).astype(jnp.float32), mask.astype(bool),
-              kernels.astype(jnp.float32), bias.astype(jnp.float32),
-              tuple(bool(r) for r in reverse))
-  return out.astype(gates.dtype)
+    bias = jnp.zeros((directions * four_hidden,), jnp.float32)
+  if (x.ndim != 3 or mask.shape != x.shape[:2] or four_hidden != 4 * hidden
+      or input_kernel.shape != (x.shape[2], directions * four_hidden)
+      or len(reverse) != directions or bias.shape != (directions * four_hidden,)):
+    raise KilnError(f'lstm needs x [B, T, F], input kernel [F, D*4H], mask [B, T], kernels '
+                    f'[D, H, 4H], D reverse flags and a [D*4H] bias, got {x.shape}, '
+                    f'{input_kernel.shape}, {mask.shape}, {kernels.shape}, {len(reverse)} '
+                    f'flags, {bias.shape}')
+  # The kernels take x 2-D, [B * T, F]: its rows are the matmuls' rows (frame t of b at b*T+t).
+  batch, length, features = x.shape
+  out = _lstm(x.reshape(batch * length, features).astype(jnp.float32),
+              input_kernel.astype(jnp.float32), mask.astype(bool), kernels.astype(jnp.float32),
+              bias.astype(jnp.float32), tuple(bool(r) for r in reverse))
+  return out.astype(x.dtype)

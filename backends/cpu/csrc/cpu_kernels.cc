@@ -1706,30 +1706,31 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KilnConvKernelGrad, ConvKernelGrad, ConvBinding())
 // LSTM recurrence (models/recurrent.py's cell: gates ordered input, forget, cell, output),
 // forward and backward, for one or more directions of one layer at once.
 //
-// Why: the input projection of every frame is one big matmul outside the recurrence (XLA
-// runs it well); what is left per step is a [B, H] x [H, 4H] matmul and the gate
-// arithmetic, which XLA:CPU runs as a while loop of a dozen small kernels and buffer
-// copies per step, forward and backward. Batch rows are independent in the recurrence, so
-// each thread takes a (direction, block of batch rows) and runs all its steps alone: no
+// Why: XLA:CPU runs a recurrence as a while loop of a dozen small kernels and buffer copies
+// per step, forward and backward. Batch rows are independent in the recurrence, so each
+// thread takes a (direction, block of batch rows) and runs all its steps alone: no
 // synchronisation between steps, the block's state stays in its cache, and the gates of a
-// step are computed while they are still there. The hidden kernel is packed once per call
-// into column panels that a register-tiled matmul streams every step (Eigen's GEMM packs
-// both operands again on every call: a third of its time at these shapes).
+// step are computed while they are still there. The forward pass's step is one matmul,
+// [x_t | h] x [input kernel; hidden kernel], on kernels packed once per call into column
+// panels that a register-tiled matmul streams every step (Eigen's GEMM packs both operands
+// again on every call: a third of its time at these shapes). The input projection used to
+// be one big matmul before the call, its [B * T, D * 4H] result read back here: in the step
+// issue 28 times, a 3-6 ms YNNPACK dot for the first layer's 80 features (K = 80 runs
+// slowly) and 13 MB written and read again per layer; folded in, the step ran 90.3 instead
+// of 92.7 ms (AVX2 build 90.7 instead of 94.3), old and new interleaved in one process.
 //
-// Layout: the projected inputs `gates` are [B * T, D * 4H], frame t of utterance b in row
-// b * T + t and direction d's columns at d * 4H (2-D as the input projection's matmul
-// writes them: XLA copied a 3-D view of them before letting this overwrite it); their bias
-// [D * 4H] (added here, and its gradient summed by the backward pass: as XLA's add and
-// reduction, each read the whole gates once more; a step with no bias at all was 2.6 ms
-// faster of issue 28's ~96 ms); the mask [B, T]; the hidden kernels [D, H, 4H]. Outputs
-// and the state residuals are [B, T, D * H] (direction d at d * H), so a bidirectional
-// layer's output is its two directions side by side with no transposes or flips. Direction
-// d runs from the last frame when bit d of `reverse` is set. A masked (padded) step leaves
-// the state as it was and outputs 0. The forward pass for training keeps, per step, the gate
-// activations (laid out as the gates), the state before the step (h and c) and tanh of the
-// new cell; the backward pass returns the gradient of the pre-activation gates, which is
-// also the gradient of `gates`, and of the bias; the hidden kernels' gradient
-// sum_t h_{t-1}^T dgates_t is one big matmul, left to XLA.
+// Layout: the inputs x are [B * T, F], frame t of utterance b in row b * T + t; the input
+// kernel [F, D * 4H] has direction d's columns at d * 4H, the hidden kernels are [D, H, 4H],
+// the bias [D * 4H] (added here, and its gradient summed by the backward pass: as XLA's add
+// and reduction, each read the whole gates once more), the mask [B, T]. Outputs and the
+// state residuals are [B, T, D * H] (direction d at d * H), so a bidirectional layer's
+// output is its two directions side by side with no transposes or flips. Direction d runs
+// from the last frame when bit d of `reverse` is set. A masked (padded) step leaves the state
+// as it was and outputs 0. The forward pass for training keeps, per step, the gate
+// activations ([B * T, D * 4H]), the state before the step (h and c) and tanh of the new
+// cell; the backward pass returns the gradient of the pre-activation gates and of the bias.
+// The kernels' gradients (sum_t x_t^T dgates_t and h_{t-1}^T dgates_t) and x's (dgates
+// W_x^T) are big matmuls, left to kernels.py.
 
 namespace {
 
@@ -1745,6 +1746,7 @@ struct PanelMatrix {
   // page apart, with the other core idle).
   void Pack(const float* source, int64_t rows, int64_t cols, bool transpose,
             ffi::ThreadPool& pool) {
+    if (!transpose) return PackStacked({{source, rows, cols}}, cols, pool);
     K = rows;
     N = cols;
     const int64_t panels = (N + kPanelCols - 1) / kPanelCols;
@@ -1752,14 +1754,9 @@ struct PanelMatrix {
     auto pack = [&](int64_t p, int64_t) {
       float* panel = data.data() + p * K * kPanelCols;
       const int64_t first = p * kPanelCols, width = std::min(kPanelCols, N - first);
-      if (transpose) {
-        for (int64_t j = 0; j < width; ++j) {
-          const float* column = source + (first + j) * K;
-          for (int64_t k = 0; k < K; ++k) panel[k * kPanelCols + j] = column[k];
-        }
-      } else {
-        for (int64_t k = 0; k < K; ++k)
-          std::copy(source + k * N + first, source + k * N + first + width, panel + k * kPanelCols);
+      for (int64_t j = 0; j < width; ++j) {
+        const float* column = source + (first + j) * K;
+        for (int64_t k = 0; k < K; ++k) panel[k * kPanelCols + j] = column[k];
       }
       if (width < kPanelCols)
         for (int64_t k = 0; k < K; ++k)
@@ -1767,57 +1764,57 @@ struct PanelMatrix {
     };
     ForEachItem(pool, panels, Participants(pool, panels), pack);
   }
+  // Blocks of rows [rows, N] from row-major memory (`ld` floats per row), stacked in order.
+  struct Rows {
+    const float* source;
+    int64_t rows, ld;
+  };
+  void PackStacked(const std::vector<Rows>& parts, int64_t cols, ffi::ThreadPool& pool) {
+    K = 0;
+    for (const Rows& part : parts) K += part.rows;
+    N = cols;
+    const int64_t panels = (N + kPanelCols - 1) / kPanelCols;
+    data.resize(panels * K * kPanelCols);
+    auto pack = [&](int64_t p, int64_t) {
+      float* row = data.data() + p * K * kPanelCols;
+      const int64_t first = p * kPanelCols, width = std::min(kPanelCols, N - first);
+      for (const Rows& part : parts)
+        for (int64_t k = 0; k < part.rows; ++k, row += kPanelCols) {
+          const float* source = part.source + k * part.ld + first;
+          std::copy(source, source + width, row);
+          std::fill(row + width, row + kPanelCols, 0.0f);
+        }
+    };
+    ForEachItem(pool, panels, Participants(pool, panels), pack);
+  }
   const float* panel(int64_t p) const { return data.data() + p * K * kPanelCols; }
 };
 
-// Lines of init that the next tile starts from, for a tile to ask the cache for `distance`
-// steps of K before it ends. The LSTM's rows of init are a frame apart in memory, all at one
-// offset within a page (so they compete for one set of L1), and a tile's panel streams
-// through L1 between them: the tiles' first loads missed, ~9% of the forward kernel's
-// samples. Asked for a whole frame ahead, or one panel ahead, they were evicted again
-// before use.
-struct TilePrefetch {
-  const float* rows = nullptr;
-  int64_t ld = 0;
-  int count = 0;
-  static constexpr int64_t distance = 64;
-};
-
-// c[R, kPanelCols] = (init or 0) + (bias or 0) + a[R, K] x panel[K, kPanelCols], rows of a,
-// init and c `lda`, `ldi` and `ldc` apart, the one row of bias added to each. Loops over rows
-// are unrolled, so the accumulators live in registers (GCC otherwise kept the array on the
-// stack: 45 instead of 150+ GFLOP/s). `next`: the lines the tile asks for as it ends.
+// c[R, kPanelCols] = (bias or 0) + a[R, K] x panel[K, kPanelCols], rows of a and c `lda`
+// and `ldc` apart, the one row of bias added to each. Loops over rows are unrolled, so the
+// accumulators live in registers (GCC otherwise kept the array on the stack: 45 instead of
+// 150+ GFLOP/s).
 template <int R>
-void PanelTile(const float* a, int64_t lda, const float* panel, int64_t K, const float* init,
-               int64_t ldi, const float* bias, float* c, int64_t ldc, TilePrefetch next) {
+void PanelTile(const float* a, int64_t lda, const float* panel, int64_t K, const float* bias,
+               float* c, int64_t ldc) {
   const Lane bias0 = bias ? LoadLane(bias) : ZeroLane();
   const Lane bias1 = bias ? LoadLane(bias + kLane) : ZeroLane();
   Lane acc[R][2];
 #pragma GCC unroll 16
   for (int i = 0; i < R; ++i) {
-    acc[i][0] = init ? AddLanes(LoadLane(init + i * ldi), bias0) : bias0;
-    acc[i][1] = init ? AddLanes(LoadLane(init + i * ldi + kLane), bias1) : bias1;
+    acc[i][0] = bias0;
+    acc[i][1] = bias1;
   }
-  auto steps = [&](int64_t from, int64_t to) {
-    for (int64_t k = from; k < to; ++k) {
-      const Lane w0 = LoadLane(panel + k * kPanelCols);
-      const Lane w1 = LoadLane(panel + k * kPanelCols + kLane);
+  for (int64_t k = 0; k < K; ++k) {
+    const Lane w0 = LoadLane(panel + k * kPanelCols);
+    const Lane w1 = LoadLane(panel + k * kPanelCols + kLane);
 #pragma GCC unroll 16
-      for (int i = 0; i < R; ++i) {
-        const Lane x = Broadcast(a[i * lda + k]);
-        acc[i][0] = MultiplyAdd(x, w0, acc[i][0]);
-        acc[i][1] = MultiplyAdd(x, w1, acc[i][1]);
-      }
+    for (int i = 0; i < R; ++i) {
+      const Lane x = Broadcast(a[i * lda + k]);
+      acc[i][0] = MultiplyAdd(x, w0, acc[i][0]);
+      acc[i][1] = MultiplyAdd(x, w1, acc[i][1]);
     }
-  };
-  const int64_t split = next.rows ? std::max<int64_t>(0, K - TilePrefetch::distance) : K;
-  steps(0, split);
-  for (int i = 0; i < next.count; ++i) {
-    const float* row = next.rows + i * next.ld;
-    for (int64_t j = 0; j < kPanelCols; j += kLineFloats) __builtin_prefetch(row + j);
-    __builtin_prefetch(row + kPanelCols - 1);  // In case the row is not line-aligned.
   }
-  steps(split, K);
 #pragma GCC unroll 16
   for (int i = 0; i < R; ++i) {
     StoreLane(c + i * ldc, acc[i][0]);
@@ -1828,25 +1825,21 @@ void PanelTile(const float* a, int64_t lda, const float* panel, int64_t K, const
 // PanelTile for a tile of `rows` <= R rows (EvenTiles makes the shorter ones).
 template <int R>
 void PanelTileUpTo(int rows, const float* a, int64_t lda, const float* panel, int64_t K,
-                   const float* init, int64_t ldi, const float* bias, float* c, int64_t ldc,
-                   TilePrefetch next = {}) {
+                   const float* bias, float* c, int64_t ldc) {
   if (rows == R) {
-    PanelTile<R>(a, lda, panel, K, init, ldi, bias, c, ldc, next);
+    PanelTile<R>(a, lda, panel, K, bias, c, ldc);
   } else if constexpr (R > 1) {
-    PanelTileUpTo<R - 1>(rows, a, lda, panel, K, init, ldi, bias, c, ldc, next);
+    PanelTileUpTo<R - 1>(rows, a, lda, panel, K, bias, c, ldc);
   }
 }
 
-// c[n, N] = (init or 0) + (bias or 0) + a[n, K] x b, with b packed and the one row of bias
-// [N] added to each; panel by panel, so each panel is read from memory once and reused from
-// the cache by every tile of rows. A last panel narrower than kPanelCols goes through a
-// zero-padded copy of its columns. Each tile of a full panel asks for the init lines of the
-// tile after it, the last one for those of `next_init` (rows ldi apart, the next call's
-// init), if given.
+// c[n, N] = (bias or 0) + a[n, K] x b, with b packed and the one row of bias [N] added to
+// each; panel by panel, so each panel is read from memory once and reused from the cache by
+// every tile of rows. A last panel narrower than kPanelCols goes through a zero-padded copy
+// of its columns.
 void PanelMatmul(const float* a, int64_t lda, int64_t n, const PanelMatrix& b,
-                 const float* init, int64_t ldi, const float* bias, float* c, int64_t ldc,
-                 const float* next_init = nullptr) {
-  alignas(64) float edge_init[kPanelTileRows * kPanelCols], edge_out[kPanelTileRows * kPanelCols];
+                 const float* bias, float* c, int64_t ldc) {
+  alignas(64) float edge_out[kPanelTileRows * kPanelCols];
   alignas(64) float edge_bias[kPanelCols] = {};
   const EvenTiles tiles(n, kPanelTileRows);
   for (int64_t col = 0, p = 0; col < b.N; col += kPanelCols, ++p) {
@@ -1855,27 +1848,13 @@ void PanelMatmul(const float* a, int64_t lda, int64_t n, const PanelMatrix& b,
     for (int64_t tile = 0; tile < tiles.count; ++tile) {
       const int64_t row = tiles.first(tile);
       const int rows = tiles.rows(tile);
-      const float* tile_init = init ? init + row * ldi + col : nullptr;
       if (cols == kPanelCols) {
-        TilePrefetch next;
-        if (init) {
-          const bool last = tile + 1 == tiles.count;
-          next.rows = !last                      ? init + tiles.first(tile + 1) * ldi + col
-                      : col + kPanelCols < b.N ? init + col + kPanelCols
-                      : next_init;
-          next.ld = ldi;
-          next.count = next.rows ? tiles.rows(last ? 0 : tile + 1) : 0;
-        }
-        PanelTileUpTo<kPanelTileRows>(rows, a + row * lda, lda, b.panel(p), b.K, tile_init, ldi,
-                                      panel_bias, c + row * ldc + col, ldc, next);
+        PanelTileUpTo<kPanelTileRows>(rows, a + row * lda, lda, b.panel(p), b.K, panel_bias,
+                                      c + row * ldc + col, ldc);
         continue;
       }
-      if (tile_init)
-        for (int i = 0; i < rows; ++i)
-          std::copy(tile_init + i * ldi, tile_init + i * ldi + cols, edge_init + i * kPanelCols);
       if (panel_bias) std::copy(panel_bias, panel_bias + cols, edge_bias);
       PanelTileUpTo<kPanelTileRows>(rows, a + row * lda, lda, b.panel(p), b.K,
-                                    tile_init ? edge_init : nullptr, kPanelCols,
                                     panel_bias ? edge_bias : nullptr, edge_out, kPanelCols);
       for (int i = 0; i < rows; ++i)
         std::copy(edge_out + i * kPanelCols, edge_out + i * kPanelCols + cols,
@@ -1885,21 +1864,21 @@ void PanelMatmul(const float* a, int64_t lda, int64_t n, const PanelMatrix& b,
 }
 
 struct LstmDims {
-  int64_t batch, length, directions, hidden;
+  int64_t batch, length, directions, hidden, features;
   int64_t gate_stride() const { return directions * 4 * hidden; }
   int64_t state_stride() const { return directions * hidden; }
 };
 
-ffi::Error MakeLstmDims(const ffi::AnyBuffer::Dimensions& gates,
+// The dimensions of a call whose gates (or their gradients) are [rows, gate_width] and
+// whose inputs have `features` columns.
+ffi::Error MakeLstmDims(int64_t rows, int64_t gate_width, int64_t features,
                         const ffi::AnyBuffer::Dimensions& mask,
                         const ffi::AnyBuffer::Dimensions& kernels, LstmDims* d) {
-  if (gates.size() != 2 || mask.size() != 2 || kernels.size() != 3)
-    return ffi::Error::InvalidArgument("lstm takes [B * T, D*4H] gates, a [B, T] mask and "
-                                       "[D, H, 4H] kernels");
-  *d = LstmDims{mask[0], mask[1], kernels[0], kernels[1]};
-  if (kernels[2] != 4 * d->hidden || gates[1] != d->gate_stride() ||
-      gates[0] != mask[0] * mask[1])
-    return ffi::Error::InvalidArgument("lstm: gates, mask and kernel shapes disagree");
+  if (mask.size() != 2 || kernels.size() != 3)
+    return ffi::Error::InvalidArgument("lstm takes a [B, T] mask and [D, H, 4H] kernels");
+  *d = LstmDims{mask[0], mask[1], kernels[0], kernels[1], features};
+  if (kernels[2] != 4 * d->hidden || gate_width != d->gate_stride() || rows != mask[0] * mask[1])
+    return ffi::Error::InvalidArgument("lstm: input, mask and kernel shapes disagree");
   return ffi::Error::Success();
 }
 
@@ -2031,8 +2010,7 @@ void LstmCellBackward(float* dpre, const float* act, const float* tanh_cell, con
 // frame) while this step computes: they are T frames apart in memory, more streams than
 // the hardware prefetchers follow, and without this every step waited on them (a
 // replica of the forward loop: 11.0 -> 10.3 ms per thread at issue 28's shape). `write`:
-// the step will store there. The forward pass's gates are asked for tile by tile instead
-// (TilePrefetch): a frame ahead, they were evicted again before use.
+// the step will store there.
 void PrefetchRows(const float* first, int64_t rows, int64_t ld, int64_t floats, bool write) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t j = 0; j < floats; j += kLineFloats) {
@@ -2043,27 +2021,34 @@ void PrefetchRows(const float* first, int64_t rows, int64_t ld, int64_t floats, 
     }
 }
 
-ffi::Error LstmRun(ffi::Buffer<ffi::F32>& gates, ffi::Buffer<ffi::PRED>& mask,
-                   ffi::Buffer<ffi::F32>& kernels, ffi::Buffer<ffi::F32>& bias, float* out,
-                   const LstmResiduals& keep, int32_t reverse, ffi::ThreadPool& pool) {
+ffi::Error LstmRun(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& input_kernel,
+                   ffi::Buffer<ffi::PRED>& mask, ffi::Buffer<ffi::F32>& kernels,
+                   ffi::Buffer<ffi::F32>& bias, float* out, const LstmResiduals& keep,
+                   int32_t reverse, ffi::ThreadPool& pool) {
+  const auto xd = x.dimensions(), wd = input_kernel.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || wd[0] != xd[1])
+    return ffi::Error::InvalidArgument("lstm takes inputs [B * T, F] and an input kernel "
+                                       "[F, D*4H]");
   LstmDims d;
-  if (ffi::Error error = MakeLstmDims(gates.dimensions(), mask.dimensions(),
+  if (ffi::Error error = MakeLstmDims(xd[0], wd[1], xd[1], mask.dimensions(),
                                       kernels.dimensions(), &d);
       error.failure())
     return error;
   if (bias.element_count() != d.gate_stride())
     return ffi::Error::InvalidArgument("lstm: bias must be [D * 4H]");
   const int64_t T = d.length, H = d.hidden, gs = d.gate_stride(), ss = d.state_stride();
+  const int64_t F = d.features, width = F + H;  // A step's operand: [x_t | h].
   const LstmSplit split(d, pool);
-  std::vector<PanelMatrix> packed(d.directions);
+  std::vector<PanelMatrix> packed(d.directions);  // [input kernel; hidden kernel] [F + H, 4H].
   for (int64_t dir = 0; dir < d.directions; ++dir)
-    packed[dir].Pack(kernels.typed_data() + dir * H * 4 * H, H, 4 * H, /*transpose=*/false,
-                     pool);
+    packed[dir].PackStacked({{input_kernel.typed_data() + dir * 4 * H, F, gs},
+                             {kernels.typed_data() + dir * H * 4 * H, H, 4 * H}},
+                            4 * H, pool);
   struct Scratch {
-    RowMatrix h, c, pre;
+    RowMatrix a, c, pre;
   };
   std::vector<Scratch> scratch(split.threads);
-  const float* gx = gates.typed_data();
+  const float* xs = x.typed_data();
   const bool* valid = mask.typed_data();
   const bool train = keep.activations != nullptr;
   auto work = [&](int64_t item, int64_t slot) {
@@ -2072,35 +2057,36 @@ ffi::Error LstmRun(ffi::Buffer<ffi::F32>& gates, ffi::Buffer<ffi::PRED>& mask,
     if (n <= 0) return;
     const bool backwards = (reverse >> dir) & 1;
     Scratch& s = scratch[slot];
-    s.h.setZero(n, H);
+    s.a.setZero(n, width);  // Row r: the frame's inputs, then the row's hidden state h.
     s.c.setZero(n, H);
     s.pre.resize(n, 4 * H);
     for (int64_t step = 0; step < T; ++step) {
       const int64_t t = backwards ? T - 1 - step : step;
-      // Pre-activations of the block's rows at frame t: gates + bias + h W, into the
-      // activation residuals themselves when training (rows T * gs apart), else scratch.
+      for (int64_t r = 0; r < n; ++r) {
+        const float* frame = xs + ((b0 + r) * T + t) * F;
+        std::copy(frame, frame + F, s.a.data() + r * width);
+      }
+      // Pre-activations of the block's rows at frame t: bias + [x_t | h] [W_x; W_h], into
+      // the activation residuals themselves when training (rows T * gs apart), else scratch.
       const int64_t first = (b0 * T + t) * gs + dir * 4 * H;
       float* pre = train ? keep.activations + first : s.pre.data();
       const int64_t ld_pre = train ? T * gs : 4 * H;
-      const float* next_init = nullptr;  // The next frame's gates (PanelMatmul asks for them).
       if (step + 1 < T) {
         const int64_t next = backwards ? t - 1 : t + 1;
-        const int64_t next_gate = (b0 * T + next) * gs + dir * 4 * H;
-        next_init = gx + next_gate;
-        const int64_t next_state = (b0 * T + next) * ss + dir * H;
-        PrefetchRows(out + next_state, n, T * ss, H, true);
-        if (train && keep.activations != gx)  // Unless XLA aliased them (kernels.py does).
-          PrefetchRows(keep.activations + next_gate, n, T * gs, 4 * H, true);
+        PrefetchRows(xs + (b0 * T + next) * F, n, T * F, F, false);
+        PrefetchRows(out + (b0 * T + next) * ss + dir * H, n, T * ss, H, true);
+        if (train) PrefetchRows(keep.activations + (b0 * T + next) * gs + dir * 4 * H, n,
+                                T * gs, 4 * H, true);
       }
-      PanelMatmul(s.h.data(), H, n, packed[dir], gx + first, T * gs,
-                  bias.typed_data() + dir * 4 * H, pre, ld_pre, next_init);
+      PanelMatmul(s.a.data(), width, n, packed[dir], bias.typed_data() + dir * 4 * H, pre,
+                  ld_pre);
       for (int64_t r = 0; r < n; ++r) {
         const int64_t row = (b0 + r) * T + t, at_state = row * ss + dir * H;
         LstmRowResiduals residuals;
         if (train)
           residuals = {keep.h_before + at_state, keep.c_before + at_state,
                        keep.tanh_cell + at_state};
-        LstmCellForward(pre + r * ld_pre, s.h.data() + r * H, s.c.data() + r * H,
+        LstmCellForward(pre + r * ld_pre, s.a.data() + r * width + F, s.c.data() + r * H,
                         out + at_state, valid[row], residuals, H);
       }
     }
@@ -2110,22 +2096,22 @@ ffi::Error LstmRun(ffi::Buffer<ffi::F32>& gates, ffi::Buffer<ffi::PRED>& mask,
   return ffi::Error::Success();
 }
 
-ffi::Error LstmInference(ffi::Buffer<ffi::F32> gates, ffi::Buffer<ffi::PRED> mask,
-                         ffi::Buffer<ffi::F32> kernels, ffi::Buffer<ffi::F32> bias,
-                         ffi::ResultBuffer<ffi::F32> out, int32_t reverse,
-                         ffi::ThreadPool pool) {
-  return LstmRun(gates, mask, kernels, bias, out->typed_data(),
+ffi::Error LstmInference(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> input_kernel,
+                         ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> kernels,
+                         ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out,
+                         int32_t reverse, ffi::ThreadPool pool) {
+  return LstmRun(x, input_kernel, mask, kernels, bias, out->typed_data(),
                  {nullptr, nullptr, nullptr, nullptr}, reverse, pool);
 }
 
-ffi::Error LstmForward(ffi::Buffer<ffi::F32> gates, ffi::Buffer<ffi::PRED> mask,
-                       ffi::Buffer<ffi::F32> kernels, ffi::Buffer<ffi::F32> bias,
-                       ffi::ResultBuffer<ffi::F32> out,
+ffi::Error LstmForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> input_kernel,
+                       ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> kernels,
+                       ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out,
                        ffi::ResultBuffer<ffi::F32> activations,
                        ffi::ResultBuffer<ffi::F32> h_before, ffi::ResultBuffer<ffi::F32> c_before,
                        ffi::ResultBuffer<ffi::F32> tanh_cell, int32_t reverse,
                        ffi::ThreadPool pool) {
-  return LstmRun(gates, mask, kernels, bias, out->typed_data(),
+  return LstmRun(x, input_kernel, mask, kernels, bias, out->typed_data(),
                  {activations->typed_data(), h_before->typed_data(), c_before->typed_data(),
                   tanh_cell->typed_data()},
                  reverse, pool);
@@ -2140,8 +2126,11 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> kerne
                         ffi::ResultBuffer<ffi::F32> bias_grad, int32_t reverse,
                         ffi::ThreadPool pool) {
   LstmDims d;
-  if (ffi::Error error = MakeLstmDims(activations.dimensions(), mask.dimensions(),
-                                      kernels.dimensions(), &d);
+  const auto ad = activations.dimensions();
+  if (ad.size() != 2)
+    return ffi::Error::InvalidArgument("lstm: the activations must be [B * T, D*4H]");
+  if (ffi::Error error = MakeLstmDims(ad[0], ad[1], 0, mask.dimensions(), kernels.dimensions(),
+                                      &d);
       error.failure())
     return error;
   if (bias_grad->element_count() != d.gate_stride())
@@ -2198,8 +2187,7 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> kerne
       }
       // d h_{t-1} = dgates_t W^T for the block's rows at once (rows T * gs apart).
       const int64_t first = (b0 * T + t) * gs + dir * 4 * H;
-      PanelMatmul(dgates + first, T * gs, n, packed[dir], nullptr, 0, nullptr, s.carried.data(),
-                  H);
+      PanelMatmul(dgates + first, T * gs, n, packed[dir], nullptr, s.carried.data(), H);
       for (int64_t r = 0; r < n; ++r)
         if (valid[(b0 + r) * T + t]) s.dh.row(r) = s.carried.row(r);
     }
@@ -2217,6 +2205,7 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> kerne
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KilnLstmInference, LstmInference,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -2226,6 +2215,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KilnLstmInference, LstmInference,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KilnLstmForward, LstmForward,
                               ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
