@@ -56,6 +56,8 @@ def _parse(argv):
   return args
 
 
+# Imported (a script reusing the steps), no flags are read: --isa is native unless the importer
+# called cpu_host.cap_isa('avx2') first.
 ARGS = _parse(sys.argv[1:] if __name__ == '__main__' else [])
 cpu_host.cap_isa(ARGS.isa)  # Before JAX, XLA, Kiln's kernel build or torch read them.
 

@@ -1717,7 +1717,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KilnConvKernelGrad, ConvKernelGrad, ConvBinding())
 // be one big matmul before the call, its [B * T, D * 4H] result read back here: in the step
 // issue 28 times, a 3-6 ms YNNPACK dot for the first layer's 80 features (K = 80 runs
 // slowly) and 13 MB written and read again per layer; folded in, the step ran 90.3 instead
-// of 92.7 ms (AVX2 build 90.7 instead of 94.3), old and new interleaved in one process.
+// of 92.7 ms, old and new interleaved in one process (benchmarks/README.md).
 //
 // Layout: the inputs x are [B * T, F], frame t of utterance b in row b * T + t; the input
 // kernel [F, D * 4H] has direction d's columns at d * 4H, the hidden kernels are [D, H, 4H],
