@@ -570,14 +570,14 @@ def _lstm_bwd(reverse, residuals, out_grad):
   # Each kernel's gradient, sum over (b, t) of its input^T dgates_t, in a matmul of its own:
   # as one over [x | h_{t-1}], through `weight_grad`, issue 28's step was 9% slower (run
   # beside the input gradient's matmul, two matmuls on two cores split each other's threads).
-  if _single_device():
-    input_grad = weight_grad(x, gates_grad)[0]
-  else:  # On a sharded batch a sum across devices, which XLA's dot does.
-    input_grad = x.T @ gates_grad
+  if _single_device():  # The input projection's gradients are a dense layer's.
+    x_grad, input_grad = _dense_bwd((x, input_kernel), gates_grad)
+  else:  # On a sharded batch the kernel's is a sum across devices, which XLA's dot does.
+    x_grad, input_grad = gates_grad @ input_kernel.T, x.T @ gates_grad
   kernels_grad = jnp.einsum('ndh,ndk->dhk', h_before.reshape(-1, directions, hidden),
                             gates_grad.reshape(-1, directions, four_hidden))
-  return (gates_grad @ input_kernel.T, input_grad, np.zeros(mask.shape, jax.dtypes.float0),
-          kernels_grad, bias_grads.sum(0))
+  return (x_grad, input_grad, np.zeros(mask.shape, jax.dtypes.float0), kernels_grad,
+          bias_grads.sum(0))
 
 
 _lstm.defvjp(_lstm_fwd, _lstm_bwd)

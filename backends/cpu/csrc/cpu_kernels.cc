@@ -1747,10 +1747,7 @@ struct PanelMatrix {
   void Pack(const float* source, int64_t rows, int64_t cols, bool transpose,
             ffi::ThreadPool& pool) {
     if (!transpose) return PackStacked({{source, rows, cols}}, cols, pool);
-    K = rows;
-    N = cols;
-    const int64_t panels = (N + kPanelCols - 1) / kPanelCols;
-    data.resize(panels * K * kPanelCols);
+    const int64_t panels = Resize(rows, cols);
     auto pack = [&](int64_t p, int64_t) {
       float* panel = data.data() + p * K * kPanelCols;
       const int64_t first = p * kPanelCols, width = std::min(kPanelCols, N - first);
@@ -1770,11 +1767,9 @@ struct PanelMatrix {
     int64_t rows, ld;
   };
   void PackStacked(const std::vector<Rows>& parts, int64_t cols, ffi::ThreadPool& pool) {
-    K = 0;
-    for (const Rows& part : parts) K += part.rows;
-    N = cols;
-    const int64_t panels = (N + kPanelCols - 1) / kPanelCols;
-    data.resize(panels * K * kPanelCols);
+    int64_t rows = 0;
+    for (const Rows& part : parts) rows += part.rows;
+    const int64_t panels = Resize(rows, cols);
     auto pack = [&](int64_t p, int64_t) {
       float* row = data.data() + p * K * kPanelCols;
       const int64_t first = p * kPanelCols, width = std::min(kPanelCols, N - first);
@@ -1788,6 +1783,16 @@ struct PanelMatrix {
     ForEachItem(pool, panels, Participants(pool, panels), pack);
   }
   const float* panel(int64_t p) const { return data.data() + p * K * kPanelCols; }
+
+ private:
+  // Room for a [rows, cols] matrix's panels; how many panels that is.
+  int64_t Resize(int64_t rows, int64_t cols) {
+    K = rows;
+    N = cols;
+    const int64_t panels = (N + kPanelCols - 1) / kPanelCols;
+    data.resize(panels * K * kPanelCols);
+    return panels;
+  }
 };
 
 // c[R, kPanelCols] = (bias or 0) + a[R, K] x panel[K, kPanelCols], rows of a and c `lda`
