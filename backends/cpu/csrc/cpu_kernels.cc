@@ -1838,12 +1838,12 @@ void PanelTileUpTo(int rows, const float* a, int64_t lda, const float* panel, in
   }
 }
 
-// c[n, N] = (bias or 0) + a[n, K] x b, with b packed and the one row of bias [N] added to
-// each; panel by panel, so each panel is read from memory once and reused from the cache by
+// c[n, N] = (bias or 0) + a[n, depth] x b's first `depth` (<= K) rows, with b packed and the
+// one row of bias [N] added to each; panel by panel, so each panel is read from memory once and reused from the cache by
 // every tile of rows. A last panel narrower than kPanelCols goes through a zero-padded copy
 // of its columns.
 void PanelMatmul(const float* a, int64_t lda, int64_t n, const PanelMatrix& b,
-                 const float* bias, float* c, int64_t ldc) {
+                 const float* bias, float* c, int64_t ldc, int64_t depth) {
   alignas(64) float edge_out[kPanelTileRows * kPanelCols];
   alignas(64) float edge_bias[kPanelCols] = {};
   const EvenTiles tiles(n, kPanelTileRows);
@@ -1854,12 +1854,12 @@ void PanelMatmul(const float* a, int64_t lda, int64_t n, const PanelMatrix& b,
       const int64_t row = tiles.first(tile);
       const int rows = tiles.rows(tile);
       if (cols == kPanelCols) {
-        PanelTileUpTo<kPanelTileRows>(rows, a + row * lda, lda, b.panel(p), b.K, panel_bias,
+        PanelTileUpTo<kPanelTileRows>(rows, a + row * lda, lda, b.panel(p), depth, panel_bias,
                                       c + row * ldc + col, ldc);
         continue;
       }
       if (panel_bias) std::copy(panel_bias, panel_bias + cols, edge_bias);
-      PanelTileUpTo<kPanelTileRows>(rows, a + row * lda, lda, b.panel(p), b.K,
+      PanelTileUpTo<kPanelTileRows>(rows, a + row * lda, lda, b.panel(p), depth,
                                     panel_bias ? edge_bias : nullptr, edge_out, kPanelCols);
       for (int i = 0; i < rows; ++i)
         std::copy(edge_out + i * kPanelCols, edge_out + i * kPanelCols + cols,
@@ -1926,6 +1926,16 @@ inline void StoreResidual(float* p, bool partial, TailMask m, Lane v) {
   else
     Store(p, partial, m, v);
 }
+// `count` floats from `source` (in cache) to a residual at `target`, whole lines of it one
+// after the other: a line written in pieces across a loop over several streams may leave
+// the write-combining buffers half-full (8-float vectors write half a line at a time).
+inline void StreamResidual(float* target, const float* source, int64_t count) {
+  if (reinterpret_cast<uintptr_t>(target) % (kLane * sizeof(float)) != 0)
+    return (void)std::copy(source, source + count, target);
+  int64_t j = 0;
+  for (; j + kLane <= count; j += kLane) StreamLane(target + j, LoadLane(source + j));
+  std::copy(source + j, source + count, target + j);
+}
 #else
 inline Lane Logistic(Lane x) {
   for (float& v : x.v) v = 1.0f / (1.0f + std::exp(-v));
@@ -1936,16 +1946,19 @@ inline Lane Tanh(Lane x) {
   return x;
 }
 inline void StoreResidual(float* p, bool partial, TailMask m, Lane v) { Store(p, partial, m, v); }
+inline void StreamResidual(float* target, const float* source, int64_t count) {
+  std::copy(source, source + count, target);
+}
 #endif
 
 // Where a training step keeps one row's state residuals (all null for inference).
 struct LstmRowResiduals {
-  float *h_before = nullptr, *c_before = nullptr, *tanh_cell = nullptr;
+  float *activations = nullptr, *h_before = nullptr, *c_before = nullptr, *tanh_cell = nullptr;
 };
 
 // One row's step after its matmul, in one pass over the hidden units: the pre-activations
-// `act` [4H] become activations (stored back when training), the state (h, c) advances unless
-// the frame is padding, and `h_out` gets h' or 0. As ten Eigen expressions, each a pass over
+// `act` [4H] become activations (in place, then copied to the residual when training), the
+// state (h, c) advances unless the frame is padding, and `h_out` gets h' or 0. As ten Eigen expressions, each a pass over
 // the row, the gate arithmetic of issue 28's layer took 0.65 ms more of the training forward
 // kernel's ~11 (AVX2 build 0.17) and 0.44 more of the backward's (0.26).
 void LstmCellForward(float* act, float* h, float* c, float* h_out, bool valid,
@@ -1977,18 +1990,39 @@ void LstmCellForward(float* act, float* h, float* c, float* h_out, bool valid,
       Store(c + j, partial, m, cell);
     }
   }
+  if (train) StreamResidual(keep.activations, act, 4 * H);
+}
+
+// Where the backward pass reads (and writes) one row at one frame: its gate gradients (the
+// activations, read first) [4H] and its residuals and d out [H] each.
+struct LstmBackwardRow {
+  float* gates;
+  const float *tanh_cell, *c_before, *out_grad;
+};
+
+// Asks for a row's lines of LstmBackwardRow from `j` on, one cache line of each [H] vector
+// and of each quarter of the gates: a frame's rows are T frames apart in memory, more
+// streams than the hardware prefetchers follow. Spread over the gate pass of the frame
+// before them, not asked for all at once: a step waited on ~1800 prefetches queued together
+// (the backward kernel 3-4% slower at issue 28's shape).
+inline void PrefetchBackwardRow(const LstmBackwardRow& row, int64_t j, int64_t H) {
+  for (int q = 0; q < 4; ++q) __builtin_prefetch(row.gates + q * H + j, 1, 2);
+  for (const float* residual : {row.tanh_cell, row.c_before, row.out_grad})
+    __builtin_prefetch(residual + j, 0, 2);
 }
 
 // One valid row's gate gradients `dpre` [4H] (may be `act` itself: each chunk is read before
 // it is written) from its activations, residuals and d out; carries d c in place, adds d h's
-// share from the frame after (`dh`, read), and adds the gate gradients to `bias_sum`.
+// share from the frame after (`dh`, read), and adds the gate gradients to `bias_sum`. Asks
+// for the row's data at the frame processed next, `next`, if any.
 void LstmCellBackward(float* dpre, const float* act, const float* tanh_cell, const float* c_before,
                       const float* out_grad, const float* dh, float* dc, float* bias_sum,
-                      int64_t H) {
+                      int64_t H, const LstmBackwardRow* next) {
   const Lane one = Broadcast(1.0f);
   const TailMask m = Tail(H % kLane);  // Read only by the last, partial vector.
   for (int64_t j = 0; j < H; j += kLane) {
     const bool partial = j + kLane > H;
+    if (next && j % kLineFloats == 0) PrefetchBackwardRow(*next, j, H);
     const Lane i = Load(act + j, partial, m), f = Load(act + H + j, partial, m);
     const Lane g = Load(act + 2 * H + j, partial, m), o = Load(act + 3 * H + j, partial, m);
     const Lane tc = Load(tanh_cell + j, partial, m);
@@ -2071,28 +2105,25 @@ ffi::Error LstmRun(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& input_kernel
         const float* frame = xs + ((b0 + r) * T + t) * F;
         std::copy(frame, frame + F, s.a.data() + r * width);
       }
-      // Pre-activations of the block's rows at frame t: bias + [x_t | h] [W_x; W_h], into
-      // the activation residuals themselves when training (rows T * gs apart), else scratch.
-      const int64_t first = (b0 * T + t) * gs + dir * 4 * H;
-      float* pre = train ? keep.activations + first : s.pre.data();
-      const int64_t ld_pre = train ? T * gs : 4 * H;
       if (step + 1 < T) {
         const int64_t next = backwards ? t - 1 : t + 1;
         PrefetchRows(xs + (b0 * T + next) * F, n, T * F, F, false);
         PrefetchRows(out + (b0 * T + next) * ss + dir * H, n, T * ss, H, true);
-        if (train) PrefetchRows(keep.activations + (b0 * T + next) * gs + dir * 4 * H, n,
-                                T * gs, 4 * H, true);
       }
-      PanelMatmul(s.a.data(), width, n, packed[dir], bias.typed_data() + dir * 4 * H, pre,
-                  ld_pre);
+      // Pre-activations of the block's rows at frame t: bias + [x_t | h] [W_x; W_h], the
+      // first step's h (zeros) left out. Into scratch, whence the activation residuals are
+      // streamed: written in place (rows T * gs apart), each of their lines was first read
+      // from memory, and the prefetches that hid it took ~2% of the kernel.
+      PanelMatmul(s.a.data(), width, n, packed[dir], bias.typed_data() + dir * 4 * H,
+                  s.pre.data(), 4 * H, step == 0 ? F : width);
       for (int64_t r = 0; r < n; ++r) {
         const int64_t row = (b0 + r) * T + t, at_state = row * ss + dir * H;
         LstmRowResiduals residuals;
         if (train)
-          residuals = {keep.h_before + at_state, keep.c_before + at_state,
-                       keep.tanh_cell + at_state};
-        LstmCellForward(pre + r * ld_pre, s.a.data() + r * width + F, s.c.data() + r * H,
-                        out + at_state, valid[row], residuals, H);
+          residuals = {keep.activations + row * gs + dir * 4 * H, keep.h_before + at_state,
+                       keep.c_before + at_state, keep.tanh_cell + at_state};
+        LstmCellForward(s.pre.data() + r * 4 * H, s.a.data() + r * width + F,
+                        s.c.data() + r * H, out + at_state, valid[row], residuals, H);
       }
     }
     StreamFence();  // Before ForEachItem counts the item done.
@@ -2166,33 +2197,35 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> kerne
     s.carried.resize(n, H);
     for (int64_t step = T - 1; step >= 0; --step) {
       const int64_t t = backwards ? T - 1 - step : step;
-      if (step > 0) {
-        const int64_t next = backwards ? t + 1 : t - 1;
-        const int64_t next_gate = (b0 * T + next) * gs + dir * 4 * H;
-        const int64_t next_state = (b0 * T + next) * ss + dir * H;
-        PrefetchRows(dgates + next_gate, n, T * gs, 4 * H, true);
-        if (dgates != activations.typed_data())  // Unless XLA aliased them (kernels.py does).
-          PrefetchRows(activations.typed_data() + next_gate, n, T * gs, 4 * H, false);
-        for (const float* residual : {tanh_cell.typed_data(), c_before.typed_data(),
-                                      out_grad.typed_data()})
-          PrefetchRows(residual + next_state, n, T * ss, H, false);
-      }
       for (int64_t r = 0; r < n; ++r) {
         const int64_t row = (b0 + r) * T + t;
         const int64_t at_gate = row * gs + dir * 4 * H, at_state = row * ss + dir * H;
         float* dpre = dgates + at_gate;
+        // The row at the frame processed next (step - 1); its gate gradients go over its
+        // activations (kernels.py aliases them), so those are what is asked for.
+        const int64_t next_row = step > 0 ? row + (backwards ? 1 : -1) : row;
+        const LstmBackwardRow next{activations.typed_data() + next_row * gs + dir * 4 * H,
+                                   tanh_cell.typed_data() + next_row * ss + dir * H,
+                                   c_before.typed_data() + next_row * ss + dir * H,
+                                   out_grad.typed_data() + next_row * ss + dir * H};
         if (!valid[row]) {
           std::fill(dpre, dpre + 4 * H, 0.0f);
+          if (step > 0)
+            for (int64_t j = 0; j < H; j += kLineFloats) PrefetchBackwardRow(next, j, H);
           continue;
         }
         LstmCellBackward(dpre, activations.typed_data() + at_gate,
                          tanh_cell.typed_data() + at_state, c_before.typed_data() + at_state,
                          out_grad.typed_data() + at_state, s.dh.data() + r * H,
-                         s.dc.data() + r * H, bias_sums[item].data(), H);
+                         s.dc.data() + r * H, bias_sums[item].data(), H,
+                         step > 0 ? &next : nullptr);
       }
-      // d h_{t-1} = dgates_t W^T for the block's rows at once (rows T * gs apart).
+      // d h_{t-1} = dgates_t W^T for the block's rows at once (rows T * gs apart); none
+      // before the first frame.
+      if (step == 0) break;
       const int64_t first = (b0 * T + t) * gs + dir * 4 * H;
-      PanelMatmul(dgates + first, T * gs, n, packed[dir], nullptr, s.carried.data(), H);
+      PanelMatmul(dgates + first, T * gs, n, packed[dir], nullptr, s.carried.data(), H,
+                  packed[dir].K);
       for (int64_t r = 0; r < n; ++r)
         if (valid[(b0 + r) * T + t]) s.dh.row(r) = s.carried.row(r);
     }
