@@ -1839,9 +1839,9 @@ void PanelTileUpTo(int rows, const float* a, int64_t lda, const float* panel, in
 }
 
 // c[n, N] = (bias or 0) + a[n, depth] x b's first `depth` (<= K) rows, with b packed and the
-// one row of bias [N] added to each; panel by panel, so each panel is read from memory once and reused from the cache by
-// every tile of rows. A last panel narrower than kPanelCols goes through a zero-padded copy
-// of its columns.
+// one row of bias [N] added to each; panel by panel, so each panel is read from memory once
+// and reused from the cache by every tile of rows. A last panel narrower than kPanelCols
+// goes through a zero-padded copy of its columns.
 void PanelMatmul(const float* a, int64_t lda, int64_t n, const PanelMatrix& b,
                  const float* bias, float* c, int64_t ldc, int64_t depth) {
   alignas(64) float edge_out[kPanelTileRows * kPanelCols];
@@ -1926,16 +1926,6 @@ inline void StoreResidual(float* p, bool partial, TailMask m, Lane v) {
   else
     Store(p, partial, m, v);
 }
-// `count` floats from `source` (in cache) to a residual at `target`, whole lines of it one
-// after the other: a line written in pieces across a loop over several streams may leave
-// the write-combining buffers half-full (8-float vectors write half a line at a time).
-inline void StreamResidual(float* target, const float* source, int64_t count) {
-  if (reinterpret_cast<uintptr_t>(target) % (kLane * sizeof(float)) != 0)
-    return (void)std::copy(source, source + count, target);
-  int64_t j = 0;
-  for (; j + kLane <= count; j += kLane) StreamLane(target + j, LoadLane(source + j));
-  std::copy(source + j, source + count, target + j);
-}
 #else
 inline Lane Logistic(Lane x) {
   for (float& v : x.v) v = 1.0f / (1.0f + std::exp(-v));
@@ -1946,10 +1936,18 @@ inline Lane Tanh(Lane x) {
   return x;
 }
 inline void StoreResidual(float* p, bool partial, TailMask m, Lane v) { Store(p, partial, m, v); }
-inline void StreamResidual(float* target, const float* source, int64_t count) {
-  std::copy(source, source + count, target);
-}
 #endif
+
+// `count` floats from `source` (in cache) to a residual at `target`, whole lines of it one
+// after the other: a line written in pieces across a loop over several streams may leave
+// the write-combining buffers half-full (8-float vectors write half a line at a time).
+inline void StreamResidual(float* target, const float* source, int64_t count) {
+  const TailMask m = Tail(count % kLane);  // Read only by the last, partial vector.
+  for (int64_t j = 0; j < count; j += kLane) {
+    const bool partial = j + kLane > count;
+    StoreResidual(target + j, partial, m, Load(source + j, partial, m));
+  }
+}
 
 // Where a training step keeps one row's state residuals (all null for inference).
 struct LstmRowResiduals {
@@ -1958,9 +1956,10 @@ struct LstmRowResiduals {
 
 // One row's step after its matmul, in one pass over the hidden units: the pre-activations
 // `act` [4H] become activations (in place, then copied to the residual when training), the
-// state (h, c) advances unless the frame is padding, and `h_out` gets h' or 0. As ten Eigen expressions, each a pass over
-// the row, the gate arithmetic of issue 28's layer took 0.65 ms more of the training forward
-// kernel's ~11 (AVX2 build 0.17) and 0.44 more of the backward's (0.26).
+// state (h, c) advances unless the frame is padding, and `h_out` gets h' or 0. As ten Eigen
+// expressions, each a pass over the row, the gate arithmetic of issue 28's layer took 0.65
+// ms more of the training forward kernel's ~11 (AVX2 build 0.17) and 0.44 more of the
+// backward's (0.26).
 void LstmCellForward(float* act, float* h, float* c, float* h_out, bool valid,
                      const LstmRowResiduals& keep, int64_t H) {
   const bool train = keep.h_before != nullptr;
