@@ -28,6 +28,17 @@ CHECKPOINTS_FOLDER = 'checkpoints'  # Inside a run's workdir.
 FRESH_WHEN_MISSING = ('guard',)
 
 
+def _save_each_array_whole_on_cpu() -> None:
+  """On the CPU backend, Orbax saves an array from one replica instead of slicing it across all
+  of them ("replica-parallel", its default off GPU): a process's CPU devices share one host
+  memory, so the slices bought no bandwidth and cost a dispatch each. The tiny test run's
+  state on 8 devices: 434 slices and ~0.23 s per save; its 30 steps with 15 saves 14.5 ->
+  11.1 s. Orbax keeps this choice in its global registry of type handlers."""
+  if jax.default_backend() == 'cpu':
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+
+
 class CorruptCheckpoint(KilnError):
   """A checkpoint whose layout matches but whose files cannot be read, or differ from its
   manifest."""
@@ -44,6 +55,7 @@ class Checkpointer:
     folder = os.path.abspath(os.path.expanduser(workdir))
     if not reading or os.path.isdir(os.path.join(folder, CHECKPOINTS_FOLDER)):
       folder = os.path.join(folder, CHECKPOINTS_FOLDER)
+    _save_each_array_whole_on_cpu()
     # Not Orbax's read_only option: it logs a warning on every open.
     options = (ocp.CheckpointManagerOptions(create=False) if reading else
                ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
