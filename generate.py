@@ -13,7 +13,7 @@ import sys
 
 import backends  # First: before JAX or TF start threads.
 
-backends.configure_host()
+backends.configure_host(may_restart=__name__ == '__main__')
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

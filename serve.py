@@ -24,7 +24,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import backends  # noqa: E402  First: before JAX or TF start threads.
 
-backends.configure_host()
+backends.configure_host(may_restart=__name__ == '__main__')
 
 from absl import app, flags  # noqa: E402
 

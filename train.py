@@ -16,7 +16,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 
 import backends  # noqa: E402  First: before JAX or TF start threads.
 
-backends.configure_host()
+backends.configure_host(may_restart=__name__ == '__main__')
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

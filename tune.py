@@ -17,7 +17,11 @@ import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 
-import train  # noqa: E402  First (it configures the host before JAX or TF start threads).
+import backends  # noqa: E402  First: before JAX or TF start threads.
+
+backends.configure_host(may_restart=__name__ == '__main__')
+
+import train  # noqa: E402  (its own configure_host call repeats the settings above)
 from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 

@@ -18,9 +18,11 @@ def installed_cpu():
     return None
 
 
-def configure_host() -> None:
+def configure_host(may_restart: bool = False) -> None:
   """Host settings that must precede JAX and TensorFlow (backends.cpu.host_memory: a bad
-  KILN_HOST_MALLOC exits with one line); nothing when backends/cpu/ is absent."""
+  KILN_HOST_MALLOC exits with one line); nothing when backends/cpu/ is absent. Scripts pass
+  `may_restart=__name__ == '__main__'`: run as a program, the process may re-execute itself
+  once, at this call, to get glibc's huge pages (host_memory.configure); imported, never."""
   if installed_cpu() is not None:
     from backends.cpu import host_memory
-    host_memory.configure()
+    host_memory.configure(may_restart)

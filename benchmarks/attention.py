@@ -44,7 +44,7 @@ cpu_host.cap_isa(ARGS.isa)  # Before JAX, XLA or Kiln's kernel build read them.
 
 import backends  # noqa: E402  (before JAX starts threads)
 
-backends.configure_host()
+backends.configure_host(may_restart=__name__ == '__main__')
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

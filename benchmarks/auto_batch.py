@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import backends  # noqa: E402  First: before JAX or TF start threads.
 
-backends.configure_host()
+backends.configure_host(may_restart=__name__ == '__main__')
 
 from loop import auto_batch  # noqa: E402
 from tune.space import apply_overrides, load_config_module  # noqa: E402

@@ -63,7 +63,7 @@ cpu_host.cap_isa(ARGS.isa)  # Before JAX, XLA or Kiln's kernel build read them.
 
 from backends.cpu import host_memory  # noqa: E402  (first: before JAX or TF start threads)
 
-host_memory.configure()
+host_memory.configure(may_restart=__name__ == '__main__')
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

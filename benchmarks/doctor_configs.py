@@ -30,7 +30,7 @@ sys.path.insert(0, REPO_ROOT)
 
 import backends  # noqa: E402  (first: before JAX or TF start threads)
 
-backends.configure_host()
+backends.configure_host(may_restart=__name__ == '__main__')
 
 from benchmarks.throughput import load_config  # noqa: E402
 from core.errors import KilnError  # noqa: E402

@@ -20,7 +20,7 @@ sys.path.insert(0, REPO_ROOT)
 
 import backends  # noqa: E402  First: before JAX or TF start threads.
 
-backends.configure_host()
+backends.configure_host(may_restart=__name__ == '__main__')
 
 from configs import base  # noqa: E402
 from core.errors import KilnError  # noqa: E402

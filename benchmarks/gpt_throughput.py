@@ -96,7 +96,7 @@ cpu_host.cap_isa(ARGS.isa)  # Before JAX, XLA, Kiln's kernel build or torch read
 
 import backends  # noqa: E402  (before JAX or TF start threads)
 
-backends.configure_host()
+backends.configure_host(may_restart=__name__ == '__main__')
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -23,7 +23,7 @@ sys.path.insert(0, REPO_ROOT)
 
 import backends  # noqa: E402  (first: before JAX or TF start threads)
 
-backends.configure_host()
+backends.configure_host(may_restart=__name__ == '__main__')
 
 import jax  # noqa: E402
 

@@ -37,7 +37,7 @@ sys.path.insert(0, REPO_ROOT)
 
 import backends  # noqa: E402  First: before JAX or TF start threads.
 
-backends.configure_host()
+backends.configure_host(may_restart=__name__ == '__main__')
 
 import httpx  # noqa: E402
 import jax  # noqa: E402

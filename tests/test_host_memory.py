@@ -65,9 +65,59 @@ def test_kept_memory_is_reused_where_system_malloc_faults_it_in_again():
   assert kept_faults < system_faults / 2, (kept_faults, system_faults)
 
 
+# Prints a line each time the program starts, then (after the script's configure call) its PID,
+# its GLIBC_TUNABLES and how much of a 64 MB block it touched came in huge pages.
+HUGE_PAGES_PROBE = """
+import ctypes, os, sys
+print('started', flush=True)
+import backends
+backends.configure_host(may_restart=sys.argv[1] == 'main')
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+block = libc.malloc(64 << 20)
+ctypes.memset(block, 1, 64 << 20)
+with open('/proc/self/smaps_rollup') as rollup:
+  huge_kb = next(int(line.split()[1]) for line in rollup if line.startswith('AnonHugePages'))
+print(os.getpid(), os.environ.get('GLIBC_TUNABLES', '-'), huge_kb)
+"""
+
+
+def huge_pages_probe(caller: str, **env) -> tuple[int, int, str, int]:
+  """(times the program started, Popen's PID, then the PID, GLIBC_TUNABLES and huge-page KB
+  it printed) for a program whose configure call comes from `caller` ('main' or 'import')."""
+  env = dict(os.environ, KILN_HOST_MALLOC='keep', **env)
+  for inherited in ('GLIBC_TUNABLES', host_memory._RESTARTED_ENV):
+    env.pop(inherited, None)
+  process = subprocess.Popen([sys.executable, '-c', HUGE_PAGES_PROBE, caller], cwd=REPO,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  out, err = process.communicate(timeout=60)
+  assert process.returncode == 0, err[-2000:]
+  lines = out.splitlines()
+  pid, tunables, huge_kb = lines[-1].split()
+  return lines.count('started'), process.pid, int(pid), tunables, int(huge_kb)
+
+
+@pytest.mark.skipif(host_memory.kernel_thp_setting() != 'madvise'
+                    or host_memory._glibc_version() < (2, 35),
+                    reason="needs glibc 2.35+ and the kernel's huge pages on request")
+def test_a_script_restarts_once_in_place_and_its_kept_memory_comes_in_huge_pages():
+  starts, popen_pid, pid, tunables, huge_kb = huge_pages_probe('main')
+  assert starts == 2 and pid == popen_pid  # Re-executed once, as the same process.
+  assert host_memory.HUGE_PAGES_TUNABLE in tunables.split(':')
+  assert huge_kb >= 32 * 1024, huge_kb  # At least half the block in 2 MB pages.
+  # Opted out, or imported rather than run: one start, the kernel's 4 KB pages.
+  for caller, env in (('main', {host_memory.HUGE_PAGES_ENV: 'off'}), ('import', {})):
+    starts, popen_pid, pid, tunables, huge_kb = huge_pages_probe(caller, **env)
+    assert (starts, pid, tunables, huge_kb) == (1, popen_pid, '-', 0), caller
+
+
 def test_bad_mode_names_the_choices(monkeypatch):
   monkeypatch.setenv(host_memory.MODE_ENV, 'tcmalloc')
   with pytest.raises(KilnError, match=r"KILN_HOST_MALLOC='tcmalloc' is not one of auto, keep"):
     host_memory.keep_freed_memory()
   with pytest.raises(SystemExit, match=r'^error: KILN_HOST_MALLOC='):
+    host_memory.configure()
+  monkeypatch.setenv(host_memory.MODE_ENV, 'keep')
+  monkeypatch.setenv(host_memory.HUGE_PAGES_ENV, 'on')
+  with pytest.raises(SystemExit, match=r"^error: KILN_HUGE_PAGES='on' is not one of auto, off"):
     host_memory.configure()

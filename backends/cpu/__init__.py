@@ -21,6 +21,8 @@ Switches, all in one place:
 - KILN_CONV_LOWERING ('auto' | 'measure' | 'rules' | a lowering's name): how convs are
   lowered when the above lets this package choose (conv_lowering.mode).
 - KILN_HOST_MALLOC ('auto' | 'keep' | 'system'): read before JAX starts (host_memory.mode).
+- KILN_HUGE_PAGES ('auto' | 'off'): kept memory in transparent huge pages, for which a
+  script re-executes itself once (host_memory.huge_pages_need_restart).
 - KILN_CPU_ARCH_FLAGS (e.g. '-mno-avx512f'): extra compiler flags for the kernels, to build
   for a lower instruction set than this host's (kernels.build).
 - CXX (default g++) and KILN_CACHE_DIR (default ~/.cache/kiln): the compiler and where the
