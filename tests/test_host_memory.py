@@ -82,7 +82,7 @@ print(os.getpid(), os.environ.get('GLIBC_TUNABLES', '-'), huge_kb)
 """
 
 
-def huge_pages_probe(caller: str, **env) -> tuple[int, int, str, int]:
+def huge_pages_probe(caller: str, **env) -> tuple[int, int, int, str, int]:
   """(times the program started, Popen's PID, then the PID, GLIBC_TUNABLES and huge-page KB
   it printed) for a program whose configure call comes from `caller` ('main' or 'import')."""
   env = dict(os.environ, KILN_HOST_MALLOC='keep', **env)

@@ -25,7 +25,7 @@ Kept memory is also asked for in transparent huge pages (2 MB) where the kernel 
 only on request (THP 'madvise', the common default): glibc's malloc does that when started
 with the tunable glibc.malloc.hugetlb=1 (glibc 2.35+), which it reads only at process
 start, so a script's `configure(may_restart=True)` re-executes the process once, in place
-(same PID, arguments and interpreter flags), with it set. XLA's CPU kernels stride across
+(same PID, arguments and interpreter flags), with it set. XLA's and Kiln's CPU kernels stride across
 buffers of tens of MB (the LSTM's gate rows 4 KB apart, a ResNet's activations), and 4 KB
 pages made them miss the TLB: baby GPT's step 1,863 -> 1,670 ms, the LSTM step 1-9%
 faster, the small configs level (benchmarks/README.md, "transparent huge pages").
