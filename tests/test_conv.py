@@ -4,7 +4,6 @@ the per-shape choice between them, and max_pool equals nnx.max_pool, ties includ
 
 import dataclasses
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -106,7 +105,7 @@ def test_lowerings_match_native_outputs_and_gradients(case):
   assert 'im2col' in names
   plans = [conv_lowering.Plan.uniform(n) for n in names[1:]]
   plans.append(conv_lowering.Plan(names[-1], 'native', 'im2col'))  # passes mixed
-  if os.environ.get(cpu_kernels.ARCH_FLAGS_ENV):
+  if cpu_kernels.arch_flags():
     # test_cpu_kernels' recheck of a lower-instruction-set build: only the kernel's plans run
     # code those flags compiled (the rest are XLA's, checked by the suite itself).
     plans = [plan for plan in plans if 'direct' in dataclasses.astuple(plan)]

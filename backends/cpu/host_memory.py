@@ -58,14 +58,19 @@ _THP_SETTING = '/sys/kernel/mm/transparent_hugepage/enabled'
 _RESTARTED_ENV = 'KILN_HUGE_PAGES_RESTARTED'
 
 
+def _choice(variable: str, choices: tuple[str, ...]) -> str:
+  """$variable, one of `choices` (the first when unset); KilnError naming them otherwise."""
+  chosen = os.environ.get(variable, choices[0])
+  if chosen not in choices:
+    raise KilnError(f'{variable}={chosen!r} is not one of {", ".join(choices)}: unset it or '
+                    f'pick one ({choices[0]} is the default)')
+  return chosen
+
+
 def mode() -> str:
   """KILN_HOST_MALLOC: 'auto' (default: keep on hosts without an accelerator plugin),
   'keep' (always), 'system' (leave glibc's defaults)."""
-  chosen = os.environ.get(MODE_ENV, 'auto')
-  if chosen not in MODES:
-    raise KilnError(f'{MODE_ENV}={chosen!r} is not one of {", ".join(MODES)}: unset it or '
-                    f'pick one ({MODES[0]} is the default)')
-  return chosen
+  return _choice(MODE_ENV, MODES)
 
 
 def _keeps() -> bool:
@@ -94,11 +99,7 @@ def keep_freed_memory() -> bool:
 
 def huge_pages_mode() -> str:
   """KILN_HUGE_PAGES: 'auto' (default: huge pages wherever freed memory is kept) or 'off'."""
-  chosen = os.environ.get(HUGE_PAGES_ENV, 'auto')
-  if chosen not in HUGE_PAGES_MODES:
-    raise KilnError(f'{HUGE_PAGES_ENV}={chosen!r} is not one of '
-                    f'{", ".join(HUGE_PAGES_MODES)}: unset it or pick one')
-  return chosen
+  return _choice(HUGE_PAGES_ENV, HUGE_PAGES_MODES)
 
 
 def _glibc_version() -> tuple[int, ...]:
@@ -125,11 +126,12 @@ def huge_pages_need_restart() -> bool:
   """True where kept memory would get huge pages only from glibc's tunable, and this process
   started without it: memory is kept, KILN_HUGE_PAGES is 'auto', glibc is 2.35 or later and
   the kernel gives huge pages on request only ('always' gives them anyway, 'never' not at
-  all)."""
-  return (huge_pages_mode() == 'auto' and _keeps() and _glibc_version() >= (2, 35)
-          and kernel_thp_setting() == 'madvise'
+  all). The environment is read first: the restarted process (and any started with the
+  tunable) answers without the accelerator lookup and the file read again."""
+  return (_RESTARTED_ENV not in os.environ
           and HUGE_PAGES_TUNABLE not in os.environ.get('GLIBC_TUNABLES', '').split(':')
-          and _RESTARTED_ENV not in os.environ)
+          and huge_pages_mode() == 'auto' and _glibc_version() >= (2, 35)
+          and kernel_thp_setting() == 'madvise' and _keeps())
 
 
 def _restart_with_huge_pages() -> None:
