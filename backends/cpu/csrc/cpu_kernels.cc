@@ -361,6 +361,21 @@ void ForEachItem(ffi::ThreadPool& pool, int64_t items, int64_t participants, Wor
   while (progress->done.load() < items) std::this_thread::yield();
 }
 
+// ForEachItem for work that sums items into shared totals: the items in `runs` fixed runs
+// of consecutive ones, run r ([r * items / runs, (r + 1) * items / runs)) taken whole, in
+// order, by one thread, as work(item, slot, r). A run that sums into a buffer of its own
+// then gives the same floats whichever thread takes it, and the runs' buffers add up in a
+// fixed order: with items summed per thread, the sums' order followed the scheduling, and two
+// calls on the same input differed in the last bits (so did two same-seed training runs).
+template <typename Work>
+void ForEachRun(ffi::ThreadPool& pool, int64_t items, int64_t runs, Work& work) {
+  auto run = [&](int64_t r, int64_t slot) {
+    for (int64_t item = r * items / runs; item < (r + 1) * items / runs; ++item)
+      work(item, slot, r);
+  };
+  ForEachItem(pool, runs, runs, run);
+}
+
 ffi::Error ReadShard(const ffi::Buffer<ffi::S32>& shard, Dims* dims) {
   if (shard.element_count() != 3)
     return ffi::Error::InvalidArgument("causal attention's shard is [batch offset, head "
@@ -1415,13 +1430,13 @@ void NarrowKernelGrad(const ConvDims& d, const float* x, const float* out_grad,
   const int64_t taps = d.kernel_h * d.kernel_w * d.channels;
   const int64_t image_size = d.height * d.width * d.channels;
   const auto padded = PaddedImage::PerThread(d, threads);
-  // Each thread sums into its own [taps, O]; slot 0's is the result itself.
+  // Each run of images sums into its own [taps, O]; run 0's is the result itself.
   std::fill(kernel_grad, kernel_grad + taps * O, 0.0f);
   std::vector<std::vector<float>> sums(threads - 1, std::vector<float>(taps * O));
-  auto work = [&](int64_t image, int64_t thread) {
+  auto work = [&](int64_t image, int64_t thread, int64_t run) {
     PaddedImage& pad = *padded[thread];
     pad.Load(d, x + image * image_size);
-    float* sum = thread ? sums[thread - 1].data() : kernel_grad;
+    float* sum = run ? sums[run - 1].data() : kernel_grad;
     const float* g = out_grad + image * P * O;
     // Every tap block sweeps the chunk's output gradients again: chunks keep them in L2.
     for (int64_t p0 = 0; p0 < P; p0 += kPixelChunk) {
@@ -1434,7 +1449,7 @@ void NarrowKernelGrad(const ConvDims& d, const float* x, const float* out_grad,
                                     g + p0 * O + o0, O, sum + k * O + o0);
     }
   };
-  ForEachItem(pool, d.batch, threads, work);
+  ForEachRun(pool, d.batch, threads, work);
   for (const std::vector<float>& partial : sums)
     for (int64_t i = 0; i < taps * O; ++i) kernel_grad[i] += partial[i];
 }
@@ -1646,14 +1661,14 @@ ffi::Error ConvKernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> out_gra
   // stores made 4x4x128 3x3/2's kernel gradient 15% slower: 275-283 vs 315-323 GFLOP/s).
   std::fill(dk, dk + total, 0.0f);
   View dK(live_at >= 0 ? dk + live_at : live.data(), K, O, Eigen::OuterStride<>(O));
-  // Slot 0 sums into dK itself, the others into their own matrices, added at the end.
+  // Run 0 of tiles sums into dK itself, the others into their own matrices, added at the end.
   std::vector<RowMatrix> sums(split.threads - 1, RowMatrix::Zero(K, O));
   std::vector<RowMatrix> scratch(split.threads), reordered(split.threads);
-  auto work = [&](int64_t tile, int64_t thread) {
+  auto work = [&](int64_t tile, int64_t thread, int64_t run) {
     const int64_t image0 = split.first(tile), images = split.count(tile, d.batch);
     const int64_t rows = images * P;
     const float* g = out_grad.typed_data() + image0 * P * O;
-    View sum = thread ? View(sums[thread - 1].data(), K, O, Eigen::OuterStride<>(O)) : dK;
+    View sum = run ? View(sums[run - 1].data(), K, O, Eigen::OuterStride<>(O)) : dK;
     if (d.input_is_patches()) {
       sum.noalias() += ConstView(x.typed_data() + image0 * P * K, rows, K,
                                  Eigen::OuterStride<>(K)).transpose() *
@@ -1673,7 +1688,7 @@ ffi::Error ConvKernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> out_gra
             G.middleRows(b.row, b.rows);
     }
   };
-  ForEachItem(pool, split.tiles, split.threads, work);
+  ForEachRun(pool, split.tiles, split.threads, work);
   for (const RowMatrix& sum : sums) dK += sum;
   if (live_at < 0) {  // Back into the full kernel's layout; dead taps keep zero gradient.
     const int64_t span = d.live_taps_w() * d.channels * O;
@@ -2550,11 +2565,11 @@ ffi::Error NormBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
   float* dxs = x_grad->typed_data();
   const int64_t items = (R + kNormRows - 1) / kNormRows;
   const int64_t threads = Participants(pool, items);
-  // Per thread: its rows' sums of dy * xhat (scale's gradient) and of dy (bias's), added
-  // up after the threads finish.
+  // Per run of items: its rows' sums of dy * xhat (scale's gradient) and of dy (bias's),
+  // added up after the threads finish.
   std::vector<std::vector<float>> partial_sums(threads, std::vector<float>(2 * D, 0.0f));
-  auto work = [&](int64_t item, int64_t slot) {
-    float *dg = partial_sums[slot].data(), *db = dg + D;
+  auto work = [&](int64_t item, int64_t, int64_t run) {
+    float *dg = partial_sums[run].data(), *db = dg + D;
     for (int64_t r = item * kNormRows; r < std::min(R, (item + 1) * kNormRows); ++r) {
       const float *row = xs + r * D, *dy = dys + r * D;
       const Lane center = Broadcast(means[r]), inv = Broadcast(rstds[r]);
@@ -2585,7 +2600,7 @@ ffi::Error NormBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
       }
     }
   };
-  ForEachItem(pool, items, threads, work);
+  ForEachRun(pool, items, threads, work);
   float *dg = scale_grad->typed_data(), *db = bias_grad->typed_data();
   for (int64_t d = 0; d < D; ++d) {
     float sum_g = 0.0f, sum_b = 0.0f;
