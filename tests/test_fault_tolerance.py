@@ -52,9 +52,13 @@ def _wait_for_checkpoint(proc, workdir: str, at_least: int, timeout: float = 240
   raise AssertionError(f'no checkpoint {at_least} within {timeout} s')
 
 
-def _assert_same_params(expected_workdir: str, workdir: str):
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               latest_params(expected_workdir), latest_params(workdir))
+def _assert_same_params(expected_workdir: str, workdir: str, exact: bool = True):
+  """The two runs' last parameters: the same bits where both ran in one process each (the
+  CPU is deterministic), else (two processes' collectives against one process's sums) equal
+  to float rounding."""
+  check = np.testing.assert_array_equal if exact else (
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6))
+  jax.tree.map(check, latest_params(expected_workdir), latest_params(workdir))
 
 
 @pytest.mark.slow  # Six processes, each compiling.
@@ -145,4 +149,4 @@ def test_two_process_job_resumes_after_one_process_is_killed(multihost_reference
   killed_at = _checkpoint_steps(workdir)[-1]
   assert killed_at < 12, 'the job finished before the kill: nothing to resume'
   _run_two_processes(workdir)
-  _assert_same_params(reference, workdir)
+  _assert_same_params(reference, workdir, exact=False)

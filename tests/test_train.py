@@ -74,8 +74,8 @@ def test_resumed_run_matches_uninterrupted(full_run, tmp_path):
   second = train.train_and_evaluate(config, interrupted)
   assert second['steps'] == 40
   expected, got = latest_params(workdir), latest_params(interrupted)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), expected, got)
-  assert second['final_eval'] == pytest.approx(full_run[1]['final_eval'], rel=1e-5)
+  jax.tree.map(np.testing.assert_array_equal, expected, got)  # The CPU run is deterministic.
+  assert second['final_eval'] == full_run[1]['final_eval']
 
 
 def test_finished_run_is_not_retrained(full_run):
