@@ -372,6 +372,7 @@ def test_weight_grad_rejects_mismatched_shapes():
     cpu_kernels.weight_grad(jnp.ones((4, 3)), jnp.ones((4, 6)), 2)
 
 
+@pytest.mark.slow  # Seven small compiles: ~6 s.
 def test_gradients_are_the_same_bits_call_after_call():
   """The kernels that sum over a batch (conv kernel gradients, narrow and general, and the
   LayerNorm's scale and bias gradients) once summed per thread in the order the threads
