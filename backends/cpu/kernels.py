@@ -15,7 +15,8 @@
 - `lstm`: the LSTM recurrence of a layer's directions, forward and backward. XLA runs the
   `lax.scan` as a while loop of small kernels per step; the kernel gives each thread a
   (direction, block of batch rows) for all steps, with the hidden kernel packed once per
-  call for a register-tiled matmul (gains: benchmarks/README.md, "LSTM kernel").
+  call for a register-tiled matmul, and the backward pass's thread goes on to its rows'
+  share of the kernels' gradients (gains: benchmarks/README.md, "LSTM kernel").
 - `dense`: a dense layer's product x @ kernel whose kernel gradient x^T g is `weight_grad`'s
   register-tiled kernel. XLA:CPU gives that dot (both operands contracted on their first
   dimension) to Eigen, which packs both operands on every call; the GPT steps' weight
@@ -555,29 +556,26 @@ def _lstm_fwd(x, input_kernel, mask, kernels, bias, reverse):
 def _lstm_bwd(reverse, residuals, out_grad):
   x, input_kernel, mask, kernels, activations, h_before, c_before, tanh_cell = residuals
 
-  def local(mask, activations, c_before, tanh_cell, out_grad, kernels):
-    # The gate gradients go where the activations were (each read just before), and the
-    # device's bias gradient comes as a [1, D*4H] row (batch-major like the rest).
+  def local(mask, activations, c_before, tanh_cell, out_grad, x, h_before, kernels):
+    # The gate gradients go where the activations were (each read just before); the
+    # device's bias and kernel gradients come with a leading axis of 1 (batch-major like the
+    # rest, so a sharded batch's are summed across devices below).
+    width = kernels.shape[0] * kernels.shape[2]  # D * 4H
     return jax.ffi.ffi_call(
         _TARGETS['lstm_backward'],
         (jax.ShapeDtypeStruct(activations.shape, jnp.float32),
-         jax.ShapeDtypeStruct((1, activations.shape[-1]), jnp.float32)),
+         jax.ShapeDtypeStruct((1, width), jnp.float32),
+         jax.ShapeDtypeStruct((1, x.shape[1], width), jnp.float32),
+         jax.ShapeDtypeStruct((1, *kernels.shape), jnp.float32)),
         vmap_method='sequential', input_output_aliases={2: 0})(
-        mask, kernels, activations, c_before, tanh_cell, out_grad, reverse=_reverse_bits(reverse))
-  gates_grad, bias_grads = _per_batch_shard(
-      local, (mask, activations, c_before, tanh_cell, out_grad.astype(jnp.float32)), (kernels,))
-  directions, hidden, four_hidden = kernels.shape
-  # Each kernel's gradient, sum over (b, t) of its input^T dgates_t, in a matmul of its own:
-  # as one over [x | h_{t-1}], through `weight_grad`, issue 28's step was 9% slower (run
-  # beside the input gradient's matmul, two matmuls on two cores split each other's threads).
-  if _single_device():  # The input projection's gradients are a dense layer's.
-    x_grad, input_grad = _dense_bwd((x, input_kernel), gates_grad)
-  else:  # On a sharded batch the kernel's is a sum across devices, which XLA's dot does.
-    x_grad, input_grad = gates_grad @ input_kernel.T, x.T @ gates_grad
-  kernels_grad = jnp.einsum('ndh,ndk->dhk', h_before.reshape(-1, directions, hidden),
-                            gates_grad.reshape(-1, directions, four_hidden))
-  return (x_grad, input_grad, np.zeros(mask.shape, jax.dtypes.float0), kernels_grad,
-          bias_grads.sum(0))
+        mask, kernels, activations, c_before, tanh_cell, out_grad, x, h_before,
+        reverse=_reverse_bits(reverse))
+  gates_grad, bias_grads, input_grads, kernels_grads = _per_batch_shard(
+      local, (mask, activations, c_before, tanh_cell, out_grad.astype(jnp.float32), x, h_before),
+      (kernels,))
+  # x's gradient stays XLA's dot: unused (a first layer's), it is left out of the program.
+  return (gates_grad @ input_kernel.T, input_grads.sum(0),
+          np.zeros(mask.shape, jax.dtypes.float0), kernels_grads.sum(0), bias_grads.sum(0))
 
 
 _lstm.defvjp(_lstm_fwd, _lstm_bwd)

@@ -1718,6 +1718,220 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KilnConvInputGrad, ConvInputGrad, ConvBinding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KilnConvKernelGrad, ConvKernelGrad, ConvBinding());
 
 // ---------------------------------------------------------------------------------------
+// Weight gradient of a dense layer: out[d] = x_d^T g_d, summed over the N rows, for D
+// directions side by side (x [N, D * I], g [N, D * O], out [D, I, O]; direction d's
+// columns at d * I and d * O).
+//
+// Why: XLA:CPU sends a dot that contracts both operands' first dimension to Eigen (YNNPACK
+// takes only row-major operands contracted on the left one's last dimension), and Eigen
+// packs both operands on every call: the GPT steps' and the LSTM's weight gradients ran at
+// ~85 GFLOP/s per core against YNNPACK's ~110 for the same FLOPs the other way round.
+// Here no operand is packed: a tile of R rows of out by one panel of 2 vectors of columns
+// is accumulated from rows of x (R consecutive floats broadcast) and rows of g (2 vector
+// loads), N rows at a time in chunks that keep the panel of g in L1 and the chunk of x in
+// L2. Each thread owns whole panels of columns, so no two threads add into one float.
+
+namespace {
+
+// Bytes of x's rows per chunk, about a core's L2, where the chunk stays while every panel of
+// the item reads it. Fewer, longer chunks load and store the accumulators less often: at
+// [3200, 256] x [3200, 1024], 128 KB chunks ran at 195 GFLOP/s on 2 AVX-512 cores, 1 MB at
+// 203 (32 KB: 150; XLA's dot 127-182).
+constexpr int64_t kWeightGradChunkBytes = 1 << 20;
+// Rows of a slice. With 8-float vectors (AVX2), a slice's block of g is 16 KB, half of L1,
+// where every tile of out finds it again: a whole chunk's block (48 KB at the GPT's 768
+// rows) came from L2 for every tile, about as many bytes per FMA as L2 delivers at that
+// width (AVX2 build on Zen 4, GPT shapes 768 x 128 x 384/512: 410-588 -> 375-524 us; LSTM
+// and baby GPT shapes 2-4% faster). With 16-float vectors a tile does twice the FMAs per
+// byte, and slices of 128 rows were 6-10% slower at the LSTM's and baby GPT's shapes (the
+// accumulators stored and loaded again per slice): one slice, the whole chunk.
+constexpr int64_t kWeightGradSliceRows =
+    KILN_VECTOR_LANES == 16 ? int64_t(1) << 40 : (16 << 10) / (kPanelCols * sizeof(float));
+// Items per thread: a thread that starts late (XLA runs other work on the same pool) still
+// finds some; each item reads x once more.
+constexpr int64_t kWeightGradItemsPerThread = 2;
+
+// c[R, kPanelCols] = (c if accumulate, else 0) + x[rows, R]^T g[rows, kPanelCols]; rows of
+// x, g and c `ldx`, `ldg` and `ldc` apart.
+template <int R>
+void WeightGradTile(const float* x, int64_t ldx, const float* g, int64_t ldg, int64_t rows,
+                    bool accumulate, float* c, int64_t ldc) {
+  Lane acc[R][2];
+#pragma GCC unroll 16
+  for (int i = 0; i < R; ++i) {
+    acc[i][0] = accumulate ? LoadLane(c + i * ldc) : ZeroLane();
+    acc[i][1] = accumulate ? LoadLane(c + i * ldc + kLane) : ZeroLane();
+  }
+  for (int64_t n = 0; n < rows; ++n) {
+    const Lane w0 = LoadLane(g + n * ldg), w1 = LoadLane(g + n * ldg + kLane);
+    const float* xs = x + n * ldx;
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+      const Lane value = Broadcast(xs[i]);
+      acc[i][0] = MultiplyAdd(value, w0, acc[i][0]);
+      acc[i][1] = MultiplyAdd(value, w1, acc[i][1]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < R; ++i) {
+    StoreLane(c + i * ldc, acc[i][0]);
+    StoreLane(c + i * ldc + kLane, acc[i][1]);
+  }
+}
+
+// WeightGradTile for a tile of `count` <= R rows of out (EvenTiles makes the shorter ones).
+template <int R>
+void WeightGradTileUpTo(int count, const float* x, int64_t ldx, const float* g, int64_t ldg,
+                        int64_t rows, bool accumulate, float* c, int64_t ldc) {
+  if (count == R) {
+    WeightGradTile<R>(x, ldx, g, ldg, rows, accumulate, c, ldc);
+  } else if constexpr (R > 1) {
+    WeightGradTileUpTo<R - 1>(count, x, ldx, g, ldg, rows, accumulate, c, ldc);
+  }
+}
+
+// One x operand of a weight gradient and where its rows of out go: out[width, O] (rows
+// `ldo` apart) = x[N, width]^T g[N, O] (rows of x `ldx` apart), for out's row tiles
+// [tile_first, tile_last) of EvenTiles(width, kPanelTileRows) (-1: to the last).
+struct WeightGradPart {
+  const float* x;
+  int64_t ldx, width;
+  float* out;
+  int64_t ldo;
+  int64_t tile_first = 0, tile_last = -1;
+};
+
+// Rows of x per chunk for x operands `width` floats wide in all.
+int64_t WeightGradChunk(int64_t width) {
+  return std::clamp<int64_t>(kWeightGradChunkBytes / (4 * std::max<int64_t>(width, 1)), 32,
+                             4096);
+}
+
+// Every part's out = x^T g over g's N rows (`ldg` floats apart), in g's column panels
+// [panel_first, panel_last) of O columns, on the calling thread. Chunks of rows outermost,
+// so x's chunk is read from memory once; each panel's rows of g are copied into one
+// contiguous zero-padded block (rows of g are often kilobytes apart: strides that the
+// prefetchers follow badly) that every part's tiles then read, and a panel narrower than
+// kPanelCols accumulates into a padded copy of its columns of out.
+void WeightGradPanels(const WeightGradPart* parts, int64_t part_count, const float* g,
+                      int64_t ldg, int64_t N, int64_t O, int64_t panel_first,
+                      int64_t panel_last, int64_t chunk) {
+  // Uninitialised: only a narrow panel's padding columns are read before written.
+  std::unique_ptr<float[]> block(new float[std::min(chunk, N) * kPanelCols]);
+  std::vector<float> edge;
+  for (int64_t row = 0; row < N; row += chunk) {
+    const int64_t rows = std::min(chunk, N - row);
+    for (int64_t p = panel_first; p < panel_last; ++p) {
+      const int64_t col = p * kPanelCols, cols = std::min(kPanelCols, O - col);
+      const float* source = g + row * ldg + col;
+      if (cols == kPanelCols) {  // In registers: a memmove call per 64-byte row (AVX2) cost
+        for (int64_t n = 0; n < rows; ++n) {  // ~6% of the kernel's time.
+          StoreLane(block.get() + n * kPanelCols, LoadLane(source + n * ldg));
+          StoreLane(block.get() + n * kPanelCols + kLane, LoadLane(source + n * ldg + kLane));
+        }
+      } else {
+        for (int64_t n = 0; n < rows; ++n) {
+          std::copy(source + n * ldg, source + n * ldg + cols, block.get() + n * kPanelCols);
+          std::fill(block.get() + n * kPanelCols + cols, block.get() + (n + 1) * kPanelCols,
+                    0.0f);
+        }
+      }
+      for (int64_t part = 0; part < part_count; ++part) {
+        const WeightGradPart& w = parts[part];
+        const EvenTiles tiles(w.width, kPanelTileRows);
+        const int64_t tile_first = w.tile_first;
+        const int64_t tile_last = w.tile_last < 0 ? tiles.count : w.tile_last;
+        // first(count) is width: rows [row_first, row_last) are the part's tiles'.
+        const int64_t row_first = tiles.first(tile_first), row_last = tiles.first(tile_last);
+        float* c = w.out + col;
+        int64_t ldc = w.ldo;
+        if (cols < kPanelCols) {
+          edge.assign(w.width * kPanelCols, 0.0f);
+          if (row > 0)
+            for (int64_t i = row_first; i < row_last; ++i)
+              std::copy(c + i * w.ldo, c + i * w.ldo + cols, edge.data() + i * kPanelCols);
+          c = edge.data();
+          ldc = kPanelCols;
+        }
+        // Rows in slices whose block of g stays in L1 while every tile of out reads it.
+        for (int64_t slice = 0; slice < rows; slice += kWeightGradSliceRows) {
+          const int64_t slice_rows = std::min(kWeightGradSliceRows, rows - slice);
+          const float* xr = w.x + (row + slice) * w.ldx;
+          for (int64_t tile = tile_first; tile < tile_last; ++tile) {
+            const int64_t i = tiles.first(tile);
+            WeightGradTileUpTo<kPanelTileRows>(tiles.rows(tile), xr + i, w.ldx,
+                                               block.get() + slice * kPanelCols, kPanelCols,
+                                               slice_rows, row + slice > 0, c + i * ldc, ldc);
+          }
+        }
+        if (cols < kPanelCols)
+          for (int64_t i = row_first; i < row_last; ++i)
+            std::copy(edge.data() + i * kPanelCols, edge.data() + i * kPanelCols + cols,
+                      w.out + col + i * w.ldo);
+      }
+    }
+  }
+}
+
+ffi::Error WeightGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
+                      ffi::ResultBuffer<ffi::F32> out, ffi::ThreadPool pool) {
+  const auto xd = x.dimensions(), gd = g.dimensions(), od = out->dimensions();
+  if (xd.size() != 2 || gd.size() != 2 || od.size() != 3 || xd[0] != gd[0] ||
+      xd[1] != od[0] * od[1] || gd[1] != od[0] * od[2])
+    return ffi::Error::InvalidArgument("weight_grad needs x [N, D*I], g [N, D*O], out [D, I, O]");
+  const int64_t N = xd[0], D = od[0], I = od[1], O = od[2];
+  const int64_t ldx = D * I, ldg = D * O;
+  const float* xs = x.typed_data();
+  const float* gs = g.typed_data();
+  float* result = out->typed_data();
+  const int64_t panels = (O + kPanelCols - 1) / kPanelCols, total = D * panels;
+  if (N == 0 || I == 0 || O == 0) {
+    std::fill(result, result + D * I * O, 0.0f);
+    return ffi::Error::Success();
+  }
+  const int64_t chunk = WeightGradChunk(I);
+  const EvenTiles out_tiles(I, kPanelTileRows);
+  const int64_t threads = kWeightGradItemsPerThread * pool.num_threads();
+  // Items split whichever of x and dy is wider, so that one is read once per chunk: item k
+  // takes panels [k * total / items, (k + 1) * total / items) of all directions and every
+  // row of out, or (x wider, by_rows) every panel of one direction and a share of its tiles
+  // of out rows. Split by panels, the baby GPT's [512, 1536]^T x [512, 384] had 4 items
+  // each read all of x (3 MB), the step 2-4% slower (benchmarks/README.md).
+  const bool by_rows = I > O && out_tiles.count > 1;
+  const int64_t shares = by_rows ? std::min(out_tiles.count, (threads + D - 1) / D) : 1;
+  const int64_t items = by_rows ? D * shares : std::min(total, threads);
+  auto work = [&](int64_t item, int64_t) {
+    int64_t first = item * total / items, last = (item + 1) * total / items;
+    int64_t tile_first = 0, tile_last = out_tiles.count;
+    if (by_rows) {
+      const int64_t share = item % shares;
+      first = item / shares * panels;
+      last = first + panels;
+      tile_first = share * out_tiles.count / shares;
+      tile_last = (share + 1) * out_tiles.count / shares;
+    }
+    // Direction by direction, each its own columns of x, g and out.
+    for (int64_t d = first / panels; d * panels < last; ++d) {
+      const WeightGradPart part{xs + d * I, ldx, I, result + d * I * O, O, tile_first,
+                                tile_last};
+      WeightGradPanels(&part, 1, gs + d * O, ldg, N, O, std::max(first - d * panels, int64_t(0)),
+                       std::min(last - d * panels, panels), chunk);
+    }
+  };
+  ForEachItem(pool, items, Participants(pool, items), work);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KilnWeightGrad, WeightGrad,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ctx<ffi::ThreadPool>());
+
+// ---------------------------------------------------------------------------------------
 // LSTM recurrence (models/recurrent.py's cell: gates ordered input, forget, cell, output),
 // forward and backward, for one or more directions of one layer at once.
 //
@@ -1743,9 +1957,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KilnConvKernelGrad, ConvKernelGrad, ConvBinding())
 // from the last frame when bit d of `reverse` is set. A masked (padded) step leaves the state
 // as it was and outputs 0. The forward pass for training keeps, per step, the gate
 // activations ([B * T, D * 4H]), the state before the step (h and c) and tanh of the new
-// cell; the backward pass returns the gradient of the pre-activation gates and of the bias.
-// The kernels' gradients (sum_t x_t^T dgates_t and h_{t-1}^T dgates_t) and x's (dgates
-// W_x^T) are big matmuls, left to kernels.py.
+// cell; the backward pass returns the gradient of the pre-activation gates, of the bias and
+// of the kernels (sum_t x_t^T dgates_t and h_{t-1}^T dgates_t). x's (dgates W_x^T) is a big
+// matmul left to kernels.py, so that XLA drops it where nothing uses it (a first layer's).
 
 namespace {
 
@@ -1906,6 +2120,10 @@ ffi::Error MakeLstmDims(int64_t rows, int64_t gate_width, int64_t features,
 // hidden kernel every step for too little arithmetic, so one thread doing more rows beats
 // two doing few.
 constexpr int64_t kLstmMinRows = 8;
+
+// Most rows per chunk of the backward pass's kernel gradients (WeightGradPanels): a chunk's
+// block of dgates is 128 (AVX-512) or 64 bytes a row.
+constexpr int64_t kLstmWeightGradRows = 4096;
 
 // Work items: (direction, block of batch rows), direction-major.
 struct LstmSplit {
@@ -2168,23 +2386,42 @@ ffi::Error LstmForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> input_kern
 }
 
 // d loss / d gates from d loss / d out and the forward pass's residuals; steps run in the
-// opposite order to the forward pass's, carrying d h and d c of the state.
+// opposite order to the forward pass's, carrying d h and d c of the state. Then the
+// kernels' gradients, sum over frames of x_t^T dgates_t (input kernel, [F, D * 4H]) and of
+// h_{t-1}^T dgates_t (hidden kernels, [D, H, 4H]): each item's thread goes on from its rows'
+// gate gradients to their share, as one weight gradient over [x | h_{t-1}] whose every
+// panel of dgates is copied once for both. Left to XLA, these were three big matmuls per
+// layer run two at a time, one thread each, at 76-100 GFLOP/s per core (issue 28's step).
 ffi::Error LstmBackward(ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> kernels,
                         ffi::Buffer<ffi::F32> activations,
                         ffi::Buffer<ffi::F32> c_before, ffi::Buffer<ffi::F32> tanh_cell,
-                        ffi::Buffer<ffi::F32> out_grad, ffi::ResultBuffer<ffi::F32> gates_grad,
-                        ffi::ResultBuffer<ffi::F32> bias_grad, int32_t reverse,
+                        ffi::Buffer<ffi::F32> out_grad, ffi::Buffer<ffi::F32> x,
+                        ffi::Buffer<ffi::F32> h_before, ffi::ResultBuffer<ffi::F32> gates_grad,
+                        ffi::ResultBuffer<ffi::F32> bias_grad,
+                        ffi::ResultBuffer<ffi::F32> input_kernel_grad,
+                        ffi::ResultBuffer<ffi::F32> kernels_grad, int32_t reverse,
                         ffi::ThreadPool pool) {
   LstmDims d;
-  const auto ad = activations.dimensions();
-  if (ad.size() != 2)
-    return ffi::Error::InvalidArgument("lstm: the activations must be [B * T, D*4H]");
-  if (ffi::Error error = MakeLstmDims(ad[0], ad[1], 0, mask.dimensions(), kernels.dimensions(),
-                                      &d);
+  const auto ad = activations.dimensions(), xd = x.dimensions();
+  if (ad.size() != 2 || xd.size() != 2 || xd[0] != ad[0])
+    return ffi::Error::InvalidArgument("lstm: the activations must be [B * T, D*4H] and the "
+                                       "inputs [B * T, F]");
+  if (ffi::Error error = MakeLstmDims(ad[0], ad[1], xd[1], mask.dimensions(),
+                                      kernels.dimensions(), &d);
       error.failure())
     return error;
-  if (bias_grad->element_count() != d.gate_stride())
-    return ffi::Error::InvalidArgument("lstm: the bias gradient must be [D * 4H]");
+  if (bias_grad->element_count() != d.gate_stride() ||
+      input_kernel_grad->element_count() != d.features * d.gate_stride() ||
+      kernels_grad->element_count() != kernels.element_count() ||
+      h_before.element_count() != ad[0] * d.state_stride())
+    return ffi::Error::InvalidArgument("lstm: the bias, input kernel, kernel and state shapes "
+                                       "of the backward pass disagree");
+  if (ad[0] == 0) {  // No rows: zero gradients (the kernels' would be left unwritten).
+    for (ffi::ResultBuffer<ffi::F32>* result : {&bias_grad, &input_kernel_grad, &kernels_grad})
+      std::fill((*result)->typed_data(), (*result)->typed_data() + (*result)->element_count(),
+                0.0f);
+    return ffi::Error::Success();
+  }
   const int64_t T = d.length, H = d.hidden, gs = d.gate_stride(), ss = d.state_stride();
   const LstmSplit split(d, pool);
   std::vector<PanelMatrix> packed(d.directions);  // W^T [4H, H]: d h_{t-1} = dgates_t W^T.
@@ -2198,6 +2435,11 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> kerne
   // Per item: its rows' gate gradients summed over frames, the bias gradient's share (summed
   // here while each row is in cache, instead of by XLA reading all of them once more).
   std::vector<Eigen::ArrayXf> bias_sums(split.items(d), Eigen::ArrayXf::Zero(4 * H));
+  // Kernel gradients [F + H, 4H] of the items past their direction's first block.
+  const int64_t F = d.features;
+  std::vector<std::vector<float>> partials(split.items(d));
+  for (int64_t item = 0; item < split.items(d); ++item)
+    if (item % split.blocks) partials[item].resize((F + H) * 4 * H);
   const bool* valid = mask.typed_data();
   float* dgates = gates_grad->typed_data();
   auto work = [&](int64_t item, int64_t slot) {
@@ -2243,12 +2485,39 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> kerne
       for (int64_t r = 0; r < n; ++r)
         if (valid[(b0 + r) * T + t]) s.dh.row(r) = s.carried.row(r);
     }
+    // The rows' share of the kernels' gradients (a padded frame's gate gradients are 0):
+    // the first block's straight into the results, the others' into buffers added after.
+    const int64_t block = item % split.blocks, first_row = b0 * T;
+    float* in_grad = block ? partials[item].data() : input_kernel_grad->typed_data() + dir * 4 * H;
+    float* h_grad = block ? in_grad + F * 4 * H : kernels_grad->typed_data() + dir * H * 4 * H;
+    const WeightGradPart parts[] = {
+        {x.typed_data() + first_row * F, F, F, in_grad, block ? 4 * H : gs},
+        {h_before.typed_data() + first_row * ss + dir * H, ss, H, h_grad, 4 * H}};
+    // In one chunk, up to kLstmWeightGradRows: each tile's accumulators then stay in
+    // registers over all the rows (issue 28's second layer on one core: 1 MB chunks of x, 512
+    // rows, 101-105 GFLOP/s; one chunk of its 1,600 rows, 106-108).
+    WeightGradPanels(parts, 2, dgates + first_row * gs + dir * 4 * H, gs, n * T, 4 * H, 0,
+                     (4 * H + kPanelCols - 1) / kPanelCols, kLstmWeightGradRows);
   };
   ForEachItem(pool, split.items(d), split.threads, work);
   ArrayMap sums(bias_grad->typed_data(), d.gate_stride());
   sums.setZero();
   for (int64_t item = 0; item < split.items(d); ++item)
     sums.segment(item / split.blocks * 4 * H, 4 * H) += bias_sums[item];
+  // The other blocks' shares, in block order (the same sums whichever thread ran what), a
+  // row of the results per item.
+  if (split.blocks > 1) {
+    auto add = [&](int64_t row, int64_t) {
+      const int64_t dir = row / (F + H), r = row % (F + H);
+      float* target = r < F ? input_kernel_grad->typed_data() + r * gs + dir * 4 * H
+                            : kernels_grad->typed_data() + (dir * H + r - F) * 4 * H;
+      ArrayMap total(target, 4 * H);
+      for (int64_t block = 1; block < split.blocks; ++block)
+        total += ArrayMap(partials[dir * split.blocks + block].data() + r * 4 * H, 4 * H);
+    };
+    const int64_t rows = d.directions * (F + H);
+    ForEachItem(pool, rows, Participants(pool, rows), add);
+  }
   return ffi::Error::Success();
 }
 
@@ -2288,188 +2557,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KilnLstmBackward, LstmBackward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("reverse")
-                                  .Ctx<ffi::ThreadPool>());
-
-// ---------------------------------------------------------------------------------------
-// Weight gradient of a dense layer: out[d] = x_d^T g_d, summed over the N rows, for D
-// directions side by side (x [N, D * I], g [N, D * O], out [D, I, O]; direction d's
-// columns at d * I and d * O).
-//
-// Why: XLA:CPU sends a dot that contracts both operands' first dimension to Eigen (YNNPACK
-// takes only row-major operands contracted on the left one's last dimension), and Eigen
-// packs both operands on every call: the GPT steps' and the LSTM's weight gradients ran at
-// ~85 GFLOP/s per core against YNNPACK's ~110 for the same FLOPs the other way round.
-// Here no operand is packed: a tile of R rows of out by one panel of 2 vectors of columns
-// is accumulated from rows of x (R consecutive floats broadcast) and rows of g (2 vector
-// loads), N rows at a time in chunks that keep the panel of g in L1 and the chunk of x in
-// L2. Each thread owns whole panels of columns, so no two threads add into one float.
-
-namespace {
-
-// Bytes of x's rows per chunk, about a core's L2, where the chunk stays while every panel of
-// the item reads it. Fewer, longer chunks load and store the accumulators less often: at
-// [3200, 256] x [3200, 1024], 128 KB chunks ran at 195 GFLOP/s on 2 AVX-512 cores, 1 MB at
-// 203 (32 KB: 150; XLA's dot 127-182).
-constexpr int64_t kWeightGradChunkBytes = 1 << 20;
-// Rows of a slice. With 8-float vectors (AVX2), a slice's block of g is 16 KB, half of L1,
-// where every tile of out finds it again: a whole chunk's block (48 KB at the GPT's 768
-// rows) came from L2 for every tile, about as many bytes per FMA as L2 delivers at that
-// width (AVX2 build on Zen 4, GPT shapes 768 x 128 x 384/512: 410-588 -> 375-524 us; LSTM
-// and baby GPT shapes 2-4% faster). With 16-float vectors a tile does twice the FMAs per
-// byte, and slices of 128 rows were 6-10% slower at the LSTM's and baby GPT's shapes (the
-// accumulators stored and loaded again per slice): one slice, the whole chunk.
-constexpr int64_t kWeightGradSliceRows =
-    KILN_VECTOR_LANES == 16 ? int64_t(1) << 40 : (16 << 10) / (kPanelCols * sizeof(float));
-// Items per thread: a thread that starts late (XLA runs other work on the same pool) still
-// finds some; each item reads x once more.
-constexpr int64_t kWeightGradItemsPerThread = 2;
-
-// c[R, kPanelCols] = (c if accumulate, else 0) + x[rows, R]^T g[rows, kPanelCols]; rows of
-// x, g and c `ldx`, `ldg` and `ldc` apart.
-template <int R>
-void WeightGradTile(const float* x, int64_t ldx, const float* g, int64_t ldg, int64_t rows,
-                    bool accumulate, float* c, int64_t ldc) {
-  Lane acc[R][2];
-#pragma GCC unroll 16
-  for (int i = 0; i < R; ++i) {
-    acc[i][0] = accumulate ? LoadLane(c + i * ldc) : ZeroLane();
-    acc[i][1] = accumulate ? LoadLane(c + i * ldc + kLane) : ZeroLane();
-  }
-  for (int64_t n = 0; n < rows; ++n) {
-    const Lane w0 = LoadLane(g + n * ldg), w1 = LoadLane(g + n * ldg + kLane);
-    const float* xs = x + n * ldx;
-#pragma GCC unroll 16
-    for (int i = 0; i < R; ++i) {
-      const Lane value = Broadcast(xs[i]);
-      acc[i][0] = MultiplyAdd(value, w0, acc[i][0]);
-      acc[i][1] = MultiplyAdd(value, w1, acc[i][1]);
-    }
-  }
-#pragma GCC unroll 16
-  for (int i = 0; i < R; ++i) {
-    StoreLane(c + i * ldc, acc[i][0]);
-    StoreLane(c + i * ldc + kLane, acc[i][1]);
-  }
-}
-
-// WeightGradTile for a tile of `count` <= R rows of out (EvenTiles makes the shorter ones).
-template <int R>
-void WeightGradTileUpTo(int count, const float* x, int64_t ldx, const float* g, int64_t ldg,
-                        int64_t rows, bool accumulate, float* c, int64_t ldc) {
-  if (count == R) {
-    WeightGradTile<R>(x, ldx, g, ldg, rows, accumulate, c, ldc);
-  } else if constexpr (R > 1) {
-    WeightGradTileUpTo<R - 1>(count, x, ldx, g, ldg, rows, accumulate, c, ldc);
-  }
-}
-
-ffi::Error WeightGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
-                      ffi::ResultBuffer<ffi::F32> out, ffi::ThreadPool pool) {
-  const auto xd = x.dimensions(), gd = g.dimensions(), od = out->dimensions();
-  if (xd.size() != 2 || gd.size() != 2 || od.size() != 3 || xd[0] != gd[0] ||
-      xd[1] != od[0] * od[1] || gd[1] != od[0] * od[2])
-    return ffi::Error::InvalidArgument("weight_grad needs x [N, D*I], g [N, D*O], out [D, I, O]");
-  const int64_t N = xd[0], D = od[0], I = od[1], O = od[2];
-  const int64_t ldx = D * I, ldg = D * O;
-  const float* xs = x.typed_data();
-  const float* gs = g.typed_data();
-  float* result = out->typed_data();
-  const int64_t panels = (O + kPanelCols - 1) / kPanelCols, total = D * panels;
-  if (N == 0 || I == 0 || O == 0) {
-    std::fill(result, result + D * I * O, 0.0f);
-    return ffi::Error::Success();
-  }
-  const int64_t chunk = std::clamp<int64_t>(kWeightGradChunkBytes / (4 * I), 32, 4096);
-  const EvenTiles out_tiles(I, kPanelTileRows);
-  const int64_t threads = kWeightGradItemsPerThread * pool.num_threads();
-  // Items split whichever of x and dy is wider, so that one is read once per chunk: item k
-  // takes panels [k * total / items, (k + 1) * total / items) of all directions and every
-  // row of out, or (x wider, by_rows) every panel of one direction and a share of its tiles
-  // of out rows. Split by panels, the baby GPT's [512, 1536]^T x [512, 384] had 4 items
-  // each read all of x (3 MB), the step 2-4% slower (benchmarks/README.md).
-  const bool by_rows = I > O && out_tiles.count > 1;
-  const int64_t shares = by_rows ? std::min(out_tiles.count, (threads + D - 1) / D) : 1;
-  const int64_t items = by_rows ? D * shares : std::min(total, threads);
-  // Chunks of rows outermost, so x's chunk is read from memory once per item; each panel's
-  // rows of g are copied into one contiguous zero-padded block (rows of g are O * D floats
-  // apart: strides of kilobytes that the prefetchers follow badly), and a panel narrower
-  // than kPanelCols accumulates into a padded copy of its columns of out.
-  auto work = [&](int64_t item, int64_t) {
-    int64_t first = item * total / items, last = (item + 1) * total / items;
-    int64_t tile_first = 0, tile_last = out_tiles.count;
-    if (by_rows) {
-      const int64_t share = item % shares;
-      first = item / shares * panels;
-      last = first + panels;
-      tile_first = share * out_tiles.count / shares;
-      tile_last = (share + 1) * out_tiles.count / shares;
-    }
-    // first(count) is I: the rows [row_first, row_last) are the item's tiles'.
-    const int64_t row_first = out_tiles.first(tile_first), row_last = out_tiles.first(tile_last);
-    // Uninitialised: only a narrow panel's padding columns are read before written.
-    std::unique_ptr<float[]> block(new float[std::min(chunk, N) * kPanelCols]);
-    std::vector<float> edge;
-    for (int64_t row = 0; row < N; row += chunk) {
-      const int64_t rows = std::min(chunk, N - row);
-      for (int64_t p = first; p < last; ++p) {
-        const int64_t d = p / panels, col = (p % panels) * kPanelCols;
-        const int64_t cols = std::min(kPanelCols, O - col);
-        const float* source = gs + row * ldg + d * O + col;
-        if (cols == kPanelCols) {  // In registers: a memmove call per 64-byte row (AVX2) cost
-          for (int64_t n = 0; n < rows; ++n) {  // ~6% of the kernel's time.
-            StoreLane(block.get() + n * kPanelCols, LoadLane(source + n * ldg));
-            StoreLane(block.get() + n * kPanelCols + kLane, LoadLane(source + n * ldg + kLane));
-          }
-        } else {
-          for (int64_t n = 0; n < rows; ++n) {
-            std::copy(source + n * ldg, source + n * ldg + cols, block.get() + n * kPanelCols);
-            std::fill(block.get() + n * kPanelCols + cols, block.get() + (n + 1) * kPanelCols,
-                      0.0f);
-          }
-        }
-        float* c = result + d * I * O + col;
-        int64_t ldc = O;
-        if (cols < kPanelCols) {
-          edge.assign(I * kPanelCols, 0.0f);
-          if (row > 0)
-            for (int64_t i = row_first; i < row_last; ++i)
-              std::copy(c + i * O, c + i * O + cols, edge.data() + i * kPanelCols);
-          c = edge.data();
-          ldc = kPanelCols;
-        }
-        // Rows in slices whose block of g stays in L1 while every tile of out reads it.
-        for (int64_t slice = 0; slice < rows; slice += kWeightGradSliceRows) {
-          const int64_t slice_rows = std::min(kWeightGradSliceRows, rows - slice);
-          const float* xr = xs + (row + slice) * ldx + d * I;
-          for (int64_t tile = tile_first; tile < tile_last; ++tile) {
-            const int64_t i = out_tiles.first(tile);
-            const int count = out_tiles.rows(tile);
-            WeightGradTileUpTo<kPanelTileRows>(count, xr + i, ldx,
-                                               block.get() + slice * kPanelCols, kPanelCols,
-                                               slice_rows, row + slice > 0, c + i * ldc, ldc);
-          }
-        }
-        if (cols < kPanelCols)
-          for (int64_t i = row_first; i < row_last; ++i)
-            std::copy(edge.data() + i * kPanelCols, edge.data() + i * kPanelCols + cols,
-                      result + d * I * O + col + i * O);
-      }
-    }
-  };
-  ForEachItem(pool, items, Participants(pool, items), work);
-  return ffi::Error::Success();
-}
-
-}  // namespace
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KilnWeightGrad, WeightGrad,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ctx<ffi::ThreadPool>());
 
 // Floats per vector register the kernels were compiled for (16 AVX-512, 8 AVX2 with FMA, 0
