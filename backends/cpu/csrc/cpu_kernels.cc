@@ -2504,8 +2504,8 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> kerne
   sums.setZero();
   for (int64_t item = 0; item < split.items(d); ++item)
     sums.segment(item / split.blocks * 4 * H, 4 * H) += bias_sums[item];
-  // The other blocks' shares, in block order (the same sums whichever thread ran what), a
-  // row of the results per item.
+  // The other blocks' shares, added in block order (the same sums whichever thread ran
+  // what); one work item per row of the results.
   if (split.blocks > 1) {
     auto add = [&](int64_t row, int64_t) {
       const int64_t dir = row / (F + H), r = row % (F + H);
