@@ -560,7 +560,7 @@ def _lstm_bwd(reverse, residuals, out_grad):
     # The gate gradients go where the activations were (each read just before); the
     # device's bias and kernel gradients come with a leading axis of 1 (batch-major like the
     # rest, so a sharded batch's are summed across devices below).
-    width = kernels.shape[0] * kernels.shape[2]  # D * 4H
+    width = activations.shape[-1]  # D * 4H
     return jax.ffi.ffi_call(
         _TARGETS['lstm_backward'],
         (jax.ShapeDtypeStruct(activations.shape, jnp.float32),

@@ -1801,12 +1801,6 @@ struct WeightGradPart {
   int64_t tile_first = 0, tile_last = -1;
 };
 
-// Rows of x per chunk for x operands `width` floats wide in all.
-int64_t WeightGradChunk(int64_t width) {
-  return std::clamp<int64_t>(kWeightGradChunkBytes / (4 * std::max<int64_t>(width, 1)), 32,
-                             4096);
-}
-
 // Every part's out = x^T g over g's N rows (`ldg` floats apart), in g's column panels
 // [panel_first, panel_last) of O columns, on the calling thread. Chunks of rows outermost,
 // so x's chunk is read from memory once; each panel's rows of g are copied into one
@@ -1889,7 +1883,7 @@ ffi::Error WeightGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
     std::fill(result, result + D * I * O, 0.0f);
     return ffi::Error::Success();
   }
-  const int64_t chunk = WeightGradChunk(I);
+  const int64_t chunk = std::clamp<int64_t>(kWeightGradChunkBytes / (4 * I), 32, 4096);
   const EvenTiles out_tiles(I, kPanelTileRows);
   const int64_t threads = kWeightGradItemsPerThread * pool.num_threads();
   // Items split whichever of x and dy is wider, so that one is read once per chunk: item k
@@ -2435,11 +2429,13 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> kerne
   // Per item: its rows' gate gradients summed over frames, the bias gradient's share (summed
   // here while each row is in cache, instead of by XLA reading all of them once more).
   std::vector<Eigen::ArrayXf> bias_sums(split.items(d), Eigen::ArrayXf::Zero(4 * H));
-  // Kernel gradients [F + H, 4H] of the items past their direction's first block.
+  // Kernel gradients [F + H, 4H] of the items past their direction's first block, left
+  // uninitialised: LstmSplit gives every block rows, and WeightGradPanels' first chunk stores
+  // every float (zeroing 2 MB per call for issue 28's second layer was wasted).
   const int64_t F = d.features;
-  std::vector<std::vector<float>> partials(split.items(d));
+  std::vector<std::unique_ptr<float[]>> partials(split.items(d));
   for (int64_t item = 0; item < split.items(d); ++item)
-    if (item % split.blocks) partials[item].resize((F + H) * 4 * H);
+    if (item % split.blocks) partials[item].reset(new float[(F + H) * 4 * H]);
   const bool* valid = mask.typed_data();
   float* dgates = gates_grad->typed_data();
   auto work = [&](int64_t item, int64_t slot) {
@@ -2488,7 +2484,7 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> kerne
     // The rows' share of the kernels' gradients (a padded frame's gate gradients are 0):
     // the first block's straight into the results, the others' into buffers added after.
     const int64_t block = item % split.blocks, first_row = b0 * T;
-    float* in_grad = block ? partials[item].data() : input_kernel_grad->typed_data() + dir * 4 * H;
+    float* in_grad = block ? partials[item].get() : input_kernel_grad->typed_data() + dir * 4 * H;
     float* h_grad = block ? in_grad + F * 4 * H : kernels_grad->typed_data() + dir * H * 4 * H;
     const WeightGradPart parts[] = {
         {x.typed_data() + first_row * F, F, F, in_grad, block ? 4 * H : gs},
@@ -2513,7 +2509,7 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> kerne
                             : kernels_grad->typed_data() + (dir * H + r - F) * 4 * H;
       ArrayMap total(target, 4 * H);
       for (int64_t block = 1; block < split.blocks; ++block)
-        total += ArrayMap(partials[dir * split.blocks + block].data() + r * 4 * H, 4 * H);
+        total += ArrayMap(partials[dir * split.blocks + block].get() + r * 4 * H, 4 * H);
     };
     const int64_t rows = d.directions * (F + H);
     ForEachItem(pool, rows, Participants(pool, rows), add);
