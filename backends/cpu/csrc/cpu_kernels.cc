@@ -1747,6 +1747,16 @@ constexpr int64_t kWeightGradChunkBytes = 1 << 20;
 // accumulators stored and loaded again per slice): one slice, the whole chunk.
 constexpr int64_t kWeightGradSliceRows =
     KILN_VECTOR_LANES == 16 ? int64_t(1) << 40 : (16 << 10) / (kPanelCols * sizeof(float));
+// With 8-float vectors (AVX2), x's chunk is first copied tile by tile ([rows, R] for each
+// tile of out's R rows), so that a tile's broadcasts read one contiguous stream: read in place,
+// each of x's rows is a cache line a tile touches for R floats, and on a Zen 3 core (512 KB
+// of L2) the tiles waited on those lines. Issue 28's second-layer shape, [1600, 256 | 256]^T x
+// [1600, 1024] on one Zen 3 core, interleaved medians: 49-51 -> 62-63 GFLOP/s (the recurrence's
+// matmul in the same runs 60-63). The copy is at most about kWeightGradPackedBytes, and a
+// chunk is cut to fit it. The 16-float build keeps x in place: on Zen 4 a copy of the whole
+// chunk was slower (107 -> 93 GFLOP/s).
+constexpr bool kWeightGradPackX = KILN_VECTOR_LANES == 8;
+constexpr int64_t kWeightGradPackedBytes = 1 << 20;
 // Items per thread: a thread that starts late (XLA runs other work on the same pool) still
 // finds some; each item reads x once more.
 constexpr int64_t kWeightGradItemsPerThread = 2;
@@ -1790,6 +1800,17 @@ void WeightGradTileUpTo(int count, const float* x, int64_t ldx, const float* g, 
   }
 }
 
+// to[0, count) = from[0, count), count <= R: fixed-length copies the compiler turns into
+// moves (std::copy of a tile's few floats was a memmove call, 137,000 per LSTM backward).
+template <int R>
+inline void CopyFew(int count, const float* from, float* to) {
+  if (count == R) {
+    for (int k = 0; k < R; ++k) to[k] = from[k];
+  } else if constexpr (R > 1) {
+    CopyFew<R - 1>(count, from, to);
+  }
+}
+
 // One x operand of a weight gradient and where its rows of out go: out[width, O] (rows
 // `ldo` apart) = x[N, width]^T g[N, O] (rows of x `ldx` apart), for out's row tiles
 // [tile_first, tile_last) of EvenTiles(width, kPanelTileRows) (-1: to the last).
@@ -1810,11 +1831,45 @@ struct WeightGradPart {
 void WeightGradPanels(const WeightGradPart* parts, int64_t part_count, const float* g,
                       int64_t ldg, int64_t N, int64_t O, int64_t panel_first,
                       int64_t panel_last, int64_t chunk) {
+  // Each part's rows of out [row_first, row_last), those of its tiles [tile_first, tile_last).
+  struct Rows {
+    EvenTiles tiles;
+    int64_t tile_first, tile_last, row_first, row_last;
+  };
+  std::vector<Rows> spans;
+  int64_t packed_width = 0;  // Columns of x the parts' tiles read.
+  for (int64_t part = 0; part < part_count; ++part) {
+    const WeightGradPart& w = parts[part];
+    const EvenTiles tiles(w.width, kPanelTileRows);
+    const int64_t last = w.tile_last < 0 ? tiles.count : w.tile_last;
+    // first(count) is width.
+    spans.push_back({tiles, w.tile_first, last, tiles.first(w.tile_first), tiles.first(last)});
+    packed_width += spans.back().row_last - spans.back().row_first;
+  }
+  if (kWeightGradPackX)
+    chunk = std::min(chunk, std::max<int64_t>(
+                                kPanelTileRows, kWeightGradPackedBytes / (4 * packed_width)));
   // Uninitialised: only a narrow panel's padding columns are read before written.
   std::unique_ptr<float[]> block(new float[std::min(chunk, N) * kPanelCols]);
+  std::unique_ptr<float[]> packed(
+      kWeightGradPackX ? new float[std::min(chunk, N) * packed_width] : nullptr);
   std::vector<float> edge;
   for (int64_t row = 0; row < N; row += chunk) {
     const int64_t rows = std::min(chunk, N - row);
+    if (kWeightGradPackX) {  // Tile after tile, each [rows, R]; x read row by row.
+      for (int64_t n = 0; n < rows; ++n) {
+        float* tile_start = packed.get();
+        for (int64_t part = 0; part < part_count; ++part) {
+          const Rows& span = spans[part];
+          const float* source = parts[part].x + (row + n) * parts[part].ldx;
+          for (int64_t tile = span.tile_first; tile < span.tile_last; ++tile) {
+            const int64_t i = span.tiles.first(tile), r = span.tiles.rows(tile);
+            CopyFew<kPanelTileRows>(r, source + i, tile_start + n * r);
+            tile_start += rows * r;
+          }
+        }
+      }
+    }
     for (int64_t p = panel_first; p < panel_last; ++p) {
       const int64_t col = p * kPanelCols, cols = std::min(kPanelCols, O - col);
       const float* source = g + row * ldg + col;
@@ -1830,13 +1885,13 @@ void WeightGradPanels(const WeightGradPart* parts, int64_t part_count, const flo
                     0.0f);
         }
       }
+      const float* tile_x = packed.get();  // The packed tile's rows, when packed.
       for (int64_t part = 0; part < part_count; ++part) {
         const WeightGradPart& w = parts[part];
-        const EvenTiles tiles(w.width, kPanelTileRows);
-        const int64_t tile_first = w.tile_first;
-        const int64_t tile_last = w.tile_last < 0 ? tiles.count : w.tile_last;
-        // first(count) is width: rows [row_first, row_last) are the part's tiles'.
-        const int64_t row_first = tiles.first(tile_first), row_last = tiles.first(tile_last);
+        const Rows& span = spans[part];
+        const EvenTiles& tiles = span.tiles;
+        const int64_t tile_first = span.tile_first, tile_last = span.tile_last;
+        const int64_t row_first = span.row_first, row_last = span.row_last;
         float* c = w.out + col;
         int64_t ldc = w.ldo;
         if (cols < kPanelCols) {
@@ -1847,8 +1902,16 @@ void WeightGradPanels(const WeightGradPart* parts, int64_t part_count, const flo
           c = edge.data();
           ldc = kPanelCols;
         }
+        if (kWeightGradPackX) {  // Whole chunks: x's tiles no longer crowd g's block out of L1.
+          for (int64_t tile = tile_first; tile < tile_last; ++tile) {
+            const int64_t i = tiles.first(tile), r = tiles.rows(tile);
+            WeightGradTileUpTo<kPanelTileRows>(r, tile_x, r, block.get(), kPanelCols, rows,
+                                               row > 0, c + i * ldc, ldc);
+            tile_x += rows * r;
+          }
+        }
         // Rows in slices whose block of g stays in L1 while every tile of out reads it.
-        for (int64_t slice = 0; slice < rows; slice += kWeightGradSliceRows) {
+        for (int64_t slice = 0; !kWeightGradPackX && slice < rows; slice += kWeightGradSliceRows) {
           const int64_t slice_rows = std::min(kWeightGradSliceRows, rows - slice);
           const float* xr = w.x + (row + slice) * w.ldx;
           for (int64_t tile = tile_first; tile < tile_last; ++tile) {
