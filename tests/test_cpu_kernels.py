@@ -275,8 +275,7 @@ def test_bad_kernel_settings_name_the_fix(monkeypatch, tmp_path):
   assert not ops.accelerated('causal_attention') and not ops.accelerated('random_bits')
 
 
-# Rows: one, several chunks with a ragged last one (I=5: 4,096 rows a chunk; I=300: 873),
-# and on the AVX2 build slices of 256 rows with ragged last ones (7,000, 2,000 and 300 rows);
+# Rows: one, several chunks with a ragged last one (I=5: 4,096 rows a chunk; I=300: 873);
 # inputs: a partial register tile, whole tiles; outputs: a partial panel, whole panels and a
 # ragged one; two directions side by side. The last three have x wider than g, so threads
 # split out's rows instead of its panels.

@@ -1726,10 +1726,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KilnConvKernelGrad, ConvKernelGrad, ConvBinding())
 // takes only row-major operands contracted on the left one's last dimension), and Eigen
 // packs both operands on every call: the GPT steps' and the LSTM's weight gradients ran at
 // ~85 GFLOP/s per core against YNNPACK's ~110 for the same FLOPs the other way round.
-// Here no operand is packed: a tile of R rows of out by one panel of 2 vectors of columns
-// is accumulated from rows of x (R consecutive floats broadcast) and rows of g (2 vector
-// loads), N rows at a time in chunks that keep the panel of g in L1 and the chunk of x in
-// L2. Each thread owns whole panels of columns, so no two threads add into one float.
+// Here neither operand is packed whole: a tile of R rows of out by one panel of 2 vectors of
+// columns is accumulated from rows of x (R consecutive floats broadcast; with 8-float vectors
+// from a copy of the chunk laid out tile by tile) and rows of g (2 vector loads), N rows at a
+// time in chunks that keep the panel of g in L1 and the chunk of x in L2. Each thread owns
+// whole panels of columns, so no two threads add into one float.
 
 namespace {
 
@@ -1738,24 +1739,17 @@ namespace {
 // [3200, 256] x [3200, 1024], 128 KB chunks ran at 195 GFLOP/s on 2 AVX-512 cores, 1 MB at
 // 203 (32 KB: 150; XLA's dot 127-182).
 constexpr int64_t kWeightGradChunkBytes = 1 << 20;
-// Rows of a slice. With 8-float vectors (AVX2), a slice's block of g is 16 KB, half of L1,
-// where every tile of out finds it again: a whole chunk's block (48 KB at the GPT's 768
-// rows) came from L2 for every tile, about as many bytes per FMA as L2 delivers at that
-// width (AVX2 build on Zen 4, GPT shapes 768 x 128 x 384/512: 410-588 -> 375-524 us; LSTM
-// and baby GPT shapes 2-4% faster). With 16-float vectors a tile does twice the FMAs per
-// byte, and slices of 128 rows were 6-10% slower at the LSTM's and baby GPT's shapes (the
-// accumulators stored and loaded again per slice): one slice, the whole chunk.
-constexpr int64_t kWeightGradSliceRows =
-    KILN_VECTOR_LANES == 16 ? int64_t(1) << 40 : (16 << 10) / (kPanelCols * sizeof(float));
-// With 8-float vectors (AVX2), x's chunk is first copied tile by tile ([rows, R] for each
-// tile of out's R rows), so that a tile's broadcasts read one contiguous stream: read in place,
-// each of x's rows is a cache line a tile touches for R floats, and on a Zen 3 core (512 KB
-// of L2) the tiles waited on those lines. Issue 28's second-layer shape, [1600, 256 | 256]^T x
-// [1600, 1024] on one Zen 3 core, interleaved medians: 49-51 -> 62-63 GFLOP/s (the recurrence's
-// matmul in the same runs 60-63). The copy is at most about kWeightGradPackedBytes, and a
-// chunk is cut to fit it. The 16-float build keeps x in place: on Zen 4 a copy of the whole
-// chunk was slower (107 -> 93 GFLOP/s).
-constexpr bool kWeightGradPackX = KILN_VECTOR_LANES == 8;
+// Below 16-float vectors (AVX2), x's chunk is first copied tile by tile ([rows, R] for each
+// tile of out's R rows), so that a tile's broadcasts read one contiguous stream. Read in
+// place, each row of x is a cache line that a tile touches for R floats. On a Zen 3 core
+// (512 KB of L2) the tiles waited on those lines, even in the 256-row slices that this copy
+// replaces (slices kept a tile's block of g in L1; the copy is what frees room there).
+// Issue 28's second layer, [1600, 256 | 256]^T x [1600, 1024] on one Zen 3 core, old and new
+// builds alternating: 38-50 -> 52-64 GFLOP/s (medians; the recurrence's matmul in the same
+// runs, the reference, 58-78). The copy is at most about kWeightGradPackedBytes, and a chunk
+// is cut to fit it. The 16-float build keeps x in place: on Zen 4 a copy of the whole chunk
+// was slower (107 -> 93 GFLOP/s), and a tile there does twice the FMAs per byte of x.
+constexpr bool kWeightGradPackX = KILN_VECTOR_LANES != 16;
 constexpr int64_t kWeightGradPackedBytes = 1 << 20;
 // Items per thread: a thread that starts late (XLA runs other work on the same pool) still
 // finds some; each item reads x once more.
@@ -1824,7 +1818,8 @@ struct WeightGradPart {
 
 // Every part's out = x^T g over g's N rows (`ldg` floats apart), in g's column panels
 // [panel_first, panel_last) of O columns, on the calling thread. Chunks of rows outermost,
-// so x's chunk is read from memory once; each panel's rows of g are copied into one
+// so x's chunk is read from memory once (with kWeightGradPackX, into a copy tile by tile,
+// the chunk cut to fit kWeightGradPackedBytes); each panel's rows of g are copied into one
 // contiguous zero-padded block (rows of g are often kilobytes apart: strides that the
 // prefetchers follow badly) that every part's tiles then read, and a panel narrower than
 // kPanelCols accumulates into a padded copy of its columns of out.
@@ -1902,23 +1897,15 @@ void WeightGradPanels(const WeightGradPart* parts, int64_t part_count, const flo
           c = edge.data();
           ldc = kPanelCols;
         }
-        if (kWeightGradPackX) {  // Whole chunks: x's tiles no longer crowd g's block out of L1.
-          for (int64_t tile = tile_first; tile < tile_last; ++tile) {
-            const int64_t i = tiles.first(tile), r = tiles.rows(tile);
+        for (int64_t tile = tile_first; tile < tile_last; ++tile) {
+          const int64_t i = tiles.first(tile), r = tiles.rows(tile);
+          if (kWeightGradPackX) {
             WeightGradTileUpTo<kPanelTileRows>(r, tile_x, r, block.get(), kPanelCols, rows,
                                                row > 0, c + i * ldc, ldc);
             tile_x += rows * r;
-          }
-        }
-        // Rows in slices whose block of g stays in L1 while every tile of out reads it.
-        for (int64_t slice = 0; !kWeightGradPackX && slice < rows; slice += kWeightGradSliceRows) {
-          const int64_t slice_rows = std::min(kWeightGradSliceRows, rows - slice);
-          const float* xr = w.x + (row + slice) * w.ldx;
-          for (int64_t tile = tile_first; tile < tile_last; ++tile) {
-            const int64_t i = tiles.first(tile);
-            WeightGradTileUpTo<kPanelTileRows>(tiles.rows(tile), xr + i, w.ldx,
-                                               block.get() + slice * kPanelCols, kPanelCols,
-                                               slice_rows, row + slice > 0, c + i * ldc, ldc);
+          } else {
+            WeightGradTileUpTo<kPanelTileRows>(r, w.x + row * w.ldx + i, w.ldx, block.get(),
+                                               kPanelCols, rows, row > 0, c + i * ldc, ldc);
           }
         }
         if (cols < kPanelCols)
