@@ -1745,8 +1745,8 @@ constexpr int64_t kWeightGradChunkBytes = 1 << 20;
 // (512 KB of L2) the tiles waited on those lines, even in the 256-row slices that this copy
 // replaces (slices kept a tile's block of g in L1; the copy is what frees room there).
 // Issue 28's second layer, [1600, 256 | 256]^T x [1600, 1024] on one Zen 3 core, old and new
-// builds alternating: 38-50 -> 52-64 GFLOP/s (medians; the recurrence's matmul in the same
-// runs, the reference, 58-78). The copy is at most about kWeightGradPackedBytes, and a chunk
+// builds alternating: 38-51 -> 52-65 GFLOP/s (medians of 9; the recurrence's matmul in the
+// same runs, the reference, 57-80). The copy is at most about kWeightGradPackedBytes, and a chunk
 // is cut to fit it. The 16-float build keeps x in place: on Zen 4 a copy of the whole chunk
 // was slower (107 -> 93 GFLOP/s), and a tile there does twice the FMAs per byte of x.
 constexpr bool kWeightGradPackX = KILN_VECTOR_LANES != 16;
@@ -2540,8 +2540,9 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> kerne
         {x.typed_data() + first_row * F, F, F, in_grad, block ? 4 * H : gs},
         {h_before.typed_data() + first_row * ss + dir * H, ss, H, h_grad, 4 * H}};
     // In one chunk, up to kLstmWeightGradRows: each tile's accumulators then stay in
-    // registers over all the rows (issue 28's second layer on one core: 1 MB chunks of x, 512
-    // rows, 101-105 GFLOP/s; one chunk of its 1,600 rows, 106-108).
+    // registers over all the rows (issue 28's second layer on one Zen 4 core: 1 MB chunks of
+    // x, 512 rows, 101-105 GFLOP/s; one chunk of its 1,600 rows, 106-108). Below 16-float
+    // vectors WeightGradPanels cuts the chunk to fit its tile-by-tile copy of x (512 rows).
     WeightGradPanels(parts, 2, dgates + first_row * gs + dir * 4 * H, gs, n * T, 4 * H, 0,
                      (4 * H + kPanelCols - 1) / kPanelCols, kLstmWeightGradRows);
   };
