@@ -35,14 +35,14 @@ def import_torch():
   return torch
 
 
-def interleaved(variants: dict, rounds: int, warmup: int, calls_per_round: int = 1,
-                settle_calls: int = 1) -> dict:
-  """{name: (median seconds, median CPU seconds of this process)} per call: each round runs
-  `calls_per_round` calls of every variant in turn, so load from the host's other tenants
-  falls on all of them alike. Each variant's turn starts with `settle_calls` untimed calls:
-  the first step after another framework's ran slow, an interference no training run has
-  (GPT CPU config, Kiln after eager PyTorch: 35-36 ms, then 29.6-31; PyTorch after Kiln:
-  38.5-39.6, then 38.2; no page faults either way)."""
+def interleaved_times(variants: dict, rounds: int, warmup: int, calls_per_round: int = 1,
+                      settle_calls: int = 1) -> dict:
+  """{name: ([wall seconds], [CPU seconds of this process])}, one entry per timed call in
+  round order: each round runs `calls_per_round` calls of every variant in turn, so load from
+  the host's other tenants falls on all of them alike. Each variant's turn starts with
+  `settle_calls` untimed calls: the first step after another framework's ran slow, an
+  interference no training run has (GPT CPU config, Kiln after eager PyTorch: 35-36 ms, then
+  29.6-31; PyTorch after Kiln: 38.5-39.6, then 38.2; no page faults either way)."""
   for run in variants.values():
     for _ in range(warmup):
       run()
@@ -56,6 +56,14 @@ def interleaved(variants: dict, rounds: int, warmup: int, calls_per_round: int =
         run()
         times[name][0].append(time.perf_counter() - started)
         times[name][1].append(time.process_time() - cpu_started)
+  return times
+
+
+def interleaved(variants: dict, rounds: int, warmup: int, calls_per_round: int = 1,
+                settle_calls: int = 1) -> dict:
+  """{name: (median seconds, median CPU seconds of this process)} per call of
+  interleaved_times."""
+  times = interleaved_times(variants, rounds, warmup, calls_per_round, settle_calls)
   return {name: (statistics.median(wall), statistics.median(cpu))
           for name, (wall, cpu) in times.items()}
 

@@ -16,10 +16,13 @@ PyTorch (when `import torch` works; pip install '.[bench]'): the same models in 
 
 The host is shared, so the variants of a step are timed interleaved: each round times one
 step of each variant in turn, after one untimed step of it (the first step after another
-framework's runs slow, cpu_host.interleaved), and rates are medians over the rounds;
-'vs PyTorch (best)' is utterances/s over the faster PyTorch setting's in the same rounds. 'CPU ms/step' is the
-process's CPU time per step (all its threads; PyTorch's spin-waiting threads count). The fp32 matmul peak
-(monitor.hardware.measure_cpu_matmul_flops) is measured before and after; the best is shown.
+framework's runs slow, cpu_host.interleaved_times), and rates are medians over the rounds;
+'vs PyTorch (best)' is utterances/s over the faster PyTorch setting's in the same rounds, and
+'same round' the median over rounds of that ratio within each round (the steps compared are
+seconds apart, so a swing of the host's speed that lasts minutes falls on both). 'CPU
+ms/step' is the process's CPU time per step (all its threads; PyTorch's spin-waiting threads
+count). The fp32 matmul peak (monitor.hardware.measure_cpu_matmul_flops) is measured before
+and after; the best is shown.
 
 `--isa avx2` measures as an AVX2-only host would run: Kiln's kernels built with
 -mno-avx512f (KILN_CPU_ARCH_FLAGS), XLA's generated code capped at AVX2
@@ -31,6 +34,7 @@ them. XLA's library matmuls (YNNPACK) choose their own instruction set at run ti
 import argparse
 import functools
 import os
+import statistics
 import sys
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -183,17 +187,26 @@ def torch_ctc_step(config, vocab_size: int):
   return run
 
 
-def table(title: str, batch: int, medians: dict) -> str:
-  """Rows per variant; 'vs PyTorch' divides by the faster PyTorch thread setting."""
-  torch_rows = [seconds for name, (seconds, _) in medians.items() if name.startswith('PyTorch')]
-  reference = min(torch_rows) if torch_rows else None
+def table(title: str, batch: int, times: dict) -> str:
+  """Rows per variant of cpu_host.interleaved_times: 'vs PyTorch' divides by the PyTorch
+  thread setting with the lowest median, as medians and as the median over rounds of the
+  ratio within each round (steps seconds apart, so the minute-long swings of a shared
+  host's speed fall on both alike)."""
+  medians = {name: (statistics.median(wall), statistics.median(cpu))
+             for name, (wall, cpu) in times.items()}
+  torch_rows = [name for name in medians if name.startswith('PyTorch')]
+  reference = min(torch_rows, key=lambda name: medians[name][0]) if torch_rows else None
   lines = [f'\n{title}\n',
-           '| variant | ms/step (median) | utterances/s | CPU ms/step | vs PyTorch (best) |',
-           '| --- | --- | --- | --- | --- |']
+           '| variant | ms/step (median) | utterances/s | CPU ms/step | vs PyTorch (best) | '
+           'same round |',
+           '| --- | --- | --- | --- | --- | --- |']
   for name, (seconds, cpu) in medians.items():
-    ratio = f'{reference / seconds:.2f}x' if reference else 'not measured (no torch)'
+    ratio = paired = 'not measured (no torch)'
+    if reference:
+      ratio = f'{medians[reference][0] / seconds:.2f}x'
+      paired = f'{statistics.median(r / s for r, s in zip(times[reference][0], times[name][0])):.2f}x'
     lines.append(f'| {name} | {1e3 * seconds:.1f} | {batch / seconds:.0f} | {1e3 * cpu:.0f} '
-                 f'| {ratio} |')
+                 f'| {ratio} | {paired} |')
   return '\n'.join(lines)
 
 
@@ -211,7 +224,7 @@ def main() -> None:
     issue.update(torch_variants(torch_issue_step))
   reports = [table(f'issue 28 step: {LAYERS} x {HIDDEN} LSTM, {FRAMES} frames x {FEATURES}, '
                    f'batch {BATCH}, head on the last frame, Adam',
-                   BATCH, cpu_host.interleaved(issue, ARGS.rounds, ARGS.warmup))]
+                   BATCH, cpu_host.interleaved_times(issue, ARGS.rounds, ARGS.warmup))]
   del issue
   if not ARGS.skip_ctc:
     fast, config = kiln_ctc_step('auto')
@@ -225,7 +238,7 @@ def main() -> None:
         f'BiLSTM CTC step (configs/speech_ctc_lstm.py): {m.num_layers} x {m.hidden_dim} per '
         f'direction, {config.audio.max_frames} frames / stack {m.frame_stack}, batch '
         f'{config.batch_size}, dropout {m.dropout_rate}', config.batch_size,
-        cpu_host.interleaved(ctc, ARGS.rounds, ARGS.warmup)))
+        cpu_host.interleaved_times(ctc, ARGS.rounds, ARGS.warmup)))
   peaks.append(hardware.measure_cpu_matmul_flops(repeats=4))
   print(cpu_host.host_line(ARGS.isa, max(peaks)) + ' (best of before and after)')
   print(f'{ARGS.warmup} warm-up + {ARGS.rounds} interleaved rounds, medians')
