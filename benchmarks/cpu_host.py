@@ -59,13 +59,16 @@ def interleaved_times(variants: dict, rounds: int, warmup: int, calls_per_round:
   return times
 
 
-def interleaved(variants: dict, rounds: int, warmup: int, calls_per_round: int = 1,
-                settle_calls: int = 1) -> dict:
-  """{name: (median seconds, median CPU seconds of this process)} per call of
-  interleaved_times."""
-  times = interleaved_times(variants, rounds, warmup, calls_per_round, settle_calls)
+def medians(times: dict) -> dict:
+  """{name: (median seconds, median CPU seconds)} of interleaved_times' lists."""
   return {name: (statistics.median(wall), statistics.median(cpu))
           for name, (wall, cpu) in times.items()}
+
+
+def interleaved(variants: dict, rounds: int, warmup: int, calls_per_round: int = 1,
+                settle_calls: int = 1) -> dict:
+  """medians() per call of interleaved_times."""
+  return medians(interleaved_times(variants, rounds, warmup, calls_per_round, settle_calls))
 
 
 def torch_thread_variants(make_run, label: str, threads: list[int]) -> dict:

@@ -192,8 +192,7 @@ def table(title: str, batch: int, times: dict) -> str:
   thread setting with the lowest median, as medians and as the median over rounds of the
   ratio within each round (steps seconds apart, so the minute-long swings of a shared
   host's speed fall on both alike)."""
-  medians = {name: (statistics.median(wall), statistics.median(cpu))
-             for name, (wall, cpu) in times.items()}
+  medians = cpu_host.medians(times)
   torch_rows = [name for name in medians if name.startswith('PyTorch')]
   reference = min(torch_rows, key=lambda name: medians[name][0]) if torch_rows else None
   lines = [f'\n{title}\n',

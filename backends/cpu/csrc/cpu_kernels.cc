@@ -1727,8 +1727,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KilnConvKernelGrad, ConvKernelGrad, ConvBinding())
 // packs both operands on every call: the GPT steps' and the LSTM's weight gradients ran at
 // ~85 GFLOP/s per core against YNNPACK's ~110 for the same FLOPs the other way round.
 // Here neither operand is packed whole: a tile of R rows of out by one panel of 2 vectors of
-// columns is accumulated from rows of x (R consecutive floats broadcast; with 8-float vectors
-// from a copy of the chunk laid out tile by tile) and rows of g (2 vector loads), N rows at a
+// columns is accumulated from rows of x (R consecutive floats broadcast; below 16-float
+// vectors from a copy of the chunk laid out tile by tile) and rows of g (2 vector loads), N rows at a
 // time in chunks that keep the panel of g in L1 and the chunk of x in L2. Each thread owns
 // whole panels of columns, so no two threads add into one float.
 
