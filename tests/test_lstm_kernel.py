@@ -70,9 +70,11 @@ def test_kernel_outputs_and_gradients_equal_the_scan(reverse):
 
 def test_batch_blocks_add_their_kernel_gradients_in_a_fixed_order():
   """A batch that the kernel splits into blocks (one per pool thread, of at least 8 rows):
-  each block's thread computes its rows' share of the kernels' gradients, and the shares
-  are added after. Gradients equal the scan's, and two calls give the same bits. H = 20:
-  4H = 80 columns end in a partial column panel of the weight gradient on AVX-512."""
+  each block's share of the kernels' gradients is computed a few column panels at a time by
+  whichever thread is free, and the shares are added after. Gradients equal the scan's, and
+  two calls give the same bits (which thread took a panel must not matter). H = 20: 4H = 80
+  columns end in a partial column panel of the weight gradient on AVX-512, and in a task of
+  one panel on AVX2."""
   batch, length, features, hidden = 37, 9, 7, 20
   keys = jax.random.split(jax.random.key(5), 5)
   x = jax.random.normal(keys[0], (batch, length, features))

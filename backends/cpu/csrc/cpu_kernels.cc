@@ -1816,55 +1816,82 @@ struct WeightGradPart {
   int64_t tile_first = 0, tile_last = -1;
 };
 
-// Every part's out = x^T g over g's N rows (`ldg` floats apart), in g's column panels
-// [panel_first, panel_last) of O columns, on the calling thread. Chunks of rows outermost,
-// so x's chunk is read from memory once (with kWeightGradPackX, into a copy tile by tile,
-// the chunk cut to fit kWeightGradPackedBytes); each panel's rows of g are copied into one
-// contiguous zero-padded block (rows of g are often kilobytes apart: strides that the
-// prefetchers follow badly) that every part's tiles then read, and a panel narrower than
-// kPanelCols accumulates into a padded copy of its columns of out.
-void WeightGradPanels(const WeightGradPart* parts, int64_t part_count, const float* g,
-                      int64_t ldg, int64_t N, int64_t O, int64_t panel_first,
-                      int64_t panel_last, int64_t chunk) {
-  // Each part's rows of out [row_first, row_last), those of its tiles [tile_first, tile_last).
-  struct Rows {
+// How WeightGradPanels reads the parts' x: the rows of out each part's tiles cover, and the
+// chunks of x's rows, with kWeightGradPackX copied tile by tile (chunks cut to fit
+// kWeightGradPackedBytes). A chunk starting at row r of x sits at r * packed_width in a copy
+// of all of x, since each chunk's copy is its rows times packed_width floats.
+struct WeightGradLayout {
+  struct Rows {  // A part's rows of out [row_first, row_last), its tiles [tile_first, tile_last).
     EvenTiles tiles;
     int64_t tile_first, tile_last, row_first, row_last;
   };
   std::vector<Rows> spans;
   int64_t packed_width = 0;  // Columns of x the parts' tiles read.
-  for (int64_t part = 0; part < part_count; ++part) {
-    const WeightGradPart& w = parts[part];
-    const EvenTiles tiles(w.width, kPanelTileRows);
-    const int64_t last = w.tile_last < 0 ? tiles.count : w.tile_last;
-    // first(count) is width.
-    spans.push_back({tiles, w.tile_first, last, tiles.first(w.tile_first), tiles.first(last)});
-    packed_width += spans.back().row_last - spans.back().row_first;
+  int64_t chunk;
+
+  WeightGradLayout(const WeightGradPart* parts, int64_t part_count, int64_t most_rows)
+      : chunk(most_rows) {
+    for (int64_t part = 0; part < part_count; ++part) {
+      const WeightGradPart& w = parts[part];
+      const EvenTiles tiles(w.width, kPanelTileRows);
+      const int64_t last = w.tile_last < 0 ? tiles.count : w.tile_last;
+      // first(count) is width.
+      spans.push_back({tiles, w.tile_first, last, tiles.first(w.tile_first), tiles.first(last)});
+      packed_width += spans.back().row_last - spans.back().row_first;
+    }
+    if (kWeightGradPackX)
+      chunk = std::min(chunk, std::max<int64_t>(
+                                  kPanelTileRows, kWeightGradPackedBytes / (4 * packed_width)));
   }
-  if (kWeightGradPackX)
-    chunk = std::min(chunk, std::max<int64_t>(
-                                kPanelTileRows, kWeightGradPackedBytes / (4 * packed_width)));
-  // Uninitialised: only a narrow panel's padding columns are read before written.
-  std::unique_ptr<float[]> block(new float[std::min(chunk, N) * kPanelCols]);
-  std::unique_ptr<float[]> packed(
-      kWeightGradPackX ? new float[std::min(chunk, N) * packed_width] : nullptr);
-  std::vector<float> edge;
-  for (int64_t row = 0; row < N; row += chunk) {
-    const int64_t rows = std::min(chunk, N - row);
-    if (kWeightGradPackX) {  // Tile after tile, each [rows, R]; x read row by row.
-      for (int64_t n = 0; n < rows; ++n) {
-        float* tile_start = packed.get();
-        for (int64_t part = 0; part < part_count; ++part) {
-          const Rows& span = spans[part];
-          const float* source = parts[part].x + (row + n) * parts[part].ldx;
-          for (int64_t tile = span.tile_first; tile < span.tile_last; ++tile) {
-            const int64_t i = span.tiles.first(tile), r = span.tiles.rows(tile);
-            CopyFew<kPanelTileRows>(r, source + i, tile_start + n * r);
-            tile_start += rows * r;
-          }
+
+  // Rows [row, row + rows) of the parts' x into `to`, tile after tile, each [rows, R]; x is
+  // read row by row.
+  void Pack(const WeightGradPart* parts, int64_t row, int64_t rows, float* to) const {
+    for (int64_t n = 0; n < rows; ++n) {
+      float* tile_start = to;
+      for (size_t part = 0; part < spans.size(); ++part) {
+        const Rows& span = spans[part];
+        const float* source = parts[part].x + (row + n) * parts[part].ldx;
+        for (int64_t tile = span.tile_first; tile < span.tile_last; ++tile) {
+          const int64_t i = span.tiles.first(tile), r = span.tiles.rows(tile);
+          CopyFew<kPanelTileRows>(r, source + i, tile_start + n * r);
+          tile_start += rows * r;
         }
       }
     }
+  }
+
+  // All N rows, chunk after chunk, into `to` [N, packed_width].
+  void PackAll(const WeightGradPart* parts, int64_t N, float* to) const {
+    for (int64_t row = 0; row < N; row += chunk)
+      Pack(parts, row, std::min(chunk, N - row), to + row * packed_width);
+  }
+};
+
+// Every part's out = x^T g over g's N rows (`ldg` floats apart), in g's column panels
+// [panel_first, panel_last) of O columns, on the calling thread. Chunks of at most
+// `most_rows` rows outermost, so x's chunk is read from memory once (with kWeightGradPackX,
+// into a copy tile by tile, unless `packed_x` is one of all of x, from
+// WeightGradLayout::PackAll with the same parts and most_rows); each panel's rows of g are
+// copied into one contiguous zero-padded block (rows of g are often kilobytes apart:
+// strides that the prefetchers follow badly) that every part's tiles then read, and a panel
+// narrower than kPanelCols accumulates into a padded copy of its columns of out. A panel's
+// sums run in the same order whatever the panel range, so its floats do not depend on how
+// the panels are shared out.
+void WeightGradPanels(const WeightGradPart* parts, int64_t part_count, const float* g,
+                      int64_t ldg, int64_t N, int64_t O, int64_t panel_first,
+                      int64_t panel_last, int64_t most_rows, const float* packed_x = nullptr) {
+  const WeightGradLayout layout(parts, part_count, most_rows);
+  const int64_t chunk = layout.chunk;
+  // Uninitialised: only a narrow panel's padding columns are read before written.
+  std::unique_ptr<float[]> block(new float[std::min(chunk, N) * kPanelCols]);
+  std::unique_ptr<float[]> packed(kWeightGradPackX && !packed_x
+                                      ? new float[std::min(chunk, N) * layout.packed_width]
+                                      : nullptr);
+  std::vector<float> edge;
+  for (int64_t row = 0; row < N; row += chunk) {
+    const int64_t rows = std::min(chunk, N - row);
+    if (kWeightGradPackX && !packed_x) layout.Pack(parts, row, rows, packed.get());
     for (int64_t p = panel_first; p < panel_last; ++p) {
       const int64_t col = p * kPanelCols, cols = std::min(kPanelCols, O - col);
       const float* source = g + row * ldg + col;
@@ -1880,24 +1907,23 @@ void WeightGradPanels(const WeightGradPart* parts, int64_t part_count, const flo
                     0.0f);
         }
       }
-      const float* tile_x = packed.get();  // The packed tile's rows, when packed.
+      // The packed tiles' rows, when packed.
+      const float* tile_x = packed_x ? packed_x + row * layout.packed_width : packed.get();
       for (int64_t part = 0; part < part_count; ++part) {
         const WeightGradPart& w = parts[part];
-        const Rows& span = spans[part];
+        const WeightGradLayout::Rows& span = layout.spans[part];
         const EvenTiles& tiles = span.tiles;
-        const int64_t tile_first = span.tile_first, tile_last = span.tile_last;
-        const int64_t row_first = span.row_first, row_last = span.row_last;
         float* c = w.out + col;
         int64_t ldc = w.ldo;
         if (cols < kPanelCols) {
           edge.assign(w.width * kPanelCols, 0.0f);
           if (row > 0)
-            for (int64_t i = row_first; i < row_last; ++i)
+            for (int64_t i = span.row_first; i < span.row_last; ++i)
               std::copy(c + i * w.ldo, c + i * w.ldo + cols, edge.data() + i * kPanelCols);
           c = edge.data();
           ldc = kPanelCols;
         }
-        for (int64_t tile = tile_first; tile < tile_last; ++tile) {
+        for (int64_t tile = span.tile_first; tile < span.tile_last; ++tile) {
           const int64_t i = tiles.first(tile), r = tiles.rows(tile);
           if (kWeightGradPackX) {
             WeightGradTileUpTo<kPanelTileRows>(r, tile_x, r, block.get(), kPanelCols, rows,
@@ -1909,7 +1935,7 @@ void WeightGradPanels(const WeightGradPart* parts, int64_t part_count, const flo
           }
         }
         if (cols < kPanelCols)
-          for (int64_t i = row_first; i < row_last; ++i)
+          for (int64_t i = span.row_first; i < span.row_last; ++i)
             std::copy(edge.data() + i * kPanelCols, edge.data() + i * kPanelCols + cols,
                       w.out + col + i * w.ldo);
       }
@@ -2166,8 +2192,15 @@ ffi::Error MakeLstmDims(int64_t rows, int64_t gate_width, int64_t features,
 constexpr int64_t kLstmMinRows = 8;
 
 // Most rows per chunk of the backward pass's kernel gradients (WeightGradPanels): a chunk's
-// block of dgates is 128 (AVX-512) or 64 bytes a row.
+// block of dgates is 128 (AVX-512) or 64 bytes a row. In one chunk, each tile's accumulators
+// stay in registers over all the rows (issue 28's second layer on one Zen 4 core: 1 MB
+// chunks of x, 512 rows, 101-105 GFLOP/s; one chunk of its 1,600 rows, 106-108). Below
+// 16-float vectors WeightGradLayout cuts the chunk to fit its tile-by-tile copy of x (512
+// rows).
 constexpr int64_t kLstmWeightGradRows = 4096;
+// Column panels per task of the backward pass's kernel gradients, which threads share out:
+// issue 28's layers have 64 (AVX2) or 32 panels, a task ~1 ms on a Zen 3 core.
+constexpr int64_t kLstmPanelsPerTask = 2;
 
 // Work items: (direction, block of batch rows), direction-major.
 struct LstmSplit {
@@ -2432,9 +2465,9 @@ ffi::Error LstmForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> input_kern
 // d loss / d gates from d loss / d out and the forward pass's residuals; steps run in the
 // opposite order to the forward pass's, carrying d h and d c of the state. Then the
 // kernels' gradients, sum over frames of x_t^T dgates_t (input kernel, [F, D * 4H]) and of
-// h_{t-1}^T dgates_t (hidden kernels, [D, H, 4H]): each item's thread goes on from its rows'
-// gate gradients to their share, as one weight gradient over [x | h_{t-1}] whose every
-// panel of dgates is copied once for both. Left to XLA, these were three big matmuls per
+// h_{t-1}^T dgates_t (hidden kernels, [D, H, 4H]): each item's rows' share, once their gate
+// gradients are done, as one weight gradient over [x | h_{t-1}] whose every panel of dgates
+// is copied once for both, its panels shared out between the threads. Left to XLA, these were three big matmuls per
 // layer run two at a time, one thread each, at 76-100 GFLOP/s per core (issue 28's step).
 ffi::Error LstmBackward(ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> kernels,
                         ffi::Buffer<ffi::F32> activations,
@@ -2488,10 +2521,58 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> kerne
     if (item % split.blocks) partials[item].reset(new float[(F + H) * 4 * H]);
   const bool* valid = mask.typed_data();
   float* dgates = gates_grad->typed_data();
+  // An item's share of the kernels' gradients: its rows of x and h_{t-1} against its rows'
+  // gate gradients, the first block's straight into the results, the others' into buffers
+  // added after.
+  const int64_t panels = (4 * H + kPanelCols - 1) / kPanelCols;
+  struct Share {
+    WeightGradPart parts[2];
+    const float* g;
+    int64_t rows;
+  };
+  auto share_of = [&](int64_t item) {
+    const int64_t dir = item / split.blocks, block = item % split.blocks;
+    const int64_t b0 = block * split.rows, first_row = b0 * T;
+    float* in_grad = block ? partials[item].get() : input_kernel_grad->typed_data() + dir * 4 * H;
+    float* h_grad = block ? in_grad + F * 4 * H : kernels_grad->typed_data() + dir * H * 4 * H;
+    return Share{{{x.typed_data() + first_row * F, F, F, in_grad, block ? 4 * H : gs},
+                  {h_before.typed_data() + first_row * ss + dir * H, ss, H, h_grad, 4 * H}},
+                 dgates + first_row * gs + dir * 4 * H,
+                 std::max<int64_t>(0, std::min(split.rows, d.batch - b0)) * T};
+  };
+  // The shares are cut into tasks of kLstmPanelsPerTask column panels, which any thread
+  // takes once the item's gate gradients are done (`ready`): a thread whose own rows'
+  // recurrence finished first then takes panels of the other items' instead of idling.
+  // Each thread used to run its own rows' share alone, and on a 2-core Zen 3 host the faster
+  // thread idled a median 3.7-5.0 ms of each ~40-50 ms call (the host slows one core at a
+  // time); shared, the calls' medians fell 1-8% (benchmarks/README.md, "LSTM: the kernels'
+  // gradients shared out by panels"). With kWeightGradPackX the item's x is copied once,
+  // whole, for all its tasks: WeightGradPanels' own copy would be made again by every task.
+  // A thread waits for an item that another has started (`claimed`), never for one that
+  // none has: that item's thread may be this one, later.
+  struct Tasks {
+    std::atomic<bool> claimed{false}, ready{false};
+    std::atomic<int64_t> next{0};
+    std::unique_ptr<float[]> packed_x;
+  };
+  const int64_t task_count = (panels + kLstmPanelsPerTask - 1) / kLstmPanelsPerTask;
+  std::unique_ptr<Tasks[]> tasks(new Tasks[split.items(d)]);
+  auto run_tasks = [&](int64_t item) {
+    const Share share = share_of(item);
+    for (int64_t task = tasks[item].next++; task < task_count; task = tasks[item].next++)
+      WeightGradPanels(share.parts, 2, share.g, gs, share.rows, 4 * H, task * kLstmPanelsPerTask,
+                       std::min(panels, (task + 1) * kLstmPanelsPerTask), kLstmWeightGradRows,
+                       tasks[item].packed_x.get());
+  };
   auto work = [&](int64_t item, int64_t slot) {
+    tasks[item].claimed = true;
     const int64_t dir = item / split.blocks, b0 = (item % split.blocks) * split.rows;
     const int64_t n = std::min(split.rows, d.batch - b0);
-    if (n <= 0) return;
+    if (n <= 0) {
+      tasks[item].next = task_count;
+      tasks[item].ready = true;
+      return;
+    }
     const bool backwards = (reverse >> dir) & 1;
     Scratch& s = scratch[slot];
     s.dh.setZero(n, H);
@@ -2531,20 +2612,24 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> kerne
       for (int64_t r = 0; r < n; ++r)
         if (valid[(b0 + r) * T + t]) s.dh.row(r) = s.carried.row(r);
     }
-    // The rows' share of the kernels' gradients (a padded frame's gate gradients are 0):
-    // the first block's straight into the results, the others' into buffers added after.
-    const int64_t block = item % split.blocks, first_row = b0 * T;
-    float* in_grad = block ? partials[item].get() : input_kernel_grad->typed_data() + dir * 4 * H;
-    float* h_grad = block ? in_grad + F * 4 * H : kernels_grad->typed_data() + dir * H * 4 * H;
-    const WeightGradPart parts[] = {
-        {x.typed_data() + first_row * F, F, F, in_grad, block ? 4 * H : gs},
-        {h_before.typed_data() + first_row * ss + dir * H, ss, H, h_grad, 4 * H}};
-    // In one chunk, up to kLstmWeightGradRows: each tile's accumulators then stay in
-    // registers over all the rows (issue 28's second layer on one Zen 4 core: 1 MB chunks of
-    // x, 512 rows, 101-105 GFLOP/s; one chunk of its 1,600 rows, 106-108). Below 16-float
-    // vectors WeightGradPanels cuts the chunk to fit its tile-by-tile copy of x (512 rows).
-    WeightGradPanels(parts, 2, dgates + first_row * gs + dir * 4 * H, gs, n * T, 4 * H, 0,
-                     (4 * H + kPanelCols - 1) / kPanelCols, kLstmWeightGradRows);
+    // The rows' share of the kernels' gradients (a padded frame's gate gradients are 0).
+    if (kWeightGradPackX) {
+      const Share share = share_of(item);
+      const WeightGradLayout layout(share.parts, 2, kLstmWeightGradRows);
+      tasks[item].packed_x.reset(new float[share.rows * layout.packed_width]);
+      layout.PackAll(share.parts, share.rows, tasks[item].packed_x.get());
+    }
+    tasks[item].ready = true;
+    run_tasks(item);
+    for (int64_t other = 0; other < split.items(d); ++other) {
+      Tasks& them = tasks[other];
+      if (other == item || them.next.load() >= task_count) continue;
+      if (!them.ready.load()) {
+        if (!them.claimed.load()) continue;
+        while (!them.ready.load()) std::this_thread::yield();
+      }
+      run_tasks(other);
+    }
   };
   ForEachItem(pool, split.items(d), split.threads, work);
   ArrayMap sums(bias_grad->typed_data(), d.gate_stride());
