@@ -203,7 +203,8 @@ def table(title: str, batch: int, times: dict) -> str:
     ratio = paired = 'not measured (no torch)'
     if reference:
       ratio = f'{medians[reference][0] / seconds:.2f}x'
-      paired = f'{statistics.median(r / s for r, s in zip(times[reference][0], times[name][0])):.2f}x'
+      within_rounds = zip(times[reference][0], times[name][0])
+      paired = f'{statistics.median(r / s for r, s in within_rounds):.2f}x'
     lines.append(f'| {name} | {1e3 * seconds:.1f} | {batch / seconds:.0f} | {1e3 * cpu:.0f} '
                  f'| {ratio} | {paired} |')
   return '\n'.join(lines)

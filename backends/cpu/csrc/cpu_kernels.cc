@@ -1728,9 +1728,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KilnConvKernelGrad, ConvKernelGrad, ConvBinding())
 // ~85 GFLOP/s per core against YNNPACK's ~110 for the same FLOPs the other way round.
 // Here neither operand is packed whole: a tile of R rows of out by one panel of 2 vectors of
 // columns is accumulated from rows of x (R consecutive floats broadcast; below 16-float
-// vectors from a copy of the chunk laid out tile by tile) and rows of g (2 vector loads), N rows at a
-// time in chunks that keep the panel of g in L1 and the chunk of x in L2. Each thread owns
-// whole panels of columns, so no two threads add into one float.
+// vectors from a copy of the chunk laid out tile by tile) and rows of g (2 vector loads), N
+// rows at a time in chunks that keep the panel of g in L1 and the chunk of x in L2. Each
+// thread owns whole panels of columns, so no two threads add into one float.
 
 namespace {
 
@@ -2467,8 +2467,9 @@ ffi::Error LstmForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> input_kern
 // kernels' gradients, sum over frames of x_t^T dgates_t (input kernel, [F, D * 4H]) and of
 // h_{t-1}^T dgates_t (hidden kernels, [D, H, 4H]): each item's rows' share, once their gate
 // gradients are done, as one weight gradient over [x | h_{t-1}] whose every panel of dgates
-// is copied once for both, its panels shared out between the threads. Left to XLA, these were three big matmuls per
-// layer run two at a time, one thread each, at 76-100 GFLOP/s per core (issue 28's step).
+// is copied once for both, its panels shared out between the threads. Left to XLA, these
+// were three big matmuls per layer run two at a time, one thread each, at 76-100 GFLOP/s
+// per core (issue 28's step).
 ffi::Error LstmBackward(ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> kernels,
                         ffi::Buffer<ffi::F32> activations,
                         ffi::Buffer<ffi::F32> c_before, ffi::Buffer<ffi::F32> tanh_cell,
@@ -2545,8 +2546,9 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> kerne
   // recurrence finished first then takes panels of the other items' instead of idling.
   // Each thread used to run its own rows' share alone, and on a 2-core Zen 3 host the faster
   // thread idled a median 3.7-5.0 ms of each ~40-50 ms call (the host slows one core at a
-  // time); shared, the calls' medians fell 1-8% (benchmarks/README.md, "LSTM: the kernels'
-  // gradients shared out by panels"). With kWeightGradPackX the item's x is copied once,
+  // time); shared, the call got faster in most runs of old and new builds side by side
+  // (paired ratios up to 1.17), level on calm stretches (benchmarks/README.md, "LSTM: the
+  // kernels' gradients shared out by panels"). With kWeightGradPackX the item's x is copied once,
   // whole, for all its tasks: WeightGradPanels' own copy would be made again by every task.
   // A thread waits for an item that another has started (`claimed`), never for one that
   // none has: that item's thread may be this one, later.
